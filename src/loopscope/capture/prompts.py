@@ -1,0 +1,85 @@
+"""Capture a prompt set: tokenize, batch, run, join — with a progress bar and resume from a cache folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from loopscope.capture.record import capture
+from loopscope.capture.trajectory import Trajectory
+from loopscope.errors import InputError
+
+
+def encode_prompts(tokenizer, prompts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor, list[list[str]]]:
+    """Right-padded ids (B, T), mask (B, T) and token strings, with the tokenizer's own BOS behaviour.
+
+    Right padding is exact for causal models: no real token attends to a pad that comes after it.
+    """
+    if not prompts:
+        raise InputError("no prompts given; pass at least one prompt")
+    rows = []
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            raise InputError(f"prompt {i} is empty; remove it or give text")
+        ids = tokenizer(p).input_ids
+        if len(ids) > max_len:
+            raise InputError(
+                f"prompt {i} is {len(ids)} tokens, longer than the model's context of {max_len}; shorten it"
+            )
+        rows.append(ids)
+    T = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = torch.tensor(r)
+        mask[b, : len(r)] = True
+    tokens = [tokenizer.convert_ids_to_tokens(r) for r in rows]
+    return ids, mask, tokens
+
+
+def capture_prompts(
+    loaded,
+    prompts: list[str],
+    recurrences: int,
+    attention: bool = False,
+    batch_size: int = 4,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> Trajectory:
+    """Capture `prompts` through `loaded.model` in batches and join them into one Trajectory.
+
+    With `cache_dir`, each finished batch is saved there, keyed by model, prompts and settings; a rerun after
+    an interruption loads finished batches and computes only the rest.
+    """
+    if recurrences < 1:
+        raise InputError(f"recurrences={recurrences}: give at least 1")
+    if batch_size < 1:
+        raise InputError(f"batch_size={batch_size}: give at least 1")
+    batches = [prompts[i: i + batch_size] for i in range(0, len(prompts), batch_size)]
+    parts = []
+    for n, batch in enumerate(tqdm(batches, desc=f"capture R={recurrences}", disable=not progress, unit="batch")):
+        key = batch_key(loaded.name, batch, recurrences, attention)
+        done = Path(cache_dir) / f"batch{n:04d}-{key}" if cache_dir is not None else None
+        if done is not None and (done / "trajectory.json").exists():
+            parts.append(Trajectory.load(done, dtype=dtype))
+            continue
+        ids, mask, tokens = encode_prompts(loaded.tokenizer, batch, loaded.max_seq_len)
+        traj = capture(loaded.model, ids, recurrences=recurrences, attention=attention, mask=mask, tokens=tokens,
+                       dtype=dtype)
+        if done is not None:
+            traj.save(done)
+        parts.append(traj)
+    joined = Trajectory.concat(parts)
+    joined.metadata.update({"model_name": loaded.name, "n_prompts": len(prompts)})
+    return joined
+
+
+def batch_key(name: str, batch: list[str], recurrences: int, attention: bool) -> str:
+    payload = json.dumps([name, batch, recurrences, attention])
+    return hashlib.sha1(payload.encode()).hexdigest()[:12]

@@ -1,0 +1,1 @@
+"""The `loopscope` command line: one module per subcommand, registered in `main.py`."""

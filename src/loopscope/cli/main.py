@@ -1,0 +1,61 @@
+"""`loopscope`: command-line entry point.
+
+Each subcommand lives in its own module under `loopscope.cli` and is registered in `SUBCOMMANDS` below.
+Errors in what the user gave (a path, a prompt file, a number) print one line naming the problem and the fix,
+and exit with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from loopscope.errors import LoopscopeError
+
+app = typer.Typer(
+    name="loopscope",
+    help=(
+        "Mechanistic analysis of looped (depth-recurrent) language models.\n\n"
+        "Data flows one way: model → capture → Trajectory → analyses → tables and figures → report. "
+        "Every command writes CSV tables behind every figure and a self-contained index.html."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="markdown",
+)
+
+@app.callback()
+def _root() -> None:
+    """Mechanistic analysis of looped (depth-recurrent) language models."""
+
+
+# module name under loopscope.cli; each defines `register(app)`
+SUBCOMMANDS = ["models_cmd", "analyze"]
+
+
+def _register_all() -> None:
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"loopscope.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"loopscope.cli.{name}":
+                continue  # subcommand not built yet
+            raise
+        module.register(app)
+
+
+_register_all()
+
+
+def main() -> None:
+    try:
+        app()
+    except LoopscopeError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data: the bundled tokenizer, prompt sets, and (later) GSM8K and training corpora."""

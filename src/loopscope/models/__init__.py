@@ -1,0 +1,11 @@
+"""Models loopscope can analyse: its own looped transformer family and loaders for other checkpoints."""
+
+from loopscope.models.checkpoint import load_looped, save_model
+from loopscope.models.config import LoopedConfig
+from loopscope.models.hooks import HookPoint, Step
+from loopscope.models.looped import KVCache, LoopedLM
+
+__all__ = ["HookPoint", "KVCache", "LoopedConfig", "LoopedLM", "Step", "load_looped", "save_model"]
+from loopscope.models.load import LoadedModel, load_model, register_builtin, register_loader  # noqa: E402
+
+__all__ += ["LoadedModel", "load_model", "register_builtin", "register_loader"]

@@ -1,0 +1,107 @@
+"""`load_model(spec)`: one entry point for every model loopscope analyses.
+
+`spec` is a builtin name (`loopscope models` lists them) or a path: a loopscope checkpoint directory, or a
+directory/file that a registered loader recognises (Hugging Face feedforward LMs, GGUF files, the Ouro,
+Huginn and retrofit families). Loaders register themselves with `register_loader`; builtins with
+`register_builtin`. Nothing here executes code from a checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from loopscope.errors import CheckpointError
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for capture, with its tokenizer and how to describe it."""
+
+    model: nn.Module
+    tokenizer: Any
+    name: str
+    kind: str  # "looped" (LoopedLM, any family) or "feedforward-hf"
+    recurrences: int  # the number of recurrences it was built/trained with (1 for feedforward)
+
+    @property
+    def max_seq_len(self) -> int:
+        cfg = getattr(self.model, "cfg", None)
+        if cfg is not None:
+            return cfg.max_seq_len
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+
+BUILTINS: dict[str, tuple[str, Callable[[], LoadedModel]]] = {}
+LOADERS: list[tuple[str, Callable[[Path], bool], Callable[[Path], LoadedModel]]] = []
+
+
+def register_builtin(name: str, description: str, build: Callable[[], LoadedModel]) -> None:
+    BUILTINS[name] = (description, build)
+
+
+def register_loader(kind: str, recognises: Callable[[Path], bool], load: Callable[[Path], LoadedModel]) -> None:
+    LOADERS.append((kind, recognises, load))
+
+
+def load_model(spec: str | Path) -> LoadedModel:
+    """Resolve `spec` (builtin name or path) to a LoadedModel in eval mode, float32, on the CPU."""
+    _import_loaders()
+    if str(spec) in BUILTINS:
+        loaded = BUILTINS[str(spec)][1]()
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise CheckpointError(
+                f"model {str(spec)!r} is neither an existing path nor a builtin; builtins: {sorted(BUILTINS)}"
+            )
+        for _, recognises, load in LOADERS:
+            if recognises(path):
+                loaded = load(path)
+                break
+        else:
+            raise CheckpointError(
+                f"{path} is not a model loopscope recognises: expected a directory with config.json and "
+                "model.safetensors (loopscope, Hugging Face Llama-family/GPT-2, Ouro, Huginn, retrofit) or a .gguf file"
+            )
+    loaded.model.eval()
+    return loaded
+
+
+def _import_loaders() -> None:
+    """Import the modules that register loaders and builtins (kept lazy: transformers is slow to import)."""
+    from loopscope.models import builtin  # noqa: F401
+
+
+def looped_loader_recognises(path: Path) -> bool:
+    import json
+
+    cfg = path / "config.json"
+    if not (path.is_dir() and cfg.exists()):
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("format") == "loopscope"
+    except (OSError, ValueError):
+        return False
+
+
+def load_looped_checkpoint(path: Path) -> LoadedModel:
+    from loopscope.data.tokenizer import load_tokenizer
+    from loopscope.models.checkpoint import load_looped
+
+    model = load_looped(path, dtype=torch.float32)
+    has_tok = (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists()
+    tokenizer = load_tokenizer(path if has_tok else None)
+    if len(tokenizer) > model.cfg.vocab_size:
+        raise CheckpointError(
+            f"tokenizer in {path} has {len(tokenizer)} tokens but the model's vocab_size is {model.cfg.vocab_size}"
+        )
+    return LoadedModel(model, tokenizer, model.cfg.name or path.name, "looped", model.cfg.recurrences)
+
+
+register_loader("looped", looped_loader_recognises, load_looped_checkpoint)
