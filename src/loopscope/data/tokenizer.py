@@ -37,13 +37,16 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
 
 
 def load_tokenizer(directory: str | Path | None = None):
-    """A transformers tokenizer from `directory` (default: the bundled GSM BPE)."""
-    from transformers import AutoTokenizer
+    """A transformers fast tokenizer from `directory` (default: the bundled GSM BPE).
+
+    Loaded as `PreTrainedTokenizerFast` from tokenizer.json so the model's own config.json is never read.
+    """
+    from transformers import PreTrainedTokenizerFast
 
     directory = Path(directory) if directory is not None else BUNDLED_TOKENIZER_DIR
-    if not (directory / "tokenizer.json").exists() and not (directory / "tokenizer_config.json").exists():
-        raise InputError(f"no tokenizer files in {directory}; save one with tokenizer.save_pretrained(dir)")
-    return AutoTokenizer.from_pretrained(str(directory))
+    if not (directory / "tokenizer.json").exists():
+        raise InputError(f"no tokenizer.json in {directory}; save one with tokenizer.save_pretrained(dir)")
+    return PreTrainedTokenizerFast.from_pretrained(str(directory))
 
 
 def main(argv: list[str]) -> None:

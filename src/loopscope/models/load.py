@@ -95,7 +95,7 @@ def load_looped_checkpoint(path: Path) -> LoadedModel:
     from loopscope.models.checkpoint import load_looped
 
     model = load_looped(path, dtype=torch.float32)
-    has_tok = (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists()
+    has_tok = (path / "tokenizer.json").exists()
     tokenizer = load_tokenizer(path if has_tok else None)
     if len(tokenizer) > model.cfg.vocab_size:
         raise CheckpointError(

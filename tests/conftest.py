@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny models of every architectural kind, seeded token ids."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from loopscope.models import LoopedConfig, LoopedLM
+
+torch.set_num_threads(2)
+
+SHARED_DATA = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def tiny_config(**overrides) -> LoopedConfig:
+    base = dict(vocab_size=97, d_model=32, n_heads=4, d_mlp=48, max_seq_len=64, n_prelude=1, n_block=3, n_coda=1,
+                recurrences=3, init_std=0.2, seed=1)
+    base.update(overrides)
+    return LoopedConfig(**base)
+
+
+ARCH_KINDS = [
+    dict(norm=n, injection=i, state_init=s)
+    for n, i, s in itertools.product(("pre", "sandwich", "ouro"), ("none", "add", "concat"), ("embedding", "zeros", "random"))
+    if not (i == "none" and s != "embedding")
+]
+
+
+@pytest.fixture
+def token_ids() -> torch.Tensor:
+    return torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def build(**overrides) -> LoopedLM:
+    return LoopedLM(tiny_config(**overrides)).eval()
