@@ -1,0 +1,99 @@
+"""Real tokens of a Trajectory, flattened: the one place that reads `traj.mask`.
+
+Every analysis in `loopscope.dynamics` works on the states of real tokens only (mask True), laid out as
+`[..., N, D]` with N = number of real tokens, in (batch, token) order. Large trajectories (R=128, K=12,
+N≈4000, D=576 is 14 GB in fp32) are never copied whole: `token_chunks` yields slices of at most
+`max_elements` floats, upcast to fp32 (fp64 stays fp64).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from loopscope.capture.trajectory import Trajectory
+from loopscope.errors import InputError
+
+CHUNK_ELEMENTS = 2**25  # ≈128 MB of fp32 per chunk of states
+
+
+@dataclass(frozen=True)
+class RealTokens:
+    """Positions of the real tokens: `batch[i]`, `token[i]` for i in 0..N-1 (row-major over (batch, token))."""
+
+    batch: torch.Tensor  # [N] int64
+    token: torch.Tensor  # [N] int64
+
+    @property
+    def count(self) -> int:
+        return int(self.batch.numel())
+
+
+def real_tokens(traj: Trajectory) -> RealTokens:
+    """Indices of every real token (mask True); raises InputError if there is none."""
+    b, t = traj.mask.nonzero(as_tuple=True)
+    if b.numel() == 0:
+        raise InputError("the Trajectory has no real tokens (mask is all False); check the mask you passed")
+    return RealTokens(batch=b, token=t)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp64 stays fp64; everything else (fp16, bf16, fp32) is analysed in fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def token_chunks(traj: Trajectory, tokens: RealTokens | None = None, *, recurrences: slice = slice(None),
+                 layers: slice = slice(None), max_elements: int = CHUNK_ELEMENTS,
+                 ) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Yield `(rows, states)`: states = core[recurrences, layers, batch[rows], token[rows], :] as [R', K', n, D].
+
+    `rows` is a slice into the real-token list, so per-token results can be written into [..., N] arrays.
+    """
+    tokens = real_tokens(traj) if tokens is None else tokens
+    core = traj.core[recurrences][:, layers]  # views: only each chunk of tokens is copied
+    R, K, _, _, D = core.shape
+    n = max(1, max_elements // max(1, R * K * D))
+    dtype = compute_dtype(core)
+    for start in range(0, tokens.count, n):
+        rows = slice(start, min(start + n, tokens.count))
+        yield rows, core[:, :, tokens.batch[rows], tokens.token[rows], :].to(dtype)
+
+
+def resolve_layer(traj: Trajectory, layer: int) -> int:
+    """Block-layer index with Python negatives (-1 = last block layer); InputError if out of range."""
+    K = traj.block_size
+    if not -K <= layer < K:
+        raise InputError(f"layer={layer} is out of range for a block of {K} layers; use 0..{K - 1} or -1 for the last")
+    return layer % K
+
+
+def need_recurrences(traj: Trajectory, minimum: int, what: str) -> None:
+    if traj.recurrences < minimum:
+        raise InputError(
+            f"{what} needs at least {minimum} recurrences; this Trajectory has {traj.recurrences}. "
+            f"Capture with recurrences ≥ {minimum}"
+        )
+
+
+def token_strings(traj: Trajectory, tokens: RealTokens) -> list[str]:
+    """The string of every real token (from traj.tokens, else ids, else `pos{t}`)."""
+    per_prompt = {int(b): traj.token_strings(int(b)) for b in tokens.batch.unique()}
+    out = []
+    for b, t in zip(tokens.batch.tolist(), tokens.token.tolist()):
+        row = per_prompt[b]
+        out.append(row[t] if t < len(row) else f"pos{t}")
+    return out
+
+
+# --- vector helpers (last axis = D) ------------------------------------------------------------------------
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """‖x‖₂ over the last axis (non-finite inputs give inf/NaN, never an error)."""
+    return torch.linalg.vector_norm(x, dim=-1)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """cos(a, b) = ⟨a, b⟩ / (‖a‖ ‖b‖) over the last axis; NaN where either vector is zero or non-finite."""
+    c = (a * b).sum(-1) / (norm(a) * norm(b))
+    return c.clamp(-1.0, 1.0)  # rounding can step just past ±1; clamp keeps NaN as NaN
