@@ -1,0 +1,117 @@
+"""`loopscope analyze`: model + prompts → captured trajectories → dynamics tables → report.
+
+Two captures, as in Blayney et al. §1.4: a long run without attention for the dynamics (fixed points need many
+recurrences; the paper uses 128) and a short run with attention (the paper's attention maps use 8 loops), because
+attention memory grows as R·K·B·H·T². Finished capture batches are cached under OUT/cache, so an interrupted run
+resumes without recomputing them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from loopscope import dynamics
+from loopscope.capture import Trajectory, capture_prompts
+from loopscope.data.prompts import load_prompts
+from loopscope.errors import InputError
+from loopscope.models.load import LoadedModel, load_model
+from loopscope.report import Report
+from loopscope.report.dynamics_section import add_dynamics_sections
+
+
+@dataclass
+class AnalyzeSettings:
+    model: str = "default"  # builtin name or checkpoint path
+    prompts: str = "gsm-symbolic"  # builtin prompt set or file
+    out: Path = Path("reports/analysis")
+    recurrences: int = 64  # R of the dynamics capture; X*_ℓ = X_{ℓ,R} is the long-run state
+    attention_recurrences: int = 8  # R of the attention capture (paper Fig. 2 uses 8)
+    max_prompts: int | None = None  # use the first N prompts only
+    batch_size: int = 8
+    pca_prompt: int = 0  # which prompt's final token the PCA figure follows
+    classify_method: str = "dynamics"  # default behaviour detector ("dynamics" or "paper")
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.recurrences < 2:
+            raise InputError(f"--recurrences {self.recurrences}: dynamics need at least 2 recurrences (64–128 advised)")
+        if self.attention_recurrences < 1:
+            raise InputError(f"--attention-recurrences {self.attention_recurrences}: give at least 1")
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size {self.batch_size}: give at least 1")
+
+
+def say(msg: str, progress: bool) -> None:
+    if progress:
+        print(msg, flush=True)
+
+
+def capture_both(loaded: LoadedModel, prompts: list[str], s: AnalyzeSettings) -> tuple[Trajectory, Trajectory]:
+    cache = s.out / "cache"
+    say(f"[1/3] capturing {len(prompts)} prompts at R={s.recurrences} (states) and R={s.attention_recurrences} "
+        "(states + attention)", s.progress)
+    states = capture_prompts(loaded, prompts, s.recurrences, attention=False, batch_size=s.batch_size,
+                             cache_dir=cache, progress=s.progress)
+    attn = capture_prompts(loaded, prompts, s.attention_recurrences, attention=True, batch_size=s.batch_size,
+                           cache_dir=cache, progress=s.progress)
+    return states, attn
+
+
+def dynamics_tables(states: Trajectory, attn: Trajectory, s: AnalyzeSettings) -> dict[str, pd.DataFrame]:
+    """Every dynamics table the report shows, computed once (the figures only draw these)."""
+    pca_points, pca_var = dynamics.pca_trajectory(states, batch=s.pca_prompt, token=-1)
+    return {
+        "successive_change": dynamics.successive_change(states),
+        "distance_to_fixed_point": dynamics.distance_to_fixed_point(states),
+        "attention_to_fixed_point": dynamics.distance_to_fixed_point(attn),
+        "residual_similarity": dynamics.residual_similarity(attn),
+        "attention_distance": dynamics.attention_distance(attn),
+        "degeneracy": dynamics.degeneracy(states),
+        "degeneracy_summary": dynamics.degeneracy_summary(states),
+        "behaviour_dynamics": dynamics.classify(states, method="dynamics"),
+        "behaviour_paper": dynamics.classify(states, method="paper"),
+        "cooccurrence": dynamics.cooccurrence(states, method=s.classify_method),
+        "pca_points": pca_points,
+        "pca_variance": pca_var,
+        "cyclic_fixed_point_check": dynamics.cyclic_fixed_point_check(states),
+    }
+
+
+def run_analyze(s: AnalyzeSettings) -> Path:
+    """Run the whole analysis and write OUT/index.html; returns its path."""
+    s.check()
+    start = time.perf_counter()
+    loaded = load_model(s.model)
+    prompts = load_prompts(s.prompts, limit=s.max_prompts)
+    if not 0 <= s.pca_prompt < len(prompts):
+        raise InputError(f"--pca-prompt {s.pca_prompt} is out of range for {len(prompts)} prompts")
+    s.out.mkdir(parents=True, exist_ok=True)
+    with torch.inference_mode():
+        states, attn = capture_both(loaded, prompts, s)
+    say("[2/3] computing dynamics tables", s.progress)
+    tables = dynamics_tables(states, attn, s)
+    say("[3/3] drawing figures and writing the report", s.progress)
+    cfg = getattr(loaded.model, "cfg", None)
+    report = Report(
+        title=f"loopscope analysis — {loaded.name}",
+        out_dir=s.out,
+        meta={
+            "model": f"{loaded.name} {cfg.signature if cfg else ''}".strip(),
+            "architecture": (f"norm={cfg.norm}, injection={cfg.injection}, state_init={cfg.state_init}, "
+                             f"d_model={cfg.d_model}, heads={cfg.n_heads}") if cfg else loaded.kind,
+            "prompts": f"{s.prompts} ({len(prompts)} prompts, {int(states.mask.sum())} tokens)",
+            "recurrences": f"{s.recurrences} for dynamics, {s.attention_recurrences} with attention",
+            "settings": {k: str(v) for k, v in asdict(s).items() if k not in ("extra",)},
+        },
+    )
+    add_dynamics_sections(report, tables, s.recurrences)
+    report.meta["wall time"] = f"{time.perf_counter() - start:.1f} s"
+    index = report.write()
+    say(f"wrote {index}", s.progress)
+    return index

@@ -1,0 +1,127 @@
+"""Dynamics section of the report: draws the tables of `loopscope.dynamics` (computed by the caller)."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from loopscope.report import figures
+from loopscope.report.document import Figure, Report, save_csv
+
+
+def with_cosine_distance(df: pd.DataFrame) -> pd.DataFrame:
+    """Add 1 − cos (and its std) so cosines near 1 can be read on a log axis."""
+    out = df.copy()
+    out["cosine_distance"] = 1.0 - out["cosine"]
+    if "cosine_std" in out:
+        out["cosine_distance_std"] = out["cosine_std"]
+    return out
+
+
+def add_dynamics_sections(report: Report, t: dict[str, pd.DataFrame], recurrences: int) -> None:
+    """Convergence, similarity structure, cyclic fixed points, per-token behaviour, PCA."""
+    out = report.out_dir
+    sec = report.section(
+        "Convergence of each block layer",
+        "Does each layer of the block settle? Blayney et al. (2026) §3.3: the change of a layer's state between "
+        "consecutive recurrences (their Fig. 3) and its distance to the long-run state X*ℓ = Xℓ,R (Fig. 4). "
+        "Curves falling to ~0 mean every layer reaches a fixed point.",
+    )
+    change = with_cosine_distance(t["successive_change"])
+    csv = save_csv(change, out, "successive_change")
+    png = figures.line_panels(
+        change, "recurrence", [("l2", "‖Xℓ,t − Xℓ,t−1‖"), ("relative", "relative change"),
+                               ("cosine_distance", "1 − cos(Xℓ,t, Xℓ,t−1)")],
+        "layer", out, "successive_change", title="Change between consecutive recurrences, per block layer",
+        logy=(True, True, True), series_label="layer",
+    )
+    sec.items.append(Figure(png, "Change of each block layer's output from one recurrence to the next (mean over "
+                                 "tokens, band ±1 std). Falling lines: the layer is converging.", [csv]))
+    dist = with_cosine_distance(t["distance_to_fixed_point"])
+    csv = save_csv(dist, out, "distance_to_fixed_point")
+    png = figures.line_panels(
+        dist, "recurrence", [("l2", "‖Xℓ,t − X*ℓ‖"), ("cosine_distance", "1 − cos(Xℓ,t, X*ℓ)")], "layer", out,
+        "distance_to_fixed_point", title=f"Distance to the state at the last recurrence (R = {recurrences})",
+        logy=(True, True), series_label="layer",
+    )
+    sec.items.append(Figure(png, f"Distance of each block layer's state to its own state at recurrence {recurrences} "
+                                 "(the approximate fixed point X*ℓ). A cyclic fixed point shows as every layer "
+                                 "reaching ~0 long before the end.", [csv]))
+    report.table(sec, t["cyclic_fixed_point_check"], "cyclic_fixed_point_check",
+                 "Proposition 4.1 check: each layer's change between the last two recurrences. Once the block's "
+                 "last layer has converged, every layer has: all rows should be small together.")
+
+    sec = report.section(
+        "Similarity structure across (layer, recurrence)",
+        "Each layer matching itself across recurrences shows as diagonal bands (Blayney et al. Fig. 2 for attention, "
+        "Fig. 19 for residual cosine). Computed on the short capture with attention.",
+    )
+    for name, title, cbar, cmap in (
+        ("residual_similarity", "Residual cosine similarity between all (recurrence, layer) states", "cosine", "viridis"),
+        ("attention_distance", "Frobenius distance between attention patterns of all (recurrence, layer) pairs",
+         "‖A − A′‖_F", "magma_r"),
+    ):
+        csv = save_csv(t[name], out, name)
+        png = figures.heatmap(t[name], out, name, title=title, cbar=cbar, cmap=cmap)
+        caption = ("Cosine between the mean token states of every pair; a repeating block pattern means each layer "
+                   "returns to the same representation every recurrence." if name == "residual_similarity" else
+                   "Distance between attention patterns (all heads); dark off-diagonal bands at multiples of the "
+                   "block size mean each layer's heads repeat their pattern every recurrence.")
+        sec.items.append(Figure(png, caption, [csv]))
+    att = t["attention_to_fixed_point"]
+    if att["attention_frobenius"].notna().any():
+        csv = save_csv(att, out, "attention_to_fixed_point")
+        png = figures.line_panels(att, "recurrence", [("attention_frobenius", "‖Aℓ,t − Aℓ,R‖_F")], "layer", out,
+                                  "attention_to_fixed_point", title="Attention distance to the last recurrence",
+                                  logy=(True,), series_label="layer")
+        sec.items.append(Figure(png, "Head-averaged attention pattern of each block layer against its pattern at the "
+                                     "last recurrence of the short capture (Blayney et al. Fig. 23).", [csv]))
+
+    sec = report.section(
+        "Cyclic or degenerate fixed point",
+        "Blayney et al. Prop. 4.1: a converged block has one fixed point per layer. They are either distinct (a "
+        "cycle in latent space) or all equal (degenerate: every layer's update vanishes). The test is the lowest "
+        "cosine between layer 0's fixed point and any other layer's (their Fig. 6, right).",
+    )
+    report.table(sec, t["degeneracy_summary"], "degeneracy_summary", "Verdict over all tokens.")
+    save_csv(t["degeneracy"], out, "degeneracy_per_token")
+
+    sec = report.section(
+        "Per-token behaviour: fixed point, orbit, slider, divergent",
+        "Each token's state at the block's last layer, classified two ways: the principled detector (period search "
+        "for orbits, sustained drift for sliders, runaway norms for divergence) and the paper's App. C heuristic "
+        "(cosine to the final state, τ = 0.05, ρ = 0.9, reconstructed: its Algorithm 1 is not public).",
+    )
+    counts = pd.DataFrame({
+        "dynamics detector": t["behaviour_dynamics"]["behaviour"].value_counts(),
+        "paper heuristic": t["behaviour_paper"]["behaviour"].value_counts(),
+    }).fillna(0).astype(int)
+    order = [b for b in ("fixed_point", "orbit", "slider", "divergent", "unknown") if b in counts.index]
+    counts = counts.loc[order]
+    counts.index.name = "behaviour"
+    csv = save_csv(counts, out, "behaviour_counts")
+    png = figures.grouped_bars(counts, out, "behaviour_counts", title="Tokens per behaviour (block's last layer)",
+                               ylabel="tokens")
+    sec.items.append(Figure(png, "How many tokens settle to a fixed point, orbit (with a period), slide, diverge, "
+                                 "or fit none of these.", [csv]))
+    save_csv(t["behaviour_dynamics"], out, "behaviour_per_token_dynamics")
+    save_csv(t["behaviour_paper"], out, "behaviour_per_token_paper")
+    non_fixed = t["behaviour_dynamics"][t["behaviour_dynamics"]["behaviour"] != "fixed_point"]
+    if len(non_fixed):
+        report.table(sec, non_fixed, "behaviour_non_fixed_tokens", "Tokens that are not at a fixed point.", 20)
+    csv = save_csv(t["cooccurrence"], out, "cooccurrence")
+    png = figures.matrix_plot(t["cooccurrence"], out, "cooccurrence", title="Behaviours co-occurring across block "
+                              "layers for the same token", cbar="tokens")
+    sec.items.append(Figure(png, "Cell (a, b): tokens with behaviour a at one block layer and b at another "
+                                 "(Blayney et al. Fig. 14).", [csv]))
+
+    sec = report.section(
+        "Latent trajectory of one token (PCA)",
+        "PCA fitted on every (recurrence, layer) state of the first prompt's last token (Blayney et al. Fig. 5, "
+        "Geiping et al. Fig. 12). A cyclic fixed point traces the same closed loop every recurrence.",
+    )
+    csv1 = save_csv(t["pca_points"], out, "pca_points")
+    csv2 = save_csv(t["pca_variance"], out, "pca_variance")
+    png = figures.pca_panels(t["pca_points"], t["pca_variance"], out, "pca_trajectory",
+                             title="Trajectory of the last token across layers and recurrences")
+    sec.items.append(Figure(png, "Points coloured dark→bright by realized depth, one marker per block layer; the red "
+                                 "path is the last recurrence.", [csv1, csv2]))

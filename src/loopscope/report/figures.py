@@ -1,0 +1,167 @@
+"""Figure primitives: each takes tidy DataFrames (already computed) and writes one PNG.
+
+Colour conventions follow Blayney et al. §3.6: one line per *recurrence* uses a green→yellow map (`summer`,
+later = yellower); one line per *layer* uses blue→green (`winter`, later = greener).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+BY_RECURRENCE = "summer"
+BY_LAYER = "winter"
+
+
+def save(fig, out_dir: Path, name: str) -> Path:
+    path = Path(out_dir) / "figures" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def series_colours(n: int, cmap: str) -> list:
+    colours = plt.get_cmap(cmap)
+    return [colours(i / max(n - 1, 1)) for i in range(n)]
+
+
+def line_panels(
+    df: pd.DataFrame,
+    x: str,
+    panels: list[tuple[str, str]],
+    series: str,
+    out_dir: Path,
+    name: str,
+    *,
+    title: str,
+    cmap: str = BY_LAYER,
+    logy: tuple[bool, ...] | None = None,
+    series_label: str | None = None,
+    overlay: pd.DataFrame | None = None,
+    overlay_label: str = "feedforward",
+) -> Path:
+    """One panel per (column, axis label) in `panels`; one line per value of `series`; ±std band when a
+    `<column>_std` column exists. `overlay` (same x and columns, no series) is drawn as a dashed black line."""
+    keys = sorted(df[series].dropna().unique())
+    colours = series_colours(len(keys), cmap)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
+    for p, (column, label) in enumerate(panels):
+        ax = axes[0, p]
+        for key, colour in zip(keys, colours):
+            part = df[df[series] == key].sort_values(x)
+            ax.plot(part[x], part[column], color=colour, lw=1.4, label=f"{series_label or series} {key}")
+            if f"{column}_std" in part:
+                lo, hi = part[column] - part[f"{column}_std"], part[column] + part[f"{column}_std"]
+                ax.fill_between(part[x], lo, hi, color=colour, alpha=0.12, lw=0)
+        if overlay is not None and column in overlay:
+            ov = overlay.sort_values(x)
+            ax.plot(ov[x], ov[column], "k--", lw=1.6, label=overlay_label)
+        if logy and logy[p]:
+            ax.set_yscale("symlog", linthresh=1e-6) if (df[column] <= 0).any() else ax.set_yscale("log")
+        ax.set_xlabel(x.replace("_", " "))
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if len(keys) <= 16 or overlay is not None:
+        step = max(1, len(keys) // 12)
+        keep = [i for i in range(len(labels)) if i % step == 0 or labels[i] == overlay_label]
+        axes[0, -1].legend([handles[i] for i in keep], [labels[i] for i in keep], fontsize=7, loc="best")
+    else:
+        add_colourbar(fig, axes[0, -1], cmap, keys, series_label or series)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return save(fig, out_dir, name)
+
+
+def add_colourbar(fig, ax, cmap: str, keys, label: str) -> None:
+    norm = matplotlib.colors.Normalize(vmin=min(keys), vmax=max(keys))
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=label)
+
+
+def heatmap(matrix: pd.DataFrame, out_dir: Path, name: str, *, title: str, cbar: str, cmap: str = "viridis",
+            group_level: str | None = "recurrence") -> Path:
+    """Square (recurrence, layer) × (recurrence, layer) matrix; thin lines mark recurrence boundaries."""
+    values = matrix.to_numpy(dtype=float)
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    im = ax.imshow(values, cmap=cmap, interpolation="nearest")
+    fig.colorbar(im, ax=ax, label=cbar)
+    if isinstance(matrix.index, pd.MultiIndex) and group_level in matrix.index.names:
+        groups = matrix.index.get_level_values(group_level).to_numpy()
+        edges = [i for i in range(1, len(groups)) if groups[i] != groups[i - 1]]
+        for e in edges:
+            ax.axhline(e - 0.5, color="w", lw=0.6)
+            ax.axvline(e - 0.5, color="w", lw=0.6)
+        starts = [0, *edges]
+        ax.set_xticks(starts, [f"t={groups[s]}" for s in starts], rotation=90, fontsize=7)
+        ax.set_yticks(starts, [f"t={groups[s]}" for s in starts], fontsize=7)
+        ax.set_xlabel("(recurrence, layer) — ticks at each recurrence's first layer")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return save(fig, out_dir, name)
+
+
+def pca_panels(points: pd.DataFrame, explained: pd.DataFrame, out_dir: Path, name: str, *, title: str) -> Path:
+    """PC pairs (1,2), (3,4), (5,6) of one token's trajectory; colour dark→bright by realized depth, markers by
+    block layer, and the path drawn in realized order so a cycle shows as a closed loop."""
+    pairs = [(a, b) for a, b in ((1, 2), (3, 4), (5, 6)) if f"pc{b}" in points]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.6 * len(pairs), 4.2), squeeze=False)
+    order = points.sort_values("depth")
+    ratios = dict(zip(explained["component"], explained["explained_variance_ratio"]))
+    markers = "os^Dv<>p*h"
+    for ax, (a, b) in zip(axes[0], pairs):
+        ax.plot(order[f"pc{a}"], order[f"pc{b}"], color="0.75", lw=0.6, zorder=1)
+        for layer, part in order.groupby("layer"):
+            ax.scatter(part[f"pc{a}"], part[f"pc{b}"], c=part["depth"], cmap="magma", s=16,
+                       marker=markers[int(layer) % len(markers)], label=f"layer {layer}", zorder=2,
+                       vmin=order["depth"].min(), vmax=order["depth"].max())
+        last = order[order["recurrence"] == order["recurrence"].max()]
+        ax.plot(last[f"pc{a}"], last[f"pc{b}"], color="red", lw=1.2, zorder=3, label="last recurrence")
+        ax.set_xlabel(f"PC{a} ({ratios.get(a, np.nan):.1%})")
+        ax.set_ylabel(f"PC{b} ({ratios.get(b, np.nan):.1%})")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return save(fig, out_dir, name)
+
+
+def grouped_bars(table: pd.DataFrame, out_dir: Path, name: str, *, title: str, ylabel: str) -> Path:
+    """Bars for a (category × group) table: index = categories on x, one bar per column."""
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(table.index) + 2), 3.8))
+    n = len(table.columns)
+    width = 0.8 / max(n, 1)
+    xs = np.arange(len(table.index))
+    for i, column in enumerate(table.columns):
+        bars = ax.bar(xs + (i - (n - 1) / 2) * width, table[column].to_numpy(dtype=float), width, label=str(column))
+        ax.bar_label(bars, fmt="%g", fontsize=7)
+    ax.set_xticks(xs, [str(i) for i in table.index])
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    if n > 1:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return save(fig, out_dir, name)
+
+
+def matrix_plot(table: pd.DataFrame, out_dir: Path, name: str, *, title: str, cbar: str, fmt: str = "{:g}") -> Path:
+    """A small labelled matrix (e.g. behaviour co-occurrence) with its numbers written in the cells."""
+    values = table.to_numpy(dtype=float)
+    fig, ax = plt.subplots(figsize=(1.1 * values.shape[1] + 2.5, 0.8 * values.shape[0] + 1.8))
+    im = ax.imshow(values, cmap="Blues")
+    fig.colorbar(im, ax=ax, label=cbar)
+    ax.set_xticks(range(values.shape[1]), [str(c) for c in table.columns], rotation=30, ha="right")
+    ax.set_yticks(range(values.shape[0]), [str(i) for i in table.index])
+    for (i, j), v in np.ndenumerate(values):
+        ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8,
+                color="white" if v > values.max() / 2 else "black")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return save(fig, out_dir, name)
