@@ -44,7 +44,7 @@ def readout_directions(unembedding: torch.Tensor, norm_weight: torch.Tensor | No
 
 
 def vocab_moments(w_down: torch.Tensor, directions: torch.Tensor, chunk: int = 1024) -> pd.DataFrame:
-    """Per neuron: mean, std, skew and (Pearson) kurtosis of cos(w_out[n], W_U[v]) over v.
+    """Per neuron: `cos_mean`, `cos_std`, `vocab_skew` and `vocab_kurtosis` (Pearson) of cos(w_out[n], W_U[v]) over v.
 
     w_down: (D, d_mlp) (nn.Linear weight of down_proj); directions: (V, D) from `readout_directions`.
     NaN skew/kurtosis where the cosines do not vary.
@@ -64,7 +64,7 @@ def vocab_moments(w_down: torch.Tensor, directions: torch.Tensor, chunk: int = 1
         kurt = z.pow(4).mean(-1).masked_fill(flat, float("nan"))
         parts.append(torch.stack([mean.squeeze(-1), std.squeeze(-1), skew, kurt], dim=-1))
     table = torch.cat(parts).numpy()
-    df = pd.DataFrame(table, columns=["cos_mean", "cos_std", "skew", "kurtosis"])
+    df = pd.DataFrame(table, columns=["cos_mean", "cos_std", "vocab_skew", "vocab_kurtosis"])
     df.insert(0, "neuron", range(len(df)))
     return df
 
@@ -93,8 +93,8 @@ def neuron_fractions(
     rows = []
     for name, w_down in layers.items():
         m = vocab_moments(w_down, directions)
-        heavy = m["kurtosis"] > kurtosis_threshold
-        n_pred, n_supp = int((heavy & (m["skew"] > 0)).sum()), int((heavy & (m["skew"] < 0)).sum())
+        heavy = m["vocab_kurtosis"] > kurtosis_threshold
+        n_pred, n_supp = int((heavy & (m["vocab_skew"] > 0)).sum()), int((heavy & (m["vocab_skew"] < 0)).sum())
         segment, layer = parse_layer_name(name)
         rows.append({"name": name, "segment": segment, "layer": layer, "n_neurons": len(m),
                      "n_prediction": n_pred, "n_suppression": n_supp,
