@@ -31,17 +31,12 @@ import pandas as pd
 import torch
 
 from loopscope.capture.trajectory import Trajectory
-from loopscope.stages.frames import STATE_COLUMNS, attention_rows, real_positions, summarise
+from loopscope.stages.frames import STATE_COLUMNS, attention_rows, real_positions, summarise, xlogx
 
 ATTENTION_METRICS = [
     "colsum_concentration", "sink_score", "sink_rate", "mixing_entropy", "mixing_entropy_normalised",
     "previous_window",
 ]
-
-
-def xlogx(p: torch.Tensor) -> torch.Tensor:
-    """p log p with 0 log 0 = 0."""
-    return torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p))
 
 
 def colsum_concentration(a: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 
 from loopscope.capture.trajectory import Trajectory
 from loopscope.errors import InputError
-from loopscope.stages.frames import STATE_COLUMNS, real_positions, summarise
+from loopscope.stages.frames import real_positions, summarise
 
 
 def head_frobenius_change(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:

@@ -21,8 +21,7 @@ import pandas as pd
 import torch
 
 from loopscope.capture.trajectory import Trajectory
-from loopscope.stages.frames import STATE_COLUMNS, real_positions, state_rows, summarise
-from loopscope.stages.attention import xlogx
+from loopscope.stages.frames import real_positions, state_rows, summarise, xlogx
 
 COMPRESSION_METRICS = ["matrix_entropy", "matrix_entropy_normalised"]
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -20,12 +19,24 @@ from loopscope.errors import InputError
 STATE_COLUMNS = ["segment", "recurrence", "layer", "depth", "relative_depth"]
 
 
+def state_at(traj: Trajectory, segment: str, recurrence: int, layer: int) -> torch.Tensor:
+    """The state [B, T, D] of one row of `realized_index` (a view, nothing is copied)."""
+    if segment == "embed":
+        return traj.embed
+    if segment == "prelude":
+        return traj.prelude[layer]
+    if segment == "core":
+        return traj.core[recurrence, layer]
+    if segment == "coda":
+        return traj.coda[layer]
+    raise InputError(f"unknown segment {segment!r}; use embed, prelude, core or coda")
+
+
 def state_rows(traj: Trajectory, include_embed: bool = False) -> Iterator[tuple[dict, torch.Tensor]]:
     """Yield (identifying columns, states [B, T, D]) for every state in realized order."""
-    index = traj.realized_index(include_embed=include_embed)
-    states = traj.realized_states(include_embed=include_embed)
-    for i, row in enumerate(index.itertuples(index=False)):
-        yield dict(zip(STATE_COLUMNS, row)), states[i]
+    for row in traj.realized_index(include_embed=include_embed).itertuples(index=False):
+        ids = dict(zip(STATE_COLUMNS, row))
+        yield ids, state_at(traj, ids["segment"], ids["recurrence"], ids["layer"])
 
 
 def attention_rows(traj: Trajectory) -> Iterator[tuple[dict, torch.Tensor]]:
@@ -87,6 +98,6 @@ def summarise(observations: pd.DataFrame, values: Sequence[str], over: Sequence[
     return pd.concat([*parts, size], axis=1).reset_index()
 
 
-def nan_if_empty(values: torch.Tensor) -> float:
-    """Mean of a 1-D tensor, NaN when it is empty."""
-    return float(values.mean()) if values.numel() else float(np.nan)
+def xlogx(p: torch.Tensor) -> torch.Tensor:
+    """p log p with 0 log 0 = 0 (entropies of attention rows, column masses, Gram spectra)."""
+    return torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p))

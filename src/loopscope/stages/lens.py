@@ -26,7 +26,7 @@ import torch
 
 from loopscope.capture.trajectory import Trajectory
 from loopscope.errors import InputError
-from loopscope.stages.frames import real_positions, require_prefix_mask, state_rows, summarise
+from loopscope.stages.frames import real_positions, require_prefix_mask, state_at, state_rows, summarise
 from loopscope.stages.readout import Readout
 
 LENS_METRICS = ["entropy", "final_top1_rank", "final_top1_match"]
@@ -45,8 +45,8 @@ def final_predictions(traj: Trajectory, readout: Readout) -> torch.Tensor:
     """v* per (prompt, token): argmax of the model's final logits, or of the logit lens at the last state."""
     if traj.logits is not None:
         return traj.logits.argmax(-1)
-    last = traj.realized_states()[-1]
-    return readout.logits(last).argmax(-1)
+    last = traj.realized_index().iloc[-1]
+    return readout.logits(state_at(traj, last.segment, int(last.recurrence), int(last.layer))).argmax(-1)
 
 
 def lens_start(segment: str, layer: int) -> int:

@@ -106,7 +106,8 @@ def attention_lipschitz_check(
     input_change (‖ΔX‖_F), input_bound (B), kappa, kappa_qk, bound, ratio (= measured / bound, ≤ 1).
     """
     if not isinstance(model, LoopedLM):
-        raise InputError(f"attention_lipschitz_check needs a LoopedLM (it reads its weights); got {type(model).__name__}")
+        raise InputError("attention_lipschitz_check needs a LoopedLM (it reads its weights); "
+                         f"got {type(model).__name__}")
     R = model.cfg.recurrences if recurrences is None else int(recurrences)
     if R < 2:
         raise InputError("Prop. 4.2 compares consecutive recurrences: use recurrences ≥ 2")

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from loopscope.capture.trajectory import Trajectory
-from loopscope.stages.frames import STATE_COLUMNS, real_positions, state_rows, summarise
+from loopscope.stages.frames import real_positions, state_rows, summarise
 
 RESIDUAL_METRICS = [
     "token_norm_mean", "token_norm_max", "first_token_norm", "max_abs_activation", "median_abs_activation",
