@@ -61,7 +61,7 @@ def test_by_layer_follows_each_block_layer_across_recurrences():
 
 def test_views_refuse_several_rows_per_state():
     table = pd.concat([metric_table(0, 2, 0, 1).assign(head=0), metric_table(0, 2, 0, 1).assign(head=1)])
-    with pytest.raises(InputError, match="aggregate first"):
+    with pytest.raises(InputError, match="per-head rows"):
         by_recurrence(table, "m_mean")
     assert len(by_recurrence(table[table["head"] == 1], "m_mean")) == 2
 

@@ -121,7 +121,8 @@ def attention_metrics(
     """Attention stages metrics for every captured layer (prelude, each recurrence's block, coda).
 
     Returns columns STATE_COLUMNS (+ `head` if per_head, + `batch` if per_prompt) and, for each metric m in
-    ATTENTION_METRICS, `m_mean`, `m_std` and `n` (observations = prompts × heads pooled into the row).
+    ATTENTION_METRICS, `m_mean`, `m_std` (sample std over the pooled observations, so the spread across
+    heads and prompts) and `n` (observations pooled into the row: prompts × heads, prompts, or heads).
     With per_head=True and per_prompt=True the raw observations are returned instead: one row per
     (state, batch, head) with `n_tokens` and the metric columns themselves. See the module docstring for
     the formulas and sources; `sink_rate_mean` is the fraction of (prompt, head) pairs whose sink score is

@@ -33,9 +33,10 @@ def plot_frame(df: pd.DataFrame, value: str) -> pd.DataFrame:
                          f"columns ({[c for c in df.columns if c not in STATE_COLUMNS]})")
     if df.duplicated(["segment", "recurrence", "layer"]).any():
         extra = [c for c in ("head", "batch") if c in df.columns]
-        raise InputError(f"the table has several rows per state (per {extra or 'some other column'}); "
-                         "aggregate first (loopscope.stages.summarise or per_head/per_prompt=False) or select one, "
-                         "e.g. df[df.head == 0]")
+        per = f" (it has per-{'/'.join(extra)} rows)" if extra else ""
+        raise InputError(f"several rows share one state (segment, recurrence, layer){per}; aggregate first "
+                         "(per_head=False / per_prompt=False, or loopscope.stages.summarise) or select one, "
+                         "e.g. df[df['head'] == 0]")
     out = df[STATE_COLUMNS].copy()
     out["y"] = df[value].astype(float)
     std = std_column(value)
