@@ -132,7 +132,7 @@ def attention_metrics(
     columns: dict[str, list] = {c: [] for c in [*STATE_COLUMNS, "batch", "head", "n_tokens", *ATTENTION_METRICS]}
     for ids, attn in attention_rows(traj):
         for b, pos in enumerate(positions):
-            a = attn[b].index_select(-2, pos).index_select(-1, pos).double()  # (H, T_b, T_b)
+            a = attn[b].cpu().index_select(-2, pos).index_select(-1, pos).double()  # (H, T_b, T_b)
             metrics = head_metrics(a, sink_position=sink_position, sink_threshold=sink_threshold, window=window)
             H = a.shape[0]
             for c in STATE_COLUMNS:

@@ -45,8 +45,8 @@ def attention_change(traj: Trajectory, *, per_head: bool = False, per_prompt: bo
             ids = {"segment": "core", "recurrence": t, "layer": j,
                    "depth": int(core.loc[(t, j), "depth"]), "relative_depth": float(core.loc[(t, j), "relative_depth"])}
             for b, pos in enumerate(positions):
-                cur = traj.core_attention[t, j, b].index_select(-2, pos).index_select(-1, pos)
-                prev = traj.core_attention[t - 1, j, b].index_select(-2, pos).index_select(-1, pos)
+                cur = traj.core_attention[t, j, b].cpu().index_select(-2, pos).index_select(-1, pos)
+                prev = traj.core_attention[t - 1, j, b].cpu().index_select(-2, pos).index_select(-1, pos)
                 per_h = head_frobenius_change(cur, prev)
                 if per_head:
                     rows += [{**ids, "batch": b, "head": h, "attention_change": float(v)} for h, v in enumerate(per_h)]

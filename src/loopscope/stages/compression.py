@@ -47,7 +47,7 @@ def residual_entropy(traj: Trajectory, *, per_prompt: bool = False, include_embe
     rows = []
     for ids, states in state_rows(traj, include_embed=include_embed):
         for b, pos in enumerate(positions):
-            h, h_norm = matrix_entropy(states[b].index_select(0, pos))
+            h, h_norm = matrix_entropy(states[b].cpu().index_select(0, pos))
             rows.append({**ids, "batch": b, "n_tokens": len(pos), "matrix_entropy": h,
                          "matrix_entropy_normalised": h_norm})
     raw = pd.DataFrame(rows)

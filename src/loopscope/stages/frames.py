@@ -57,13 +57,13 @@ def attention_rows(traj: Trajectory) -> Iterator[tuple[dict, torch.Tensor]]:
 
 
 def real_positions(traj: Trajectory) -> list[torch.Tensor]:
-    """Per prompt b, the (long) indices of its real tokens (`traj.mask[b]`)."""
-    return [torch.nonzero(m, as_tuple=False).flatten() for m in traj.mask]
+    """Per prompt b, the (long, CPU) indices of its real tokens (`traj.mask[b]`)."""
+    return [torch.nonzero(m, as_tuple=False).flatten() for m in traj.mask.cpu()]
 
 
 def require_prefix_mask(traj_mask: torch.Tensor) -> None:
     """Refuse masks that are not right padding (real tokens first), which causal restrictions rely on."""
-    m = traj_mask.bool()
+    m = traj_mask.bool().cpu()
     n = m.sum(1)
     prefix = torch.arange(m.shape[1])[None, :] < n[:, None]
     if not torch.equal(prefix, m):

@@ -44,9 +44,9 @@ def distribution_metrics(logits: torch.Tensor, target: torch.Tensor) -> dict[str
 def final_predictions(traj: Trajectory, readout: Readout) -> torch.Tensor:
     """v* per (prompt, token): argmax of the model's final logits, or of the logit lens at the last state."""
     if traj.logits is not None:
-        return traj.logits.argmax(-1)
+        return traj.logits.argmax(-1).cpu()
     last = traj.realized_index().iloc[-1]
-    return readout.logits(state_at(traj, last.segment, int(last.recurrence), int(last.layer))).argmax(-1)
+    return readout.logits(state_at(traj, last.segment, int(last.recurrence), int(last.layer))).argmax(-1).cpu()
 
 
 def lens_start(segment: str, layer: int) -> int:
@@ -82,10 +82,10 @@ def logit_lens(
     rows = []
     for ids, states in state_rows(traj, include_embed=include_embed):
         for b, pos in enumerate(positions):
-            x = states[b].index_select(0, pos)  # (T_b, D)
+            x = states[b].index_select(0, pos.to(states.device))  # (T_b, D)
             if lens == "coda":
                 x = readout.coda(x[None], lens_start(ids["segment"], ids["layer"]))[0]
-            metrics = distribution_metrics(readout.logits(x), targets[b].index_select(0, pos))
+            metrics = distribution_metrics(readout.logits(x).cpu(), targets[b].index_select(0, pos))
             rows.append({**ids, "batch": b, "n_tokens": len(pos), **{k: float(v.mean()) for k, v in metrics.items()}})
     raw = pd.DataFrame(rows)
     out = raw if per_prompt else summarise(raw, LENS_METRICS, over=["batch"])

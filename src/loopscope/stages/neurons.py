@@ -35,9 +35,9 @@ NEURON_COLUMNS = ["name", "segment", "layer", "n_neurons", "n_prediction", "n_su
 def readout_directions(unembedding: torch.Tensor, norm_weight: torch.Tensor | None = None,
                        center_unembedding: bool = True) -> torch.Tensor:
     """Unit vocabulary directions (V, D): W_U[v] (⊙ g) (− mean over v), each row normalised."""
-    w = unembedding.double()
+    w = unembedding.detach().cpu().double()
     if norm_weight is not None:
-        w = w * norm_weight.double()
+        w = w * norm_weight.detach().cpu().double()
     if center_unembedding:
         w = w - w.mean(0, keepdim=True)
     return w / w.norm(dim=-1, keepdim=True).clamp_min(1e-300)
@@ -51,7 +51,7 @@ def vocab_moments(w_down: torch.Tensor, directions: torch.Tensor, chunk: int = 1
     """
     if w_down.ndim != 2 or w_down.shape[0] != directions.shape[1]:
         raise InputError(f"w_down must be (d_model={directions.shape[1]}, d_mlp); got {tuple(w_down.shape)}")
-    out = w_down.double().T  # (d_mlp, D)
+    out = w_down.detach().cpu().double().T  # (d_mlp, D)
     out = out / out.norm(dim=-1, keepdim=True).clamp_min(1e-300)
     parts = []
     for start in range(0, out.shape[0], chunk):

@@ -68,7 +68,7 @@ def head_projections(attn: Attention) -> tuple[list[torch.Tensor], list[torch.Te
     """
     H, Hkv, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
     has_bias = attn.q_proj.bias is not None or attn.qk_bias is not None
-    wq_all, wk_all = attn.q_proj.weight.detach().double(), attn.k_proj.weight.detach().double()
+    wq_all, wk_all = attn.q_proj.weight.detach().cpu().double(), attn.k_proj.weight.detach().cpu().double()
     qs, ks = [], []
     for h in range(H):
         g = h // (H // Hkv)
@@ -76,11 +76,11 @@ def head_projections(attn: Attention) -> tuple[list[torch.Tensor], list[torch.Te
         if has_bias:
             bq, bk = torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
             if attn.q_proj.bias is not None:
-                bq = bq + attn.q_proj.bias.detach().double()[h * d:(h + 1) * d]
-                bk = bk + attn.k_proj.bias.detach().double()[g * d:(g + 1) * d]
+                bq = bq + attn.q_proj.bias.detach().cpu().double()[h * d:(h + 1) * d]
+                bk = bk + attn.k_proj.bias.detach().cpu().double()[g * d:(g + 1) * d]
             if attn.qk_bias is not None:
-                bq = bq + attn.qk_bias.detach().double()[0, h]
-                bk = bk + attn.qk_bias.detach().double()[1, h]
+                bq = bq + attn.qk_bias.detach().cpu().double()[0, h]
+                bk = bk + attn.qk_bias.detach().cpu().double()[1, h]
             wq, wk = torch.cat([wq, bq[None]]), torch.cat([wk, bk[None]])
         qs.append(wq)
         ks.append(wk)
@@ -117,7 +117,7 @@ def attention_lipschitz_check(
     inputs: dict[Step, torch.Tensor] = {}
 
     def keep_input(module, args, kwargs):
-        inputs[kwargs["step"]] = args[0].detach()
+        inputs[kwargs["step"]] = args[0].detach().cpu()
 
     handles = [layer.attn.register_forward_pre_hook(keep_input, with_kwargs=True) for layer in model.core]
     try:

@@ -75,10 +75,10 @@ class Readout:
         return y if self.norm_bias is None else y + self.norm_bias.float()
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """W_U n_f(x) (+ b_U): (..., D) → (..., V), float32."""
+        """W_U n_f(x) (+ b_U): (..., D) → (..., V), float32, on the unembedding's device."""
         if x.shape[-1] != self.d_model:
             raise InputError(f"state width {x.shape[-1]} does not match the unembedding width {self.d_model}")
-        out = self.normalise(x) @ self.unembedding.float().T
+        out = self.normalise(x.to(self.unembedding.device)) @ self.unembedding.float().T
         return out if self.unembedding_bias is None else out + self.unembedding_bias.float()
 
     @classmethod
@@ -106,7 +106,7 @@ class Readout:
         if cfg.n_coda:
             def coda(x: torch.Tensor, start: int = 0) -> torch.Tensor:
                 with torch.no_grad():
-                    x = x.to(model.unembedding.dtype)
+                    x = x.to(device=model.unembedding.device, dtype=model.unembedding.dtype)
                     if start == 0:
                         if model.loop_norm is not None:
                             x = model.loop_norm(x)

@@ -60,7 +60,7 @@ def residual_norms(traj: Trajectory, *, per_prompt: bool = False, include_embed:
     for ids, states in state_rows(traj, include_embed=include_embed):
         for b, pos in enumerate(positions):
             rows.append({**ids, "batch": b, "n_tokens": len(pos),
-                         **residual_magnitudes(states[b].index_select(0, pos))})
+                         **residual_magnitudes(states[b].cpu().index_select(0, pos))})
     raw = pd.DataFrame(rows)
     if per_prompt:
         return raw
