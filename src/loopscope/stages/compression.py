@@ -1,0 +1,56 @@
+"""Residual-stream compression: matrix-based entropy of the token-representation matrix.
+
+Skean et al. 2025 ("Layer by Layer: Uncovering Hidden Representations") and Queipo-de-Llano et al. 2025
+("compression valley"), as used by Blayney et al. 2026 §3.5. For one prompt's state X ∈ R^{T×D} (real
+tokens only, uncentred):
+
+    λ = eigenvalues of XXᵀ / tr(XXᵀ)   (= σ_i² / Σ σ², σ the singular values of X; Σ λ = 1)
+    H(X) = −Σ_i λ_i log λ_i            (nats; the α → 1 Rényi / von Neumann entropy)
+    H_norm = H / log T                 ∈ [0, 1]
+
+H_norm = 0 for a rank-1 matrix (all tokens on one line: maximal compression) and 1 when the T rows are
+orthogonal with equal norms (no compression). NaN for T = 1 or an all-zero state. The paper averages over
+sequences; we keep the spread (std over prompts).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import torch
+
+from loopscope.capture.trajectory import Trajectory
+from loopscope.stages.frames import real_positions, state_rows, summarise, xlogx
+
+COMPRESSION_METRICS = ["matrix_entropy", "matrix_entropy_normalised"]
+
+
+def matrix_entropy(x: torch.Tensor) -> tuple[float, float]:
+    """(H, H / log T) of x: (T, D) from its trace-normalised Gram spectrum; NaN where undefined."""
+    x = x.double()
+    T = x.shape[0]
+    s2 = torch.linalg.svdvals(x).pow(2)
+    total = float(s2.sum())
+    if total <= 0:
+        return float("nan"), float("nan")
+    h = float(-xlogx(s2 / total).sum())
+    h = max(h, 0.0)  # round-off can give −1e-16 for rank 1
+    return h, (h / math.log(T) if T > 1 else float("nan"))
+
+
+def residual_entropy(traj: Trajectory, *, per_prompt: bool = False, include_embed: bool = False) -> pd.DataFrame:
+    """Matrix-based entropy of every state. Columns: STATE_COLUMNS, `matrix_entropy_mean/_std`,
+    `matrix_entropy_normalised_mean/_std`, `n` (prompts); per_prompt=True gives one raw row per
+    (state, batch) with `n_tokens`."""
+    positions = real_positions(traj)
+    rows = []
+    for ids, states in state_rows(traj, include_embed=include_embed):
+        for b, pos in enumerate(positions):
+            h, h_norm = matrix_entropy(states[b].cpu().index_select(0, pos))
+            rows.append({**ids, "batch": b, "n_tokens": len(pos), "matrix_entropy": h,
+                         "matrix_entropy_normalised": h_norm})
+    raw = pd.DataFrame(rows)
+    if per_prompt:
+        return raw
+    return summarise(raw, COMPRESSION_METRICS, over=["batch"])

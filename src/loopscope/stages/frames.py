@@ -1,0 +1,103 @@
+"""Shared plumbing for the stages metrics: which states exist, which tokens are real, and how a table of
+observations is summarised into mean / std / n.
+
+Every metric table starts with the identifying columns of the state it describes, taken from
+`Trajectory.realized_index()`: `segment, recurrence, layer, depth, relative_depth` (prelude, every
+recurrence's block layers, coda; optionally the embedding at depth 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import pandas as pd
+import torch
+
+from loopscope.capture.trajectory import Trajectory
+from loopscope.errors import InputError
+
+STATE_COLUMNS = ["segment", "recurrence", "layer", "depth", "relative_depth"]
+
+
+def state_at(traj: Trajectory, segment: str, recurrence: int, layer: int) -> torch.Tensor:
+    """The state [B, T, D] of one row of `realized_index` (a view, nothing is copied)."""
+    if segment == "embed":
+        return traj.embed
+    if segment == "prelude":
+        return traj.prelude[layer]
+    if segment == "core":
+        return traj.core[recurrence, layer]
+    if segment == "coda":
+        return traj.coda[layer]
+    raise InputError(f"unknown segment {segment!r}; use embed, prelude, core or coda")
+
+
+def state_rows(traj: Trajectory, include_embed: bool = False) -> Iterator[tuple[dict, torch.Tensor]]:
+    """Yield (identifying columns, states [B, T, D]) for every state in realized order."""
+    for row in traj.realized_index(include_embed=include_embed).itertuples(index=False):
+        ids = dict(zip(STATE_COLUMNS, row))
+        yield ids, state_at(traj, ids["segment"], ids["recurrence"], ids["layer"])
+
+
+def attention_rows(traj: Trajectory) -> Iterator[tuple[dict, torch.Tensor]]:
+    """Yield (identifying columns, attention [B, H, T, T]) for every layer whose attention was captured.
+
+    Prelude / coda rows appear only when their attention is present; block rows need `core_attention`.
+    """
+    if traj.core_attention is None:
+        raise InputError("this Trajectory has no attention; capture it with attention=True")
+    stored = {"prelude": traj.prelude_attention, "coda": traj.coda_attention}
+    for row in traj.realized_index().itertuples(index=False):
+        ids = dict(zip(STATE_COLUMNS, row))
+        seg, t, j = ids["segment"], ids["recurrence"], ids["layer"]
+        if seg == "core":
+            yield ids, traj.core_attention[t, j]
+        elif stored.get(seg) is not None:
+            yield ids, stored[seg][j]
+
+
+def real_positions(traj: Trajectory) -> list[torch.Tensor]:
+    """Per prompt b, the (long, CPU) indices of its real tokens (`traj.mask[b]`)."""
+    return [torch.nonzero(m, as_tuple=False).flatten() for m in traj.mask.cpu()]
+
+
+def require_prefix_mask(traj_mask: torch.Tensor) -> None:
+    """Refuse masks that are not right padding (real tokens first), which causal restrictions rely on."""
+    m = traj_mask.bool().cpu()
+    n = m.sum(1)
+    prefix = torch.arange(m.shape[1])[None, :] < n[:, None]
+    if not torch.equal(prefix, m):
+        raise InputError("mask must be right padding (real tokens first, then padding); re-encode the prompts "
+                         "with padding_side='right'")
+
+
+def std_column(value: str) -> str:
+    """`x_mean` → `x_std`; `x` → `x_std`."""
+    return (value[: -len("_mean")] if value.endswith("_mean") else value) + "_std"
+
+
+def summarise(observations: pd.DataFrame, values: Sequence[str], over: Sequence[str]) -> pd.DataFrame:
+    """Collapse the `over` columns (e.g. ("batch", "head")): for every value v give `v_mean`, `v_std`
+    (sample std, ddof=1; NaN when n = 1), and `n` = observations per group. NaN observations are skipped by
+    mean/std (e.g. a metric undefined for a one-token prompt) but still counted in n.
+
+    Groups are the identifying columns (`STATE_COLUMNS`, plus `head` / `batch` when present and not in
+    `over`), in order of first appearance.
+    """
+    keys = [c for c in [*STATE_COLUMNS, "head", "batch"] if c in observations.columns and c not in over]
+    missing = [v for v in values if v not in observations.columns]
+    if missing:
+        raise InputError(f"cannot summarise: columns {missing} are not in the table ({list(observations.columns)})")
+    grouped = observations.groupby(keys, sort=False, dropna=False)[list(values)]
+    mean = grouped.mean().add_suffix("_mean")
+    std = grouped.std(ddof=1).add_suffix("_std")
+    size = grouped.size().rename("n")
+    parts = []
+    for v in values:
+        parts += [mean[f"{v}_mean"], std[f"{v}_std"]]
+    return pd.concat([*parts, size], axis=1).reset_index()
+
+
+def xlogx(p: torch.Tensor) -> torch.Tensor:
+    """p log p with 0 log 0 = 0 (entropies of attention rows, column masses, Gram spectra)."""
+    return torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p))

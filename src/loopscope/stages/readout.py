@@ -1,0 +1,125 @@
+"""`Readout`: what a lens needs from a model to turn a residual state into next-token logits.
+
+    logits = W_U · n_f(x) (+ b_U)
+
+n_f is the model's final norm: RMSNorm (`norm_kind="rms"`: x / sqrt(mean(x²) + ε) · w, Zhang & Sennrich
+2019), LayerNorm (`"layer"`: (x − mean) / sqrt(var + ε) · w + b, Ba et al. 2016; GPT-2), or nothing
+(`"none"`). Built from plain tensors, so any model family can supply one:
+
+    Readout(norm_weight, norm_eps, unembedding, norm_kind="rms")
+
+and, for the coda lens, a callable `coda(x, start)` that runs what the model runs between the block and
+the final norm, beginning at coda layer `start` (0 = the whole exit path). `Readout.from_model(model)`
+builds one for a `LoopedLM`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from loopscope.errors import InputError
+from loopscope.models.hooks import Step
+from loopscope.models.looped import LoopedLM
+
+NormKind = Literal["rms", "layer", "none"]
+
+
+@dataclass
+class Readout:
+    """Final norm + unembedding, as plain tensors.
+
+    norm_weight (D,) or None (only for norm_kind "none"); norm_eps; unembedding W_U (V, D);
+    norm_kind "rms" | "layer" | "none"; norm_bias (D,) for LayerNorm (None = 0); unembedding_bias (V,) or
+    None; coda: callable (x [B, T, D], start: int) → [B, T, D] running the model's exit path from coda
+    layer `start` (start = 0 includes any norm the model applies before its coda), None if there is no coda;
+    n_coda: number of coda layers the callable can run.
+    """
+
+    norm_weight: torch.Tensor | None
+    norm_eps: float
+    unembedding: torch.Tensor
+    norm_kind: NormKind = "rms"
+    norm_bias: torch.Tensor | None = None
+    unembedding_bias: torch.Tensor | None = None
+    coda: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+    n_coda: int = 0
+
+    def __post_init__(self) -> None:
+        if self.norm_kind not in ("rms", "layer", "none"):
+            raise InputError(f"norm_kind={self.norm_kind!r}; use 'rms', 'layer' or 'none'")
+        if self.unembedding.ndim != 2:
+            raise InputError(f"unembedding must be W_U (vocab, d_model); got shape {tuple(self.unembedding.shape)}")
+        D = self.unembedding.shape[1]
+        if self.norm_kind != "none" and (self.norm_weight is None or tuple(self.norm_weight.shape) != (D,)):
+            got = None if self.norm_weight is None else tuple(self.norm_weight.shape)
+            raise InputError(f"norm_weight must have shape ({D},) for norm_kind={self.norm_kind!r}; got {got}")
+
+    @property
+    def d_model(self) -> int:
+        return self.unembedding.shape[1]
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """n_f(x) in float32, x: (..., D)."""
+        x = x.float()
+        if self.norm_kind == "none":
+            return x
+        w = self.norm_weight.float()
+        if self.norm_kind == "rms":
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.norm_eps) * w
+        centred = x - x.mean(-1, keepdim=True)
+        y = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self.norm_eps) * w
+        return y if self.norm_bias is None else y + self.norm_bias.float()
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """W_U n_f(x) (+ b_U): (..., D) → (..., V), float32, on the unembedding's device."""
+        if x.shape[-1] != self.d_model:
+            raise InputError(f"state width {x.shape[-1]} does not match the unembedding width {self.d_model}")
+        out = self.normalise(x.to(self.unembedding.device)) @ self.unembedding.float().T
+        return out if self.unembedding_bias is None else out + self.unembedding_bias.float()
+
+    @classmethod
+    def from_model(cls, model: LoopedLM) -> Readout:
+        """The readout of a `LoopedLM`.
+
+        Logit-lens norm: the final norm when the model has one (`cfg.final_norm`); otherwise, for an Ouro-style
+        model without a coda, its per-recurrence stream norm (the last norm the model applies before W_U);
+        otherwise none. Coda lens (models with a coda): Ouro's stream norm, then the final norm if
+        `cfg.coda_input_norm` (Huginn), then coda layers start.., then the logit-lens norm and W_U — exactly
+        the path the model takes after its last recurrence. The coda layers run with offset 0 and no cache
+        (causal attention over the whole prompt), labelled Step("coda", 0, i) at their hook points.
+        """
+        if not isinstance(model, LoopedLM):
+            raise InputError(f"Readout.from_model reads a LoopedLM; got {type(model).__name__}. Build "
+                             "Readout(norm_weight, norm_eps, unembedding, norm_kind) from its tensors instead")
+        cfg = model.cfg
+        if cfg.final_norm:
+            norm = model.final_norm
+        elif model.loop_norm is not None and cfg.n_coda == 0:
+            norm = model.loop_norm
+        else:
+            norm = None
+        coda = None
+        if cfg.n_coda:
+            def coda(x: torch.Tensor, start: int = 0) -> torch.Tensor:
+                with torch.no_grad():
+                    x = x.to(device=model.unembedding.device, dtype=model.unembedding.dtype)
+                    if start == 0:
+                        if model.loop_norm is not None:
+                            x = model.loop_norm(x)
+                        if cfg.coda_input_norm:
+                            x = model.final_norm(x)
+                    for i in range(start, cfg.n_coda):
+                        x = model.coda[i](x, step=Step("coda", 0, i), rope=model.rope, offset=0, cache=None)
+                    return x
+        return cls(
+            norm_weight=None if norm is None else norm.weight.detach(),
+            norm_eps=cfg.norm_eps if norm is None else norm.eps,
+            unembedding=model.unembedding.detach(),
+            norm_kind="none" if norm is None else "rms",
+            coda=coda,
+            n_coda=cfg.n_coda,
+        )

@@ -1,0 +1,67 @@
+"""Residual-stream magnitude and massive activations, per state, on each prompt's real tokens.
+
+For a state X ∈ R^{T×D} of one prompt (real tokens only, rows x_i):
+
+- token norms ‖x_i‖₂: `token_norm_mean` = (1/T) Σ_i ‖x_i‖, `token_norm_max` = max_i ‖x_i‖, and
+  `first_token_norm` = ‖x_0‖ (the BOS / first token, whose norm blows up with massive activations;
+  Queipo-de-Llano et al. 2025 "BOS token norm"; Blayney et al. 2026 §3.5 and Fig. 9 "residual magnitude").
+- massive activations (Sun et al. 2024, "Massive Activations in Large Language Models"): the largest
+  magnitude over tokens and dimensions `max_abs_activation` = max_{i,d} |X_id|, the median magnitude
+  `median_abs_activation` = median_{i,d} |X_id| (numpy median: mean of the two middle values for an even
+  count), and their ratio `massive_activation_ratio` (Sun et al. call activations ~10³–10⁴× the median
+  "massive"; inf when the median is 0). Per prompt, `massive_token` / `massive_dim` locate the maximum
+  (token index among the real tokens).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from loopscope.capture.trajectory import Trajectory
+from loopscope.stages.frames import real_positions, state_rows, summarise
+
+RESIDUAL_METRICS = [
+    "token_norm_mean", "token_norm_max", "first_token_norm", "max_abs_activation", "median_abs_activation",
+    "massive_activation_ratio",
+]
+
+
+def residual_magnitudes(x: torch.Tensor) -> dict[str, float]:
+    """All metrics of this module for one prompt's states x: (T, D), real tokens only."""
+    x = x.double()
+    norms = x.norm(dim=-1)
+    mags = x.abs().numpy()
+    flat = int(np.argmax(mags))
+    peak = float(mags.reshape(-1)[flat])
+    median = float(np.median(mags))
+    return {
+        "token_norm_mean": float(norms.mean()),
+        "token_norm_max": float(norms.max()),
+        "first_token_norm": float(norms[0]),
+        "max_abs_activation": peak,
+        "median_abs_activation": median,
+        "massive_activation_ratio": peak / median if median > 0 else float("inf"),
+        "massive_token": flat // x.shape[1],
+        "massive_dim": flat % x.shape[1],
+    }
+
+
+def residual_norms(traj: Trajectory, *, per_prompt: bool = False, include_embed: bool = False) -> pd.DataFrame:
+    """Residual magnitude and massive-activation metrics for every state (optionally the embedding too).
+
+    Columns: STATE_COLUMNS and, for m in RESIDUAL_METRICS, `m_mean`, `m_std` (over prompts) and `n`
+    (prompts). per_prompt=True returns the raw rows: STATE_COLUMNS, `batch`, `n_tokens`, the metrics,
+    `massive_token`, `massive_dim`.
+    """
+    positions = real_positions(traj)
+    rows = []
+    for ids, states in state_rows(traj, include_embed=include_embed):
+        for b, pos in enumerate(positions):
+            rows.append({**ids, "batch": b, "n_tokens": len(pos),
+                         **residual_magnitudes(states[b].cpu().index_select(0, pos))})
+    raw = pd.DataFrame(rows)
+    if per_prompt:
+        return raw
+    return summarise(raw, RESIDUAL_METRICS, over=["batch"])
