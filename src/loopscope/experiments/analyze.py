@@ -21,7 +21,10 @@ from loopscope.data.prompts import load_prompts
 from loopscope.errors import InputError
 from loopscope.models.load import LoadedModel, load_model
 from loopscope.report import Report
+from loopscope.experiments.stage_tables import STAGE_METRICS, alignment_table, stage_table, model_readout, \
+    model_neuron_fractions, prop42_summary
 from loopscope.report.dynamics_section import add_dynamics_sections
+from loopscope.report.stages_section import add_stages_section
 
 
 @dataclass
@@ -35,6 +38,8 @@ class AnalyzeSettings:
     batch_size: int = 8
     pca_prompt: int = 0  # which prompt's final token the PCA figure follows
     classify_method: str = "dynamics"  # default behaviour detector ("dynamics" or "paper")
+    feedforward: str | None = None  # a feedforward model whose stage profile is overlaid and aligned (e.g. smollm2)
+    prop42_prompts: int = 4  # prompts used for the Proposition 4.2 check (it recaptures layer inputs)
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -94,8 +99,19 @@ def run_analyze(s: AnalyzeSettings) -> Path:
     s.out.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode():
         states, attn = capture_both(loaded, prompts, s)
-    say("[2/3] computing dynamics tables", s.progress)
+    say("[2/3] computing dynamics and stage tables", s.progress)
     tables = dynamics_tables(states, attn, s)
+    stage = stage_table(attn, model_readout(loaded))
+    ff_name, ff_stage, aligned = None, None, None
+    if s.feedforward:
+        ff = load_model(s.feedforward)
+        ff_name = ff.name
+        with torch.inference_mode():
+            ff_traj = capture_prompts(ff, prompts, 1, attention=True, batch_size=s.batch_size,
+                                      cache_dir=s.out / "cache", progress=s.progress)
+        ff_stage = stage_table(ff_traj, model_readout(ff))
+        aligned = alignment_table(stage, ff_stage)
+    prop42 = prop42_summary(loaded, prompts[: s.prop42_prompts], s.attention_recurrences)
     say("[3/3] drawing figures and writing the report", s.progress)
     cfg = getattr(loaded.model, "cfg", None)
     report = Report(
@@ -111,6 +127,9 @@ def run_analyze(s: AnalyzeSettings) -> Path:
         },
     )
     add_dynamics_sections(report, tables, s.recurrences)
+    add_stages_section(report, stage, STAGE_METRICS, model_name=loaded.name, feedforward=ff_stage,
+                       ff_name=ff_name or "feedforward", alignment=aligned, prop42=prop42,
+                       neurons=model_neuron_fractions(loaded))
     report.meta["wall time"] = f"{time.perf_counter() - start:.1f} s"
     index = report.write()
     say(f"wrote {index}", s.progress)

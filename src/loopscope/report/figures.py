@@ -82,7 +82,9 @@ def line_panels(
 
 def add_colourbar(fig, ax, cmap: str, keys, label: str) -> None:
     norm = matplotlib.colors.Normalize(vmin=min(keys), vmax=max(keys))
-    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=label)
+    bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=label)
+    if len(keys) <= 12:  # integer series (layers, recurrences): one tick each
+        bar.set_ticks(list(keys))
 
 
 def heatmap(matrix: pd.DataFrame, out_dir: Path, name: str, *, title: str, cbar: str, cmap: str = "viridis",

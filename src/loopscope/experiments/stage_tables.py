@@ -1,0 +1,93 @@
+"""Stage-of-inference tables of one captured model: every per-state metric in one wide table, and alignment.
+
+Used by `loopscope analyze` and `loopscope compare`; the report only draws what these return.
+"""
+
+from __future__ import annotations
+
+from functools import reduce
+
+import pandas as pd
+
+from loopscope import stages
+from loopscope.capture import Trajectory
+from loopscope.stages.frames import STATE_COLUMNS
+
+# metric column -> axis label, in the order the report shows them (Blayney et al. §3.5, App. E)
+STAGE_METRICS = {
+    "colsum_concentration_mean": "ColSum concentration",
+    "sink_rate_mean": "sink rate (first token, τ = 0.3)",
+    "mixing_entropy_normalised_mean": "mixing score (row entropy / log support)",
+    "previous_window_mean": "attention to previous 5 tokens",
+    "matrix_entropy_normalised_mean": "residual matrix entropy (normalised)",
+    "token_norm_mean_mean": "mean token norm ‖x‖",
+    "first_token_norm_mean": "first-token norm",
+    "massive_activation_ratio_mean": "massive activations (max / median |x|)",
+    "logit_entropy_mean": "logit-lens entropy (nats)",
+    "logit_final_top1_rank_mean": "logit-lens rank of the final prediction",
+}
+
+
+def stage_table(traj: Trajectory, readout: stages.Readout | None) -> pd.DataFrame:
+    """One row per state (prelude, every recurrence's block layers, coda) with every stage metric (mean, std)."""
+    parts = [stages.residual_norms(traj), stages.residual_entropy(traj)]
+    if traj.has_attention:
+        parts.append(stages.attention_metrics(traj))
+    if readout is not None:
+        lens = stages.logit_lens(traj, readout).drop(columns=["lens"])
+        lens = lens.rename(columns={c: f"logit_{c}" for c in lens.columns if c not in STATE_COLUMNS})
+        parts.append(lens)
+    parts = [p.drop(columns=[c for c in ("n",) if c in p.columns]) for p in parts]
+    return reduce(lambda a, b: a.merge(b, on=STATE_COLUMNS, how="outer"), parts).sort_values("depth").reset_index(drop=True)
+
+
+def alignment_table(looped: pd.DataFrame, feedforward: pd.DataFrame) -> pd.DataFrame:
+    """Alignment of every recurrence's profile with the feedforward profile, for every metric both have."""
+    rows = []
+    for value in STAGE_METRICS:
+        if value in looped and value in feedforward and looped[value].notna().any() and feedforward[value].notna().any():
+            scores = stages.alignment(looped, feedforward, value)
+            scores.insert(0, "metric", value.removesuffix("_mean"))
+            rows.append(scores)
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+
+
+def model_readout(loaded) -> stages.Readout | None:
+    """The logit-lens readout of any loaded model (LoopedLM of any family, or a Hugging Face feedforward LM)."""
+    from loopscope.models.looped import LoopedLM
+
+    if isinstance(loaded.model, LoopedLM):
+        return stages.Readout.from_model(loaded.model)
+    from loopscope.models import hf
+
+    return stages.Readout(**hf.hf_readout(loaded.model))
+
+
+def model_neuron_fractions(loaded) -> pd.DataFrame:
+    """Prediction / suppression neuron fractions per physical layer, for any loaded model."""
+    from loopscope.models.looped import LoopedLM
+
+    if isinstance(loaded.model, LoopedLM):
+        return stages.neuron_fractions_from_model(loaded.model)
+    from loopscope.models import hf
+
+    readout = model_readout(loaded)
+    downs = {f"core.{i}": w for i, w in hf.hf_mlp_down_weights(loaded.model).items()}
+    return stages.neuron_fractions(downs, readout.unembedding, norm_weight=readout.norm_weight)
+
+
+def prop42_summary(loaded, prompts: list[str], recurrences: int) -> pd.DataFrame | None:
+    """Proposition 4.2 on real runs: per block layer, the largest measured/bound ratio over recurrences, prompts
+    and heads (LoopedLM only: the check reads the layer's weights and inputs through its hook points)."""
+    from loopscope.capture.prompts import encode_prompts
+    from loopscope.models.looped import LoopedLM
+
+    if not isinstance(loaded.model, LoopedLM) or recurrences < 2 or not prompts:
+        return None
+    ids, mask, _ = encode_prompts(loaded.tokenizer, prompts, loaded.max_seq_len)
+    checks = stages.attention_lipschitz_check(loaded.model, ids, recurrences, mask=mask)
+    core = checks[checks.segment == "core"]
+    return core.groupby("layer").agg(
+        max_ratio=("ratio", "max"), median_ratio=("ratio", "median"),
+        max_measured=("measured", "max"), n_checks=("ratio", "size"),
+    ).reset_index()

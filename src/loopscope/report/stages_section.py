@@ -1,0 +1,93 @@
+"""Stages-of-inference section: three views of every metric (Blayney et al. §3.6), feedforward overlay, alignment."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from loopscope import stages
+from loopscope.report import figures
+from loopscope.report.document import Figure, Report, save_csv
+
+
+def three_views(table: pd.DataFrame, value: str, label: str, out_dir, name: str,
+                feedforward: pd.DataFrame | None, ff_name: str) -> tuple:
+    """Realized depth | by recurrence on relative depth (feedforward dashed) | by layer across recurrences."""
+    depth = stages.by_realized_depth(table, value)
+    per_rec = stages.by_recurrence(table, value)
+    per_layer = stages.by_layer(table, value)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 3.8))
+    ax = axes[0]
+    ax.plot(depth["x"], depth["y"], color="0.2", lw=1.2)
+    for seg, colour in (("prelude", "tab:blue"), ("coda", "tab:red")):
+        part = depth[depth.segment == seg]
+        ax.scatter(part["x"], part["y"], color=colour, s=14, zorder=3, label=seg)
+    core = depth[depth.segment == "core"]
+    ax.scatter(core["x"], core["y"], c=core["recurrence"], cmap=figures.BY_RECURRENCE, s=10, zorder=3)
+    ax.set_xlabel("realized depth")
+    ax.set_title("along realized depth", fontsize=9)
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    recs = sorted(per_rec["recurrence"].unique())
+    for r, colour in zip(recs, figures.series_colours(len(recs), figures.BY_RECURRENCE)):
+        part = per_rec[per_rec.recurrence == r]
+        ax.plot(part["x"], part["y"], color=colour, lw=1.2)
+    if feedforward is not None and value in feedforward and feedforward[value].notna().any():
+        ff = stages.by_recurrence(feedforward, value)
+        ax.plot(ff["x"], ff["y"], "k--", lw=1.6, label=ff_name)
+        ax.legend(fontsize=7)
+    figures.add_colourbar(fig, ax, figures.BY_RECURRENCE, recs, "recurrence")
+    ax.set_xlabel("relative depth within prelude + pass + coda (%)")
+    ax.set_title("by recurrence", fontsize=9)
+    ax = axes[2]
+    layers = sorted(per_layer["layer"].unique())
+    for j, colour in zip(layers, figures.series_colours(len(layers), figures.BY_LAYER)):
+        part = per_layer[per_layer.layer == j]
+        ax.plot(part["x"], part["y"], color=colour, lw=1.2, marker=".", ms=4)
+    figures.add_colourbar(fig, ax, figures.BY_LAYER, layers, "block layer")
+    ax.set_xlabel("recurrence")
+    ax.set_title("by block layer, across recurrences", fontsize=9)
+    for ax in axes:
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png = figures.save(fig, out_dir, name)
+    views = pd.concat([depth.assign(view="realized_depth"), per_rec.assign(view="by_recurrence"),
+                       per_layer.assign(view="by_layer")], ignore_index=True)
+    return png, views
+
+
+def add_stages_section(report: Report, table: pd.DataFrame, metrics: dict[str, str], *, model_name: str,
+                       feedforward: pd.DataFrame | None = None, ff_name: str = "feedforward",
+                       alignment: pd.DataFrame | None = None, prop42: pd.DataFrame | None = None,
+                       neurons: pd.DataFrame | None = None) -> None:
+    out = report.out_dir
+    sec = report.section(
+        f"Stages of inference — {model_name}",
+        "Per-state metrics of the stages-of-inference view (Queipo-de-Llano et al. 2025; Lad et al. 2024), each "
+        "in three views (Blayney et al. §3.6): along realized depth (prelude blue, coda red, block states coloured "
+        "by recurrence), one line per recurrence on relative depth with the feedforward model dashed, and one line "
+        "per block layer across recurrences (flat lines: the layer repeats its stage every pass).",
+    )
+    save_csv(table, out, "stages_per_state")
+    if feedforward is not None:
+        save_csv(feedforward, out, "stages_per_state_feedforward")
+    for value, label in metrics.items():
+        if value not in table or not table[value].notna().any():
+            continue
+        stem = value.removesuffix("_mean")
+        png, views = three_views(table, value, label, out, f"stage_{stem}", feedforward, ff_name)
+        csv = save_csv(views, out, f"stage_{stem}_views")
+        sec.items.append(Figure(png, f"{label}: realized depth · by recurrence · by layer.", [csv]))
+    if alignment is not None and len(alignment):
+        report.table(sec, alignment, "alignment", f"Alignment of each recurrence's stage profile with {ff_name} on "
+                     "relative depth (both resampled to 50 points): Pearson and Spearman correlation, RMSE, and RMSE "
+                     "over the feedforward profile's range (nrmse). 1 / 0 = the same stages.", max_rows=60)
+    if prop42 is not None and len(prop42):
+        report.table(sec, prop42, "prop42_summary", "Proposition 4.2 checked: measured attention change ‖S(X_t) − "
+                     "S(X_{t−1})‖_F against the bound L·(2Bκ/√d)·‖ΔX‖ (L = 1/2, κ = ‖W_Q‖‖W_K‖ before RoPE), per "
+                     "block layer; a ratio above 1 would be a bug.")
+    if neurons is not None and len(neurons):
+        report.table(sec, neurons, "neuron_fractions", "Prediction / suppression neurons per layer (Gurnee et al. "
+                     "2024): vocabulary-composition kurtosis > 10, sign of the skew. Weights are tied across "
+                     "recurrences, so these are per physical layer.", max_rows=40)
