@@ -100,7 +100,8 @@ def test_distance_to_fixed_point_attention_against_loops():
     a = attn[0, 1, 0, :, :2, :2] - attn[R - 1, 1, 0, :, :2, :2]
     b = attn[0, 1, 1] - attn[R - 1, 1, 1]
     expect = (a.norm() + b.norm()).item() / 2
-    assert stacked[(stacked.recurrence == 0) & (stacked.layer == 1)]["attention_frobenius"].item() == pytest.approx(expect)
+    cell = stacked[(stacked.recurrence == 0) & (stacked.layer == 1)]
+    assert cell["attention_frobenius"].item() == pytest.approx(expect)
 
 
 def test_needs_two_recurrences():
@@ -143,9 +144,9 @@ def test_cyclic_fixed_point_check_flags_a_layer_that_moves():
 
 
 def test_proposition_4_1_on_a_random_looped_lm():
-    """Random-init (0, 4⊗64, 0)-style check on the spine's LoopedLM (sandwich norm, concat injection, random
-    initial state, seed 0 — 11 of these 12 tokens converge by R=64): wherever the last block layer's final relative change
-    is < 1e-3, every block layer's is < 1e-2."""
+    """Prop. 4.1 on the spine's random-init LoopedLM (sandwich norm, concat injection, random initial state,
+    weights seed 0 — 11 of these 12 tokens converge by R=64): wherever the last block layer's final relative
+    change is < 1e-3, every block layer's is < 1e-2."""
     torch.manual_seed(0)
     model = LoopedLM(LoopedConfig(norm="sandwich", injection="concat", state_init="random")).eval()
     ids = torch.randint(0, model.cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
