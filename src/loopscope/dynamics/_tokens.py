@@ -1,9 +1,9 @@
-"""Real tokens of a Trajectory, flattened: the one place that reads `traj.mask`.
+"""Real tokens of a Trajectory (mask True), flattened, and the vector helpers every analysis shares.
 
 Every analysis in `loopscope.dynamics` works on the states of real tokens only (mask True), laid out as
 `[..., N, D]` with N = number of real tokens, in (batch, token) order. Large trajectories (R=128, K=12,
 N≈4000, D=576 is 14 GB in fp32) are never copied whole: `token_chunks` yields slices of at most
-`max_elements` floats (default CHUNK_ELEMENTS), upcast to fp32 (fp64 stays fp64).
+`max_elements` floats (default CHUNK_ELEMENTS), upcast to fp32 (fp64 stays fp64) and moved to the CPU.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class RealTokens:
 
 def real_tokens(traj: Trajectory) -> RealTokens:
     """Indices of every real token (mask True); raises InputError if there is none."""
-    b, t = traj.mask.nonzero(as_tuple=True)
+    b, t = traj.mask.cpu().nonzero(as_tuple=True)
     if b.numel() == 0:
         raise InputError("the Trajectory has no real tokens (mask is all False); check the mask you passed")
     return RealTokens(batch=b, token=t)
@@ -65,8 +65,8 @@ def token_chunks(traj: Trajectory, tokens: RealTokens | None = None, *, recurren
         if last - first + 1 == pos.numel():  # all real: a slice instead of a gather
             chunk = flat[:, :, first:last + 1]
         else:
-            chunk = flat.index_select(2, pos)
-        yield rows, chunk.to(dtype)
+            chunk = flat.index_select(2, pos.to(flat.device))
+        yield rows, chunk.to(device="cpu", dtype=dtype)  # analyses run on the CPU, whatever device holds states
 
 
 def resolve_layer(traj: Trajectory, layer: int) -> int:

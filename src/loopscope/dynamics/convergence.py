@@ -80,7 +80,7 @@ def distance_to_fixed_point(traj: Trajectory, per_token: bool = False, *, finite
 
 
 def prompts_with_tokens(traj: Trajectory) -> torch.Tensor:
-    return traj.mask.any(dim=1).nonzero(as_tuple=True)[0]
+    return traj.mask.cpu().any(dim=1).nonzero(as_tuple=True)[0]
 
 
 def attention_to_last(traj: Trajectory, head_reduction: str) -> torch.Tensor | None:
