@@ -36,11 +36,11 @@ def prompt_patterns(traj: Trajectory, recurrences: slice, head_reduction: str,
     attn = require_attention(traj)
     check_head_reduction(head_reduction)
     for b in range(traj.batch_size):
-        idx = traj.mask[b].nonzero(as_tuple=True)[0]
+        idx = traj.mask[b].nonzero(as_tuple=True)[0].to(attn.device)
         if idx.numel() == 0:
             continue
         a = attn[recurrences, :, b]  # [r, K, H, T, T] view
-        a = a.index_select(-2, idx).index_select(-1, idx).to(torch.float64)  # [r, K, H, n, n]
+        a = a.index_select(-2, idx).index_select(-1, idx).to(device="cpu", dtype=torch.float64)  # [r, K, H, n, n]
         if head_reduction == "average":
             a = a.mean(dim=2)
         yield b, a.reshape(a.shape[0], a.shape[1], -1)

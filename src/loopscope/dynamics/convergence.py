@@ -12,7 +12,7 @@ import torch
 from loopscope.capture.trajectory import Trajectory
 from loopscope.dynamics._attention import prompt_patterns
 from loopscope.dynamics._tables import grid_frame
-from loopscope.dynamics._tokens import cosine, need_recurrences, norm, real_tokens, token_chunks
+from loopscope.dynamics._tokens import cosine_from_distance, need_recurrences, norm, real_tokens, token_chunks
 
 
 def successive_change(traj: Trajectory, per_token: bool = False, *, finite_only: bool = False) -> pd.DataFrame:
@@ -35,9 +35,10 @@ def successive_change(traj: Trajectory, per_token: bool = False, *, finite_only:
     R, K, N = traj.recurrences, traj.block_size, tokens.count
     l2, rel, cos = (torch.empty(R - 1, K, N, dtype=torch.float64) for _ in range(3))
     for rows, x in token_chunks(traj, tokens):
-        prev, cur = x[:-1], x[1:]
-        d = norm(cur - prev)
-        l2[..., rows], rel[..., rows], cos[..., rows] = d, d / norm(prev), cosine(cur, prev)
+        nx = norm(x)  # [R, K, n]
+        d = norm(x[1:] - x[:-1])
+        l2[..., rows], rel[..., rows] = d, d / nx[:-1]
+        cos[..., rows] = cosine_from_distance(nx[1:], nx[:-1], d)
     metrics = {"l2": l2, "relative": rel, "cosine": cos}
     return grid_frame(tokens, torch.arange(1, R), metrics, per_token=per_token, finite_only=finite_only)
 
@@ -62,8 +63,8 @@ def distance_to_fixed_point(traj: Trajectory, per_token: bool = False, *, finite
     R, K, N = traj.recurrences, traj.block_size, tokens.count
     l2, cos = (torch.empty(R, K, N, dtype=torch.float64) for _ in range(2))
     for rows, x in token_chunks(traj, tokens):
-        star = x[-1:]
-        l2[..., rows], cos[..., rows] = norm(x - star), cosine(x, star)
+        nx, d = norm(x), norm(x - x[-1:])
+        l2[..., rows], cos[..., rows] = d, cosine_from_distance(nx, nx[-1:], d)
     frame = grid_frame(tokens, torch.arange(R), {"l2": l2, "cosine": cos}, per_token=per_token,
                        finite_only=finite_only)
     per_prompt = attention_to_last(traj, head_reduction)  # [R, K, B] or None
@@ -79,7 +80,7 @@ def distance_to_fixed_point(traj: Trajectory, per_token: bool = False, *, finite
 
 
 def prompts_with_tokens(traj: Trajectory) -> torch.Tensor:
-    return traj.mask.any(dim=1).nonzero(as_tuple=True)[0]
+    return traj.mask.cpu().any(dim=1).nonzero(as_tuple=True)[0]
 
 
 def attention_to_last(traj: Trajectory, head_reduction: str) -> torch.Tensor | None:

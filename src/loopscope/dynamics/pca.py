@@ -13,7 +13,7 @@ from loopscope.errors import InputError
 def _token_position(traj: Trajectory, batch: int, token: int) -> int:
     if not 0 <= batch < traj.batch_size:
         raise InputError(f"batch={batch} is out of range for {traj.batch_size} prompts")
-    real = traj.mask[batch].nonzero(as_tuple=True)[0]
+    real = traj.mask[batch].cpu().nonzero(as_tuple=True)[0]
     if real.numel() == 0:
         raise InputError(f"prompt {batch} has no real tokens (its mask is all False)")
     if token < 0:
@@ -44,7 +44,7 @@ def pca_trajectory(traj: Trajectory, batch: int = 0, token: int = -1, n_componen
         raise InputError(f"n_components={n_components}: ask for at least 1")
     t_pos = _token_position(traj, batch, token)
     R, K = traj.recurrences, traj.block_size
-    x = traj.core[:, :, batch, t_pos, :].reshape(R * K, -1).to(torch.float64)
+    x = traj.core[:, :, batch, t_pos, :].reshape(R * K, -1).to(device="cpu", dtype=torch.float64)
     good = torch.isfinite(x).all(-1)
     coords = torch.full((R * K, n_components), float("nan"), dtype=torch.float64)
     ratio = torch.zeros(n_components, dtype=torch.float64)

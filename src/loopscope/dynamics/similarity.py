@@ -43,7 +43,7 @@ def residual_similarity(traj: Trajectory, recurrences: int | None = None, *, fin
     K = traj.block_size
     total = torch.zeros(r * K, r * K, dtype=torch.float64)
     count = 0
-    for _, x in token_chunks(traj, real_tokens(traj), recurrences=slice(0, r), max_elements=2**23):
+    for _, x in token_chunks(traj, real_tokens(traj), recurrences=slice(0, r)):
         u = x / norm(x)[..., None]  # [r, K, n, D]
         if finite_only:
             good = torch.isfinite(u).all(dim=-1).all(dim=0).all(dim=0)  # [n]
