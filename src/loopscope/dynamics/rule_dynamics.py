@@ -49,7 +49,7 @@ class DynamicsThresholds:
     runaway_factor: float = 10.0  # norm growth across the window that counts as divergence
     fixed_tol: float = 1e-2  # relative step size below which the state is at a fixed point
     settle: int = 4  # the fixed-point test uses the largest of the last `settle` relative steps
-    orbit_tol: float = 0.2  # return error (relative to the step size) below which the state has returned
+    orbit_tol: float = 0.1  # return error (relative to the step size) below which the state has returned
     max_period: int = 16  # longest period searched (also capped at window // 2)
     slider_cosine: float = 0.9  # mean cosine between successive steps
     slider_straightness: float = 0.9  # net displacement / path length over the window
