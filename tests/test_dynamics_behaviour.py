@@ -124,3 +124,11 @@ def test_quasi_periodic_rotation_has_no_period():
     assert df["return_error"].item() == pytest.approx(expect, rel=1e-4)
     assert df["behaviour"].item() == "unknown"
     assert labels([rotation(R, D, period=phi ** 2)], orbit_tol=0.12)["period"].item() == 13
+
+
+def test_state_resting_at_the_origin():
+    """x_t = 0 for all t: a fixed point (steps are 0), not a NaN-driven 'divergent'; the paper heuristic has
+    no cosine for a zero vector and says 'unknown'."""
+    zero = torch.zeros(R, D, dtype=torch.float64)
+    assert labels([zero])["behaviour"].item() == "fixed_point"
+    assert labels([zero], method="paper")["behaviour"].item() == "unknown"
