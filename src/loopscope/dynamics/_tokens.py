@@ -16,7 +16,7 @@ import torch
 from loopscope.capture.trajectory import Trajectory
 from loopscope.errors import InputError
 
-CHUNK_ELEMENTS = 2**21  # 8 MB of fp32 per chunk: small chunks stay in cache and avoid page faults (≈4× faster)
+CHUNK_ELEMENTS = 2**23  # 32 MB of fp32 per chunk: measured fastest (vs 2^19..2^25) with 1 and 2 threads
 
 
 @dataclass(frozen=True)
