@@ -29,8 +29,8 @@ s_t = x_t − x_{t-1} be the steps in the window and scale = max_t ‖x_t‖ ove
 
 Defaults (`DynamicsThresholds`): window R // 2, runaway_factor 10, fixed_tol 1e-2, settle 4, orbit_tol 0.1,
 max_period 16, slider_cosine 0.9, slider_straightness 0.9, slider_step_ratio 0.8. They leave a ≥ 2× margin on
-the noisy test systems (R = 64, D = 8, 100 noise seeds: contraction + N(0, 1e-6) noise reaches
-tail_relative_step ≤ 0.0047; rotations + N(0, 1e-4) noise reach return_error ≤ 0.051). orbit_tol is 0.1 rather
+the noisy test systems (R = 64, D = 8, 100 noise seeds: a contraction plus Gaussian noise σ = 1e-3 reaches
+tail_relative_step ≤ 0.0047; unit rotations plus σ = 1e-2 reach return_error ≤ 0.051). orbit_tol is 0.1 rather
 than looser because random-init looped models (sandwich norm, 12-layer block) produce aperiodic motion with
 return errors of 0.15–0.5 that a looser tolerance would call orbits; a golden-angle rotation's best return
 within 16 steps (≈ 0.116) is, correctly, not an orbit.
