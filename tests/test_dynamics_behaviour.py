@@ -1,5 +1,7 @@
 """classify(method="dynamics") on dynamical systems whose behaviour is known exactly (and with noise)."""
 
+import math
+
 import pandas as pd
 import pytest
 import torch
@@ -111,3 +113,22 @@ def test_thresholds_are_used():
 def test_too_few_recurrences_is_an_input_error():
     with pytest.raises(InputError, match="4 ≤ window"):
         labels([contraction(3, D)])
+
+
+def test_quasi_periodic_rotation_has_no_period():
+    """Rotation by the golden angle 2π/φ² never repeats; its closest return within 16 steps is at p = 13 with
+    relative error |sin(13π/φ²)| / |sin(π/φ²)| ≈ 0.116 > orbit_tol = 0.1, so it is not an orbit."""
+    phi = (1 + 5 ** 0.5) / 2
+    df = labels([rotation(R, D, period=phi ** 2)])
+    expect = abs(math.sin(13 * math.pi / phi ** 2)) / abs(math.sin(math.pi / phi ** 2))
+    assert df["return_error"].item() == pytest.approx(expect, rel=1e-4)
+    assert df["behaviour"].item() == "unknown"
+    assert labels([rotation(R, D, period=phi ** 2)], orbit_tol=0.12)["period"].item() == 13
+
+
+def test_state_resting_at_the_origin():
+    """x_t = 0 for all t: a fixed point (steps are 0), not a NaN-driven 'divergent'; the paper heuristic has
+    no cosine for a zero vector and says 'unknown'."""
+    zero = torch.zeros(R, D, dtype=torch.float64)
+    assert labels([zero])["behaviour"].item() == "fixed_point"
+    assert labels([zero], method="paper")["behaviour"].item() == "unknown"

@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -162,3 +163,10 @@ def test_proposition_4_1_on_a_random_looped_lm():
     assert len(converged) >= 0.75 * len(final)  # the premise holds for most tokens: the check is not vacuous
     assert (converged.to_numpy() < 1e-2).all()
     assert max_final_relative_change(traj) < 1e-2
+
+
+def test_non_contiguous_core_gives_the_same_tables():
+    traj = tiny()
+    strided = Trajectory(core=traj.core.transpose(2, 3).contiguous().transpose(2, 3), mask=traj.mask)
+    assert not strided.core.is_contiguous()
+    pd.testing.assert_frame_equal(successive_change(strided, per_token=True), successive_change(traj, per_token=True))
