@@ -57,7 +57,7 @@ def add_dynamics_sections(report: Report, t: dict[str, pd.DataFrame], recurrence
     )
     for name, title, cbar, cmap in (
         ("residual_similarity", "Residual cosine similarity between all (recurrence, layer) states", "cosine", "viridis"),
-        ("attention_distance", "Frobenius distance between attention patterns of all (recurrence, layer) pairs",
+        ("attention_distance", "Attention distance between all (recurrence, layer) pairs",
          "‖A − A′‖_F", "magma_r"),
     ):
         csv = save_csv(t[name], out, name)

@@ -1,0 +1,61 @@
+"""Architecture-grid section: the paper's Fig. 6 / 29–31 layout from the grid tables."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from loopscope.report import figures
+from loopscope.report.document import Figure, Report, save_csv
+
+
+def add_grid_section(report: Report, cells: pd.DataFrame, curves: pd.DataFrame, verdicts: pd.DataFrame) -> None:
+    out = report.out_dir
+    sec = report.section(
+        "Architecture grid at random initialisation",
+        "Blayney et al. §4.2 (Fig. 6, Figs. 29–31): blocks of 4/12/16 layers without prelude or coda, three norm "
+        "placements with and without concat input injection, several seeds. A cell is 'stable' when most tokens "
+        "reach a fixed point (last layer's relative change at the last recurrence below tolerance), 'degenerate' "
+        "when all layers share it (min cosine between layer 0's fixed point and the others ≥ 0.99).",
+    )
+    report.table(sec, verdicts, "grid_verdicts", "Measured verdict (majority over block sizes and seeds) beside the "
+                 "paper's, per norm and injection.")
+    norms = list(dict.fromkeys(cells["norm"]))
+    injections = list(dict.fromkeys(cells["injection"]))
+    mean = curves.groupby(["norm", "injection", "block_size", "recurrence"], as_index=False)[["l2", "cosine"]].mean()
+    csv = save_csv(mean, out, "grid_change_curves")
+    for column, label, name in (("l2", "‖X_t − X_{t−1}‖ (last block layer)", "grid_change"),
+                                ("cosine", "cos(X_t, X_{t−1}) (last block layer)", "grid_cosine")):
+        fig, axes = plt.subplots(len(injections), len(norms), figsize=(4.2 * len(norms), 3.2 * len(injections)),
+                                 squeeze=False, sharex=True)
+        blocks = sorted(mean["block_size"].unique())
+        colours = figures.series_colours(len(blocks), figures.BY_LAYER)
+        for i, inj in enumerate(injections):
+            for j, norm in enumerate(norms):
+                ax = axes[i, j]
+                for k, colour in zip(blocks, colours):
+                    part = mean[(mean.norm == norm) & (mean.injection == inj) & (mean.block_size == k)]
+                    ax.plot(part["recurrence"], part[column], color=colour, label=f"k={k}")
+                if column == "l2":
+                    ax.set_yscale("log")
+                ax.set_title(f"{norm} norm, injection {inj}", fontsize=9)
+                ax.grid(alpha=0.3)
+                if j == 0:
+                    ax.set_ylabel(label, fontsize=8)
+                if i == len(injections) - 1:
+                    ax.set_xlabel("recurrence")
+        axes[0, 0].legend(fontsize=7)
+        fig.tight_layout()
+        png = figures.save(fig, out, name)
+        sec.items.append(Figure(png, f"{label} against recurrence, mean over seeds and tokens, one line per block size "
+                                     "(the paper's Figs. 29/30).", [csv]))
+    table = cells.groupby(["norm", "injection", "block_size"], as_index=False)["min_cosine_to_first_mean"].mean()
+    pivot = table.pivot_table(index=["norm", "injection"], columns="block_size", values="min_cosine_to_first_mean")
+    pivot.columns = [f"k={c}" for c in pivot.columns]
+    pivot.index = [f"{n}/{i}" for n, i in pivot.index]
+    csv = save_csv(pivot, out, "grid_min_cosine")
+    png = figures.matrix_plot(pivot, out, "grid_min_cosine", title="Min cosine between layer 0's fixed point and any "
+                              "other layer's (1 = degenerate)", cbar="cosine", fmt="{:.3f}")
+    sec.items.append(Figure(png, "The paper's degeneracy test (Fig. 6, right) per norm/injection and block size, mean "
+                                 "over seeds.", [csv]))
+    report.table(sec, cells, "grid_cells", "Every cell: convergence, degeneracy and behaviour fractions.", max_rows=60)
