@@ -110,6 +110,7 @@ def huginn_config(pub: dict[str, Any], path: Path) -> LoopedConfig:
         max_seq_len=int(pub.get("block_size", 4096)),
         rope_base=float(pub.get("rope_base", 50000.0)),
         rope_interleaved=True,
+        rope_fp32=True,  # precompute_freqs_cis works in float32
         norm="sandwich",
         coda_input_norm=True,
         extra={"family": "huginn", "source": str(path),

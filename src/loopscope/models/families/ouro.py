@@ -67,6 +67,7 @@ def ouro_config(pub: dict[str, Any], path: Path) -> LoopedConfig:
         max_seq_len=int(pub.get("max_position_embeddings", 65536)),
         rope_base=rope_theta(pub, "rope_theta", default=10000.0),
         rope_interleaved=False,  # rotate_half: pairs (i, i + d/2)
+        rope_fp32=True,  # inverse frequencies in float32, as transformers computes them
         rope_scaling=rope_scaling(pub),
         n_prelude=0,
         n_block=int(pub["num_hidden_layers"]),

@@ -82,6 +82,7 @@ def retrofit_config(pub: dict[str, Any], path: Path) -> LoopedConfig:
         max_seq_len=int(pub.get("max_position_embeddings") or pub.get("block_size", 4096)),
         rope_base=rope_theta(pub, "rope_theta", "rope_base", default=10000.0),
         rope_interleaved=False,
+        rope_fp32=True,  # LlamaRotaryEmbedding works in float32
         rope_scaling=rope_scaling(pub),
         norm="pre",
         coda_input_norm=False,
