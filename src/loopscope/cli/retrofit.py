@@ -50,10 +50,11 @@ def register(app: typer.Typer) -> None:
     def retrofit(
         source: str = typer.Argument(..., help="'smollm2', a .gguf file, or a Hugging Face Llama model directory."),
         out: Path = typer.Argument(..., help="Output directory for the retrofitted checkpoint."),
-        prelude: str = typer.Option(..., "--prelude", help="Source layers for the prelude, e.g. 0-3 (may be empty: '')."),
+        prelude: str = typer.Option(..., "--prelude", help="Source layers for the prelude, e.g. 0-3 ('' for none)."),
         core: str = typer.Option(..., "--core", help="Source layers for the recurrent core, e.g. 4-25 or 10-17."),
         coda: str = typer.Option(..., "--coda", help="Source layers for the coda, e.g. 26-29."),
-        recurrences: int = typer.Option(4, "--recurrences", "-r", help="Default number of recurrences (mean_recurrence)."),
+        recurrences: int = typer.Option(4, "--recurrences", "-r",
+                                        help="Default number of recurrences (mean_recurrence)."),
         adapter: str = typer.Option("random", "--adapter",
                                     help="Fresh adapter: random (U(±1/√2D), as the published converter), "
                                          "passthrough ([0|I]: z = e) or add ([I|I]: z = s + e)."),

@@ -215,12 +215,13 @@ def expected_published(links: list[Link]) -> dict[str, torch.Tensor]:
 
 
 def to_looped(links: list[Link], published: Mapping[str, torch.Tensor], cfg: LoopedConfig,
-              dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Published tensors → LoopedLM state_dict (split fused tensors along dim 0, reshape the rest)."""
+              dtype: torch.dtype | None = None, consume: bool = False) -> dict[str, torch.Tensor]:
+    """Published tensors → LoopedLM state_dict (split fused tensors along dim 0, reshape the rest).
+    `consume=True` pops each tensor from `published` (a dict) once used, so a 3.5B checkpoint is not held twice."""
     shapes = looped_shapes(cfg)
     out: dict[str, torch.Tensor] = {}
     for link in links:
-        t = published[link.published]
+        t = published.pop(link.published) if consume else published[link.published]
         t = t if dtype is None else t.to(dtype)
         if link.looped == ():
             continue  # checked, not used (e.g. the adapter when the injection is bypassed)
@@ -282,10 +283,13 @@ def load_published(
     source = str(path)
     accepted = set(family.extras(native, found, source))
     check_state_dict(expected_published(links), {k: v for k, v in found.items() if k not in accepted}, source)
-    model = build_model(cfg, to_looped(links, found, cfg, dtype), dtype)
+    model = build_model(cfg, to_looped(links, found, cfg, dtype, consume=True), dtype)
+    del found
     tok = load_tokenizer_from(path) if tokenizer else None
     if tok is not None and len(tok) > cfg.vocab_size:
-        raise CheckpointError(f"tokenizer in {path} has {len(tok)} tokens but the model's vocabulary is {cfg.vocab_size}")
+        raise CheckpointError(
+            f"tokenizer in {path} has {len(tok)} tokens but the model's vocabulary is {cfg.vocab_size}"
+        )
     return LoadedModel(model, tok, cfg.name, "looped", native.recurrences)
 
 

@@ -38,7 +38,6 @@ from loopscope.models.families.common import (
     model_type,
     require,
     tied_copy_extra,
-    weight_names,
 )
 from loopscope.models.load import LoadedModel, register_loader
 from loopscope.models.looped import rope_inverse_frequencies
@@ -90,7 +89,7 @@ def raven_base(pub: dict[str, Any], path: Path) -> dict[str, Any]:
         recurrences=int(pub.get("mean_recurrence", 32)),
         injection="concat",
         state_init="random",
-        state_init_std=sigma * gamma,  # TruncNormal(0, σ²)[−3σ, 3σ] · γ  ==  TruncNormal(0, (σγ)²)[−3σγ, 3σγ]
+        state_init_std=sigma * gamma,  # TruncNormal(0, σ²)[±3σ]·γ  ==  TruncNormal(0, (σγ)²)[±3σγ]
         norm_eps=float(pub.get("norm_eps", 1e-6)),
         embed_scale=gamma,
         qkv_bias=False,
@@ -137,7 +136,7 @@ def raven_links(cfg: LoopedConfig, norms: dict[str, str]) -> list[Link]:
             ]
             if cfg.qk_bias:
                 links.append(Link(f"{p}.attn.qk_bias", (f"{q}.attn.qk_bias",), (2, 1, H, d)))
-            links += [Link(f"{p}.{norm}.weight", (f"{q}.{ours_norm}.weight",), (D,)) for norm, ours_norm in norms.items()]
+            links += [Link(f"{p}.{norm}.weight", (f"{q}.{mine}.weight",), (D,)) for norm, mine in norms.items()]
     if cfg.injection == "concat":
         links.append(Link("transformer.adapter.weight", ("adapter.weight",), (D, 2 * D)))
     links.append(Link("transformer.ln_f.weight", ("final_norm.weight",), (D,)))
@@ -188,11 +187,6 @@ def load_huginn(path: str | Path, overrides: Mapping[str, Any] | None = None,
                 dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a published Huginn checkpoint directory; `overrides={"state_init": "zeros"}` starts from s_0 = 0."""
     return load_published(path, HUGINN, overrides, dtype)
-
-
-def has_sandwich_norms(path: Path) -> bool:
-    """True when the checkpoint's blocks carry norm_3/norm_4 (Huginn's SandwichBlock), from the headers only."""
-    return any(name.endswith(".norm_3.weight") for name in weight_names(path))
 
 
 register_loader("huginn", recognises, load_huginn)

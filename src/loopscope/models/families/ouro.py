@@ -158,7 +158,8 @@ def step_logits(model: LoopedLM, input_ids: torch.Tensor, recurrences: int | Non
 
 def exit_probabilities(gate_logits: torch.Tensor) -> torch.Tensor:
     """Ouro's exit distribution over recurrences from the gate logits g [R, ...] (e.g. `Trajectory.exit_gate`):
-    λ_t = σ(g_t); p_t = λ_t ∏_{j<t} (1 − λ_j) for t < R−1 and p_{R−1} = ∏_{j<R−1} (1 − λ_j), so Σ_t p_t = 1
+    λ_t = σ(g_t); p_t = λ_t ∏_{j<t} (1 − λ_j) for t < R−1, and the last step takes the rest,
+    p_{R−1} = ∏_{j<R−1} (1 − λ_j), so Σ_t p_t = 1
     (Zhu et al. 2025, eq. for the exit distribution; `OuroForCausalLM.forward`, `stacked_exit_pdf`)."""
     lam = torch.sigmoid(gate_logits.float())
     survive = torch.cumprod(torch.cat([torch.ones_like(lam[:1]), 1 - lam[:-1]]), dim=0)  # ∏_{j<t}(1-λ_j)
