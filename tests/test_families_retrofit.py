@@ -4,7 +4,7 @@ equations; and `retrofit_from_hf` on a tiny transformers Llama, checked against 
 
 import pytest
 import torch
-from _families_reference import raven_forward, single_thread, write_retrofit  # noqa: F401 (single_thread: autouse)
+from _families_reference import raven_forward, single_thread, write_retrofit  # noqa: F401
 
 from loopscope.capture import capture
 from loopscope.errors import InputError
