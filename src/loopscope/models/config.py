@@ -37,6 +37,8 @@ class LoopedConfig:
     rope_base: float = 10000.0  # RoPE θ
     rope_interleaved: bool = False  # False: Llama "rotate half" pairs (i, i+d/2); True: pairs (2i, 2i+1)
     rope_scaling: dict[str, Any] | None = None  # Llama-3 style {"rope_type": "llama3", ...} or None
+    rope_fp32: bool = False  # compute RoPE inverse frequencies in float32, as transformers' Llama/Ouro and Huginn
+    #                          do (bit-faithful to published checkpoints); False: float64, then rounded
     n_prelude: int = 2  # p: layers run once before the block
     n_block: int = 4  # k: layers in the looped block
     n_coda: int = 2  # c: layers run once after the block

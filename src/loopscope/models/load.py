@@ -76,6 +76,7 @@ def load_model(spec: str | Path) -> LoadedModel:
 def _import_loaders() -> None:
     """Import the modules that register loaders and builtins (kept lazy: transformers is slow to import)."""
     from loopscope.models import builtin  # noqa: F401
+    from loopscope.models import families  # noqa: F401  (Ouro, Huginn, retrofit loaders)
 
 
 def looped_loader_recognises(path: Path) -> bool:

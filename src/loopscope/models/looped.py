@@ -44,9 +44,11 @@ class RMSNorm(nn.Module):
 
 
 def rope_inverse_frequencies(cfg: LoopedConfig) -> torch.Tensor:
-    """θ_i = base^(-2i/d), optionally rescaled by Llama-3's piecewise rule (Meta, Llama 3.1 report)."""
+    """θ_i = base^(-2i/d), optionally rescaled by Llama-3's piecewise rule (Meta, Llama 3.1 report).
+    Computed in float64 and rounded, or in float32 throughout when `cfg.rope_fp32` (as published code does)."""
     d = cfg.head_size
-    inv = 1.0 / (cfg.rope_base ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    dtype = torch.float32 if cfg.rope_fp32 else torch.float64
+    inv = 1.0 / (cfg.rope_base ** (torch.arange(0, d, 2, dtype=dtype) / d))
     sc = cfg.rope_scaling
     if sc and sc.get("rope_type", sc.get("type")) == "llama3":
         factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
