@@ -75,7 +75,7 @@ def load_model(spec: str | Path) -> LoadedModel:
 
 def _import_loaders() -> None:
     """Import the modules that register loaders and builtins (kept lazy: transformers is slow to import)."""
-    from loopscope.models import builtin  # noqa: F401
+    from loopscope.models import builtin, hf  # noqa: F401
 
 
 def looped_loader_recognises(path: Path) -> bool:
