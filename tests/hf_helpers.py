@@ -34,6 +34,8 @@ def tiny_config(kind: str, n_layers: int = 4, **changes):
 
     common = dict(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    specials = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)  # the bundled tokenizer's special ids
+    common.update(specials)
     if kind == "llama":
         cfg = LlamaConfig(**common)
     elif kind == "olmo2":
@@ -41,10 +43,9 @@ def tiny_config(kind: str, n_layers: int = 4, **changes):
     elif kind == "qwen2":  # layers 0,1 full attention, 2,3 sliding window of 3 tokens
         cfg = Qwen2Config(**common, use_sliding_window=True, sliding_window=3, max_window_layers=2)
     elif kind == "gpt2":
-        cfg = GPT2Config(vocab_size=1024, n_embd=32, n_layer=n_layers, n_head=4, n_positions=128)
+        cfg = GPT2Config(vocab_size=1024, n_embd=32, n_layer=n_layers, n_head=4, n_positions=128, **specials)
     else:
         raise ValueError(kind)
-    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = 1, 2, 0  # the bundled tokenizer's specials
     for k, v in changes.items():
         setattr(cfg, k, v)
     return cfg
@@ -84,3 +85,12 @@ def renumbered(state: dict[str, torch.Tensor], prefix: str, order: list[int]) ->
             if k.startswith(src):
                 out[f"{prefix}{new}.{k[len(src):]}"] = v.clone()
     return out
+
+
+def one_thread():
+    """Generator for an autouse module fixture: run the module's tests on one intra-op thread (tiny tensors:
+    thread barriers only cost time on a shared CPU), restoring the previous setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
