@@ -65,8 +65,8 @@ def main() -> None:
     parser.add_argument("--recurrences", type=int, nargs="+", default=[8, 32, 64])
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1: on a shared CPU, multi-thread barriers made tiny-model "
-                             "forwards up to 100x slower; 0 keeps torch's default)")
+                        help="torch intra-op threads (default 1: on a shared CPU, multi-thread barriers made "
+                             "tiny-model forwards up to 100x slower; 0 keeps torch's default)")
     parser.add_argument("--no-smollm2", action="store_true")
     args = parser.parse_args()
     if args.threads:

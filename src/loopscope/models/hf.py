@@ -239,7 +239,8 @@ def capture_hf(
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_hook(partial(_layer_hook, states, i, dtype)))
         if attention:
-            handles.append(getattr(layer, layout.attn).register_forward_hook(partial(_attention_hook, patterns, i, dtype)))
+            attn = getattr(layer, layout.attn)
+            handles.append(attn.register_forward_hook(partial(_attention_hook, patterns, i, dtype)))
     try:
         logits = model(input_ids=input_ids, use_cache=False).logits
     finally:
