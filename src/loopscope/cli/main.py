@@ -32,7 +32,7 @@ def _root() -> None:
 
 
 # module name under loopscope.cli; each defines `register(app)`
-SUBCOMMANDS = ["models_cmd", "analyze"]
+SUBCOMMANDS = ["models_cmd", "analyze", "train"]
 
 
 def _register_all() -> None:

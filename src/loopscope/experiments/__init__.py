@@ -1,0 +1,1 @@
+"""Experiments that produce models or data: training looped models from scratch (`train`)."""
