@@ -117,7 +117,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_data, tokenizer):
 
 
 def test_outputs_are_safetensors_and_json_only(tmp_path, tiny_data, tokenizer):
-    m = train(micro(steps=4), tmp_path, data=tiny_data, tokenizer=tokenizer, progress=False)
+    m = train(micro(steps=4, save_dtype="float16"), tmp_path, data=tiny_data, tokenizer=tokenizer, progress=False)
     ckpt = tmp_path / "checkpoint"
     assert sorted(p.name for p in ckpt.iterdir()) == ["state.json", "state.safetensors"]
     with safe_open(str(ckpt / "state.safetensors"), "pt") as f:
@@ -130,10 +130,11 @@ def test_outputs_are_safetensors_and_json_only(tmp_path, tiny_data, tokenizer):
             head = path.read_bytes()[:4]
             assert head[:1] != b"\x80" and head != b"PK\x03\x04", path
     assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("*.bin"))
-    loaded = load_model(tmp_path / "model")  # the saved model is what was trained
+    loaded = load_model(tmp_path / "model")  # the saved model is what was trained, rounded to float16
     trained = read_safetensors(ckpt / "state.safetensors")
     for name, tensor in loaded.model.state_dict().items():
-        torch.testing.assert_close(tensor, trained[f"model.{name}"], rtol=0, atol=0)
+        assert tensor.dtype == torch.float32
+        torch.testing.assert_close(tensor, trained[f"model.{name}"].half().float(), rtol=0, atol=0)
     assert m["model_bytes"] == (tmp_path / "model" / "model.safetensors").stat().st_size
 
 
