@@ -165,6 +165,7 @@ def test_cli_trains_on_gsm8k_and_saves_a_loadable_model(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["heldout_name"] == "gsm8k-test-256" and metrics["steps"] == 3
     assert metrics["heldout"]["tokens"] > 40_000  # the whole 256-question subset
+    assert metrics["heldout_indices"][:3] == [0, 2, 3] and len(metrics["heldout_indices"]) == 256
     assert metrics["exact_match"]["n"] == 1
     loaded = load_model(out / "model")
     assert loaded.model.cfg.signature == "(1, 2⊗2, 1)" and len(loaded.tokenizer) == 1024

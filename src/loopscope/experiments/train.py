@@ -198,7 +198,8 @@ def train(
         torch.set_num_threads(previous_threads)
 
 
-def _train(s: TrainSettings, out, data, tokenizer, progress: bool, simulate_kill_after: int | None) -> dict:
+def _train(s: TrainSettings, out: str | Path, data: TrainData | None, tokenizer, progress: bool,
+           simulate_kill_after: int | None) -> dict:
     from tqdm import tqdm
 
     from loopscope.data.corpus import fingerprint
@@ -331,6 +332,7 @@ def _finish(out: Path, s: TrainSettings, cfg, model: LoopedLM, tokenizer, data: 
         "tokens_seen": run["steps"] * s.batch_size * s.seq_len,
         "train_loss_last20": sum(tail) / len(tail) if tail else None,
         "heldout_name": data.heldout_name,
+        "heldout_indices": [r["index"] for r in data.heldout_rows if "index" in r],  # GSM8K test rows used
         "heldout_untrained": untrained,
         "heldout": final,
         "exact_match": accuracy,
