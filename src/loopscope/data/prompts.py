@@ -17,10 +17,13 @@ TEXT_FIELDS = ("question", "prompt", "text")
 
 
 def generate_gsm_symbolic(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """n GSM-Symbolic problems {question, answer} from reasoning-gym (procedural, offline)."""
+    """n GSM-Symbolic problems {question, answer, solution} from reasoning-gym (procedural, offline).
+
+    `solution` is the generator's worked solution, ending in a GSM8K-style `#### N` line (training text).
+    """
     import reasoning_gym
 
-    return [{"question": x["question"], "answer": str(x["answer"])}
+    return [{"question": x["question"], "answer": str(x["answer"]), "solution": x["metadata"]["answer_cot"]}
             for x in reasoning_gym.create_dataset("gsm_symbolic", size=n, seed=seed)]
 
 

@@ -1,1 +1,2 @@
-"""Experiments: pipelines that run models, call the analyses and hand their tables to the report."""
+"""Experiments: pipelines that run models (analyze, compare, grid, train, extrapolate, reproduce), call the
+analyses and hand their tables to the report."""
