@@ -9,7 +9,7 @@ import torch
 
 from loopscope.models import LoopedConfig, LoopedLM
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # a shared 2-core box: two torch threads contend and run 10-100x slower
 
 SHARED_DATA = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -1,13 +1,24 @@
-"""Builtin models: the embedded default and other names `load_model` resolves without a path."""
+"""Builtin models: the embedded default and other names `load_model` resolves without a path.
+
+- `default`: the trained `(2, 4⊗4, 2)_I` looped model shipped in `models/assets/default/` (concat injection,
+  sandwich norm; trained from scratch on GSM8K by `loopscope train`, see that folder's README.md for the
+  command that reproduces it). The README demo analyses it.
+- `default-random`: an untrained `(2, 4⊗8, 2)_I` with the same architecture family, weights from seed 0 and
+  Huginn's random start state — the random-initialisation baseline of the same design.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from loopscope.models.config import LoopedConfig
-from loopscope.models.load import LoadedModel, register_builtin
+from loopscope.models.load import LoadedModel, load_looped_checkpoint, register_builtin
 from loopscope.models.looped import LoopedLM
 
-DEFAULT_CONFIG = LoopedConfig(
-    name="default",
+DEFAULT_DIR = Path(__file__).parent / "assets" / "default"
+
+RANDOM_CONFIG = LoopedConfig(
+    name="default-random",
     vocab_size=1024, d_model=64, n_heads=4, d_mlp=172, max_seq_len=512,
     n_prelude=2, n_block=4, n_coda=2, recurrences=8,
     norm="sandwich", injection="concat", state_init="random", seed=0,
@@ -16,10 +27,20 @@ DEFAULT_CONFIG = LoopedConfig(
 
 
 def build_default() -> LoadedModel:
+    """The trained default: `(2, 4⊗4, 2)_I`, 1.75 M parameters, float16 on disk, float32 in memory."""
+    loaded = load_looped_checkpoint(DEFAULT_DIR)
+    loaded.name = "default"
+    return loaded
+
+
+def build_default_random() -> LoadedModel:
     """`(2, 4⊗8, 2)_I`, Huginn-style (concat injection, sandwich norm, random start), seeded weights."""
     from loopscope.data.tokenizer import load_tokenizer
 
-    return LoadedModel(LoopedLM(DEFAULT_CONFIG), load_tokenizer(), "default", "looped", DEFAULT_CONFIG.recurrences)
+    return LoadedModel(LoopedLM(RANDOM_CONFIG), load_tokenizer(), "default-random", "looped", RANDOM_CONFIG.recurrences)
 
 
-register_builtin("default", "(2, 4⊗8, 2)_I looped model, concat injection, sandwich norm, seed 0", build_default)
+register_builtin("default", "trained (2, 4⊗4, 2)_I looped model (concat injection, sandwich norm, d 128), "
+                 "GSM8K-trained on CPU", build_default)
+register_builtin("default-random", "untrained (2, 4⊗8, 2)_I looped model, concat injection, sandwich norm, "
+                 "random start, seed 0", build_default_random)
