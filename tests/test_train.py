@@ -172,3 +172,36 @@ def test_cli_trains_on_gsm8k_and_saves_a_loadable_model(tmp_path):
     bad = CliRunner().invoke(app, ["train", "--config", "micro", "--out", str(tmp_path / "x"), "--steps", "1"],
                              catch_exceptions=True)
     assert bad.exit_code != 0
+
+
+def test_healing_continues_a_retrofit_and_saves_what_it_trained(tmp_path, tiny_data, tokenizer):
+    """--from-retrofit starts from the checkpoint's weights (not a fresh init), trains them, resumes, and
+    DIR/model reloads as the trained model."""
+    from _families_reference import write_retrofit
+
+    retro, _, _ = write_retrofit(tmp_path / "retro", n_pre=1, n_core=2, n_coda=1)
+    start = load_model(retro)
+    settings = dict(preset="micro", init_from=str(retro), steps=6, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=1,
+                    eval_every=3, eval_sequences=4, checkpoint_every=3, accuracy_questions=0, threads=1)
+    kw = dict(data=tiny_data, tokenizer=start.tokenizer, progress=False)
+    assert train(TrainSettings(**settings), tmp_path / "heal", simulate_kill_after=4, **kw) == {}
+    m = train(TrainSettings(**settings), tmp_path / "heal", **kw)
+    assert m["resumed_from_step"] == 3 and m["steps"] == 6 and m["preset"] == f"from {retro}"
+    # step 0 is the retrofit itself: its held-out loss is the loaded model's, not a random init's
+    ids = tiny_data.heldout
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(start.model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    assert m["heldout_untrained"]["loss"] == pytest.approx(ref.item(), abs=1e-4)
+    assert m["heldout"]["loss"] < m["heldout_untrained"]["loss"] - 0.5
+    healed = load_model(tmp_path / "heal" / "model")
+    assert healed.model.cfg.signature == start.model.cfg.signature
+    state = read_safetensors(tmp_path / "heal" / "checkpoint" / "state.safetensors")
+    for name, tensor in healed.model.state_dict().items():
+        torch.testing.assert_close(tensor, state[f"model.{name}"], rtol=0, atol=0)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(tmp_path / "ff")
+    tokenizer.save_pretrained(tmp_path / "ff")
+    with pytest.raises(InputError, match="cannot be trained"):
+        train(TrainSettings(**{**settings, "init_from": str(tmp_path / "ff")}), tmp_path / "ff-run", **kw)

@@ -26,6 +26,13 @@ GSM8K train questions with worked answers, tokenized with the bundled 1024-token
 `feedforward-12`: (0, 12⊗1, 0), the depth-12 feedforward control. `micro`: a tiny model for tests.
 `+inject`: concat input injection. `+noprelude`: (0, k⊗4, 0). `+sandwich`: Huginn sandwich norm.
 
+**HEALING A RETROFIT** (`--from-retrofit DIR`)
+
+Instead of a preset, continue training a looped checkpoint as loaded, e.g. the output of `loopscope retrofit`
+(McLeish et al. 2025 heal the model after the surgery by continued training). The checkpoint's own tokenizer
+encodes the text; the recurrences are the checkpoint's own. Keep batches small on a CPU
+(`--batch-size 4 --seq-len 128`). DIR/model is then a loopscope checkpoint of the healed model.
+
 **STOPPING**
 
 `--steps N` fixes the learning-rate schedule. `--minutes M` caps training wall time (summed over resumed
@@ -49,14 +56,20 @@ untrained, greedy exact match, speed), `history.csv` (loss, lr, gradient norm pe
 `loopscope train --config looped-4 --out runs/l4 --minutes 10 --data ../shared/data/gsm8k`
 
 `loopscope train --config looped-4+inject+sandwich --out runs/default --steps 600 --data ../shared/data/gsm8k`
+
+`loopscope train --from-retrofit runs/smollm2-retro --out runs/healed --minutes 50 --batch-size 4 --seq-len 128
+--lr 1e-4 --warmup-steps 10 --data ../shared/data/gsm8k --threads 2`
 """
 
 
 def register(app: typer.Typer) -> None:
     @app.command("train", help=HELP)
     def train_cmd(
-        config: str = typer.Option(..., "--config", help="model preset, e.g. looped-4, feedforward-12, "
+        config: str = typer.Option("looped-4", "--config", help="model preset, e.g. looped-4, feedforward-12, "
                                    "looped-4+inject+sandwich"),
+        from_retrofit: str | None = typer.Option(None, "--from-retrofit", help="continue training this looped "
+                                                 "checkpoint (e.g. `loopscope retrofit` output) instead of a "
+                                                 "preset: 'healing'; its own tokenizer encodes the data"),
         out: Path = typer.Option(..., "--out", help="run directory (created; an existing run there is resumed)"),
         steps: int | None = typer.Option(None, "--steps", help="optimizer steps (fixes the lr schedule)"),
         minutes: float | None = typer.Option(None, "--minutes", help="cap on training wall time in minutes"),
@@ -87,7 +100,7 @@ def register(app: typer.Typer) -> None:
             preset=config, steps=steps, minutes=minutes, seed=seed, data=data, corpus=corpus,
             batch_size=batch_size, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, schedule=schedule,
             eval_every=eval_every, checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes,
-            accuracy_questions=accuracy_questions, save_dtype=save_dtype, threads=threads,
+            accuracy_questions=accuracy_questions, save_dtype=save_dtype, threads=threads, init_from=from_retrofit,
         )
         try:
             m = train(settings, out, progress=not quiet)

@@ -32,6 +32,7 @@ from loopscope.experiments.train_state import (
     find_checkpoint, load_train_state, rng_state, save_train_state, set_rng_state,
 )
 from loopscope.models.checkpoint import WEIGHTS_NAME, save_model
+from loopscope.models.load import load_model
 from loopscope.models.looped import LoopedLM
 
 CALIBRATION_STEPS = 4  # with --minutes and no --steps: time steps 1..4, then fix the step budget
@@ -65,8 +66,9 @@ class TrainSettings:
     accuracy_questions: int = 16  # held-out questions to greedy-decode at the end (0: skip)
     save_dtype: str = "float32"  # dtype of OUT/model weights: float32 or float16
     threads: int | None = None  # torch CPU threads (None: torch's default); 1 is faster on a busy shared CPU
+    init_from: str | None = None  # continue training this looped checkpoint (e.g. a retrofit) instead of `preset`
 
-    TRAJECTORY_FIELDS = ("preset", "seed", "corpus", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps",
+    TRAJECTORY_FIELDS = ("preset", "init_from", "seed", "corpus", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps",
                          "schedule", "weight_decay", "beta1", "beta2", "grad_clip")
 
     def validate(self) -> None:
@@ -156,6 +158,18 @@ def build_data(s: TrainSettings, tokenizer) -> TrainData:
     return TrainData(train, heldout, name, rows)
 
 
+def initial_model(s: TrainSettings) -> LoopedLM:
+    """The model at step 0: the preset built from `s.seed`, or the looped checkpoint `s.init_from` as loaded
+    (healing a retrofitted model, McLeish et al. 2025: continue training after surgery)."""
+    if s.init_from is None:
+        return LoopedLM(preset_config(s.preset, seed=s.seed))
+    loaded = load_model(s.init_from)
+    if not isinstance(loaded.model, LoopedLM):
+        raise InputError(f"--from-retrofit {s.init_from}: a {loaded.kind} model cannot be trained here; give a looped "
+                         "checkpoint (e.g. the output of `loopscope retrofit`)")
+    return loaded.model
+
+
 class _StopFlag:
     """Set by SIGTERM so the loop checkpoints and exits cleanly."""
 
@@ -207,15 +221,16 @@ def _train(s: TrainSettings, out: str | Path, data: TrainData | None, tokenizer,
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
+    if tokenizer is None:
+        tokenizer = load_model(s.init_from).tokenizer if s.init_from else load_tokenizer()
     data = data if data is not None else build_data(s, tokenizer)
     data_id = {"sequences": int(data.train.shape[0]), "fingerprint": fingerprint(data.train)}
 
-    cfg = preset_config(s.preset, seed=s.seed)
-    if len(tokenizer) > cfg.vocab_size:
-        raise InputError(f"tokenizer has {len(tokenizer)} tokens, the preset's vocabulary {cfg.vocab_size}")
     torch.manual_seed(s.seed)
-    model = LoopedLM(cfg).train()
+    model = initial_model(s).train()
+    cfg = model.cfg
+    if len(tokenizer) > cfg.vocab_size:
+        raise InputError(f"tokenizer has {len(tokenizer)} tokens, the model's vocabulary {cfg.vocab_size}")
     optimizer = build_optimizer(model, s)
 
     step, total, elapsed = 0, s.steps, 0.0
@@ -318,13 +333,13 @@ def _finish(out: Path, s: TrainSettings, cfg, model: LoopedLM, tokenizer, data: 
 
     model_dir = save_model(model, out / "model", tokenizer, dtype=getattr(torch, s.save_dtype))
     final = heldout_loss(model, data.heldout, s.batch_size)
-    untrained = heldout_loss(LoopedLM(cfg), data.heldout, s.batch_size)  # same seed, step 0
+    untrained = heldout_loss(initial_model(s).eval(), data.heldout, s.batch_size)  # the step-0 model
     accuracy = None
     if s.accuracy_questions and data.heldout_rows:
         accuracy = gsm8k_exact_match(model, tokenizer, data.heldout_rows[: s.accuracy_questions])
     tail = history["loss"][-20:]
     metrics = {
-        "preset": s.preset,
+        "preset": s.preset if s.init_from is None else f"from {s.init_from}",
         "signature": cfg.signature,
         "parameters": sum(p.numel() for p in model.parameters()),
         **run,
