@@ -12,19 +12,10 @@ import json
 import math
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import save_file
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One torch thread while a family test module runs (restored after): on the 2 shared cores of the test
-    machine, intra-op threads contend with other processes and a 135M forward slows ~10× (measured)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 # ---- primitives --------------------------------------------------------------------------------------
 

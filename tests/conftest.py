@@ -9,9 +9,16 @@ import torch
 
 from loopscope.models import LoopedConfig, LoopedLM
 
-torch.set_num_threads(1)  # a shared 2-core box: two torch threads contend and run 10-100x slower
 
 SHARED_DATA = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Every test on one intra-op thread (restored if a test changes it): the tensors are small and the CI box
+    has 2 shared cores, where two torch threads contend and run 10-100x slower (measured)."""
+    torch.set_num_threads(1)
+    yield
 
 
 def tiny_config(**overrides) -> LoopedConfig:

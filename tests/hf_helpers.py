@@ -86,11 +86,3 @@ def renumbered(state: dict[str, torch.Tensor], prefix: str, order: list[int]) ->
                 out[f"{prefix}{new}.{k[len(src):]}"] = v.clone()
     return out
 
-
-def one_thread():
-    """Generator for an autouse module fixture: run the module's tests on one intra-op thread (tiny tensors:
-    thread barriers only cost time on a shared CPU), restoring the previous setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

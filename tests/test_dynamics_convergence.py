@@ -150,12 +150,7 @@ def test_proposition_4_1_on_a_random_looped_lm():
     change is < 1e-3, every block layer's is < 1e-2."""
     model = LoopedLM(LoopedConfig(norm="sandwich", injection="concat", state_init="random")).eval()
     ids = torch.randint(0, model.cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 64-wide model gains nothing from threads; on a busy 2-core box they cost 10×
-    try:
-        traj = capture(model, ids, recurrences=64)
-    finally:
-        torch.set_num_threads(threads)
+    traj = capture(model, ids, recurrences=64)
     step = successive_change(traj, per_token=True)
     final = step[step.recurrence == 63].pivot_table(index=["batch", "token"], columns="layer", values="relative")
     last = final[traj.block_size - 1]

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from _families_reference import raven_forward, single_thread, write_huginn  # noqa: F401
+from _families_reference import raven_forward, write_huginn
 
 from loopscope.capture import capture
 from loopscope.models import KVCache

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from _families_reference import single_thread, write_huginn, write_ouro, write_retrofit  # noqa: F401
+from _families_reference import write_huginn, write_ouro, write_retrofit
 from safetensors.torch import load_file, save_file
 
 from loopscope.errors import CheckpointError, InputError

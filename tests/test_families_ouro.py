@@ -3,7 +3,7 @@ checked recurrence by recurrence against the published equations computed indepe
 
 import pytest
 import torch
-from _families_reference import ouro_forward, single_thread, write_ouro  # noqa: F401
+from _families_reference import ouro_forward, write_ouro
 
 from loopscope.capture import capture
 from loopscope.models import KVCache, LoopedLM

@@ -4,7 +4,7 @@ equations; and `retrofit_from_hf` on a tiny transformers Llama, checked against 
 
 import pytest
 import torch
-from _families_reference import raven_forward, single_thread, write_retrofit  # noqa: F401
+from _families_reference import raven_forward, write_retrofit
 
 from loopscope.capture import capture
 from loopscope.errors import InputError

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from _families_reference import single_thread  # noqa: F401  (autouse fixture)
 
 from loopscope.capture import capture
 from loopscope.models.families import BYPASS_INJECTION, load_retrofit, retrofit_from_hf

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hf_helpers import build_tiny, gsm8k_questions, one_thread, save_tiny, smollm2
+from hf_helpers import build_tiny, gsm8k_questions, save_tiny, smollm2
 
 from loopscope.capture import capture, encode_prompts
 from loopscope.errors import CheckpointError, InputError
@@ -16,7 +16,6 @@ from loopscope.models.checkpoint import save_model
 
 TINY_KINDS = ["llama", "gpt2", "qwen2", "olmo2"]
 
-single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 import torch
-from hf_helpers import one_thread, renumbered
+from hf_helpers import renumbered
 
 from loopscope.capture import Trajectory, capture
 from loopscope.data.prompts import load_prompts
@@ -32,7 +32,6 @@ IDS = torch.tensor([[1, 5, 9, 2, 33, 7, 40], [3, 3, 8, 60, 12, 5, 0]])
 TENSORS = ("core", "injected", "prelude", "coda", "embed", "core_attention", "prelude_attention",
            "coda_attention", "exit_gate", "logits")
 
-single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 def loaded_of(cfg: LoopedConfig) -> LoadedModel:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_helpers import build_tiny, gsm8k_questions, one_thread, renumbered, smollm2, tiny_config
+from hf_helpers import build_tiny, gsm8k_questions, renumbered, smollm2, tiny_config
 
 from loopscope.capture import capture, encode_prompts
 from loopscope.errors import InputError
@@ -14,7 +14,6 @@ from loopscope.models import hf
 IDS = torch.tensor([[1, 17, 300, 4, 99, 23, 8, 512], [5, 5, 60, 700, 12, 3, 1, 2]])
 PREFIX = {"llama": "model.layers.", "qwen2": "model.layers.", "olmo2": "model.layers.", "gpt2": "transformer.h."}
 
-single_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 def rebuilt(kind: str, model, order: list[int]):

@@ -15,13 +15,6 @@ from loopscope.models.looped import LoopedLM
 from loopscope.stages import Readout, logit_lens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is ~10x faster than several on a shared, loaded CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def entropy_of_one_peak(s: float, others: int) -> float:

@@ -12,13 +12,6 @@ from loopscope.stages import neuron_fractions, neuron_fractions_by_depth, neuron
 from loopscope.stages.neurons import readout_directions
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is ~10x faster than several on a shared, loaded CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 V, D = 200, 256
 

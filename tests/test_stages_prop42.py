@@ -12,13 +12,6 @@ from loopscope.models.looped import LoopedLM
 from loopscope.stages import attention_lipschitz_check, prop42_bound
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is ~10x faster than several on a shared, loaded CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def softmax_attention(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, d: int) -> torch.Tensor:

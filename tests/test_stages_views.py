@@ -13,13 +13,6 @@ from loopscope.models.looped import LoopedLM
 from loopscope.stages import alignment, by_layer, by_realized_depth, by_recurrence, residual_norms
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is ~10x faster than several on a shared, loaded CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def metric_table(P: int, K: int, C: int, R: int) -> pd.DataFrame:
