@@ -164,3 +164,20 @@ def test_cli_reports_bad_grid_in_one_line(tmp_path):
                            "--out", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.strip().startswith("error: --recurrences") and "Traceback" not in done.stderr
+
+
+@needs_gsm8k
+def test_conditions_use_the_same_questions_that_fit_every_condition():
+    import dataclasses
+
+    from loopscope.experiments.conditions import fitting_questions
+    from loopscope.models.load import LoadedModel
+
+    cfg = dataclasses.replace(preset_config("micro"), max_seq_len=128)
+    loaded = LoadedModel(LoopedLM(cfg), load_tokenizer(), "micro-128", "looped", 2)
+    subset = ex.gsm8k_test_subset(GSM8K)
+    rows, skipped = fitting_questions(loaded, subset, ["none", "short-math"], 8)
+    assert len(rows) == 8 and skipped > 0  # some GSM8K questions are over 128 − 36 tokens (BOS + 35 system tokens)
+    assert all(len(loaded.tokenizer(r["question"]).input_ids) + 35 <= 128 for r in rows)  # ids include BOS
+    with pytest.raises(InputError, match="--condition"):
+        fitting_questions(loaded, subset, ["none", "long-persona"], 8)  # the persona alone is > 128 tokens

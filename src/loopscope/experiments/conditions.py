@@ -13,6 +13,11 @@ padded condition (hundreds of identical pad tokens) and the persona incomparable
 (`tables/conditions_all_tokens.csv`, returned as `table.attrs["all_tokens"]`) counts every real token, BOS and
 system prompt included.
 
+Which questions: the first `questions` of the fixed GSM8K test subset that fit the model's context after the
+longest requested system prompt (the long persona is ≈ 420 tokens with the bundled tokenizer, so questions over
+≈ 90 tokens do not fit a 512-token context); the same questions serve every condition, so the rates compare.
+A model trained on shorter sequences (the builtin `default`: 256) sees the persona's question at untrained positions.
+
 Recurrences: the paper classifies over 128 recurrences (App. C.1); our default is 64 to halve the CPU cost.
 Each condition's per-token labels are cached under OUT/cache/conditions, so an interrupted run resumes.
 """
@@ -52,6 +57,19 @@ def encode(loaded: LoadedModel, questions: list[str], condition: str) -> tuple[l
         raise InputError(f"condition {condition!r}: a question is {max(too_long)} tokens, longer than the model's "
                          f"context of {loaded.max_seq_len}; use fewer/shorter questions or another condition")
     return ids, start
+
+
+def fitting_questions(loaded: LoadedModel, subset: list[dict], names: list[str], n: int) -> tuple[list[dict], int]:
+    """The first n questions of the subset that fit the model's context under every condition (the same
+    questions for all conditions, so rates compare), and how many were passed over."""
+    longest = max(len(system_token_ids(c, loaded.tokenizer)) for c in names) + 1  # + BOS
+    fit = [r for r in subset
+           if longest + len(loaded.tokenizer(r["question"], add_special_tokens=False)["input_ids"]) <= loaded.max_seq_len]
+    if not fit:
+        raise InputError(f"no question fits the model's context of {loaded.max_seq_len} tokens after the longest "
+                         f"system prompt ({longest} tokens); drop that condition with --condition")
+    chosen = fit[:n]
+    return chosen, subset.index(chosen[-1]) + 1 - len(chosen)
 
 
 def condition_labels(loaded: LoadedModel, questions: list[str], condition: str, recurrences: int) -> pd.DataFrame:
@@ -103,12 +121,13 @@ def run_conditions(model: str, out: Path, data: str | None = None, questions: in
         raise InputError(f"--questions {questions}: give 1..256 (the fixed GSM8K test subset has 256)")
     if recurrences < 8:
         raise InputError(f"--recurrences {recurrences}: both classifiers need at least 8 (the paper uses 128)")
-    rows = gsm8k_test_subset(data)[:questions]
+    subset = gsm8k_test_subset(data)
     loaded = load_model(model)
     from loopscope.models.looped import LoopedLM
 
     if not isinstance(loaded.model, LoopedLM):
         raise InputError(f"model {model!r} is a {loaded.kind} model; conditions needs a looped model")
+    rows, skipped = fitting_questions(loaded, subset, names, questions)
     out = Path(out)
     cache = out / "cache" / "conditions"
     cache.mkdir(parents=True, exist_ok=True)
@@ -132,7 +151,8 @@ def run_conditions(model: str, out: Path, data: str | None = None, questions: in
     table.attrs["all_tokens"] = pd.concat(tables["all"], ignore_index=True).rename_axis(columns=None)
     report = Report(title=f"loopscope system-prompt conditions — {loaded.name}", out_dir=out, meta={
         "model": loaded.name,
-        "questions": f"first {questions} of the fixed GSM8K test subset",
+        "questions": f"first {len(rows)} of the fixed GSM8K test subset that fit the context under every condition "
+                     f"({skipped} longer ones passed over)",
         "recurrences": f"{recurrences} (the paper classifies over 128)",
         "conditions": ", ".join(names),
     })
