@@ -38,7 +38,9 @@ def add_extrapolate_section(report: Report, tables: dict[str, pd.DataFrame]) -> 
     panels = [p for p in PANELS if p[0] in per_r and per_r[p[0]].notna().any()]
     png = metric_panels(per_r, panels, out, "extrapolate_metrics")
     sec.items.append(Figure(png, "Every per-R metric against test-time recurrences R (log x axis), one line per "
-                                 "model; the dotted line marks the training R.", [csv]))
+                                 "model; the dotted line marks the training R. Log-scale panels omit zeros: the "
+                                 "distance at the largest R is 0 by definition; successive change starts at R = 2.",
+                            [csv]))
     beh = [b for b in BEHAVIOURS if b in per_r]
     if per_r[beh].notna().any().any():
         png = metric_panels(per_r, [(b, f"fraction {b.replace('_', ' ')}", False) for b in beh], out,
@@ -69,7 +71,8 @@ def metric_panels(per_r: pd.DataFrame, panels: list[tuple[str, str, bool]], out,
         for m, model in enumerate(models):
             part = per_r[per_r.model == model].sort_values("recurrences")
             ax.plot(part["recurrences"], part[column], marker="o", ms=4, color=colours(m), label=model)
-            ax.axvline(int(part["trained_recurrences"].iloc[0]), color=colours(m), ls=":", lw=1.3)
+            ax.axvline(int(part["trained_recurrences"].iloc[0]), color=colours(m), ls=":", lw=1.3,
+                       label=f"{model}: training R")
         ax.set_xscale("log", base=2)
         ticks = sorted(per_r["recurrences"].unique())
         ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=7)
