@@ -182,13 +182,14 @@ def test_healing_continues_a_retrofit_and_saves_what_it_trained(tmp_path, tiny_d
     retro, _, _ = write_retrofit(tmp_path / "retro", n_pre=1, n_core=2, n_coda=1)
     start = load_model(retro)
     settings = dict(preset="micro", init_from=str(retro), steps=6, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=1,
-                    eval_every=3, eval_sequences=4, checkpoint_every=3, accuracy_questions=0, threads=1)
+                    eval_every=3, eval_sequences=4, checkpoint_every=3, accuracy_questions=0, threads=1,
+                    heldout_sequences=2)
     kw = dict(data=tiny_data, tokenizer=start.tokenizer, progress=False)
     assert train(TrainSettings(**settings), tmp_path / "heal", simulate_kill_after=4, **kw) == {}
     m = train(TrainSettings(**settings), tmp_path / "heal", **kw)
     assert m["resumed_from_step"] == 3 and m["steps"] == 6 and m["preset"] == f"from {retro}"
     # step 0 is the retrofit itself: its held-out loss is the loaded model's, not a random init's
-    ids = tiny_data.heldout
+    ids = tiny_data.heldout[:2]  # heldout_sequences=2
     with torch.no_grad():
         ref = torch.nn.functional.cross_entropy(start.model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     assert m["heldout_untrained"]["loss"] == pytest.approx(ref.item(), abs=1e-4)

@@ -58,7 +58,7 @@ untrained, greedy exact match, speed), `history.csv` (loss, lr, gradient norm pe
 `loopscope train --config looped-4+inject+sandwich --out runs/default --steps 600 --data ../shared/data/gsm8k`
 
 `loopscope train --from-retrofit runs/smollm2-retro --out runs/healed --minutes 50 --batch-size 4 --seq-len 128
---lr 1e-4 --warmup-steps 10 --data ../shared/data/gsm8k --threads 2`
+--lr 1e-4 --warmup-steps 10 --heldout-sequences 32 --data ../shared/data/gsm8k --threads 2`
 """
 
 
@@ -84,6 +84,8 @@ def register(app: typer.Typer) -> None:
         warmup_steps: int = typer.Option(30, "--warmup-steps", help="linear warmup steps"),
         schedule: str = typer.Option("cosine", "--schedule", help="decay after warmup: cosine or linear"),
         eval_every: int = typer.Option(50, "--eval-every", help="steps between quick held-out evaluations"),
+        heldout_sequences: int | None = typer.Option(None, "--heldout-sequences", help="evaluate the final "
+                                                     "model on only the first N held-out sequences (default: all)"),
         checkpoint_every: int = typer.Option(100, "--checkpoint-every", help="steps between checkpoints"),
         checkpoint_minutes: float = typer.Option(2.0, "--checkpoint-minutes", help="minutes between checkpoints"),
         accuracy_questions: int = typer.Option(16, "--accuracy-questions", help="held-out questions to "
@@ -101,6 +103,7 @@ def register(app: typer.Typer) -> None:
             batch_size=batch_size, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, schedule=schedule,
             eval_every=eval_every, checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes,
             accuracy_questions=accuracy_questions, save_dtype=save_dtype, threads=threads, init_from=from_retrofit,
+            heldout_sequences=heldout_sequences,
         )
         try:
             m = train(settings, out, progress=not quiet)

@@ -61,6 +61,7 @@ class TrainSettings:
     grad_clip: float = 1.0  # max global gradient norm
     eval_every: int = 50  # steps between quick held-out evaluations (0: only at start and end)
     eval_sequences: int = 32  # held-out sequences in a quick evaluation (the final one uses all)
+    heldout_sequences: int | None = None  # cap on the final evaluation's sequences (None: all; for big models)
     checkpoint_every: int = 100  # steps between checkpoints
     checkpoint_minutes: float = 2.0  # and at least this often in wall time
     accuracy_questions: int = 16  # held-out questions to greedy-decode at the end (0: skip)
@@ -84,6 +85,8 @@ class TrainSettings:
             raise InputError(f"threads={self.threads} must be ≥ 1")
         if self.save_dtype not in ("float32", "float16"):
             raise InputError(f"save dtype {self.save_dtype!r}; use float32 or float16")
+        if self.heldout_sequences is not None and self.heldout_sequences < 1:
+            raise InputError(f"heldout_sequences={self.heldout_sequences} must be ≥ 1 (or None for all)")
         for name in ("batch_size", "seq_len", "warmup_steps", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name}={getattr(self, name)} must be ≥ 1")
@@ -332,8 +335,9 @@ def _finish(out: Path, s: TrainSettings, cfg, model: LoopedLM, tokenizer, data: 
     import pandas as pd
 
     model_dir = save_model(model, out / "model", tokenizer, dtype=getattr(torch, s.save_dtype))
-    final = heldout_loss(model, data.heldout, s.batch_size)
-    untrained = heldout_loss(initial_model(s).eval(), data.heldout, s.batch_size)  # the step-0 model
+    heldout = data.heldout[: s.heldout_sequences]
+    final = heldout_loss(model, heldout, s.batch_size)
+    untrained = heldout_loss(initial_model(s).eval(), heldout, s.batch_size)  # the step-0 model
     accuracy = None
     if s.accuracy_questions and data.heldout_rows:
         accuracy = gsm8k_exact_match(model, tokenizer, data.heldout_rows[: s.accuracy_questions])
