@@ -118,14 +118,17 @@ def add_stages_section(report: Report, table: pd.DataFrame, metrics: dict[str, s
         sec.items.append(Figure(png, shown + (f" (grey dashed: {baseline_name})." if baseline is not None else "."),
                                 [csv]))
     if alignment is not None and len(alignment):
-        report.table(sec, alignment, f"{prefix}alignment", f"Alignment of each recurrence's stage profile with {ff_name} on "
-                     "relative depth (both resampled to 50 points): Pearson and Spearman correlation, RMSE, and RMSE "
-                     "over the feedforward profile's range (nrmse). 1 / 0 = the same stages.", max_rows=60)
+        report.table(sec, alignment, f"{prefix}alignment",
+                     f"Alignment of each recurrence's stage profile with {ff_name} on relative depth (both resampled "
+                     "to 50 points): Pearson and Spearman correlation, RMSE, and RMSE over the feedforward profile's "
+                     "range (nrmse). 1 / 0 = the same stages.", max_rows=60)
     if prop42 is not None and len(prop42):
-        report.table(sec, prop42, f"{prefix}prop42_summary", "Proposition 4.2 checked: measured attention change ‖S(X_t) − "
-                     "S(X_{t−1})‖_F against the bound L·(2Bκ/√d)·‖ΔX‖ (L = 1/2, κ = ‖W_Q‖‖W_K‖ before RoPE), per "
-                     "block layer; a ratio above 1 would be a bug.")
+        report.table(sec, prop42, f"{prefix}prop42_summary",
+                     "Proposition 4.2 checked: measured attention change ‖S(X_t) − S(X_{t−1})‖_F against the bound "
+                     "L·(2Bκ/√d)·‖ΔX‖ (L = 1/2, κ = ‖W_Q‖‖W_K‖ before RoPE), per block layer; a ratio above 1 would "
+                     "be a bug.")
     if neurons is not None and len(neurons):
-        report.table(sec, neurons, f"{prefix}neuron_fractions", "Prediction / suppression neurons per layer (Gurnee et al. "
-                     "2024): vocabulary-composition kurtosis > 10, sign of the skew. Weights are tied across "
-                     "recurrences, so these are per physical layer.", max_rows=40)
+        report.table(sec, neurons, f"{prefix}neuron_fractions",
+                     "Prediction / suppression neurons per layer (Gurnee et al. 2024): vocabulary-composition kurtosis "
+                     "> 10, sign of the skew. Weights are tied across recurrences, so these are per physical layer.",
+                     max_rows=40)

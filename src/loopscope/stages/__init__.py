@@ -59,7 +59,8 @@ from loopscope.stages.residual import RESIDUAL_METRICS, residual_norms
 from loopscope.stages.views import by_layer, by_realized_depth, by_recurrence
 
 __all__ = [
-    "ATTENTION_METRICS", "COMPRESSION_METRICS", "LENS_METRICS", "MASSIVE_RATIO", "RESIDUAL_METRICS", "STATE_COLUMNS", "Readout",
+    "ATTENTION_METRICS", "COMPRESSION_METRICS", "LENS_METRICS", "MASSIVE_RATIO", "RESIDUAL_METRICS", "STATE_COLUMNS",
+    "Readout",
     "alignment", "attention_change", "attention_lipschitz_check", "attention_metrics", "by_layer",
     "by_realized_depth", "by_recurrence", "colsum_concentration", "logit_lens", "massive_activation_layer",
     "massive_activation_profile", "matrix_entropy",
