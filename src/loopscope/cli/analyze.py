@@ -24,6 +24,10 @@ def register(app: typer.Typer) -> None:
         max_prompts: int = typer.Option(None, "--max-prompts", help="Use only the first N prompts."),
         batch_size: int = typer.Option(8, "--batch-size", help="Prompts per forward pass."),
         pca_prompt: int = typer.Option(0, "--pca-prompt", help="Prompt whose last token the PCA figure follows."),
+        feedforward: str = typer.Option(None, "--feedforward", help="A feedforward model (builtin such as smollm2, "
+                                        "HF directory or .gguf) whose stage profile is overlaid on every "
+                                        "by-recurrence figure and scored against each recurrence "
+                                        "(tables/alignment.csv)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     ) -> None:
         """Capture a model on a prompt set and write a report of its dynamics.
@@ -34,6 +38,10 @@ def register(app: typer.Typer) -> None:
         consecutive recurrences, the distance to the long-run state, similarity matrices over all (layer,
         recurrence) pairs, a cyclic-versus-degenerate fixed-point verdict, each token's behaviour (fixed point,
         orbit with its period, slider, divergent) by two detectors, and a PCA of one token's trajectory.
+
+        **Feedforward models.** `--model smollm2` (or any feedforward model, R = 1) is captured once with
+        attention and gets the stages-of-inference sections only; the dynamics sections need R ≥ 2 and are
+        replaced by a note. `--feedforward MODEL` overlays a feedforward model's stages on a looped model's.
 
         **Output.** `OUT/index.html` (self-contained), `OUT/figures/*.png`, `OUT/tables/*.csv` (every number
         plotted), `OUT/report.json`.
@@ -48,5 +56,5 @@ def register(app: typer.Typer) -> None:
         run_analyze(AnalyzeSettings(
             model=model, prompts=prompts, out=out, recurrences=recurrences,
             attention_recurrences=attention_recurrences, max_prompts=max_prompts, batch_size=batch_size,
-            pca_prompt=pca_prompt, progress=not quiet,
+            pca_prompt=pca_prompt, feedforward=feedforward, progress=not quiet,
         ))

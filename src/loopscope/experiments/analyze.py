@@ -88,19 +88,35 @@ def dynamics_tables(states: Trajectory, attn: Trajectory, s: AnalyzeSettings) ->
     }
 
 
+def is_feedforward(loaded: LoadedModel) -> bool:
+    """A model that runs once (a Hugging Face feedforward LM): no recurrences, so no dynamics."""
+    return loaded.kind != "looped"
+
+
 def run_analyze(s: AnalyzeSettings) -> Path:
-    """Run the whole analysis and write OUT/index.html; returns its path."""
+    """Run the whole analysis and write OUT/index.html; returns its path.
+
+    A feedforward model (R = 1) gets the stages-of-inference report only: one capture with attention, and a note
+    in place of the dynamics sections (fixed points, orbits and attention stabilisation need R ≥ 2).
+    """
     s.check()
     start = time.perf_counter()
     loaded = load_model(s.model)
+    feedforward_model = is_feedforward(loaded)
     prompts = load_prompts(s.prompts, limit=s.max_prompts)
     if not 0 <= s.pca_prompt < len(prompts):
         raise InputError(f"--pca-prompt {s.pca_prompt} is out of range for {len(prompts)} prompts")
     s.out.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode():
-        states, attn = capture_both(loaded, prompts, s)
+        if feedforward_model:
+            say(f"[1/3] capturing {len(prompts)} prompts once with attention ({loaded.name} is feedforward)",
+                s.progress)
+            states = attn = capture_prompts(loaded, prompts, 1, attention=True, batch_size=s.batch_size,
+                                            cache_dir=s.out / "cache", progress=s.progress)
+        else:
+            states, attn = capture_both(loaded, prompts, s)
     say("[2/3] computing dynamics and stage tables", s.progress)
-    tables = dynamics_tables(states, attn, s)
+    tables = None if feedforward_model else dynamics_tables(states, attn, s)
     stage = stage_table(attn, model_readout(loaded))
     ff_name, ff_stage, aligned = None, None, None
     if s.feedforward:
@@ -122,11 +138,18 @@ def run_analyze(s: AnalyzeSettings) -> Path:
             "architecture": (f"norm={cfg.norm}, injection={cfg.injection}, state_init={cfg.state_init}, "
                              f"d_model={cfg.d_model}, heads={cfg.n_heads}") if cfg else loaded.kind,
             "prompts": f"{s.prompts} ({len(prompts)} prompts, {int(states.mask.sum())} tokens)",
-            "recurrences": f"{s.recurrences} for dynamics, {s.attention_recurrences} with attention",
+            "recurrences": ("1 (feedforward model)" if feedforward_model else
+                            f"{s.recurrences} for dynamics, {s.attention_recurrences} with attention"),
             "settings": {k: str(v) for k, v in asdict(s).items() if k not in ("extra",)},
         },
     )
-    add_dynamics_sections(report, tables, s.recurrences)
+    if tables is None:
+        report.section("Dynamics (skipped)", f"{loaded.name} is a feedforward model: it runs once (R = 1), so there "
+                       "is no recurrence to converge, orbit or stabilise over. Fixed points, per-token behaviour, "
+                       "similarity across recurrences and Proposition 4.2 need a looped model (R ≥ 2); only the "
+                       "stages of inference are reported.")
+    else:
+        add_dynamics_sections(report, tables, s.recurrences)
     add_stages_section(report, stage, STAGE_METRICS, model_name=loaded.name, feedforward=ff_stage,
                        ff_name=ff_name or "feedforward", alignment=aligned, prop42=prop42,
                        neurons=model_neuron_fractions(loaded))

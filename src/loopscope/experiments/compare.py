@@ -62,6 +62,6 @@ def run_compare(s: CompareSettings) -> Path:
                        ff_name=ff.name, alignment=aligned, prop42=prop42_summary(looped, prompts[:4], s.recurrences),
                        neurons=model_neuron_fractions(looped))
     add_stages_section(report, ff_table, STAGE_METRICS, model_name=f"{ff.name} (feedforward)",
-                       neurons=model_neuron_fractions(ff))
+                       neurons=model_neuron_fractions(ff), prefix="feedforward_")  # own file names: no overwrite
     report.meta["wall time"] = f"{time.perf_counter() - start:.1f} s"
     return report.write()

@@ -91,3 +91,38 @@ def prop42_summary(loaded, prompts: list[str], recurrences: int) -> pd.DataFrame
         max_ratio=("ratio", "max"), median_ratio=("ratio", "median"),
         max_measured=("measured", "max"), n_checks=("ratio", "size"),
     ).reset_index()
+
+
+def single_pass(table: pd.DataFrame, recurrence: int) -> pd.DataFrame:
+    """The states of one pass: prelude, block recurrence `recurrence` (relabelled 0) and coda — a table shaped
+    like a feedforward model's, so `alignment` can use it as the reference."""
+    keep = (table.segment != "core") | (table.recurrence == recurrence)
+    return table[keep].assign(recurrence=lambda d: d.recurrence.where(d.segment != "core", 0))
+
+
+def alignment_to_baseline(baseline: pd.DataFrame, changed: pd.DataFrame) -> pd.DataFrame:
+    """`alignment_table` of each recurrence t of `changed` against recurrence t of `baseline` (the same model
+    before an intervention): pearson 1 and rmse 0 mean the intervention left that pass's stage profile alone."""
+    rows = []
+    for t in sorted(changed.loc[changed.segment == "core", "recurrence"].unique()):
+        if not (baseline.recurrence[baseline.segment == "core"] == t).any():
+            continue
+        scores = alignment_table(single_pass(changed, t), single_pass(baseline, t))
+        rows.append(scores.assign(recurrence=int(t)))
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+
+
+def profile_summary(runs: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per metric and run: mean, min, max and range (max − min) of the metric over every state of the run.
+
+    A stage profile that collapses (e.g. ColSum concentration or sink rate flattening after the massive-activation
+    MLP is zeroed) shows as a smaller range; `runs` maps a run name ("before", "after") to its stage table.
+    """
+    rows = []
+    for value in STAGE_METRICS:
+        for run, table in runs.items():
+            if value in table and table[value].notna().any():
+                y = table[value].astype(float)
+                rows.append({"metric": value.removesuffix("_mean"), "run": run, "mean": y.mean(), "min": y.min(),
+                             "max": y.max(), "range": y.max() - y.min()})
+    return pd.DataFrame(rows)

@@ -16,6 +16,15 @@ from loopscope.interventions.specs import Intervention, ZeroSublayer, describe
 from loopscope.interventions.surgery import intervene
 
 
+def check_recurrences(specs: Sequence[Intervention], recurrences: int) -> None:
+    """Refuse a ZeroSublayer that names a recurrence the run does not reach."""
+    for spec in specs:
+        if isinstance(spec, ZeroSublayer) and spec.recurrences and max(spec.recurrences) >= recurrences:
+            raise InputError(f"{describe(spec)} names recurrence {max(spec.recurrences)} but the run has "
+                             f"R={recurrences} (recurrences 0..{recurrences - 1}); lower --at-recurrences or raise "
+                             "--recurrences")
+
+
 def run_intervention(
     loaded,
     prompts_or_ids: Sequence[str] | torch.Tensor,
@@ -30,10 +39,7 @@ def run_intervention(
     model). The intervened Trajectory's metadata lists the specs under "interventions".
     """
     R = loaded.recurrences if recurrences is None else int(recurrences)
-    for spec in specs:
-        if isinstance(spec, ZeroSublayer) and spec.recurrences and max(spec.recurrences) >= R:
-            raise InputError(f"{describe(spec)} names recurrence {max(spec.recurrences)} but the run has R={R} "
-                             f"(recurrences 0..{R - 1})")
+    check_recurrences(specs, R)
     if isinstance(prompts_or_ids, torch.Tensor):
         ids, mask, tokens = prompts_or_ids, None, None
     else:

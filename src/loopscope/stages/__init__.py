@@ -19,7 +19,7 @@ Metrics and sources (formulas in each function's docstring):
   attention change vs. its bound, per recurrence, layer, prompt and head; RoPE-safe κ). Takes a model.
 - `residual_norms` (residual.py): token norms (mean, max, first token) — Blayney et al. Fig. 9,
   Queipo-de-Llano et al. 2025; massive activations (max |activation| and its ratio to the median) — Sun
-  et al. 2024.
+  et al. 2024. `massive_activation_layer` (massive.py) finds the layer whose output first carries them.
 - `residual_entropy` (compression.py): matrix-based entropy of the token Gram spectrum, normalised by
   log T — Skean et al. 2025, Queipo-de-Llano et al. 2025.
 - `logit_lens` (lens.py) with a `Readout` (readout.py): logit-lens / coda-lens entropy and rank of the
@@ -46,6 +46,7 @@ from loopscope.stages.attention_change import attention_change
 from loopscope.stages.compression import COMPRESSION_METRICS, matrix_entropy, residual_entropy
 from loopscope.stages.frames import STATE_COLUMNS, summarise
 from loopscope.stages.lens import LENS_METRICS, logit_lens
+from loopscope.stages.massive import MASSIVE_RATIO, massive_activation_layer, massive_activation_profile
 from loopscope.stages.neurons import (
     neuron_fractions,
     neuron_fractions_by_depth,
@@ -58,9 +59,11 @@ from loopscope.stages.residual import RESIDUAL_METRICS, residual_norms
 from loopscope.stages.views import by_layer, by_realized_depth, by_recurrence
 
 __all__ = [
-    "ATTENTION_METRICS", "COMPRESSION_METRICS", "LENS_METRICS", "RESIDUAL_METRICS", "STATE_COLUMNS", "Readout",
+    "ATTENTION_METRICS", "COMPRESSION_METRICS", "LENS_METRICS", "MASSIVE_RATIO", "RESIDUAL_METRICS", "STATE_COLUMNS",
+    "Readout",
     "alignment", "attention_change", "attention_lipschitz_check", "attention_metrics", "by_layer",
-    "by_realized_depth", "by_recurrence", "colsum_concentration", "logit_lens", "matrix_entropy",
+    "by_realized_depth", "by_recurrence", "colsum_concentration", "logit_lens", "massive_activation_layer",
+    "massive_activation_profile", "matrix_entropy",
     "mixing_entropy", "mixing_entropy_normalised", "neuron_fractions", "neuron_fractions_by_depth",
     "neuron_fractions_from_model", "previous_window", "prop42_bound", "residual_entropy", "residual_norms",
     "sink_score", "summarise", "vocab_moments",
