@@ -262,7 +262,8 @@ def _train(s: TrainSettings, out: str | Path, data: TrainData | None, tokenizer,
     cap_s = s.minutes * 60 if s.minutes is not None else math.inf
     if step == 0 and not evals:
         quick_eval()  # the untrained baseline
-    bar = tqdm(total=total, initial=step, disable=not progress, desc=s.preset if s.init_from is None else "healing", unit="step", mininterval=2.0,
+    desc = s.preset if s.init_from is None else "healing"
+    bar = tqdm(total=total, initial=step, disable=not progress, desc=desc, unit="step", mininterval=2.0,
                dynamic_ncols=True)
     run_steps, run_time, calib_times = 0, 0.0, []
     last_ckpt = time.monotonic()
