@@ -32,7 +32,7 @@ def _root() -> None:
 
 
 # module name under loopscope.cli; each defines `register(app)`
-SUBCOMMANDS = ["models_cmd", "analyze", "compare", "grid", "retrofit", "train"]
+SUBCOMMANDS = ["models_cmd", "analyze", "compare", "grid", "retrofit", "train", "reproduce"]
 
 
 def _register_all() -> None:

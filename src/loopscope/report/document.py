@@ -69,6 +69,17 @@ class Report:
         section.items.append(item)
         return item
 
+    def child(self, folder: str) -> Report:
+        """A report writing its figures and tables under OUT/folder; `adopt` moves its sections into this one.
+        Lets one page hold the same section builder's output for several models without overwriting files."""
+        return Report(self.title, self.out_dir / folder)
+
+    def adopt(self, child: Report, prefix: str) -> None:
+        """Append `child`'s sections (files already under this report's folder), titles prefixed `prefix: `."""
+        for sec in child.sections:
+            sec.title = f"{prefix}: {sec.title}"
+            self.sections.append(sec)
+
     def write(self) -> Path:
         """Write index.html (self-contained) and report.json (what is where) into out_dir."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
