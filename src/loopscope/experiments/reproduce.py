@@ -200,7 +200,7 @@ def run_stages(p: Pipeline) -> dict:
         work = p.cache.dir(f"analyze-{name}") / "work"
         results["analyses"][name] = p.stage(
             f"analyze-{name}", params,
-            lambda name=name, work=work: analyse_model(model_dir[name], prompts, control["stages"], plan, work,
+            lambda name=name, work=work: analyse_model(name, model_dir[name], prompts, control["stages"], plan, work,
                                                        s.progress),
             scratch=work)
 
@@ -298,7 +298,7 @@ def control_tables(spec: str, prompts: list[str], work: Path, progress: bool) ->
     return {"stages": stage_table(traj, model_readout(loaded)), "neurons": model_neuron_fractions(loaded)}
 
 
-def analyse_model(spec: str, prompts: list[str], control_stages: pd.DataFrame, plan: StudyPlan, work: Path,
+def analyse_model(name: str, spec: str, prompts: list[str], control_stages: pd.DataFrame, plan: StudyPlan, work: Path,
                   progress: bool) -> dict[str, pd.DataFrame]:
     """Everything `loopscope analyze --feedforward` computes for one model, plus its one-row summary."""
     from loopscope.experiments.analyze import AnalyzeSettings, capture_both, dynamics_tables
@@ -320,12 +320,13 @@ def analyse_model(spec: str, prompts: list[str], control_stages: pd.DataFrame, p
     tables["alignment"] = alignment_table(tables["stages"], control_stages)
     tables["prop42"] = prop42_summary(loaded, prompts[: plan.prop42_prompts], plan.attention_recurrences)
     tables["neurons"] = model_neuron_fractions(loaded)
-    tables["summary"] = pd.DataFrame([model_summary(loaded.model.cfg, plan.recurrences, tables)])
+    tables["summary"] = pd.DataFrame([model_summary(name, loaded.model.cfg, plan.recurrences, tables)])
     return tables
 
 
-def model_summary(cfg, recurrences: int, t: dict[str, pd.DataFrame]) -> dict:
-    """The one row per model that the claims read (column meanings in `experiments.claims`)."""
+def model_summary(name: str, cfg, recurrences: int, t: dict[str, pd.DataFrame]) -> dict:
+    """The one row per model that the claims read (column meanings in `experiments.claims`); `name` is the
+    model's name in this study (its preset, or a builtin's name), base/variant come from its preset."""
     preset = cfg.extra.get("preset", cfg.name) if cfg.extra else cfg.name
     base, _, variant = preset.partition("+")
     check = t["cyclic_fixed_point_check"]
@@ -334,7 +335,7 @@ def model_summary(cfg, recurrences: int, t: dict[str, pd.DataFrame]) -> dict:
     co = t["cooccurrence"]
     prop42 = t.get("prop42")
     return {
-        "model": preset, "base": base, "variant": variant, "norm": cfg.norm, "injection": cfg.injection,
+        "model": name, "preset": preset, "base": base, "variant": variant, "norm": cfg.norm, "injection": cfg.injection,
         "n_prelude": cfg.n_prelude, "block_size": cfg.n_block, "trained_recurrences": cfg.recurrences,
         "recurrences": recurrences,
         "last_layer_relative_change": float(check["final_relative_change"].iloc[-1]),
