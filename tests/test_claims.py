@@ -17,7 +17,8 @@ TH = Thresholds()
 def model(name: str, **kw) -> dict:
     """A converged, distinct, well-aligned pre-norm base model; override any column."""
     base, _, variant = name.partition("+")
-    row = dict(model=name, base=base, variant=variant, norm="pre", injection="concat" if "inject" in variant else "none",
+    row = dict(model=name, base=base, variant=variant, norm="pre",
+               injection="concat" if "inject" in variant else "none",
                n_prelude=0 if "noprelude" in variant else 2, block_size=4, trained_recurrences=4, recurrences=64,
                last_layer_relative_change=1e-5, max_final_relative_change=2e-5, fraction_distinct=0.9,
                fraction_degenerate=0.0, fraction_no_fixed_point=0.1, min_cosine_to_first=0.5, fraction_fixed_point=0.95,
@@ -178,7 +179,8 @@ def test_grid_block_size():
 def per_r(model_name: str, trained: int, values: dict[int, dict]) -> list[dict]:
     base = dict(loss=3.0, accuracy=0.0, fixed_point_distance=0.0, successive_change=1e-5, fixed_point=1.0, orbit=0.0,
                 slider=0.0, divergent=0.0, unknown=0.0, alignment_corr=0.8)
-    return [dict(model=model_name, trained_recurrences=trained, recurrences=r, **{**base, **v}) for r, v in values.items()]
+    return [dict(model=model_name, trained_recurrences=trained, recurrences=r, **{**base, **v})
+            for r, v in values.items()]
 
 
 def test_extrapolation_rules():

@@ -11,8 +11,8 @@ need it "not measurable here"):
 
     models       one row per analysed looped model, written by `experiments.reproduce.model_summary`:
                  model (its name in the study), preset, base (preset before the first "+"), variant
-                 ("" | "inject" | "noprelude" | …), norm, injection, n_prelude, block_size, trained_recurrences, recurrences (of the dynamics
-                 capture), last_layer_relative_change, max_final_relative_change (Prop. 4.1 check),
+                 ("" | "inject" | "noprelude" | …), norm, injection, n_prelude, block_size, trained_recurrences,
+                 recurrences (of the dynamics capture), last_layer_relative_change, max_final_relative_change,
                  fraction_distinct, fraction_degenerate, fraction_no_fixed_point, min_cosine_to_first,
                  fraction_fixed_point, fraction_orbit, fraction_slider, orbit_slider_cooccurrence,
                  attention_self_match, attention_shrink, prop42_max_ratio, stage_repeat_error,

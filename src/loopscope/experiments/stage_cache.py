@@ -37,8 +37,8 @@ class StageCache:
         if record["params"] != jsonable(params):
             changed = sorted(k for k in set(record["params"]) | set(jsonable(params))
                              if record["params"].get(k) != jsonable(params).get(k))
-            raise InputError(f"{self.dir(name)} holds stage {name!r} finished with other settings ({', '.join(changed)}); "
-                             "rerun with the same options to resume, or give a new --out")
+            raise InputError(f"{self.dir(name)} holds stage {name!r} finished with other settings "
+                             f"({', '.join(changed)}); rerun with the same options to resume, or give a new --out")
         tables = {}
         for table, info in record["tables"].items():
             frame = pd.read_parquet(self.dir(name) / f"{table}.parquet")
