@@ -32,7 +32,8 @@ def _root() -> None:
 
 
 # module name under loopscope.cli; each defines `register(app)`
-SUBCOMMANDS = ["models_cmd", "analyze", "compare", "grid", "retrofit", "train", "reproduce"]
+SUBCOMMANDS = ["models_cmd", "analyze", "compare", "grid", "retrofit", "train", "extrapolate", "conditions",
+               "reproduce"]
 
 
 def _register_all() -> None:
