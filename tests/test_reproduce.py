@@ -168,12 +168,14 @@ def test_stage_cache_round_trip(tmp_path):
     square = pd.DataFrame(np.arange(36.0).reshape(6, 6), index=index, columns=index.copy())
     labels = pd.DataFrame({"behaviour": pd.array(["orbit", "fixed_point"], dtype="string"),
                            "period": pd.array([3, None], dtype="Int64")})
+    labels.attrs["all_tokens"] = pd.DataFrame({"n": [1, 2]})  # as run_conditions attaches its all-token table
     assert cache.load("s", {"a": 1}) is None
     cache.save("s", {"a": (1, 2)}, {"square": square, "labels": labels, "nothing": None}, 1.5)
     back = cache.load("s", {"a": (1, 2)})
     assert set(back) == {"square", "labels"}
     pd.testing.assert_frame_equal(back["square"], square)
     pd.testing.assert_frame_equal(back["labels"], labels)
+    pd.testing.assert_frame_equal(back["labels"].attrs["all_tokens"], labels.attrs["all_tokens"])
     assert cache.seconds("s") == 1.5
     with pytest.raises(InputError, match="a"):
         cache.load("s", {"a": (1, 3)})

@@ -4,7 +4,8 @@ A long pipeline (`loopscope reproduce`) is killed and restarted; a stage whose `
 rerun. `done.json` holds the stage's parameters: a restart with other parameters stops with an error instead of
 mixing results. Parquet keeps dtypes (nullable integers, strings) and indexes; a square matrix whose columns are
 its (Multi)index, as `dynamics.residual_similarity` returns, is stored with positional column names and gets its
-columns back from the index on load. No pickle.
+columns back from the index on load. DataFrames kept in a table's `attrs` (e.g. `run_conditions`'s all-token
+table) are stored beside it and put back. No pickle.
 """
 
 from __future__ import annotations
@@ -41,10 +42,9 @@ class StageCache:
                              f"({', '.join(changed)}); rerun with the same options to resume, or give a new --out")
         tables = {}
         for table, info in record["tables"].items():
-            frame = pd.read_parquet(self.dir(name) / f"{table}.parquet")
-            if info.get("square"):
-                frame.columns = frame.index.copy()
-            tables[table] = frame
+            tables[table] = read_frame(self.dir(name) / f"{table}.parquet", info.get("square", False))
+            for key in info.get("attrs", []):
+                tables[table].attrs[key] = read_frame(self.dir(name) / f"{table}.attrs.{key}.parquet", False)
         return tables
 
     def seconds(self, name: str) -> float | None:
@@ -61,13 +61,11 @@ class StageCache:
         for table, frame in tables.items():
             if frame is None:
                 continue
-            square = is_square(frame)
-            stored = frame.set_axis([f"c{i}" for i in range(frame.shape[1])], axis=1) if square else frame
-            bad = [c for c in stored.columns if not isinstance(c, str)]
-            if bad:
-                raise TypeError(f"table {table!r} of stage {name!r} has non-string columns {bad[:3]}")
-            stored.to_parquet(folder / f"{table}.parquet")
-            info[table] = {"square": square, "rows": len(frame)}
+            attrs = {k: v for k, v in frame.attrs.items() if isinstance(v, pd.DataFrame)}
+            for key, extra in attrs.items():
+                write_frame(extra, folder / f"{table}.attrs.{key}.parquet", f"{table}.attrs[{key!r}]")
+            square = write_frame(frame, folder / f"{table}.parquet", table)
+            info[table] = {"square": square, "rows": len(frame), "attrs": sorted(attrs)}
             kept[table] = frame
         record = {"params": jsonable(params), "tables": info, "seconds": round(seconds, 2),
                   "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -76,6 +74,25 @@ class StageCache:
         if scratch is not None and scratch.exists():
             shutil.rmtree(scratch)
         return kept
+
+
+def write_frame(frame: pd.DataFrame, path: Path, what: str) -> bool:
+    """Write one frame as Parquet (without its attrs); returns whether it was stored as a square matrix."""
+    square = is_square(frame)
+    stored = frame.set_axis([f"c{i}" for i in range(frame.shape[1])], axis=1) if square else frame.copy()
+    stored.attrs = {}
+    bad = [c for c in stored.columns if not isinstance(c, str)]
+    if bad:
+        raise TypeError(f"table {what} has non-string columns {bad[:3]}; give its columns string names")
+    stored.to_parquet(path)
+    return square
+
+
+def read_frame(path: Path, square: bool) -> pd.DataFrame:
+    frame = pd.read_parquet(path)
+    if square:
+        frame.columns = frame.index.copy()
+    return frame
 
 
 def is_square(frame: pd.DataFrame) -> bool:
