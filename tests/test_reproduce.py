@@ -34,7 +34,8 @@ def write_gsm8k(folder: Path, n_test: int = 1319, n_train: int = 300) -> Path:
         for i in range(n):
             a, b, who = 3 + i % 17, 2 + (7 * i) % 13, names[i % len(names)]
             rows.append({"question": f"{who} has {a} apples and buys {b} more. How many apples does {who} have?",
-                         "answer": f"{who} has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"})
+                         "answer": f"{who} starts with {a} apples. {who} buys {b} more apples, so {who} has "
+                                   f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"})
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
 

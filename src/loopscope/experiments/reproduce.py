@@ -80,7 +80,7 @@ def study_plan(s: ReproduceSettings) -> StudyPlan:
             looped=["micro", "micro+inject", "micro+noprelude"], control="micro-feedforward", builtin=["default"],
             train=train, prompts=4, recurrences=24, attention_recurrences=4, prop42_prompts=2,
             grid=dict(block_sizes=(4,), seeds=(0,), recurrences=48, n_prompts=2, max_tokens=24),
-            extrapolate=dict(recurrences=[1, 2, 4, 8], loss_questions=4, accuracy_questions=0, dynamics_prompts=2),
+            extrapolate=dict(recurrences=[1, 2, 4, 8], loss_questions=8, accuracy_questions=0, dynamics_prompts=2),
             conditions_model="micro+inject", conditions=dict(questions=2, recurrences=16),
             stage_metrics=["colsum_concentration_mean", "massive_activation_ratio_mean"],
         )
