@@ -24,10 +24,10 @@ def add_claims_section(report: Report, claims: pd.DataFrame, models: pd.DataFram
         "CPU, so a verdict says what this run shows, not whether the paper is right.",
     )
     report.table(sec, claims, "claims", "Claims (id, where the paper makes it, the claim), verdict, evidence (the "
-                 "rule's numbers) and the models it was measured on.", max_rows=200)
+                 "rule's numbers) and the models it was measured on.", max_rows=200, text=True)
     if run:
         report.table(sec, pd.DataFrame({"setting": list(run), "value": [str(v) for v in run.values()]}), "run",
-                     "This run.")
+                     "This run.", text=True)
     report.table(sec, models, "claims_models", "Per analysed looped model, the numbers the claims read (definitions "
                  "in loopscope.experiments.claims and experiments.reproduce.model_summary).", max_rows=50)
     report.table(sec, thresholds, "claims_thresholds", "Thresholds of the rules (fixed before the run).", max_rows=50)
