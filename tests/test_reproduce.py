@@ -112,6 +112,26 @@ def test_quick_model_verdicts_follow_the_per_model_tables(quick_run):
     assert claim(claims, "pretrained-stages")["verdict"] == NOT_MEASURABLE
 
 
+def test_quick_extrapolation_and_condition_verdicts_follow_their_tables(quick_run):
+    out, _, _ = quick_run
+    claims = read_claims(out)
+    per_r = pd.read_csv(out / "tables" / "extrapolate_per_r.csv")
+    assert set(per_r["model"]) == {"micro", "micro+inject", "micro+noprelude", "default"}
+    assert set(per_r["recurrences"]) == {1, 2, 4, 8}
+    at_max = per_r[per_r["recurrences"] == 8].set_index("model")
+    converging = at_max.index[at_max["fixed_point"] > 0.5]
+    if len(converging) == 0:
+        assert claim(claims, "extrapolation-stable")["verdict"] == NOT_MEASURABLE
+        assert claim(claims, "extrapolation-unstable")["verdict"] in (HOLDS, DIFFERS)
+    else:
+        assert claim(claims, "extrapolation-stable")["verdict"] in (HOLDS, DIFFERS)
+    conditions = pd.read_csv(out / "tables" / "conditions.csv")
+    paper = conditions[conditions["method"] == "paper"].set_index("condition")
+    assert set(paper.index) == {"none", "long-persona", "long-persona-padded", "short-math"}
+    rate_none = 1 - paper.loc["none", "fixed_point"]
+    assert claim(claims, "rare-non-fixed")["verdict"] == (HOLDS if rate_none < 0.01 else DIFFERS)
+
+
 def test_quick_training_section(quick_run):
     out, _, _ = quick_run
     metrics = pd.read_csv(out / "tables" / "training_metrics.csv")
