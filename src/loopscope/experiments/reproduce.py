@@ -18,7 +18,8 @@ Blayney et al. (2026), scaled to a CPU. Stages, in order (each resumable; see be
 
 Resuming: training resumes from OUT/runs/<preset>/checkpoint; the grid from its cells CSV; every other stage
 writes its tables to OUT/stages/<name>/ (`StageCache`) and is skipped once complete; captures in progress are
-cached batch by batch. Rerunning the same command after a kill loses nothing that finished.
+cached batch by batch (extrapolation and conditions per model and R / per condition), and those caches are
+deleted once their stage is complete. Rerunning the same command after a kill loses nothing that finished.
 """
 
 from __future__ import annotations
@@ -219,7 +220,8 @@ def run_stages(p: Pipeline) -> dict:
         results["extrapolate"] = p.stage("extrapolate", params, lambda: extrapolate.run_extrapolate(
             extrapolate.ExtrapolateSettings(models=looped_dirs, out=p.cache.dir("extrapolate") / "run",
                                             control=model_dir[plan.control], data=s.data, progress=s.progress,
-                                            **plan.extrapolate)))
+                                            **plan.extrapolate)),
+            scratch=p.cache.dir("extrapolate") / "run" / "cache")  # its per-(model, R) resume cache and captures
     conditions = optional_module("loopscope.experiments.conditions")
     if conditions is None:
         p.skipped("conditions", "loopscope.experiments.conditions is not in this build")
@@ -228,7 +230,7 @@ def run_stages(p: Pipeline) -> dict:
         params = {**plan.conditions, "model": name, "trained": training_id(results["training"].get(name))}
         results["conditions"] = p.stage("conditions", params, lambda: {"conditions": conditions.run_conditions(
             model_dir[name], p.cache.dir("conditions") / "run", data=s.data, progress=s.progress,
-            **plan.conditions)})
+            **plan.conditions)}, scratch=p.cache.dir("conditions") / "run" / "cache")
     results["control"] = control
     return results
 
