@@ -37,7 +37,9 @@ orbit/slider rates under system-prompt conditions on `looped-4+inject`.
 
 **MODES**
 
-Full (default): about 55 minutes on 2 CPU cores with the default 4.5 minutes per model.
+Full (default): about 45 minutes on 2 shared CPU cores with the default 4.5 minutes per model (27 of
+them training; the extrapolation stage, greedy decoding at up to 32 recurrences, is the next largest).
+
 `--quick`: `micro` models trained for 12 steps, a 6-cell grid, a few prompts; under 3 minutes. It checks that
 the pipeline runs; its verdicts say nothing about the paper.
 
