@@ -10,6 +10,7 @@ Names: a base, then optional modifiers joined with "+":
     looped-4 | looped-8 | looped-12   (2, k⊗4, 2), pre-norm, no injection, state_init = prelude output
     feedforward-12                    (0, 12⊗1, 0): depth 12, one pass (same class, recurrences = 1)
     micro                             (1, 2⊗2, 1), d = 32: for tests only
+    micro-feedforward                 (0, 4⊗1, 0), d = 32: the control of `reproduce --quick` and tests
     +inject     concat injection W_I[s; e] each recurrence (the paper's Figs. 57–59 variant)
     +noprelude  (0, k⊗4, 0): prelude and coda removed (Figs. 60–62)
     +sandwich   Huginn sandwich norm instead of pre-norm
@@ -30,6 +31,7 @@ BASES: dict[str, dict] = {
     },
     "feedforward-12": dict(n_prelude=0, n_block=12, n_coda=0, recurrences=1, **WIDTH),
     "micro": dict(n_prelude=1, n_block=2, n_coda=1, recurrences=2, d_model=32, n_heads=2, d_mlp=64),
+    "micro-feedforward": dict(n_prelude=0, n_block=4, n_coda=0, recurrences=1, d_model=32, n_heads=2, d_mlp=64),
 }
 MODIFIERS = {
     "inject": dict(injection="concat"),
@@ -54,7 +56,7 @@ def preset_config(name: str, seed: int = 0) -> LoopedConfig:
     for mod in mods:
         if mod not in MODIFIERS:
             raise InputError(f"preset modifier +{mod} is unknown; choose from {['+' + m for m in MODIFIERS]}")
-        if mod == "noprelude" and base == "feedforward-12":
-            raise InputError("feedforward-12 already has no prelude/coda; drop +noprelude")
+        if mod == "noprelude" and base.startswith(("feedforward", "micro-feedforward")):
+            raise InputError(f"{base} already has no prelude/coda; drop +noprelude")
         fields.update(MODIFIERS[mod])
     return LoopedConfig(name=name, seed=seed, extra={"preset": name}, **fields)

@@ -21,7 +21,7 @@ h1{font-size:1.6em;margin-bottom:.2em} h2{margin-top:2em;border-bottom:1px solid
 figcaption{font-size:.93em;color:#333;margin-top:.3em} .files{font-size:.82em;color:#777}
 table{border-collapse:collapse;font-size:.86em;margin:.6em 0} td,th{border:1px solid #ddd;padding:3px 7px;text-align:right}
 th{background:#f5f5f5} .note{background:#f8f8f2;border-left:3px solid #bbb;padding:.4em .8em;font-size:.93em}
-nav a{margin-right:1em}
+nav a{margin-right:1em} table.text td{text-align:left;vertical-align:top}
 """
 
 
@@ -42,6 +42,7 @@ class Table:
     caption: str
     csv: Path | None = None
     max_rows: int = 30
+    text: bool = False  # left-aligned cells, for tables of sentences rather than numbers
 
 
 @dataclass
@@ -62,12 +63,24 @@ class Report:
         self.sections.append(Section(title, intro))
         return self.sections[-1]
 
-    def table(self, section: Section, frame: pd.DataFrame, name: str, caption: str, max_rows: int = 30) -> Table:
+    def table(self, section: Section, frame: pd.DataFrame, name: str, caption: str, max_rows: int = 30,
+              text: bool = False) -> Table:
         """Save `frame` as tables/NAME.csv and add it to `section`."""
         path = save_csv(frame, self.out_dir, name)
-        item = Table(frame, caption, path, max_rows)
+        item = Table(frame, caption, path, max_rows, text)
         section.items.append(item)
         return item
+
+    def child(self, folder: str) -> Report:
+        """A report writing its figures and tables under OUT/folder; `adopt` moves its sections into this one.
+        Lets one page hold the same section builder's output for several models without overwriting files."""
+        return Report(self.title, self.out_dir / folder)
+
+    def adopt(self, child: Report, prefix: str) -> None:
+        """Append `child`'s sections (files already under this report's folder), titles prefixed `prefix: `."""
+        for sec in child.sections:
+            sec.title = f"{prefix}: {sec.title}"
+            self.sections.append(sec)
 
     def write(self) -> Path:
         """Write index.html (self-contained) and report.json (what is where) into out_dir."""
@@ -126,7 +139,8 @@ def table_html(table: Table, out_dir: Path) -> str:
     more = len(table.frame) - len(shown)
     note = f" (first {len(shown)} of {len(table.frame)} rows)" if more > 0 else ""
     path = f"<div class='files'>{esc(table.csv.relative_to(out_dir))}{note}</div>" if table.csv else ""
-    body = shown.to_html(float_format=lambda v: f"{v:.4g}", border=0, na_rep="—")
+    body = shown.to_html(float_format=lambda v: f"{v:.4g}", border=0, na_rep="—",
+                         classes="text" if table.text else None)
     return f"<figure>{body}<figcaption>{esc(table.caption)}</figcaption>{path}</figure>"
 
 

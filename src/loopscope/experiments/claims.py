@@ -1,0 +1,552 @@
+"""The paper's claims, each judged against what `loopscope reproduce` measured: holds / differs / not measurable.
+
+Blayney et al. (2026), as summarised in `shared/reference/looped-analysis-paper.md` (section numbers below are
+that summary's). Every claim is one row of `CLAIMS`: an id, where the paper makes it, the claim in one line,
+and a rule. A rule is a plain function of the measured tables; it returns a `Verdict` with the numbers it
+used as evidence. Rules never look at anything but the tables, so each is unit-tested on hand-made tables
+(`tests/test_claims.py`).
+
+The measured tables (`Measurements`, a dict of DataFrames; any may be missing, which makes the claims that
+need it "not measurable here"):
+
+    models       one row per analysed looped model, written by `experiments.reproduce.model_summary`:
+                 model (its name in the study), preset, base (preset before the first "+"), variant
+                 ("" | "inject" | "noprelude" | …), norm, injection, n_prelude, block_size, trained_recurrences,
+                 recurrences (of the dynamics capture), last_layer_relative_change, max_final_relative_change,
+                 fraction_distinct, fraction_degenerate, fraction_no_fixed_point, min_cosine_to_first,
+                 fraction_fixed_point, fraction_orbit, fraction_slider, orbit_slider_cooccurrence,
+                 attention_self_match, attention_shrink, prop42_max_ratio, stage_repeat_error,
+                 colsum_pearson_median, colsum_pearson_last, colsum_pearson_early, massive_ratio
+    grid_cells   `experiments.grid.run_grid` cells; grid_verdicts: `experiments.grid.verdict_table`
+    extrapolate  `run_extrapolate(...)["per_r"]`: model, trained_recurrences, recurrences, loss, accuracy,
+                 fixed_point_distance, successive_change, fixed_point, …, alignment_corr
+    conditions   `run_conditions(...)`: condition, method, n_tokens, fixed_point, orbit, slider, divergent, unknown
+
+Thresholds live in `Thresholds` (one documented field each); they were fixed before looking at results and
+`reproduce` writes them into the report beside the verdicts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import pandas as pd
+
+HOLDS, DIFFERS, NOT_MEASURABLE = "holds", "differs", "not measurable here"
+VERDICTS = (HOLDS, DIFFERS, NOT_MEASURABLE)
+CLAIM_COLUMNS = ["id", "source", "claim", "verdict", "evidence", "measured_on"]
+
+Measurements = dict[str, pd.DataFrame]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    settled: float = 1e-2  # "barely change": largest per-layer relative change ‖X_t − X_{t−1}‖/‖X_{t−1}‖ at the last
+    # recurrence; 1 % of the state's norm
+    fixed_point: float = 1e-3  # a layer is at its fixed point below this relative change (= dynamics.degeneracy's
+    # converge_tol, so the per-token verdicts and these rules agree)
+    majority: float = 0.5  # "reaches a distinct cyclic fixed point" = more than this fraction of tokens do
+    degenerate_cosine: float = 0.99  # layers' fixed points are one point when min cos(X*_0, X*_j) ≥ this
+    # (dynamics.degeneracy's tol)
+    prop41_factor: float = 10.0  # Prop. 4.1: once the last layer changes < fixed_point, every layer changes
+    # < prop41_factor · fixed_point (a Lipschitz block spreads the residual change by a bounded factor)
+    diagonal_band: float = 0.9  # attention "diagonal bands": at least this fraction of (layer, recurrence)
+    # patterns have their nearest pattern from another recurrence in the same layer
+    attention_shrink: float = 0.5  # and ‖A_{j,R−2} − A_{j,R−1}‖ is at most this fraction of ‖A_{j,0} − A_{j,R−1}‖
+    prop42_ratio: float = 1.0  # measured attention change / Prop. 4.2 bound; above 1 the bound is violated
+    aligned: float = 0.5  # a pass "follows the feedforward stages" when its ColSum profile's Pearson r with the
+    # control's is at least this (median over passes for a model)
+    repeat_error: float = 0.25  # a stage profile "repeats every pass" when the RMS difference of each block
+    # layer's ColSum between pass t ≥ 1 and the last pass is at most this fraction of ColSum's spread over depth
+    extrapolation_change: float = 1e-2  # stable under extrapolation: last layer's relative change at the
+    # largest R at most this (= settled) …
+    alignment_drift: float = 0.1  # … and |alignment_corr(R_max) − alignment_corr(R_train)| at most this
+    loss_drift: float = 0.1  # held-out loss at R_max at most this many nats above the loss at R_train
+    rare: float = 0.01  # "rare": non-fixed-point tokens below 1 % (the paper reports 0.02 %; 50× headroom for
+    # a small model and a reconstructed App. C heuristic)
+    condition_method: str = "paper"  # which classifier's rates the App. C claims use (the paper's heuristic)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    verdict: str
+    evidence: str
+    measured_on: str = ""
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: str
+    source: str  # where the paper makes it (sections of the reference summary; figures)
+    text: str  # the claim in one line
+    rule: Callable[[Measurements, Thresholds], Verdict]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def fmt(x: float) -> str:
+    """Short number for evidence strings: 3 significant digits, scientific below 1e-3."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "NaN"
+    return f"{x:.2e}" if x != 0 and abs(x) < 1e-3 else f"{x:.3g}"
+
+
+def missing(m: Measurements, *names: str) -> Verdict | None:
+    gone = [n for n in names if n not in m or m[n] is None or len(m[n]) == 0]
+    if gone:
+        return Verdict(NOT_MEASURABLE, f"no {', '.join(gone)} table: that stage was not run")
+    return None
+
+
+def each_model(rows: pd.DataFrame, column: str, ok: Callable[[float], bool]) -> tuple[str, str]:
+    """(verdict, evidence) for "every model satisfies ok(column)": holds when all do; NaN rows are skipped
+    (not measurable if every row is NaN)."""
+    values = rows[["model", column]].dropna()
+    if values.empty:
+        return NOT_MEASURABLE, f"{column} is NaN for every model"
+    passed = [ok(v) for v in values[column]]
+    evidence = "; ".join(f"{m} {fmt(v)}" for m, v in zip(values["model"], values[column]))
+    verdict = HOLDS if all(passed) else DIFFERS
+    return verdict, f"{sum(passed)}/{len(passed)} models: {evidence}"
+
+
+def names(rows: pd.DataFrame) -> str:
+    return ", ".join(rows["model"])
+
+
+def pair(m: Measurements, variant: str) -> list[tuple[pd.Series, pd.Series]]:
+    """(base model row, variant row) for every base that was also trained with exactly `variant`."""
+    models = m["models"]
+    out = []
+    for _, v in models[models["variant"] == variant].iterrows():
+        base = models[(models["base"] == v["base"]) & (models["variant"] == "")]
+        if len(base):
+            out.append((base.iloc[0], v))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- rules
+
+def rule_settle(m: Measurements, th: Thresholds) -> Verdict:
+    if (v := missing(m, "models")) is not None:
+        return v
+    verdict, ev = each_model(m["models"], "max_final_relative_change", lambda x: x <= th.settled)
+    return Verdict(verdict, f"largest per-layer relative change at the last recurrence ≤ {fmt(th.settled)}: {ev}",
+                   names(m["models"]))
+
+
+def rule_injection_cyclic(m: Measurements, th: Thresholds) -> Verdict:
+    if (v := missing(m, "models")) is not None:
+        return v
+    rows = m["models"][m["models"]["injection"] != "none"]
+    if rows.empty:
+        return Verdict(NOT_MEASURABLE, "no model with input injection was analysed")
+    verdict, ev = each_model(rows, "fraction_distinct", lambda x: x > th.majority)
+    return Verdict(verdict, f"fraction of tokens at a distinct cyclic fixed point > {fmt(th.majority)}: {ev}",
+                   names(rows))
+
+
+def rule_injection_helps(m: Measurements, th: Thresholds) -> Verdict:
+    if (v := missing(m, "models")) is not None:
+        return v
+    pairs = pair(m, "inject")
+    if not pairs:
+        return Verdict(NOT_MEASURABLE, "no model trained both with and without injection")
+    parts, ok = [], []
+    for base, inj in pairs:
+        better = inj["last_layer_relative_change"] <= base["last_layer_relative_change"]
+        ok.append(bool(better))
+        parts.append(f"last-layer relative change {inj['model']} {fmt(inj['last_layer_relative_change'])} vs "
+                     f"{base['model']} {fmt(base['last_layer_relative_change'])}; tokens at a fixed point "
+                     f"{fmt(1 - inj['fraction_no_fixed_point'])} vs {fmt(1 - base['fraction_no_fixed_point'])}")
+    return Verdict(HOLDS if all(ok) else DIFFERS, "; ".join(parts),
+                   ", ".join(f"{b['model']} vs {i['model']}" for b, i in pairs))
+
+
+def rule_distinct_not_degenerate(m: Measurements, th: Thresholds) -> Verdict:
+    if (v := missing(m, "models")) is not None:
+        return v
+    verdict, ev = each_model(m["models"], "min_cosine_to_first", lambda x: x < th.degenerate_cosine)
+    return Verdict(verdict, f"min cos between layer 0's and another layer's fixed point < "
+                            f"{fmt(th.degenerate_cosine)}: {ev}", names(m["models"]))
+
+
+def rule_prop41(m: Measurements, th: Thresholds) -> Verdict:
+    if (v := missing(m, "models")) is not None:
+        return v
+    rows = m["models"][m["models"]["last_layer_relative_change"] < th.fixed_point]
+    if rows.empty:
+        return Verdict(NOT_MEASURABLE, f"no model's last block layer converged (relative change < "
+                                       f"{fmt(th.fixed_point)}), so the premise never holds")
+    bound = th.prop41_factor * th.fixed_point
+    verdict, ev = each_model(rows, "max_final_relative_change", lambda x: x < bound)
+    return Verdict(verdict, f"last layer converged; every layer's relative change < {fmt(bound)}: {ev}", names(rows))
+
+
+def rule_attention_stabilises(m: Measurements, th: Thresholds) -> Verdict:
+    if (v := missing(m, "models")) is not None:
+        return v
+    rows = m["models"].dropna(subset=["attention_self_match", "attention_shrink"])
+    if rows.empty:
+        return Verdict(NOT_MEASURABLE, "no attention captured over ≥ 3 recurrences")
+    ok = (rows["attention_self_match"] >= th.diagonal_band) & (rows["attention_shrink"] <= th.attention_shrink)
+    ev = "; ".join(f"{r.model} self-match {fmt(r.attention_self_match)}, shrink {fmt(r.attention_shrink)}"
+                   for r in rows.itertuples())
+    return Verdict(HOLDS if ok.all() else DIFFERS,
+                   f"{int(ok.sum())}/{len(rows)} models with diagonal bands (self-match ≥ {fmt(th.diagonal_band)}) "
+                   f"and attention change shrinking (late/early ≤ {fmt(th.attention_shrink)}): {ev}", names(rows))
+
+
+def rule_prop42(m: Measurements, th: Thresholds) -> Verdict:
+    if (v := missing(m, "models")) is not None:
+        return v
+    rows = m["models"].dropna(subset=["prop42_max_ratio"])
+    if rows.empty:
+        return Verdict(NOT_MEASURABLE, "the Prop. 4.2 check did not run (needs ≥ 2 recurrences with attention)")
+    worst = float(rows["prop42_max_ratio"].max())
+    ev = "; ".join(f"{r.model} {fmt(r.prop42_max_ratio)}" for r in rows.itertuples())
+    return Verdict(HOLDS if worst <= th.prop42_ratio else DIFFERS,
+                   f"largest measured/bound ratio {fmt(worst)} (≤ {fmt(th.prop42_ratio)} required): {ev}", names(rows))
+
+
+def rule_stages_align(m: Measurements, th: Thresholds) -> Verdict:
+    if (v := missing(m, "models")) is not None:
+        return v
+    rows = m["models"][(m["models"]["variant"] == "")].dropna(subset=["colsum_pearson_median"])
+    if rows.empty:
+        return Verdict(NOT_MEASURABLE, "no base looped model aligned with a feedforward control")
+    aligned = rows["colsum_pearson_median"] >= th.aligned
+    ev = "; ".join(f"{r.model} r = {fmt(r.colsum_pearson_median)}" for r in rows.itertuples())
+    return Verdict(HOLDS if aligned.sum() > len(rows) / 2 else DIFFERS,
+                   f"{int(aligned.sum())}/{len(rows)} base models with median ColSum Pearson r ≥ {fmt(th.aligned)} "
+                   f"against the control (a majority needed): {ev}", names(rows))
+
+
+def rule_stages_repeat(m: Measurements, th: Thresholds) -> Verdict:
+    if (v := missing(m, "models")) is not None:
+        return v
+    verdict, ev = each_model(m["models"], "stage_repeat_error", lambda x: x <= th.repeat_error)
+    return Verdict(verdict, f"ColSum per block layer, pass t ≥ 1 vs last pass, RMS / spread over depth ≤ "
+                            f"{fmt(th.repeat_error)}: {ev}", names(m["models"]))
+
+
+def rule_injection_final_pass(m: Measurements, th: Thresholds) -> Verdict:
+    if (v := missing(m, "models")) is not None:
+        return v
+    pairs = pair(m, "inject")
+    if not pairs:
+        return Verdict(NOT_MEASURABLE, "no model trained both with and without injection")
+    parts, ok = [], []
+    for base, inj in pairs:
+        values = [inj["colsum_pearson_last"], base["colsum_pearson_last"], inj["colsum_pearson_early"],
+                  base["colsum_pearson_early"]]
+        if any(pd.isna(x) for x in values):
+            return Verdict(NOT_MEASURABLE, f"alignment missing for {base['model']} or {inj['model']}")
+        ok.append(values[0] > values[1] and values[2] < values[3])
+        parts.append(f"last pass r {inj['model']} {fmt(values[0])} vs {base['model']} {fmt(values[1])}; earlier "
+                     f"passes {fmt(values[2])} vs {fmt(values[3])}")
+    return Verdict(HOLDS if all(ok) else DIFFERS, "; ".join(parts),
+                   ", ".join(f"{b['model']} vs {i['model']}" for b, i in pairs))
+
+
+def rule_noprelude_worse(m: Measurements, th: Thresholds) -> Verdict:
+    if (v := missing(m, "models")) is not None:
+        return v
+    pairs = pair(m, "noprelude")
+    if not pairs:
+        return Verdict(NOT_MEASURABLE, "no model trained both with and without prelude/coda")
+    parts, ok = [], []
+    for base, nop in pairs:
+        if pd.isna(base["colsum_pearson_median"]) or pd.isna(nop["colsum_pearson_median"]):
+            return Verdict(NOT_MEASURABLE, f"alignment missing for {base['model']} or {nop['model']}")
+        ok.append(nop["colsum_pearson_median"] < base["colsum_pearson_median"])
+        parts.append(f"median r {nop['model']} {fmt(nop['colsum_pearson_median'])} vs {base['model']} "
+                     f"{fmt(base['colsum_pearson_median'])}")
+    return Verdict(HOLDS if all(ok) else DIFFERS, "; ".join(parts),
+                   ", ".join(f"{b['model']} vs {n['model']}" for b, n in pairs))
+
+
+def rule_best_fit(m: Measurements, th: Thresholds) -> Verdict:
+    if (v := missing(m, "models")) is not None:
+        return v
+    models = m["models"]
+    parts, ok = [], []
+    for base_name, group in models.groupby("base", sort=False):
+        group = group[group["variant"].isin(["", "inject", "noprelude"])].dropna(subset=["colsum_pearson_median"])
+        if len(group) < 2 or "" not in set(group["variant"]):
+            continue
+        best = group.loc[group["colsum_pearson_median"].idxmax()]
+        ok.append(best["variant"] == "")
+        parts.append(f"best {best['model']} among " + ", ".join(
+            f"{r.model} {fmt(r.colsum_pearson_median)}" for r in group.itertuples()))
+    if not ok:
+        return Verdict(NOT_MEASURABLE, "no base model aligned beside its +inject / +noprelude variants")
+    return Verdict(HOLDS if all(ok) else DIFFERS, "; ".join(parts))
+
+
+def rule_sandwich_no_stages(m: Measurements, th: Thresholds) -> Verdict:
+    if (v := missing(m, "models")) is not None:
+        return v
+    models = m["models"].dropna(subset=["colsum_pearson_median"])
+    sandwich = models[models["norm"] == "sandwich"]
+    pre = models[(models["norm"] == "pre") & (models["variant"] == "")]
+    if sandwich.empty or pre.empty:
+        return Verdict(NOT_MEASURABLE, "needs aligned models with sandwich norm and with pre-norm")
+    ok = sandwich["colsum_pearson_median"].max() < pre["colsum_pearson_median"].median()
+    return Verdict(HOLDS if ok else DIFFERS,
+                   "median ColSum r, sandwich: " + ", ".join(f"{r.model} {fmt(r.colsum_pearson_median)}"
+                                                             for r in sandwich.itertuples())
+                   + f" vs pre-norm base models' median {fmt(pre['colsum_pearson_median'].median())}",
+                   names(pd.concat([sandwich, pre])))
+
+
+def rule_massive(m: Measurements, th: Thresholds) -> Verdict:
+    if (v := missing(m, "models")) is not None:
+        return v
+    models = m["models"].dropna(subset=["massive_ratio"])
+    sandwich, pre = models[models["norm"] == "sandwich"], models[models["norm"] == "pre"]
+    if sandwich.empty or pre.empty:
+        return Verdict(NOT_MEASURABLE, "needs models with sandwich norm and with pre-norm")
+    ok = pre["massive_ratio"].min() > sandwich["massive_ratio"].max()
+    return Verdict(HOLDS if ok else DIFFERS,
+                   "largest max/median |activation| over states, pre-norm: "
+                   + ", ".join(f"{r.model} {fmt(r.massive_ratio)}" for r in pre.itertuples())
+                   + "; sandwich: " + ", ".join(f"{r.model} {fmt(r.massive_ratio)}" for r in sandwich.itertuples()),
+                   names(models))
+
+
+def rule_cooccurrence(m: Measurements, th: Thresholds) -> Verdict:
+    if (v := missing(m, "models")) is not None:
+        return v
+    models = m["models"]
+    orbits = (models["fraction_orbit"] > 0).any()
+    sliders = (models["fraction_slider"] > 0).any()
+    if not (orbits and sliders):
+        return Verdict(NOT_MEASURABLE, f"no orbit and slider tokens to co-occur (orbit tokens in any model: "
+                                       f"{bool(orbits)}, slider tokens: {bool(sliders)})")
+    total = int(models["orbit_slider_cooccurrence"].sum())
+    return Verdict(HOLDS if total == 0 else DIFFERS, f"tokens that orbit at one block layer and slide at another: "
+                   f"{total}", names(models))
+
+
+def grid_rows(m: Measurements, injection_on: bool) -> pd.DataFrame:
+    g = m["grid_verdicts"]
+    return g[(g["injection"] != "none") == injection_on]
+
+
+def rule_grid(injection_on: bool) -> Callable[[Measurements, Thresholds], Verdict]:
+    def rule(m: Measurements, th: Thresholds) -> Verdict:
+        if (v := missing(m, "grid_verdicts")) is not None:
+            return v
+        rows = grid_rows(m, injection_on)
+        if rows.empty:
+            return Verdict(NOT_MEASURABLE, f"the grid had no cells {'with' if injection_on else 'without'} injection")
+        ok = rows["agreement"] == "holds"
+        ev = "; ".join(f"{r.norm}: {r.measured} ({r.cells}; paper: {r.paper})" for r in rows.itertuples())
+        return Verdict(HOLDS if ok.all() else DIFFERS, f"{int(ok.sum())}/{len(rows)} norms as the paper: {ev}",
+                       "random-init grid, " + ("with" if injection_on else "without") + " injection")
+    return rule
+
+
+def rule_grid_block_size(m: Measurements, th: Thresholds) -> Verdict:
+    if (v := missing(m, "grid_cells")) is not None:
+        return v
+    cells = m["grid_cells"]
+    if cells["block_size"].nunique() < 2:
+        return Verdict(NOT_MEASURABLE, f"one block size only ({cells['block_size'].iloc[0]})")
+    same, parts = [], []
+    for (norm, inj), part in cells.groupby(["norm", "injection"], sort=False):
+        by_block = {int(k): p["verdict"].value_counts().index[0] for k, p in part.groupby("block_size")}
+        same.append(len(set(by_block.values())) == 1)
+        if not same[-1]:
+            parts.append(f"{norm}/{inj}: " + ", ".join(f"k={k} {v}" for k, v in by_block.items()))
+    ev = f"{sum(same)}/{len(same)} norm × injection cells give the same majority verdict at every block size"
+    return Verdict(HOLDS if all(same) else DIFFERS, ev + (": " + "; ".join(parts) if parts else ""),
+                   "block sizes " + ", ".join(map(str, sorted(cells["block_size"].unique()))))
+
+
+def extrapolation_rows(m: Measurements, th: Thresholds) -> pd.DataFrame:
+    """One row per model: values at the training R and at the largest R, and whether it converges there."""
+    rows = []
+    for model, part in m["extrapolate"].groupby("model", sort=False):
+        part = part.sort_values("recurrences")
+        trained = int(part["trained_recurrences"].iloc[0])
+        at_train = part[part["recurrences"] == trained]
+        if at_train.empty:
+            continue
+        at_train, at_max = at_train.iloc[0], part.iloc[-1]
+        rows.append({"model": model, "trained": trained, "r_max": int(at_max["recurrences"]),
+                     "converges": bool(at_max["fixed_point"] > th.majority), "fixed_point": at_max["fixed_point"],
+                     "change": at_max["successive_change"],
+                     "align_train": at_train["alignment_corr"], "align_max": at_max["alignment_corr"],
+                     "loss_train": at_train["loss"], "loss_max": at_max["loss"],
+                     "acc_train": at_train["accuracy"], "acc_max": at_max["accuracy"]})
+    return pd.DataFrame(rows)
+
+
+def stable_under_extrapolation(r: pd.Series, th: Thresholds) -> bool:
+    still = r["change"] <= th.extrapolation_change
+    if pd.isna(r["align_train"]) or pd.isna(r["align_max"]):
+        return bool(still)
+    return bool(still and abs(r["align_max"] - r["align_train"]) <= th.alignment_drift)
+
+
+def rule_extrapolation_stable(m: Measurements, th: Thresholds) -> Verdict:
+    if (v := missing(m, "extrapolate")) is not None:
+        return v
+    rows = extrapolation_rows(m, th)
+    conv = rows[rows["converges"]] if len(rows) else rows
+    if conv.empty:
+        return Verdict(NOT_MEASURABLE, "no model has most tokens at a fixed point at the largest R")
+    ok = [stable_under_extrapolation(r, th) for _, r in conv.iterrows()]
+    ev = "; ".join(f"{r.model} R {r.trained}→{r.r_max}: change {fmt(r.change)}, alignment r {fmt(r.align_train)}→"
+                   f"{fmt(r.align_max)}" for r in conv.itertuples())
+    return Verdict(HOLDS if all(ok) else DIFFERS,
+                   f"{sum(ok)}/{len(ok)} converging models stable (change ≤ {fmt(th.extrapolation_change)}, "
+                   f"|Δ alignment| ≤ {fmt(th.alignment_drift)}): {ev}", names(conv))
+
+
+def rule_extrapolation_unstable(m: Measurements, th: Thresholds) -> Verdict:
+    if (v := missing(m, "extrapolate")) is not None:
+        return v
+    rows = extrapolation_rows(m, th)
+    rest = rows[~rows["converges"]] if len(rows) else rows
+    if rest.empty:
+        return Verdict(NOT_MEASURABLE, "every model converges at the largest R: no non-converging model to test")
+    ok = [not stable_under_extrapolation(r, th) for _, r in rest.iterrows()]
+    ev = "; ".join(f"{r.model}: fixed-point tokens {fmt(r.fixed_point)}, change {fmt(r.change)}, alignment r "
+                   f"{fmt(r.align_train)}→{fmt(r.align_max)}" for r in rest.itertuples())
+    return Verdict(HOLDS if all(ok) else DIFFERS, f"{sum(ok)}/{len(ok)} non-converging models unstable: {ev}",
+                   names(rest))
+
+
+def rule_extrapolation_performance(m: Measurements, th: Thresholds) -> Verdict:
+    if (v := missing(m, "extrapolate")) is not None:
+        return v
+    rows = extrapolation_rows(m, th)
+    conv = rows[rows["converges"]] if len(rows) else rows
+    if conv.empty:
+        return Verdict(NOT_MEASURABLE, "no model has most tokens at a fixed point at the largest R")
+    ok = [r.loss_max - r.loss_train <= th.loss_drift for r in conv.itertuples()]
+    ev = "; ".join(f"{r.model} loss {fmt(r.loss_train)}→{fmt(r.loss_max)} nats, exact match {fmt(r.acc_train)}→"
+                   f"{fmt(r.acc_max)}" for r in conv.itertuples())
+    return Verdict(HOLDS if all(ok) else DIFFERS,
+                   f"{sum(ok)}/{len(ok)} converging models keep their held-out loss (rise ≤ {fmt(th.loss_drift)} "
+                   f"nats) at the largest R: {ev}", names(conv))
+
+
+def condition_rates(m: Measurements, th: Thresholds) -> dict[str, float]:
+    """Fraction of tokens that are not at a fixed point, per condition (the chosen classifier's rows)."""
+    c = m["conditions"]
+    c = c[c["method"] == th.condition_method]
+    return {row.condition: 1.0 - float(row.fixed_point) for row in c.itertuples()}
+
+
+def rule_rare(m: Measurements, th: Thresholds) -> Verdict:
+    if (v := missing(m, "conditions")) is not None:
+        return v
+    rates = condition_rates(m, th)
+    if "none" not in rates:
+        return Verdict(NOT_MEASURABLE, "the no-system-prompt condition was not run")
+    return Verdict(HOLDS if rates["none"] < th.rare else DIFFERS,
+                   f"non-fixed-point tokens without a system prompt {rates['none']:.2%} (< {th.rare:.0%} required; "
+                   f"paper 0.02%), {th.condition_method} classifier")
+
+
+def rule_persona(m: Measurements, th: Thresholds) -> Verdict:
+    if (v := missing(m, "conditions")) is not None:
+        return v
+    rates = condition_rates(m, th)
+    need = ("none", "long-persona", "long-persona-padded")
+    if any(n not in rates for n in need):
+        return Verdict(NOT_MEASURABLE, f"conditions run: {sorted(rates)}; needs {list(need)}")
+    ev = ", ".join(f"{n} {rates[n]:.2%}" for n in need) + f" ({th.condition_method} classifier)"
+    if all(rates[n] == 0 for n in need):
+        return Verdict(NOT_MEASURABLE, f"no non-fixed-point tokens under any condition: {ev}")
+    ok = rates["long-persona"] > rates["none"] and rates["long-persona"] > rates["long-persona-padded"]
+    return Verdict(HOLDS if ok else DIFFERS, f"non-fixed-point tokens: {ev}")
+
+
+def not_here(reason: str) -> Callable[[Measurements, Thresholds], Verdict]:
+    return lambda m, th: Verdict(NOT_MEASURABLE, reason)
+
+
+PRETRAINED = ("needs the published checkpoints, which this offline pipeline does not download; `loopscope "
+              "analyze --model PATH` runs the same checks on them (docs/real-checkpoints.md)")
+
+CLAIMS: list[Claim] = [
+    Claim("settle", "§4.1, Fig. 3; headline 1", "In every looped model the per-layer residuals barely change between "
+          "recurrences after a few passes.", rule_settle),
+    Claim("cyclic-fixed-point", "§3.2 Prop. 4.1, Fig. 4; headline 2", "Looped models with input injection reach a "
+          "cyclic fixed point: every block layer its own, distinct, fixed point.", rule_injection_cyclic),
+    Claim("injection-helps", "§4.3 (Bansal, Anil)", "Input injection encourages fixed-point convergence: the same "
+          "model converges closer with injection than without.", rule_injection_helps),
+    Claim("distinct", "§3.2 (a)/(b)", "Trained looped models' per-layer fixed points are distinct (a cycle), not one "
+          "degenerate shared point.", rule_distinct_not_degenerate),
+    Claim("prop-4.1", "§3.2 Prop. 4.1", "Once the block's last layer has converged, every layer has (cyclic "
+          "permutations share the fixed point).", rule_prop41),
+    Claim("attention-stabilises", "§4 items 1–2, Figs. 2, 23", "As states converge, each layer's attention pattern "
+          "stops changing and matches itself across recurrences (diagonal bands).", rule_attention_stabilises),
+    Claim("prop-4.2", "§3.2 Prop. 4.2, App. A", "Attention change is bounded by L_sm·(2Bκ/√d)·‖ΔX‖ with L_sm = 1/2 "
+          "(measured/bound ≤ 1).", rule_prop42),
+    Claim("stages-repeat", "§5 item 1, Figs. 7, 34", "The block re-enacts the same stage profile on every recurrence "
+          "after a short transient.", rule_stages_repeat),
+    Claim("stages-align", "§6.3, Fig. 10", "Looped models trained from scratch self-organise into feedforward-like "
+          "mixing stages within each recurrence (vs the depth-12 control).", rule_stages_align),
+    Claim("inject-final-pass", "§6.3, Figs. 57–59", "Adding input injection makes the final recurrence follow "
+          "feedforward stages more closely, at the expense of earlier recurrences.", rule_injection_final_pass),
+    Claim("noprelude-worse", "§6.3, Figs. 60–62", "Removing prelude/coda fits feedforward stages less well.",
+          rule_noprelude_worse),
+    Claim("best-fit", "§6.3", "The closest replication of feedforward stages comes from no input injection plus "
+          "prelude/coda.", rule_best_fit),
+    Claim("sandwich-no-stages", "§5 items 2–3, Fig. 36", "Normalising the residual inside every block (Huginn "
+          "sandwich norm) suppresses feedforward-like stages.", rule_sandwich_no_stages),
+    Claim("massive-activations", "§5 item 3, Fig. 9", "Residual magnitudes and massive activations grow in pre-norm "
+          "looped models; a sandwich norm on the residual keeps them down.", rule_massive),
+    Claim("massive-causal", "§5 item 4, Fig. 41", "Zeroing the MLP that creates massive activations removes the "
+          "stages (massive activations are required).",
+          not_here("the causal MLP ablation is not part of this pipeline (it needs a model with clear massive "
+                   "activations and stages first)")),
+    Claim("grid-injection", "§4.2, §6.1, Fig. 6", "Random init, with input injection: a stable fixed point for every "
+          "norm except Ouro's.", rule_grid(True)),
+    Claim("grid-no-injection", "§4.2, §6.1, Fig. 6", "Random init, without injection: only pre-norm reaches a stable "
+          "fixed point, and it is degenerate.", rule_grid(False)),
+    Claim("grid-block-size", "§6.1, Fig. 31", "Blocks of 4 and 16 layers behave qualitatively as 12 layers.",
+          rule_grid_block_size),
+    Claim("extrapolation-stable", "§6.2, Figs. 11, 47–49", "Models that converge to a fixed point keep enacting the "
+          "same (stable) stages at test-time recurrences far beyond training.", rule_extrapolation_stable),
+    Claim("extrapolation-unstable", "§6.2, Figs. 12, 50–52", "A model that does not converge (Ouro) has unstable "
+          "stages when extrapolated.", rule_extrapolation_unstable),
+    Claim("extrapolation-performance", "§6.2 (cited, not measured)", "Task performance under extrapolation tracks "
+          "convergence: converging models keep their performance.", rule_extrapolation_performance),
+    Claim("rare-non-fixed", "App. C.1, §7", "Without a system prompt, tokens that do not reach a fixed point are rare "
+          "(≈ 0.02 %).", rule_rare),
+    Claim("persona", "App. C.1, §7", "A long persona system prompt raises orbit/slider rates, more than a "
+          "same-length padding prompt.", rule_persona),
+    Claim("cooccurrence", "App. C.2, Fig. 14", "Orbits and sliders never co-occur across the block layers of one "
+          "token.", rule_cooccurrence),
+    Claim("pretrained-fixed-points", "§4 item 3, Fig. 4", "Huginn-0125 and Retrofitted Llama reach distinct per-layer "
+          "fixed points; Ouro 1.4B does not.", not_here(PRETRAINED)),
+    Claim("pretrained-stages", "§5 item 2, Figs. 8, 36, 40", "Ouro mirrors Llama's stages; retrofitted models follow "
+          "their base model; Huginn shows no clear stages.", not_here(PRETRAINED)),
+]
+
+
+def evaluate_claims(m: Measurements, th: Thresholds | None = None) -> pd.DataFrame:
+    """One row per claim (in `CLAIMS` order): id, source, claim, verdict, evidence, measured_on."""
+    th = th or Thresholds()
+    rows = []
+    for c in CLAIMS:
+        v = c.rule(m, th)
+        if v.verdict not in VERDICTS:
+            raise ValueError(f"rule {c.id} returned {v.verdict!r}")
+        rows.append({"id": c.id, "source": c.source, "claim": c.text, "verdict": v.verdict, "evidence": v.evidence,
+                     "measured_on": v.measured_on})
+    return pd.DataFrame(rows, columns=CLAIM_COLUMNS)
+
+
+def thresholds_table(th: Thresholds | None = None) -> pd.DataFrame:
+    """The thresholds used, one row each (for the report)."""
+    return pd.DataFrame([{"threshold": k, "value": v} for k, v in asdict(th or Thresholds()).items()])

@@ -1,0 +1,237 @@
+"""Verdict rules of `experiments.claims` on hand-made tables: each rule's holds / differs / not-measurable cases,
+with the threshold edges, so a rule that compares the wrong way or reads the wrong column fails here."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from loopscope.experiments import claims
+from loopscope.experiments.claims import CLAIMS, DIFFERS, HOLDS, NOT_MEASURABLE, Thresholds, evaluate_claims
+
+TH = Thresholds()
+
+
+def model(name: str, **kw) -> dict:
+    """A converged, distinct, well-aligned pre-norm base model; override any column."""
+    base, _, variant = name.partition("+")
+    row = dict(model=name, base=base, variant=variant, norm="pre",
+               injection="concat" if "inject" in variant else "none",
+               n_prelude=0 if "noprelude" in variant else 2, block_size=4, trained_recurrences=4, recurrences=64,
+               last_layer_relative_change=1e-5, max_final_relative_change=2e-5, fraction_distinct=0.9,
+               fraction_degenerate=0.0, fraction_no_fixed_point=0.1, min_cosine_to_first=0.5, fraction_fixed_point=0.95,
+               fraction_orbit=0.0, fraction_slider=0.0, fraction_divergent=0.0, fraction_unknown=0.05,
+               orbit_slider_cooccurrence=0, attention_self_match=1.0, attention_shrink=0.1, prop42_max_ratio=0.01,
+               stage_repeat_error=0.05, colsum_pearson_median=0.8, colsum_pearson_last=0.8, colsum_pearson_early=0.8,
+               massive_ratio=100.0)
+    row.update(kw)
+    return row
+
+
+def models(*rows: dict) -> dict[str, pd.DataFrame]:
+    return {"models": pd.DataFrame(list(rows))}
+
+
+def verdict(claim_id: str, m: dict, th: Thresholds = TH) -> str:
+    rule = next(c.rule for c in CLAIMS if c.id == claim_id)
+    return rule(m, th).verdict
+
+
+def test_every_claim_not_measurable_without_tables():
+    table = evaluate_claims({})
+    assert list(table.columns) == claims.CLAIM_COLUMNS
+    assert list(table["id"]) == [c.id for c in CLAIMS]
+    assert set(table["verdict"]) == {NOT_MEASURABLE}
+    assert len(set(table["id"])) == len(table)
+
+
+def test_settle_threshold_edge():
+    assert verdict("settle", models(model("a", max_final_relative_change=TH.settled))) == HOLDS
+    assert verdict("settle", models(model("a"), model("b", max_final_relative_change=TH.settled * 1.01))) == DIFFERS
+    assert verdict("settle", models(model("a", max_final_relative_change=math.nan))) == NOT_MEASURABLE
+
+
+def test_injection_cyclic_reads_only_injection_models():
+    m = models(model("l4", fraction_distinct=0.0), model("l4+inject", fraction_distinct=0.6))
+    assert verdict("cyclic-fixed-point", m) == HOLDS  # the no-injection model is not judged
+    m = models(model("l4+inject", fraction_distinct=0.5))  # "more than half" is strict
+    assert verdict("cyclic-fixed-point", m) == DIFFERS
+    assert verdict("cyclic-fixed-point", models(model("l4"))) == NOT_MEASURABLE
+
+
+def test_injection_helps_compares_with_its_own_base():
+    m = models(model("l4", last_layer_relative_change=1e-2), model("l4+inject", last_layer_relative_change=1e-6))
+    assert verdict("injection-helps", m) == HOLDS
+    m = models(model("l4", last_layer_relative_change=1e-6), model("l4+inject", last_layer_relative_change=1e-2))
+    assert verdict("injection-helps", m) == DIFFERS
+    m = models(model("l8", last_layer_relative_change=1e-2), model("l4+inject"))  # no l4 to compare with
+    assert verdict("injection-helps", m) == NOT_MEASURABLE
+
+
+def test_distinct_and_degenerate():
+    assert verdict("distinct", models(model("a", min_cosine_to_first=0.98))) == HOLDS
+    assert verdict("distinct", models(model("a", min_cosine_to_first=TH.degenerate_cosine))) == DIFFERS
+
+
+def test_prop41_only_judges_converged_models():
+    m = models(model("a", last_layer_relative_change=1e-4, max_final_relative_change=5e-3),
+               model("b", last_layer_relative_change=0.5, max_final_relative_change=0.9))  # b: premise false
+    assert verdict("prop-4.1", m) == HOLDS
+    m = models(model("a", last_layer_relative_change=1e-4, max_final_relative_change=0.02))
+    assert verdict("prop-4.1", m) == DIFFERS
+    assert verdict("prop-4.1", models(model("b", last_layer_relative_change=0.5))) == NOT_MEASURABLE
+
+
+def test_attention_needs_both_bands_and_shrinking():
+    assert verdict("attention-stabilises", models(model("a"))) == HOLDS
+    assert verdict("attention-stabilises", models(model("a", attention_self_match=0.8))) == DIFFERS
+    assert verdict("attention-stabilises", models(model("a", attention_shrink=0.9))) == DIFFERS
+    assert verdict("attention-stabilises", models(model("a", attention_shrink=math.nan))) == NOT_MEASURABLE
+
+
+def test_prop42_ratio_above_one_differs():
+    assert verdict("prop-4.2", models(model("a", prop42_max_ratio=1.0), model("b", prop42_max_ratio=0.3))) == HOLDS
+    assert verdict("prop-4.2", models(model("a", prop42_max_ratio=1.01), model("b"))) == DIFFERS
+    assert verdict("prop-4.2", models(model("a", prop42_max_ratio=math.nan))) == NOT_MEASURABLE
+
+
+def test_stage_rules():
+    assert verdict("stages-repeat", models(model("a", stage_repeat_error=0.3))) == DIFFERS
+    assert verdict("stages-repeat", models(model("a", stage_repeat_error=0.2))) == HOLDS
+    # a majority of base models (variant "") must align; variants are not counted
+    m = models(model("l4", colsum_pearson_median=0.6), model("l8", colsum_pearson_median=0.6),
+               model("l12", colsum_pearson_median=0.1), model("l4+inject", colsum_pearson_median=-1.0))
+    assert verdict("stages-align", m) == HOLDS
+    m = models(model("l4", colsum_pearson_median=0.6), model("l8", colsum_pearson_median=0.1))
+    assert verdict("stages-align", m) == DIFFERS  # 1 of 2 is not a majority
+
+
+def test_injection_final_pass_needs_both_halves():
+    base = model("l4", colsum_pearson_last=0.5, colsum_pearson_early=0.5)
+    good = model("l4+inject", colsum_pearson_last=0.7, colsum_pearson_early=0.2)
+    assert verdict("inject-final-pass", models(base, good)) == HOLDS
+    better_everywhere = model("l4+inject", colsum_pearson_last=0.7, colsum_pearson_early=0.7)
+    assert verdict("inject-final-pass", models(base, better_everywhere)) == DIFFERS
+    worse_last = model("l4+inject", colsum_pearson_last=0.4, colsum_pearson_early=0.2)
+    assert verdict("inject-final-pass", models(base, worse_last)) == DIFFERS
+
+
+def test_noprelude_and_best_fit():
+    base, inj = model("l4", colsum_pearson_median=0.7), model("l4+inject", colsum_pearson_median=0.5)
+    nop = model("l4+noprelude", colsum_pearson_median=0.6)
+    assert verdict("noprelude-worse", models(base, nop)) == HOLDS
+    assert verdict("best-fit", models(base, inj, nop)) == HOLDS
+    nop_best = model("l4+noprelude", colsum_pearson_median=0.9)
+    assert verdict("noprelude-worse", models(base, nop_best)) == DIFFERS
+    assert verdict("best-fit", models(base, inj, nop_best)) == DIFFERS
+    assert verdict("best-fit", models(base)) == NOT_MEASURABLE
+
+
+def test_sandwich_and_massive_activations():
+    pre = model("l4", colsum_pearson_median=0.8, massive_ratio=500.0)
+    sandwich = model("l4+inject+sandwich", norm="sandwich", colsum_pearson_median=0.1, massive_ratio=8.0)
+    assert verdict("sandwich-no-stages", models(pre, sandwich)) == HOLDS
+    assert verdict("massive-activations", models(pre, sandwich)) == HOLDS
+    swapped = model("l4+inject+sandwich", norm="sandwich", colsum_pearson_median=0.9, massive_ratio=900.0)
+    assert verdict("sandwich-no-stages", models(pre, swapped)) == DIFFERS
+    assert verdict("massive-activations", models(pre, swapped)) == DIFFERS
+    assert verdict("massive-activations", models(pre)) == NOT_MEASURABLE
+
+
+def test_cooccurrence_needs_orbits_and_sliders():
+    assert verdict("cooccurrence", models(model("a", fraction_orbit=0.1))) == NOT_MEASURABLE
+    both = dict(fraction_orbit=0.1, fraction_slider=0.1)
+    assert verdict("cooccurrence", models(model("a", **both))) == HOLDS
+    assert verdict("cooccurrence", models(model("a", **both, orbit_slider_cooccurrence=1))) == DIFFERS
+
+
+def grid_verdicts(*rows: tuple[str, str, str, str]) -> dict[str, pd.DataFrame]:
+    frame = pd.DataFrame([dict(norm=n, injection=i, paper=p, measured=m, cells="3/3",
+                               agreement="holds" if p == m else "differs") for n, i, p, m in rows])
+    return {"grid_verdicts": frame}
+
+
+def test_grid_rules_split_by_injection():
+    g = grid_verdicts(("pre", "concat", "stable", "stable"), ("sandwich", "concat", "stable", "stable"),
+                      ("ouro", "concat", "not stable", "not stable"),
+                      ("pre", "none", "stable, degenerate", "not stable"))
+    assert verdict("grid-injection", g) == HOLDS
+    assert verdict("grid-no-injection", g) == DIFFERS
+    g = grid_verdicts(("ouro", "concat", "not stable", "stable"))
+    assert verdict("grid-injection", g) == DIFFERS
+    assert verdict("grid-no-injection", g) == NOT_MEASURABLE
+    partly = pd.DataFrame([dict(norm="pre", injection="none", paper="stable, degenerate", cells="1/1",
+                                measured="direction converges, norm still changing, degenerate", agreement="partly")])
+    assert verdict("grid-no-injection", {"grid_verdicts": partly}) == DIFFERS  # only exact agreement holds
+
+
+def test_grid_block_size():
+    cells = pd.DataFrame([dict(norm="pre", injection="none", block_size=k, seed=s, verdict=v)
+                          for k, v in ((4, "stable"), (12, "stable")) for s in (0, 1)])
+    assert verdict("grid-block-size", {"grid_cells": cells}) == HOLDS
+    cells.loc[cells.block_size == 12, "verdict"] = "not stable"
+    assert verdict("grid-block-size", {"grid_cells": cells}) == DIFFERS
+    assert verdict("grid-block-size", {"grid_cells": cells[cells.block_size == 4]}) == NOT_MEASURABLE
+
+
+def per_r(model_name: str, trained: int, values: dict[int, dict]) -> list[dict]:
+    base = dict(loss=3.0, accuracy=0.0, fixed_point_distance=0.0, successive_change=1e-5, fixed_point=1.0, orbit=0.0,
+                slider=0.0, divergent=0.0, unknown=0.0, alignment_corr=0.8)
+    return [dict(model=model_name, trained_recurrences=trained, recurrences=r, **{**base, **v})
+            for r, v in values.items()]
+
+
+def test_extrapolation_rules():
+    stable = per_r("a", 4, {4: {}, 32: {"loss": 3.05}})
+    drifting = per_r("b", 4, {4: {}, 32: {"fixed_point": 0.2, "successive_change": 0.1, "alignment_corr": 0.1}})
+    m = {"extrapolate": pd.DataFrame(stable + drifting)}
+    assert verdict("extrapolation-stable", m) == HOLDS
+    assert verdict("extrapolation-unstable", m) == HOLDS
+    assert verdict("extrapolation-performance", m) == HOLDS
+    # a converging model whose alignment drifts, and whose loss rises, breaks both claims
+    bad = per_r("a", 4, {4: {}, 32: {"alignment_corr": 0.5, "loss": 3.5}})
+    m = {"extrapolate": pd.DataFrame(bad)}
+    assert verdict("extrapolation-stable", m) == DIFFERS
+    assert verdict("extrapolation-performance", m) == DIFFERS
+    assert verdict("extrapolation-unstable", m) == NOT_MEASURABLE  # every model converges
+    # a non-converging model that stays perfectly still contradicts "unstable"
+    still = per_r("b", 4, {4: {}, 32: {"fixed_point": 0.2}})
+    assert verdict("extrapolation-unstable", {"extrapolate": pd.DataFrame(still)}) == DIFFERS
+
+
+def conditions(rates: dict[str, float], method: str = "paper") -> dict[str, pd.DataFrame]:
+    rows = [dict(condition=c, method=method, reconstructed=False, n_tokens=1000, fixed_point=1 - r, orbit=r,
+                 slider=0.0, divergent=0.0, unknown=0.0) for c, r in rates.items()]
+    other = [dict(r, method="dynamics", fixed_point=0.0, orbit=1.0) for r in rows]  # must be ignored
+    return {"conditions": pd.DataFrame(rows + other)}
+
+
+def test_condition_rules_use_the_paper_classifier():
+    m = conditions({"none": 0.0002, "long-persona": 0.0014, "long-persona-padded": 0.0005, "short-math": 0.0})
+    assert verdict("rare-non-fixed", m) == HOLDS
+    assert verdict("persona", m) == HOLDS
+    m = conditions({"none": 0.02, "long-persona": 0.01, "long-persona-padded": 0.03})
+    assert verdict("rare-non-fixed", m) == DIFFERS
+    assert verdict("persona", m) == DIFFERS
+    m = conditions({"none": 0.0002, "long-persona": 0.0014, "long-persona-padded": 0.002})  # length explains it
+    assert verdict("persona", m) == DIFFERS
+    m = conditions({"none": 0.002, "long-persona": 0.0014, "long-persona-padded": 0.0005})  # persona lowers it
+    assert verdict("persona", m) == DIFFERS
+    m = conditions({"none": 0.0, "long-persona": 0.0, "long-persona-padded": 0.0})
+    assert verdict("persona", m) == NOT_MEASURABLE
+    assert verdict("rare-non-fixed", conditions({"short-math": 0.0})) == NOT_MEASURABLE
+
+
+def test_thresholds_are_parameters():
+    strict = Thresholds(settled=1e-6)
+    assert verdict("settle", models(model("a")), strict) == DIFFERS
+    assert verdict("settle", models(model("a")), TH) == HOLDS
+    table = claims.thresholds_table(TH)
+    assert dict(zip(table.threshold, table.value))["prop42_ratio"] == 1.0
+
+
+@pytest.mark.parametrize("claim", CLAIMS, ids=lambda c: c.id)
+def test_claim_text_is_one_line(claim):
+    assert "\n" not in claim.text and len(claim.text) < 200 and claim.source

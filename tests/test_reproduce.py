@@ -1,0 +1,235 @@
+"""`loopscope reproduce`: the quick study end to end through the CLI (claims table first, verdicts recomputed from
+the tables they came from), resuming, stage caching, summary helpers on hand-made inputs, and input errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from loopscope.cli.main import app
+from loopscope.errors import InputError
+from loopscope.experiments.claims import CLAIM_COLUMNS, CLAIMS, DIFFERS, HOLDS, NOT_MEASURABLE, VERDICTS
+from loopscope.experiments.grid import PAPER_VERDICTS
+from loopscope.experiments.reproduce import (
+    ReproduceSettings, attention_self_match, attention_shrink, colsum_alignment, run_reproduce, stage_repeat_error,
+)
+from loopscope.experiments.stage_cache import StageCache
+
+runner = CliRunner()
+
+
+def write_gsm8k(folder: Path, n_test: int = 1319, n_train: int = 300) -> Path:
+    """A GSM8K-format directory (official row count for test, so the fixed subset exists): templated word problems
+    with worked answers ending in `#### N`. Hermetic: the test needs no data outside the repository."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = ["Tom", "Ana", "Lee", "Sara", "Omar", "Mia"]
+    for split, n in (("test", n_test), ("train", n_train)):
+        rows = []
+        for i in range(n):
+            a, b, who = 3 + i % 17, 2 + (7 * i) % 13, names[i % len(names)]
+            rows.append({"question": f"{who} has {a} apples and buys {b} more. How many apples does {who} have?",
+                         "answer": f"{who} starts with {a} apples. {who} buys {b} more apples, so {who} has "
+                                   f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"})
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One `reproduce --quick` through the CLI; (out dir, CLI output)."""
+    root = tmp_path_factory.mktemp("reproduce")
+    data = write_gsm8k(root / "gsm8k")
+    out = root / "out"
+    result = runner.invoke(app, ["reproduce", "--quick", "--data", str(data), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out, data, result.output
+
+
+def read_claims(out: Path) -> pd.DataFrame:
+    return pd.read_csv(out / "tables" / "claims.csv", keep_default_na=False)
+
+
+def claim(table: pd.DataFrame, claim_id: str) -> pd.Series:
+    return table.set_index("id").loc[claim_id]
+
+
+def test_quick_report_opens_with_the_claims_table(quick_run):
+    out, _, output = quick_run
+    html = (out / "index.html").read_text(encoding="utf-8")
+    first_table = html.index("<table")
+    assert html.index("The paper&#x27;s claims against this run") < first_table
+    assert html.index("Claims (id, where the paper makes it") > first_table  # caption of the first table
+    assert html.index("Claims (id,") < html.index("<table", first_table + 1)
+    claims = read_claims(out)
+    assert list(claims.columns) == CLAIM_COLUMNS
+    assert list(claims["id"]) == [c.id for c in CLAIMS]
+    assert set(claims["verdict"]) <= set(VERDICTS)
+    assert (claims["evidence"].str.len() > 0).all()
+    assert "wrote" in output and "[1/" in output  # progress per stage
+
+
+def test_quick_grid_verdicts_follow_the_grid_table(quick_run):
+    """The grid rows, recomputed independently from the per-cell CSV and the paper's verdicts."""
+    out, _, _ = quick_run
+    cells = pd.read_csv(out / "tables" / "grid_cells.csv")
+    assert len(cells) == 6  # 3 norms × 2 injections × block 4 × seed 0
+    claims = read_claims(out)
+    for claim_id, injected in (("grid-injection", True), ("grid-no-injection", False)):
+        part = cells[(cells["injection"] != "none") == injected]
+        agree = [part[(part.norm == n) & (part.injection == i)]["verdict"].mode()[0] == PAPER_VERDICTS[(n, i)]
+                 for n, i in part[["norm", "injection"]].drop_duplicates().itertuples(index=False)]
+        assert claim(claims, claim_id)["verdict"] == (HOLDS if all(agree) else DIFFERS)
+    assert claim(claims, "grid-block-size")["verdict"] == NOT_MEASURABLE  # one block size in quick mode
+
+
+def test_quick_model_verdicts_follow_the_per_model_tables(quick_run):
+    out, _, _ = quick_run
+    models = pd.read_csv(out / "tables" / "claims_models.csv", keep_default_na=False, na_values=[""])
+    assert set(models["model"]) == {"micro", "micro+inject", "micro+noprelude", "default"}
+    claims = read_claims(out)
+    # Prop. 4.2 is a theorem: the measured/bound ratio must be ≤ 1 in every model, and the verdict says so
+    assert models["prop42_max_ratio"].notna().all() and (models["prop42_max_ratio"] <= 1).all()
+    assert claim(claims, "prop-4.2")["verdict"] == HOLDS
+    for name in models["model"]:  # the summary row is the model's own analysis, not another model's
+        row = models.set_index("model").loc[name]
+        deg = pd.read_csv(out / "models" / name / "tables" / "degeneracy_summary.csv").iloc[0]
+        assert row["fraction_distinct"] == pytest.approx(deg["fraction_distinct_cyclic"])
+        prop42 = pd.read_csv(out / "models" / name / "tables" / "prop42_summary.csv")
+        assert row["prop42_max_ratio"] == pytest.approx(prop42["max_ratio"].max())
+        check = pd.read_csv(out / "models" / name / "tables" / "cyclic_fixed_point_check.csv")
+        assert row["max_final_relative_change"] == pytest.approx(check["final_relative_change"].max())
+    injected = models[models["injection"] != "none"]
+    expected = HOLDS if (injected["fraction_distinct"] > 0.5).all() else DIFFERS
+    assert claim(claims, "cyclic-fixed-point")["verdict"] == expected
+    expected = HOLDS if (models["max_final_relative_change"] <= 1e-2).all() else DIFFERS
+    assert claim(claims, "settle")["verdict"] == expected
+    assert claim(claims, "pretrained-stages")["verdict"] == NOT_MEASURABLE
+
+
+def test_quick_extrapolation_and_condition_verdicts_follow_their_tables(quick_run):
+    out, _, _ = quick_run
+    claims = read_claims(out)
+    per_r = pd.read_csv(out / "tables" / "extrapolate_per_r.csv")
+    assert set(per_r["model"]) == {"micro", "micro+inject", "micro+noprelude", "default"}
+    assert set(per_r["recurrences"]) == {1, 2, 4, 8}
+    at_max = per_r[per_r["recurrences"] == 8].set_index("model")
+    converging = at_max.index[at_max["fixed_point"] > 0.5]
+    if len(converging) == 0:
+        assert claim(claims, "extrapolation-stable")["verdict"] == NOT_MEASURABLE
+        assert claim(claims, "extrapolation-unstable")["verdict"] in (HOLDS, DIFFERS)
+    else:
+        assert claim(claims, "extrapolation-stable")["verdict"] in (HOLDS, DIFFERS)
+    conditions = pd.read_csv(out / "tables" / "conditions.csv")
+    paper = conditions[conditions["method"] == "paper"].set_index("condition")
+    assert set(paper.index) == {"none", "long-persona", "long-persona-padded", "short-math"}
+    rate_none = 1 - paper.loc["none", "fixed_point"]
+    assert claim(claims, "rare-non-fixed")["verdict"] == (HOLDS if rate_none < 0.01 else DIFFERS)
+
+
+def test_quick_training_section(quick_run):
+    out, _, _ = quick_run
+    metrics = pd.read_csv(out / "tables" / "training_metrics.csv")
+    assert list(metrics["preset"]) == ["micro", "micro+inject", "micro+noprelude", "micro-feedforward"]
+    assert (metrics["steps"] == 12).all()
+    assert (out / "figures" / "training_loss.png").stat().st_size > 1000
+    assert (out / "runs" / "micro" / "model" / "config.json").exists()
+
+
+def test_quick_resume_loads_finished_stages(quick_run):
+    """A rerun loads every finished stage; a stage whose results were lost (no done.json) is recomputed, the grid
+    from its own cells CSV without running a cell again; the claims come out the same."""
+    out, data, _ = quick_run
+    before = read_claims(out)
+    (out / "stages" / "grid" / "done.json").unlink()
+    cells_before = pd.read_csv(out / "stages" / "grid" / "cells" / "grid_cells.csv")
+    index = run_reproduce(ReproduceSettings(out=out, data=str(data), quick=True, progress=False))
+    assert index == out / "index.html"
+    timings = pd.read_csv(out / "tables" / "stage_timings.csv").set_index("stage")
+    assert timings.loc["grid", "this_run"] == "ran"
+    ran = timings[timings["this_run"] == "ran"].index.tolist()
+    assert ran == ["grid"], ran
+    assert timings.loc["train-micro", "this_run"] == "cached"
+    assert len(pd.read_csv(out / "stages" / "grid" / "cells" / "grid_cells.csv")) == len(cells_before)
+    pd.testing.assert_frame_equal(read_claims(out), before)
+    with pytest.raises(InputError, match="other settings"):  # a finished stage is never mixed with new settings
+        run_reproduce(ReproduceSettings(out=out, data=str(data), quick=True, minutes_per_model=0.05, progress=False))
+
+
+def test_missing_data_is_an_input_error(tmp_path, capsys, monkeypatch):
+    from loopscope.cli.main import main
+
+    monkeypatch.setattr("sys.argv", ["loopscope", "reproduce", "--quick", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as exit_info:
+        main()  # the entry point prints the one-line error and exits 2
+    assert exit_info.value.code == 2 and "--data" in capsys.readouterr().err
+    with pytest.raises(InputError, match="nowhere"):
+        run_reproduce(ReproduceSettings(out=tmp_path / "o", data=str(tmp_path / "nowhere"), quick=True))
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n')
+    with pytest.raises(InputError, match="train"):
+        run_reproduce(ReproduceSettings(out=tmp_path / "o", data=str(tmp_path / "half"), quick=True))
+
+
+def test_help_reads_like_a_man_page():
+    result = runner.invoke(app, ["reproduce", "--help"])
+    assert result.exit_code == 0
+    for heading in ("SYNOPSIS", "DESCRIPTION", "RESUMING", "FILES", "EXAMPLES", "--minutes-per-model", "--quick"):
+        assert heading in result.output
+
+
+def test_stage_cache_round_trip(tmp_path):
+    cache = StageCache(tmp_path)
+    index = pd.MultiIndex.from_product([range(2), range(3)], names=["recurrence", "layer"])
+    square = pd.DataFrame(np.arange(36.0).reshape(6, 6), index=index, columns=index.copy())
+    labels = pd.DataFrame({"behaviour": pd.array(["orbit", "fixed_point"], dtype="string"),
+                           "period": pd.array([3, None], dtype="Int64")})
+    labels.attrs["all_tokens"] = pd.DataFrame({"n": [1, 2]})  # as run_conditions attaches its all-token table
+    assert cache.load("s", {"a": 1}) is None
+    cache.save("s", {"a": (1, 2)}, {"square": square, "labels": labels, "nothing": None}, 1.5)
+    back = cache.load("s", {"a": (1, 2)})
+    assert set(back) == {"square", "labels"}
+    pd.testing.assert_frame_equal(back["square"], square)
+    pd.testing.assert_frame_equal(back["labels"], labels)
+    pd.testing.assert_frame_equal(back["labels"].attrs["all_tokens"], labels.attrs["all_tokens"])
+    assert cache.seconds("s") == 1.5
+    with pytest.raises(InputError, match="a"):
+        cache.load("s", {"a": (1, 3)})
+
+
+def test_attention_self_match_and_shrink_by_hand():
+    index = pd.MultiIndex.from_product([range(3), range(2)], names=["recurrence", "layer"])
+    layer = index.get_level_values("layer").to_numpy()
+    rec = index.get_level_values("recurrence").to_numpy()
+    banded = np.where(layer[:, None] == layer[None, :], 0.1, 1.0) + 0.01 * np.abs(rec[:, None] - rec[None, :])
+    assert attention_self_match(pd.DataFrame(banded, index=index, columns=index)) == 1.0
+    swapped = np.where(layer[:, None] == layer[None, :], 1.0, 0.1)  # every pattern nearest to the other layer
+    assert attention_self_match(pd.DataFrame(swapped, index=index, columns=index)) == 0.0
+    to_last = pd.DataFrame({"recurrence": [0, 0, 1, 1, 2, 2], "layer": [0, 1] * 3,
+                            "attention_frobenius": [2.0, 4.0, 0.3, 0.3, 0.0, 0.0]})
+    assert attention_shrink(to_last) == pytest.approx(0.1)
+    assert math.isnan(attention_shrink(to_last[to_last.recurrence < 2]))
+
+
+def test_stage_repeat_error_and_alignment_by_hand():
+    rows = [dict(segment="prelude", recurrence=-1, layer=0, v=0.0)]
+    profile = [0.2, 0.8]
+    for t in range(4):
+        for j, v in enumerate(profile):
+            rows.append(dict(segment="core", recurrence=t, layer=j, v=v + (0.5 if t == 0 else 0.0)))
+    rows.append(dict(segment="coda", recurrence=-1, layer=0, v=1.0))
+    stages = pd.DataFrame(rows)
+    assert stage_repeat_error(stages, "v") == 0.0  # pass 0 is the transient; passes 1, 2 repeat pass 3
+    stages.loc[(stages.segment == "core") & (stages.recurrence == 1) & (stages.layer == 0), "v"] += 0.4
+    spread = stages["v"].std(ddof=0)
+    assert stage_repeat_error(stages, "v") == pytest.approx(math.sqrt(0.4 ** 2 / 4) / spread)
+    alignment = pd.DataFrame({"metric": ["colsum_concentration"] * 3 + ["sink_rate"] * 3,
+                              "recurrence": [0, 1, 2] * 2, "pearson": [0.1, 0.3, 0.9, -1, -1, -1]})
+    got = colsum_alignment(alignment)
+    assert got == pytest.approx({"colsum_pearson_median": 0.3, "colsum_pearson_last": 0.9,
+                                 "colsum_pearson_early": 0.2})
