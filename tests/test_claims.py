@@ -235,3 +235,32 @@ def test_thresholds_are_parameters():
 @pytest.mark.parametrize("claim", CLAIMS, ids=lambda c: c.id)
 def test_claim_text_is_one_line(claim):
     assert "\n" not in claim.text and len(claim.text) < 200 and claim.source
+
+
+def ablation(name: str, kind: str = "looped", **kw) -> dict:
+    """An ablation row whose model has massive activations and loses its attention stages; override any column."""
+    row = dict(model=name, kind=kind, segment="core", layer=1, massive_ratio_before=5000.0, massive_ratio_after=40.0,
+               sink_rate_kept=0.2, colsum_concentration_kept=0.5, mean_kl=2.0)
+    row.update(kw)
+    return row
+
+
+def test_massive_causal_judges_looped_models_with_massive_activations():
+    m = lambda *rows: {"massive_ablation": pd.DataFrame(list(rows))}  # noqa: E731
+    assert verdict("massive-causal", {}) == NOT_MEASURABLE
+    assert verdict("massive-causal", m(ablation("l4"))) == HOLDS
+    # one of the two stage metrics survives the ablation: the stages were not removed
+    assert verdict("massive-causal", m(ablation("l4", colsum_concentration_kept=0.9))) == DIFFERS
+    # the threshold is inclusive and read from Thresholds
+    assert verdict("massive-causal", m(ablation("l4", colsum_concentration_kept=0.6))) == HOLDS
+    assert verdict("massive-causal", m(ablation("l4", colsum_concentration_kept=0.6)),
+                   Thresholds(stages_kept=0.59)) == DIFFERS
+    # a looped model without sinks before the ablation: the ColSum ratio alone decides
+    assert verdict("massive-causal", m(ablation("l4", sink_rate_kept=math.nan))) == HOLDS
+    # no looped model with massive activations: a feedforward reference alone does not judge the looped claim
+    below = ablation("l4", massive_ratio_before=30.0, sink_rate_kept=1.0, colsum_concentration_kept=1.0)
+    v = next(c.rule for c in CLAIMS if c.id == "massive-causal")(
+        m(below, ablation("smollm2", kind="feedforward-hf")), TH)
+    assert v.verdict == NOT_MEASURABLE
+    assert "l4 30 < 100" in v.evidence and "smollm2 (feedforward-hf)" in v.evidence and "stages removed" in v.evidence
+    assert verdict("massive-causal", m(ablation("smollm2", kind="feedforward-hf"))) == NOT_MEASURABLE

