@@ -219,8 +219,12 @@ def test_stage_cache_round_trip(tmp_path):
     pd.testing.assert_frame_equal(back["labels"], labels)
     pd.testing.assert_frame_equal(back["labels"].attrs["all_tokens"], labels.attrs["all_tokens"])
     assert cache.seconds("s") == 1.5
-    with pytest.raises(InputError, match="a"):
+    with pytest.raises(InputError, match=r"settings \(a\)"):
         cache.load("s", {"a": (1, 3)})
+    # a setting added to the code later, left off (None), still finds the finished stage; set, it does not
+    assert set(cache.load("s", {"a": (1, 2), "new_option": None})) == {"square", "labels"}
+    with pytest.raises(InputError, match=r"settings \(new_option\)"):
+        cache.load("s", {"a": (1, 2), "new_option": 3})
 
 
 def test_attention_self_match_and_shrink_by_hand():

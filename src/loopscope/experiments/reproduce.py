@@ -171,6 +171,7 @@ def check_settings(s: ReproduceSettings) -> None:
                          "train.jsonl and test.jsonl")
     for split in ("train", "test"):
         load_gsm8k(split, s.data)  # raises InputError naming the missing or malformed file
+    s.data = str(Path(s.data).resolve())  # the same data given from another directory resumes the same stages
     if s.minutes_per_model is not None and s.minutes_per_model <= 0:
         raise InputError(f"--minutes-per-model {s.minutes_per_model}: give a positive number of minutes")
     if s.threads < 1:

@@ -35,9 +35,9 @@ class StageCache:
         if not done.exists():
             return None
         record = json.loads(done.read_text())
-        if record["params"] != jsonable(params):
-            changed = sorted(k for k in set(record["params"]) | set(jsonable(params))
-                             if record["params"].get(k) != jsonable(params).get(k))
+        stored, wanted = settled(record["params"]), settled(jsonable(params))
+        if stored != wanted:
+            changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
             raise InputError(f"{self.dir(name)} holds stage {name!r} finished with other settings "
                              f"({', '.join(changed)}); rerun with the same options to resume, or give a new --out")
         tables = {}
@@ -103,3 +103,9 @@ def is_square(frame: pd.DataFrame) -> bool:
 def jsonable(params: dict) -> dict:
     """`params` as it reads back from JSON (tuples → lists, paths → strings)."""
     return json.loads(json.dumps(params, default=str))
+
+
+def settled(params: dict) -> dict:
+    """`params` without the None-valued keys: a setting added to the code later, left at None (off), matches a
+    stage that finished before it existed, so an upgrade does not throw away finished work."""
+    return {k: v for k, v in params.items() if v is not None}
