@@ -102,9 +102,27 @@ def test_load_errors_name_the_fix(monkeypatch, tmp_path):
     (tmp_path / "test.jsonl").write_text('{"question": "q"}\n')
     with pytest.raises(InputError, match="answer"):
         load_gsm8k("test", tmp_path)
+    (tmp_path / "test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n\n{"question": oops}\n')
+    with pytest.raises(InputError, match=r"test.jsonl:3 is not valid JSON .*official GSM8K"):
+        load_gsm8k("test", tmp_path)  # the blank line 2 is skipped, the broken line 3 named
     (tmp_path / "test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n')
     with pytest.raises(InputError, match="1319"):
         gsm8k_test_subset(tmp_path)
+
+
+def test_prompt_files_jsonl_and_text(tmp_path):
+    from loopscope.data.prompts import load_prompts
+
+    (tmp_path / "p.jsonl").write_text('{"question": "first"}\n\n{"text": "second"}\n')
+    assert load_prompts(tmp_path / "p.jsonl") == ["first", "second"]
+    (tmp_path / "bad.jsonl").write_text('{"question": "first"}\n[1, 2\n')
+    with pytest.raises(InputError, match=r"bad.jsonl:2 is not valid JSON"):
+        load_prompts(tmp_path / "bad.jsonl")
+    (tmp_path / "none.jsonl").write_text('{"title": "x"}\n')
+    with pytest.raises(InputError, match="none of the fields"):
+        load_prompts(tmp_path / "none.jsonl")
+    (tmp_path / "p.txt").write_text("one\n\ntwo\n")
+    assert load_prompts(tmp_path / "p.txt", limit=1) == ["one"]
 
 
 def test_system_prompt_conditions(tokenizer):

@@ -12,12 +12,12 @@ and the optional `datasets` package is installed.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
+from loopscope.data.jsonl import read_jsonl
 from loopscope.errors import InputError
 
 SPLITS = ("train", "test")
@@ -49,13 +49,7 @@ def load_gsm8k(split: str, path: str | Path | None = None) -> list[dict[str, str
             f"the directory holding train.jsonl and test.jsonl"
         )
     rows = []
-    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{file}:{n} is not valid JSON ({exc}); is this the official GSM8K jsonl?") from exc
+    for n, row in read_jsonl(file, "; is this the official GSM8K jsonl?"):
         if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not isinstance(
             row.get("answer"), str
         ):

@@ -6,9 +6,9 @@ generator (seed 0), written once by `generate_gsm_symbolic(16, seed=0)`; nothing
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from loopscope.data.jsonl import read_jsonl
 from loopscope.errors import InputError
 
 ASSETS = Path(__file__).parent / "assets"
@@ -34,22 +34,15 @@ def load_prompts(spec: str | Path, limit: int | None = None) -> list[str]:
         raise InputError(
             f"prompt set {spec!r} is neither a file nor a builtin; builtins: {sorted(BUILTIN_PROMPTS)}"
         )
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
         prompts = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{n} is not valid JSON ({exc})") from exc
+        for n, row in read_jsonl(path):
             field = next((f for f in TEXT_FIELDS if isinstance(row, dict) and f in row), None)
             if field is None:
                 raise InputError(f"{path}:{n} has none of the fields {TEXT_FIELDS}; put the prompt text in one")
             prompts.append(str(row[field]))
     else:
-        prompts = [line for line in text.splitlines() if line.strip()]
+        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if limit is not None:
         prompts = prompts[:limit]
     if not prompts or any(not p.strip() for p in prompts):

@@ -156,21 +156,33 @@ def rule_injection_cyclic(m: Measurements, th: Thresholds) -> Verdict:
                    names(rows))
 
 
-def rule_injection_helps(m: Measurements, th: Thresholds) -> Verdict:
+def judge_pairs(m: Measurements, variant: str, what: str, columns: list[str],
+                better: Callable[[pd.Series, pd.Series], bool],
+                describe: Callable[[pd.Series, pd.Series], str]) -> Verdict:
+    """A claim about a variant against its own base: holds when `better(base, variant)` for every pair trained
+    both ways (`pair`); not measurable without such a pair or when a pair lacks one of `columns`."""
     if (v := missing(m, "models")) is not None:
         return v
-    pairs = pair(m, "inject")
+    pairs = pair(m, variant)
     if not pairs:
-        return Verdict(NOT_MEASURABLE, "no model trained both with and without injection")
+        return Verdict(NOT_MEASURABLE, f"no model trained both with and without {what}")
     parts, ok = [], []
-    for base, inj in pairs:
-        better = inj["last_layer_relative_change"] <= base["last_layer_relative_change"]
-        ok.append(bool(better))
-        parts.append(f"last-layer relative change {inj['model']} {fmt(inj['last_layer_relative_change'])} vs "
-                     f"{base['model']} {fmt(base['last_layer_relative_change'])}; tokens at a fixed point "
-                     f"{fmt(1 - inj['fraction_no_fixed_point'])} vs {fmt(1 - base['fraction_no_fixed_point'])}")
+    for base, var in pairs:
+        if any(pd.isna(row[c]) for row in (base, var) for c in columns):
+            return Verdict(NOT_MEASURABLE, f"{', '.join(columns)} missing for {base['model']} or {var['model']}")
+        ok.append(bool(better(base, var)))
+        parts.append(describe(base, var))
     return Verdict(HOLDS if all(ok) else DIFFERS, "; ".join(parts),
-                   ", ".join(f"{b['model']} vs {i['model']}" for b, i in pairs))
+                   ", ".join(f"{b['model']} vs {v['model']}" for b, v in pairs))
+
+
+def rule_injection_helps(m: Measurements, th: Thresholds) -> Verdict:
+    return judge_pairs(
+        m, "inject", "injection", ["last_layer_relative_change"],
+        lambda base, inj: inj["last_layer_relative_change"] <= base["last_layer_relative_change"],
+        lambda base, inj: f"last-layer relative change {inj['model']} {fmt(inj['last_layer_relative_change'])} vs "
+                          f"{base['model']} {fmt(base['last_layer_relative_change'])}; tokens at a fixed point "
+                          f"{fmt(1 - inj['fraction_no_fixed_point'])} vs {fmt(1 - base['fraction_no_fixed_point'])}")
 
 
 def rule_distinct_not_degenerate(m: Measurements, th: Thresholds) -> Verdict:
@@ -241,39 +253,20 @@ def rule_stages_repeat(m: Measurements, th: Thresholds) -> Verdict:
 
 
 def rule_injection_final_pass(m: Measurements, th: Thresholds) -> Verdict:
-    if (v := missing(m, "models")) is not None:
-        return v
-    pairs = pair(m, "inject")
-    if not pairs:
-        return Verdict(NOT_MEASURABLE, "no model trained both with and without injection")
-    parts, ok = [], []
-    for base, inj in pairs:
-        values = [inj["colsum_pearson_last"], base["colsum_pearson_last"], inj["colsum_pearson_early"],
-                  base["colsum_pearson_early"]]
-        if any(pd.isna(x) for x in values):
-            return Verdict(NOT_MEASURABLE, f"alignment missing for {base['model']} or {inj['model']}")
-        ok.append(values[0] > values[1] and values[2] < values[3])
-        parts.append(f"last pass r {inj['model']} {fmt(values[0])} vs {base['model']} {fmt(values[1])}; earlier "
-                     f"passes {fmt(values[2])} vs {fmt(values[3])}")
-    return Verdict(HOLDS if all(ok) else DIFFERS, "; ".join(parts),
-                   ", ".join(f"{b['model']} vs {i['model']}" for b, i in pairs))
+    last, early = "colsum_pearson_last", "colsum_pearson_early"
+    return judge_pairs(
+        m, "inject", "injection", [last, early],
+        lambda base, inj: inj[last] > base[last] and inj[early] < base[early],
+        lambda base, inj: f"last pass r {inj['model']} {fmt(inj[last])} vs {base['model']} {fmt(base[last])}; "
+                          f"earlier passes {fmt(inj[early])} vs {fmt(base[early])}")
 
 
 def rule_noprelude_worse(m: Measurements, th: Thresholds) -> Verdict:
-    if (v := missing(m, "models")) is not None:
-        return v
-    pairs = pair(m, "noprelude")
-    if not pairs:
-        return Verdict(NOT_MEASURABLE, "no model trained both with and without prelude/coda")
-    parts, ok = [], []
-    for base, nop in pairs:
-        if pd.isna(base["colsum_pearson_median"]) or pd.isna(nop["colsum_pearson_median"]):
-            return Verdict(NOT_MEASURABLE, f"alignment missing for {base['model']} or {nop['model']}")
-        ok.append(nop["colsum_pearson_median"] < base["colsum_pearson_median"])
-        parts.append(f"median r {nop['model']} {fmt(nop['colsum_pearson_median'])} vs {base['model']} "
-                     f"{fmt(base['colsum_pearson_median'])}")
-    return Verdict(HOLDS if all(ok) else DIFFERS, "; ".join(parts),
-                   ", ".join(f"{b['model']} vs {n['model']}" for b, n in pairs))
+    median = "colsum_pearson_median"
+    return judge_pairs(
+        m, "noprelude", "prelude/coda", [median],
+        lambda base, nop: nop[median] < base[median],
+        lambda base, nop: f"median r {nop['model']} {fmt(nop[median])} vs {base['model']} {fmt(base[median])}")
 
 
 def rule_best_fit(m: Measurements, th: Thresholds) -> Verdict:
@@ -401,13 +394,23 @@ def stable_under_extrapolation(r: pd.Series, th: Thresholds) -> bool:
     return bool(still and abs(r["align_max"] - r["align_train"]) <= th.alignment_drift)
 
 
-def rule_extrapolation_stable(m: Measurements, th: Thresholds) -> Verdict:
+def extrapolated(m: Measurements, th: Thresholds, converging: bool) -> pd.DataFrame | Verdict:
+    """`extrapolation_rows` of the models that converge (or do not) at the largest R; a not-measurable Verdict
+    when the table is missing or no model falls in the group."""
     if (v := missing(m, "extrapolate")) is not None:
         return v
     rows = extrapolation_rows(m, th)
-    conv = rows[rows["converges"]] if len(rows) else rows
-    if conv.empty:
-        return Verdict(NOT_MEASURABLE, "no model has most tokens at a fixed point at the largest R")
+    group = rows[rows["converges"] == converging] if len(rows) else rows
+    if group.empty:
+        return Verdict(NOT_MEASURABLE, "no model has most tokens at a fixed point at the largest R" if converging
+                       else "every model converges at the largest R: no non-converging model to test")
+    return group
+
+
+def rule_extrapolation_stable(m: Measurements, th: Thresholds) -> Verdict:
+    conv = extrapolated(m, th, converging=True)
+    if isinstance(conv, Verdict):
+        return conv
     ok = [stable_under_extrapolation(r, th) for _, r in conv.iterrows()]
     ev = "; ".join(f"{r.model} R {r.trained}→{r.r_max}: change {fmt(r.change)}, alignment r {fmt(r.align_train)}→"
                    f"{fmt(r.align_max)}" for r in conv.itertuples())
@@ -417,12 +420,9 @@ def rule_extrapolation_stable(m: Measurements, th: Thresholds) -> Verdict:
 
 
 def rule_extrapolation_unstable(m: Measurements, th: Thresholds) -> Verdict:
-    if (v := missing(m, "extrapolate")) is not None:
-        return v
-    rows = extrapolation_rows(m, th)
-    rest = rows[~rows["converges"]] if len(rows) else rows
-    if rest.empty:
-        return Verdict(NOT_MEASURABLE, "every model converges at the largest R: no non-converging model to test")
+    rest = extrapolated(m, th, converging=False)
+    if isinstance(rest, Verdict):
+        return rest
     ok = [not stable_under_extrapolation(r, th) for _, r in rest.iterrows()]
     ev = "; ".join(f"{r.model}: fixed-point tokens {fmt(r.fixed_point)}, change {fmt(r.change)}, alignment r "
                    f"{fmt(r.align_train)}→{fmt(r.align_max)}" for r in rest.itertuples())
@@ -431,12 +431,9 @@ def rule_extrapolation_unstable(m: Measurements, th: Thresholds) -> Verdict:
 
 
 def rule_extrapolation_performance(m: Measurements, th: Thresholds) -> Verdict:
-    if (v := missing(m, "extrapolate")) is not None:
-        return v
-    rows = extrapolation_rows(m, th)
-    conv = rows[rows["converges"]] if len(rows) else rows
-    if conv.empty:
-        return Verdict(NOT_MEASURABLE, "no model has most tokens at a fixed point at the largest R")
+    conv = extrapolated(m, th, converging=True)
+    if isinstance(conv, Verdict):
+        return conv
     ok = [r.loss_max - r.loss_train <= th.loss_drift for r in conv.itertuples()]
     ev = "; ".join(f"{r.model} loss {fmt(r.loss_train)}→{fmt(r.loss_max)} nats, exact match {fmt(r.acc_train)}→"
                    f"{fmt(r.acc_max)}" for r in conv.itertuples())
