@@ -2,6 +2,7 @@
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 
@@ -80,3 +81,25 @@ def test_planted_prediction_neuron_in_a_looped_model():
     spread = neuron_fractions_by_depth(df, traj)
     assert spread.depth.tolist() == [1, 2, 3, 4, 5, 6]
     assert spread.prediction_fraction.tolist() == pytest.approx([0, 0, 1 / 32, 0, 1 / 32, 0])
+
+
+def test_float32_moments_match_float64_on_the_trained_default():
+    """The fast float32 path (the default of `neuron_fractions`) moves the moments by < 1e-4 relative and gives the
+    same prediction / suppression counts as the exact float64 path, on real trained weights."""
+    from loopscope.models.load import load_model
+    from loopscope.stages.neurons import model_down_projections
+    from loopscope.stages.readout import Readout
+
+    model = load_model("default").model
+    readout = Readout.from_model(model)
+    directions = readout_directions(readout.unembedding, readout.norm_weight)
+    for name, w in model_down_projections(model).items():
+        exact = vocab_moments(w, directions)
+        fast = vocab_moments(w, directions, dtype=torch.float32)
+        for col in ("cos_std", "vocab_skew", "vocab_kurtosis"):
+            assert fast[col].to_numpy() == pytest.approx(exact[col].to_numpy(), rel=1e-4, abs=1e-6), (name, col)
+    layers = model_down_projections(model)
+    f64 = neuron_fractions(layers, readout.unembedding, norm_weight=readout.norm_weight, dtype=torch.float64)
+    f32 = neuron_fractions(layers, readout.unembedding, norm_weight=readout.norm_weight)
+    pd.testing.assert_frame_equal(f32, f64)
+    assert f64["n_prediction"].sum() + f64["n_suppression"].sum() > 0  # the comparison has neurons to count

@@ -113,3 +113,22 @@ def test_alignment_against_a_feedforward_trajectory_end_to_end():
     got = by_recurrence(residual_norms(looped), "token_norm_mean_mean")
     assert got[got.recurrence == 0].y.to_numpy() == pytest.approx(expected_profile)
     assert np.all(np.diff(got.x.to_numpy()[:4]) > 0)
+
+
+@pytest.mark.parametrize(("P", "C", "expected"), [(2, 1, ["prelude", "coda"]), (0, 0, []), (1, 0, ["prelude"])])
+def test_realized_depth_legend_names_only_the_segments_the_model_has(tmp_path, monkeypatch, P, C, expected):
+    from loopscope.report import figures
+    from loopscope.report.stages_section import three_views
+
+    shown = {}
+    real_save = figures.save
+
+    def keep(fig, out, name):
+        shown["fig"] = fig
+        return real_save(fig, out, name)
+
+    monkeypatch.setattr(figures, "save", keep)
+    png, views = three_views(metric_table(P, 3, C, 4), "m_mean", "m", tmp_path, "m", None, "ff")
+    legend = shown["fig"].axes[0].get_legend()
+    assert ([t.get_text() for t in legend.get_texts()] if legend else []) == expected
+    assert png.exists() and set(views["view"]) == {"realized_depth", "by_recurrence", "by_layer"}

@@ -42,12 +42,14 @@ def three_views(table: pd.DataFrame, value: str, label: str, out_dir, name: str,
     ax.plot(depth["x"], depth["y"], color="0.2", lw=1.2)
     for seg, colour in (("prelude", "tab:blue"), ("coda", "tab:red")):
         part = depth[depth.segment == seg]
-        ax.scatter(part["x"], part["y"], color=colour, s=14, zorder=3, label=seg)
+        if len(part):  # a model without prelude / coda gets no legend entry for it
+            ax.scatter(part["x"], part["y"], color=colour, s=14, zorder=3, label=seg)
     core = depth[depth.segment == "core"]
     ax.scatter(core["x"], core["y"], c=core["recurrence"], cmap=figures.BY_RECURRENCE, s=10, zorder=3)
     ax.set_xlabel("realized depth")
     ax.set_title("along realized depth", fontsize=9)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     ax = axes[1]
     recs = sorted(per_rec["recurrence"].unique())
     for r, colour in zip(recs, figures.series_colours(len(recs), figures.BY_RECURRENCE)):

@@ -43,26 +43,34 @@ def readout_directions(unembedding: torch.Tensor, norm_weight: torch.Tensor | No
     return w / w.norm(dim=-1, keepdim=True).clamp_min(1e-300)
 
 
-def vocab_moments(w_down: torch.Tensor, directions: torch.Tensor, chunk: int = 1024) -> pd.DataFrame:
+def vocab_moments(w_down: torch.Tensor, directions: torch.Tensor, chunk: int = 1024,
+                  dtype: torch.dtype = torch.float64) -> pd.DataFrame:
     """Per neuron: `cos_mean`, `cos_std`, `vocab_skew` and `vocab_kurtosis` (Pearson) of cos(w_out[n], W_U[v]) over v.
 
     w_down: (D, d_mlp) (nn.Linear weight of down_proj); directions: (V, D) from `readout_directions`.
-    NaN skew/kurtosis where the cosines do not vary.
+    NaN skew/kurtosis where the cosines do not vary. From the central power sums of each chunk of neurons,
+    m_k = mean_v (s_v − mean s)^k: skew = m3 / m2^1.5, kurtosis = m4 / m2². `dtype` float32 is about 2.5× faster
+    on a CPU (SmolLM2's 46k neurons × 49k tokens) and moves the moments by ~1e-6 relative; float64 is exact.
     """
     if w_down.ndim != 2 or w_down.shape[0] != directions.shape[1]:
         raise InputError(f"w_down must be (d_model={directions.shape[1]}, d_mlp); got {tuple(w_down.shape)}")
     out = w_down.detach().cpu().double().T  # (d_mlp, D)
-    out = out / out.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    out = (out / out.norm(dim=-1, keepdim=True).clamp_min(1e-300)).to(dtype)
+    directions_t = directions.to(dtype).T.contiguous()
     parts = []
     for start in range(0, out.shape[0], chunk):
-        cos = out[start:start + chunk] @ directions.T  # (n, V)
+        cos = out[start:start + chunk] @ directions_t  # (n, V)
         mean = cos.mean(-1, keepdim=True)
-        std = (cos - mean).pow(2).mean(-1, keepdim=True).sqrt()
-        z = (cos - mean) / std
-        flat = std.squeeze(-1) <= 1e-12
-        skew = z.pow(3).mean(-1).masked_fill(flat, float("nan"))
-        kurt = z.pow(4).mean(-1).masked_fill(flat, float("nan"))
-        parts.append(torch.stack([mean.squeeze(-1), std.squeeze(-1), skew, kurt], dim=-1))
+        d = cos.sub_(mean)
+        d2 = d * d
+        m2 = d2.mean(-1)
+        m3 = (d2 * d).mean(-1)
+        m4 = d2.mul_(d2).mean(-1)
+        std = m2.sqrt()
+        flat = std <= (1e-12 if dtype == torch.float64 else 1e-6)  # constant cosines, up to rounding
+        skew = (m3 / m2.pow(1.5)).masked_fill(flat, float("nan"))
+        kurt = (m4 / m2.pow(2)).masked_fill(flat, float("nan"))
+        parts.append(torch.stack([mean.squeeze(-1), std, skew, kurt], dim=-1).double())
     table = torch.cat(parts).numpy()
     df = pd.DataFrame(table, columns=["cos_mean", "cos_std", "vocab_skew", "vocab_kurtosis"])
     df.insert(0, "neuron", range(len(df)))
@@ -82,17 +90,19 @@ def neuron_fractions(
     norm_weight: torch.Tensor | None = None,
     center_unembedding: bool = True,
     kurtosis_threshold: float = 10.0,
+    dtype: torch.dtype = torch.float32,
 ) -> pd.DataFrame:
     """Fraction of prediction / suppression neurons per layer.
 
     layers: name → w_down (D, d_mlp) (names like "prelude.0", "core.3" give `segment` and `layer`);
-    unembedding W_U (V, D); norm_weight: final-norm weight to fold into W_U (None = do not fold).
+    unembedding W_U (V, D); norm_weight: final-norm weight to fold into W_U (None = do not fold);
+    dtype: of the cosines and moments (`vocab_moments`; float64 for exact moments).
     Columns: NEURON_COLUMNS (`layer` is <NA> when the name has no ".<index>" suffix).
     """
     directions = readout_directions(unembedding, norm_weight, center_unembedding)
     rows = []
     for name, w_down in layers.items():
-        m = vocab_moments(w_down, directions)
+        m = vocab_moments(w_down, directions, dtype=dtype)
         heavy = m["vocab_kurtosis"] > kurtosis_threshold
         n_pred, n_supp = int((heavy & (m["vocab_skew"] > 0)).sum()), int((heavy & (m["vocab_skew"] < 0)).sum())
         segment, layer = parse_layer_name(name)
