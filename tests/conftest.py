@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,16 @@ import torch
 from loopscope.models import LoopedConfig, LoopedLM
 
 
-SHARED_DATA = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
+def find_gsm8k() -> Path | None:
+    """The official GSM8K jsonl directory: shared/data/gsm8k beside the checkout (CI's layout), or one folder further
+    up (a git worktree one level deeper); None when neither holds test.jsonl."""
+    here = Path(__file__).resolve()
+    return next((p / "shared/data/gsm8k" for p in (here.parents[2], here.parents[3])
+                 if (p / "shared/data/gsm8k/test.jsonl").exists()), None)
+
+
+GSM8K = find_gsm8k()
+GSM8K_TEST = (GSM8K or Path(__file__).resolve().parents[2] / "shared/data/gsm8k") / "test.jsonl"
 
 
 @pytest.fixture(autouse=True)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
+from conftest import GSM8K_TEST
 from loopscope.data.tokenizer import load_tokenizer
 
-GSM8K_TEST = Path("/work/shared/data/gsm8k/test.jsonl")
 
 
 @functools.cache

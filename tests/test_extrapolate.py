@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ARCH_KINDS, build
+from conftest import ARCH_KINDS, GSM8K, build
 from loopscope.capture import capture
 from loopscope.data.tokenizer import load_tokenizer
 from loopscope.errors import InputError
@@ -21,9 +21,6 @@ from loopscope.experiments.presets import preset_config
 from loopscope.models import LoopedLM, load_model
 from loopscope.models.checkpoint import save_model
 
-_HERE = Path(__file__).resolve()
-GSM8K = next((p / "shared/data/gsm8k" for p in (_HERE.parents[2], _HERE.parents[3], Path("/work"))
-              if (p / "shared/data/gsm8k/test.jsonl").exists()), None)
 needs_gsm8k = pytest.mark.skipif(GSM8K is None, reason="the official GSM8K jsonl files are not on this machine")
 
 

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from _families_reference import raven_forward, write_huginn
+from _decoding import decode_in_steps
+from _families_reference import ids, raven_forward, write_huginn
 
 from loopscope.capture import capture
-from loopscope.models import KVCache
 from loopscope.models.families.huginn import load_huginn
 from loopscope.models.load import load_model
 
@@ -20,10 +20,6 @@ TOL = dict(rtol=1e-4, atol=2e-5)
 def huginn(tmp_path_factory):
     path, W, c = write_huginn(tmp_path_factory.mktemp("huginn") / "huginn-tiny", n_pre=1, n_core=2, n_coda=1)
     return path, load_model(path), W, c
-
-
-def ids(B=2, T=10, seed=1):
-    return torch.randint(0, 1024, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 def test_config_translation(huginn):
@@ -84,10 +80,7 @@ def test_kv_cached_decoding_equals_full_forward(huginn):
     model = huginn[1].model
     x = ids(B=1, T=9, seed=5)
     full = model(x, recurrences=3, state_seed=3)
-    cache = KVCache()
-    parts = [model(x[:, :4], recurrences=3, cache=cache, state_seed=3)]
-    parts += [model(x[:, i:i + 1], recurrences=3, cache=cache, state_seed=3) for i in range(4, 9)]
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, **TOL)
+    torch.testing.assert_close(decode_in_steps(model, x, 4, recurrences=3, state_seed=3), full, **TOL)
 
 
 def test_loads_without_the_rope_buffer(tmp_path):

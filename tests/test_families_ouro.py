@@ -3,10 +3,11 @@ checked recurrence by recurrence against the published equations computed indepe
 
 import pytest
 import torch
-from _families_reference import ouro_forward, write_ouro
+from _decoding import decode_in_steps
+from _families_reference import ids, ouro_forward, write_ouro
 
 from loopscope.capture import capture
-from loopscope.models import KVCache, LoopedLM
+from loopscope.models import LoopedLM
 from loopscope.models.families.ouro import exit_probabilities, step_logits
 from loopscope.models.load import load_model
 
@@ -17,10 +18,6 @@ TOL = dict(rtol=1e-4, atol=1e-5)
 def ouro(tmp_path_factory):
     path, W, c = write_ouro(tmp_path_factory.mktemp("ouro") / "Ouro-tiny", n_layers=2)
     return load_model(path), W, c
-
-
-def ids(B=2, T=10, seed=1):
-    return torch.randint(0, 1024, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 def test_config_translation_and_loop_knob(ouro):
@@ -66,10 +63,7 @@ def test_kv_cached_decoding_equals_full_forward(ouro):
     model = ouro[0].model
     x = ids(B=1, T=9, seed=3)
     full = model(x, recurrences=3)
-    cache = KVCache()
-    parts = [model(x[:, :5], recurrences=3, cache=cache)]
-    parts += [model(x[:, i:i + 1], recurrences=3, cache=cache) for i in range(5, 9)]
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, **TOL)
+    torch.testing.assert_close(decode_in_steps(model, x, 5, recurrences=3), full, **TOL)
 
 
 def test_tied_embeddings_without_head(tmp_path):

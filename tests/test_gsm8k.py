@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import GSM8K
 from loopscope.data.corpus import corpus_documents, encode_documents, pack_sequences, python_docs_documents
 from loopscope.data.gsm8k import (
     exact_match, exact_match_accuracy, extract_answer, gsm8k_test_subset, load_gsm8k, normalise_number,
@@ -17,10 +17,6 @@ from loopscope.data.system_prompts import HUGINN_PERSONA, SYSTEM_PROMPT_CONDITIO
 from loopscope.data.tokenizer import load_tokenizer
 from loopscope.errors import InputError
 
-# the official files live in shared/ beside the repository (CI) or at /work/shared (developer machines)
-_HERE = Path(__file__).resolve()
-GSM8K = next((p / "shared/data/gsm8k" for p in (_HERE.parents[2], _HERE.parents[3], Path("/work"))
-              if (p / "shared/data/gsm8k/test.jsonl").exists()), None)
 needs_gsm8k = pytest.mark.skipif(GSM8K is None, reason="official GSM8K jsonl not found in shared/data/gsm8k")
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _decoding import decode_in_steps
 from conftest import ARCH_KINDS, build, tiny_config
 from loopscope.errors import CheckpointError, InputError
 from loopscope.models import KVCache, LoopedLM
@@ -156,11 +157,7 @@ def test_random_state_is_seeded_and_recorded(token_ids):
 def test_kv_cached_decoding_equals_full_forward(kind, token_ids):
     model = build(**kind)
     full = model(token_ids, recurrences=3)
-    cache = KVCache()
-    parts = [model(token_ids[:, :5], recurrences=3, cache=cache)]
-    for i in range(5, token_ids.shape[1]):
-        parts.append(model(token_ids[:, i: i + 1], recurrences=3, cache=cache))
-    torch.testing.assert_close(torch.cat(parts, 1), full, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(decode_in_steps(model, token_ids, 5, recurrences=3), full, atol=2e-5, rtol=1e-4)
 
 
 def test_decoding_with_other_recurrences_is_refused(token_ids):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
+from conftest import GSM8K
 from loopscope.data.corpus import encode_documents, pack_sequences
 from loopscope.data.tokenizer import load_tokenizer
 from loopscope.errors import InputError
@@ -19,9 +19,6 @@ from loopscope.experiments.train import TrainData, TrainSettings, batch_rows, le
 from loopscope.models import LoopedLM, load_model
 from loopscope.models.checkpoint import read_safetensors
 
-_HERE = Path(__file__).resolve()
-GSM8K = next((p / "shared/data/gsm8k" for p in (_HERE.parents[2], _HERE.parents[3], Path("/work"))
-              if (p / "shared/data/gsm8k/test.jsonl").exists()), None)
 
 
 @pytest.fixture(scope="module")
