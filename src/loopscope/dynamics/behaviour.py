@@ -10,6 +10,8 @@ Two classifiers share one output format:
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import numpy as np
 import pandas as pd
 import torch
@@ -20,18 +22,23 @@ from loopscope.dynamics._tokens import RealTokens, real_tokens, resolve_layer, t
 from loopscope.dynamics.rule_dynamics import BEHAVIOURS, Labels
 from loopscope.errors import InputError
 
-METHODS = ("dynamics", "paper")
+# method -> (its thresholds dataclass, its per-token rule)
+RULES = {"dynamics": (rule_dynamics.DynamicsThresholds, rule_dynamics.classify_states),
+         "paper": (rule_paper.PaperThresholds, rule_paper.classify_states)}
+METHODS = tuple(RULES)
 
 
 def layer_labels(traj: Trajectory, layer: int, method: str = "dynamics", tokens: RealTokens | None = None,
                  **thresholds: object) -> Labels:
     """Labels [N] of every real token at block layer `layer` (chunked over tokens)."""
-    if method == "dynamics":
-        th, rule = rule_dynamics.DynamicsThresholds.from_kwargs(**thresholds), rule_dynamics.classify_states
-    elif method == "paper":
-        th, rule = rule_paper.PaperThresholds.from_kwargs(**thresholds), rule_paper.classify_states
-    else:
+    if method not in RULES:
         raise InputError(f"method={method!r}; choose one of {METHODS}")
+    settings, rule = RULES[method]
+    valid = {f.name for f in fields(settings)}
+    unknown = sorted(set(thresholds) - valid)
+    if unknown:
+        raise InputError(f"unknown thresholds {unknown} for method={method!r}; valid: {sorted(valid)}")
+    th = settings(**thresholds)
     j = resolve_layer(traj, layer)
     tokens = real_tokens(traj) if tokens is None else tokens
     parts = [rule(x[:, 0], th) for _, x in token_chunks(traj, tokens, layers=slice(j, j + 1))]

@@ -38,7 +38,7 @@ within 16 steps (≈ 0.116) is, correctly, not an orbit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -62,14 +62,6 @@ class DynamicsThresholds:
     slider_cosine: float = 0.9  # mean cosine between successive steps
     slider_straightness: float = 0.9  # net displacement / path length over the window
     slider_step_ratio: float = 0.8  # late / early mean step size (steps must not shrink)
-
-    @classmethod
-    def from_kwargs(cls, **kwargs: object) -> DynamicsThresholds:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(kwargs) - names)
-        if unknown:
-            raise InputError(f"unknown thresholds {unknown} for method='dynamics'; valid: {sorted(names)}")
-        return cls(**kwargs)  # type: ignore[arg-type]
 
     def window_for(self, R: int) -> int:
         W = max(4, R // 2) if self.window is None else int(self.window)

@@ -30,7 +30,7 @@ with monotonically rising cosine is a "slider" — both are properties of the he
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -49,14 +49,6 @@ class PaperThresholds:
     tau: float = 0.05  # band: 1 − cos ≤ τ counts as "at the final state" (App. C.1)
     rho: float = 0.9  # fraction of window recurrences in the band for a fixed point (App. C.1)
     window_start: float = 0.5  # the "(later)" recurrences start at ⌊window_start·R⌋ (our reading)
-
-    @classmethod
-    def from_kwargs(cls, **kwargs: object) -> PaperThresholds:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(kwargs) - names)
-        if unknown:
-            raise InputError(f"unknown thresholds {unknown} for method='paper'; valid: {sorted(names)}")
-        return cls(**kwargs)  # type: ignore[arg-type]
 
 
 def cosine_to_final(x: torch.Tensor) -> torch.Tensor:

@@ -37,12 +37,12 @@ from loopscope import dynamics
 from loopscope.capture import capture
 from loopscope.data.gsm8k import gsm8k_test_subset
 from loopscope.data.system_prompts import SYSTEM_PROMPT_CONDITIONS, apply_condition, get_condition, system_token_ids
+from loopscope.dynamics.behaviour import METHODS
 from loopscope.errors import InputError
 from loopscope.models.load import LoadedModel, load_model
 from loopscope.report import Report
 from loopscope.report.conditions_section import add_conditions_section
 
-METHODS = ("dynamics", "paper")
 BATCH_SIZE = 4  # questions per capture: R=64, K=4, T≈300, D=128 is ≈ 40 MB per question in fp32
 
 __all__ = ["run_conditions", "add_conditions_section", "condition_labels", "behaviour_fractions"]

