@@ -23,6 +23,19 @@ CONFIG_NAME = "config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
+def config_json(path: Path) -> dict | None:
+    """`path`/config.json as a dict, or None when `path` is not a directory with a readable JSON object there: what
+    the loaders' `recognises` checks read (a malformed file is reported by the loader that claims the path)."""
+    file = Path(path) / CONFIG_NAME
+    if not (file.parent.is_dir() and file.exists()):
+        return None
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def refuse_pickle(path: Path) -> None:
     """Raise if `path` looks like a pickle/torch.save file: loading one can run arbitrary code."""
     head = path.read_bytes()[:4] if path.is_file() else b""

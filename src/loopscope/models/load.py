@@ -81,15 +81,9 @@ def _import_loaders() -> None:
 
 
 def looped_loader_recognises(path: Path) -> bool:
-    import json
+    from loopscope.models.checkpoint import config_json
 
-    cfg = path / "config.json"
-    if not (path.is_dir() and cfg.exists()):
-        return False
-    try:
-        return json.loads(cfg.read_text()).get("format") == "loopscope"
-    except (OSError, ValueError):
-        return False
+    return (config_json(path) or {}).get("format") == "loopscope"
 
 
 def load_looped_checkpoint(path: Path) -> LoadedModel:

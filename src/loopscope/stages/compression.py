@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from loopscope.capture.trajectory import Trajectory
-from loopscope.stages.frames import real_positions, state_rows, summarise, xlogx
+from loopscope.stages.frames import prompt_states, summarise, xlogx
 
 COMPRESSION_METRICS = ["matrix_entropy", "matrix_entropy_normalised"]
 
@@ -43,13 +43,10 @@ def residual_entropy(traj: Trajectory, *, per_prompt: bool = False, include_embe
     """Matrix-based entropy of every state. Columns: STATE_COLUMNS, `matrix_entropy_mean/_std`,
     `matrix_entropy_normalised_mean/_std`, `n` (prompts); per_prompt=True gives one raw row per
     (state, batch) with `n_tokens`."""
-    positions = real_positions(traj)
     rows = []
-    for ids, states in state_rows(traj, include_embed=include_embed):
-        for b, pos in enumerate(positions):
-            h, h_norm = matrix_entropy(states[b].cpu().index_select(0, pos))
-            rows.append({**ids, "batch": b, "n_tokens": len(pos), "matrix_entropy": h,
-                         "matrix_entropy_normalised": h_norm})
+    for ids, b, pos, x in prompt_states(traj, include_embed=include_embed):
+        h, h_norm = matrix_entropy(x.cpu())
+        rows.append({**ids, "batch": b, "n_tokens": len(pos), "matrix_entropy": h, "matrix_entropy_normalised": h_norm})
     raw = pd.DataFrame(rows)
     if per_prompt:
         return raw

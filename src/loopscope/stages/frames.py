@@ -39,6 +39,16 @@ def state_rows(traj: Trajectory, include_embed: bool = False) -> Iterator[tuple[
         yield ids, state_at(traj, ids["segment"], ids["recurrence"], ids["layer"])
 
 
+def prompt_states(traj: Trajectory, include_embed: bool = False
+                  ) -> Iterator[tuple[dict, int, torch.Tensor, torch.Tensor]]:
+    """Yield (identifying columns, prompt b, its real-token positions (CPU), x [T_b, D] on the states' device) for
+    every state in realized order and every prompt: the per-prompt rows the state metrics are computed on."""
+    positions = real_positions(traj)
+    for ids, states in state_rows(traj, include_embed=include_embed):
+        for b, pos in enumerate(positions):
+            yield ids, b, pos, states[b].index_select(0, pos.to(states.device))
+
+
 def attention_rows(traj: Trajectory) -> Iterator[tuple[dict, torch.Tensor]]:
     """Yield (identifying columns, attention [B, H, T, T]) for every layer whose attention was captured.
 

@@ -26,7 +26,7 @@ import torch
 
 from loopscope.capture.trajectory import Trajectory
 from loopscope.errors import InputError
-from loopscope.stages.frames import real_positions, require_prefix_mask, state_at, state_rows, summarise
+from loopscope.stages.frames import prompt_states, require_prefix_mask, state_at, summarise
 from loopscope.stages.readout import Readout
 
 LENS_METRICS = ["entropy", "final_top1_rank", "final_top1_match"]
@@ -78,15 +78,12 @@ def logit_lens(
             raise InputError("this readout has no coda (the model has no coda layers); use lens='logit'")
         require_prefix_mask(traj.mask)
     targets = final_predictions(traj, readout)
-    positions = real_positions(traj)
     rows = []
-    for ids, states in state_rows(traj, include_embed=include_embed):
-        for b, pos in enumerate(positions):
-            x = states[b].index_select(0, pos.to(states.device))  # (T_b, D)
-            if lens == "coda":
-                x = readout.coda(x[None], lens_start(ids["segment"], ids["layer"]))[0]
-            metrics = distribution_metrics(readout.logits(x).cpu(), targets[b].index_select(0, pos))
-            rows.append({**ids, "batch": b, "n_tokens": len(pos), **{k: float(v.mean()) for k, v in metrics.items()}})
+    for ids, b, pos, x in prompt_states(traj, include_embed=include_embed):
+        if lens == "coda":
+            x = readout.coda(x[None], lens_start(ids["segment"], ids["layer"]))[0]
+        metrics = distribution_metrics(readout.logits(x).cpu(), targets[b].index_select(0, pos))
+        rows.append({**ids, "batch": b, "n_tokens": len(pos), **{k: float(v.mean()) for k, v in metrics.items()}})
     raw = pd.DataFrame(rows)
     out = raw if per_prompt else summarise(raw, LENS_METRICS, over=["batch"])
     out.insert(5, "lens", lens)

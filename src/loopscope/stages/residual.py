@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from loopscope.capture.trajectory import Trajectory
-from loopscope.stages.frames import real_positions, state_rows, summarise
+from loopscope.stages.frames import prompt_states, summarise
 
 RESIDUAL_METRICS = [
     "token_norm_mean", "token_norm_max", "first_token_norm", "max_abs_activation", "median_abs_activation",
@@ -55,12 +55,9 @@ def residual_norms(traj: Trajectory, *, per_prompt: bool = False, include_embed:
     (prompts). per_prompt=True returns the raw rows: STATE_COLUMNS, `batch`, `n_tokens`, the metrics,
     `massive_token`, `massive_dim`.
     """
-    positions = real_positions(traj)
     rows = []
-    for ids, states in state_rows(traj, include_embed=include_embed):
-        for b, pos in enumerate(positions):
-            rows.append({**ids, "batch": b, "n_tokens": len(pos),
-                         **residual_magnitudes(states[b].cpu().index_select(0, pos))})
+    for ids, b, pos, x in prompt_states(traj, include_embed=include_embed):
+        rows.append({**ids, "batch": b, "n_tokens": len(pos), **residual_magnitudes(x.cpu())})
     raw = pd.DataFrame(rows)
     if per_prompt:
         return raw

@@ -24,12 +24,11 @@ from typing import Any
 import torch
 
 from loopscope.errors import CheckpointError
-from loopscope.models.checkpoint import PICKLE_SUFFIXES, check_state_dict, read_safetensors
+from loopscope.models.checkpoint import CONFIG_NAME, PICKLE_SUFFIXES, check_state_dict, config_json, read_safetensors
 from loopscope.models.config import LoopedConfig
 from loopscope.models.load import LoadedModel
 from loopscope.models.looped import LoopedLM, rope_inverse_frequencies
 
-CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
 
 # Load with the recurrence's input injection bypassed: s_0 = e and the block sees s_t only. With R = 1 a
@@ -78,13 +77,7 @@ def read_config(path: Path) -> dict[str, Any]:
 
 def model_type(path: Path) -> str | None:
     """config.json's `model_type`, or None when `path` is not a directory with a readable config.json."""
-    file = path / CONFIG_NAME
-    if not (path.is_dir() and file.exists()):
-        return None
-    try:
-        value = json.loads(file.read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
+    value = (config_json(path) or {}).get("model_type")
     return value if isinstance(value, str) else None
 
 
