@@ -31,8 +31,12 @@ def tiny() -> Trajectory:
 
 def test_successive_change_hand_computed():
     df = successive_change(tiny())
-    assert list(df.columns) == ["recurrence", "layer", "l2", "l2_std", "relative", "relative_std", "cosine",
-                                "cosine_std", "n_tokens"]
+    assert list(df.columns)[:9] == ["recurrence", "layer", "l2", "l2_std", "relative", "relative_std", "cosine",
+                                    "cosine_std", "n_tokens"]
+    # token quantiles from log-histograms (±1.2 %): l2 at t=1 is [1, 2, 0] → median 1, at t=2 [√2, 0, 10] → √2
+    assert df["l2_median"].tolist() == pytest.approx([1.0, math.sqrt(2)], rel=0.012)
+    assert df["cosine_distance_median"].iloc[1] == pytest.approx(0.0, abs=1e-12)  # 1 − cos over [1, 1, −1]
+    assert df["l2_q90"].iloc[1] == pytest.approx(10.0, rel=0.012)
     assert df["recurrence"].tolist() == [1, 2] and df["n_tokens"].tolist() == [3, 3]
     r1, r2 = df.iloc[0], df.iloc[1]
     # tokens (b0t0, b1t0, b1t1): l2 at t=1 = [1, 2, 0], at t=2 = [√2, 0, 10]
@@ -73,8 +77,8 @@ def test_distance_to_fixed_point_hand_computed():
     assert tok["cosine"].tolist() == pytest.approx([1 / math.sqrt(2), 1.0, 1.0])
     assert df["attention_frobenius"].isna().all()  # no attention captured
     agg = distance_to_fixed_point(tiny())
-    assert list(agg.columns) == ["recurrence", "layer", "l2", "l2_std", "cosine", "cosine_std", "n_tokens",
-                                 "attention_frobenius"]
+    assert list(agg.columns)[:7] == ["recurrence", "layer", "l2", "l2_std", "cosine", "cosine_std", "n_tokens"]
+    assert list(agg.columns)[-1] == "attention_frobenius"
     # t=0: token distances [√5, ‖(0,1)-(0,3)‖=2, ‖(3,4)-(-3,-4)‖=10]
     assert agg.iloc[0]["l2"] == pytest.approx((math.sqrt(5) + 2 + 10) / 3)
     assert agg.iloc[2]["l2"] == 0.0 and agg.iloc[2]["cosine"] == pytest.approx(1.0)

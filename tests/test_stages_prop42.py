@@ -9,7 +9,8 @@ import torch
 from loopscope.capture.record import capture
 from loopscope.models.config import LoopedConfig
 from loopscope.models.looped import LoopedLM
-from loopscope.stages import attention_lipschitz_check, prop42_bound
+from loopscope.experiments.stage_tables import attention_lipschitz_check
+from loopscope.stages import prop42_bound
 
 
 

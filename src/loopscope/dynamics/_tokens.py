@@ -76,6 +76,13 @@ def token_chunks(traj: Trajectory, tokens: RealTokens | None = None, *, recurren
         yield rows, chunk.to(device="cpu", dtype=dtype)  # analyses run on the CPU, whatever device holds states
 
 
+def batch_tokens(x: torch.Tensor, batch: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """The real tokens' vectors x[batch[i], token[i]] of one state x [B, T, D] → [N, D], on x's device, in the
+    analysis dtype (`compute_dtype`: float64 stays float64, everything else float32)."""
+    dev = x.device
+    return x[batch.to(dev), token.to(dev)].to(compute_dtype(x))
+
+
 def resolve_layer(traj: Trajectory, layer: int) -> int:
     """Block-layer index with Python negatives (-1 = last block layer); InputError if out of range."""
     K = traj.block_size

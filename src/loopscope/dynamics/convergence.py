@@ -2,6 +2,10 @@
 
 Notation: X_{j,t} ∈ R^D is the output of block layer j at recurrence t for one real token (Trajectory.core),
 t = 0..R-1. All norms are L2 over D; cos(a, b) = ⟨a, b⟩ / (‖a‖‖b‖) (NaN if either is zero/non-finite).
+
+Each metric is an accumulator (`loopscope.accumulate`): fed state by state (memory: one batch at one
+recurrence), reduced per batch to moments and log-histograms per (recurrence, layer), and combined in batch
+order. The functions below run the same accumulator on an in-memory Trajectory.
 """
 
 from __future__ import annotations
@@ -9,12 +13,266 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
+from loopscope.accumulate.core import Accumulator, BatchContext, Part
+from loopscope.accumulate.replay import run_on_trajectory
+from loopscope.accumulate.stats import LogHistogram, Moments
 from loopscope.capture.trajectory import Trajectory
-from loopscope.dynamics._attention import prompt_patterns
-from loopscope.dynamics._tables import grid_frame
-from loopscope.dynamics._tokens import cosine_from_distance, need_recurrences, norm, real_tokens, token_chunks
+from loopscope.dynamics._tokens import batch_tokens, cosine_from_distance, need_recurrences, norm
+from loopscope.errors import InputError
+from loopscope.models.hooks import Step
+
+QUANTILES = {"q10": 0.1, "q25": 0.25, "median": 0.5, "q75": 0.75, "q90": 0.9}
 
 
+def cell_frame(recurrence: torch.Tensor, K: int, moments: dict[str, Moments], hists: dict[str, LogHistogram],
+               finite_only: bool) -> pd.DataFrame:
+    """One row per (recurrence, layer): [recurrence, layer, m, m_std for each metric, n_tokens, then the quantile
+    columns `h_q10, h_q25, h_median, h_q75, h_q90` of each histogrammed quantity h]."""
+    Rp = recurrence.numel()
+    data = {"recurrence": recurrence[:, None].expand(Rp, K).reshape(-1).numpy(),
+            "layer": torch.arange(K)[None, :].expand(Rp, K).reshape(-1).numpy()}
+    count = None
+    for name, m in moments.items():
+        mean, std, count = m.result(finite_only)
+        data[name] = mean.reshape(-1).numpy()
+        data[f"{name}_std"] = std.reshape(-1).numpy()
+    data["n_tokens"] = count.reshape(-1).numpy().astype("int64")
+    for name, h in hists.items():
+        q = h.quantiles(list(QUANTILES.values()))  # [Q, Rp, K]
+        for i, label in enumerate(QUANTILES):
+            data[f"{name}_{label}"] = q[i].reshape(-1).numpy()
+    return pd.DataFrame(data)
+
+
+def per_token_frame(parts: list[Part], recurrence: torch.Tensor, K: int, metrics: list[str]) -> pd.DataFrame:
+    """[batch, token, recurrence, layer, *metrics], rows ordered by (batch, token, recurrence, layer)."""
+    frames = []
+    Rp = recurrence.numel()
+    for p in parts:
+        b, t = p["batch"], p["token"]
+        N = b.numel()
+        data = {
+            "batch": b[:, None, None].expand(N, Rp, K).reshape(-1).numpy(),
+            "token": t[:, None, None].expand(N, Rp, K).reshape(-1).numpy(),
+            "recurrence": recurrence[None, :, None].expand(N, Rp, K).reshape(-1).numpy(),
+            "layer": torch.arange(K)[None, None, :].expand(N, Rp, K).reshape(-1).numpy(),
+        }
+        for name in metrics:
+            data[name] = p["values"][name].permute(2, 0, 1).reshape(-1).double().numpy()
+        frames.append(pd.DataFrame(data))
+    return pd.concat(frames, ignore_index=True)
+
+
+class CellMetric(Accumulator):
+    """Shared machinery: per-token values [R', K, N_b] of a few metrics for one batch, reduced at `end` to moments
+    (and log-histograms of chosen positive quantities) per (recurrence, layer)."""
+
+    metrics: tuple[str, ...] = ()
+    histogrammed: dict[str, str] = {}  # histogram name -> how to get it from the metrics ("1-" prefix: 1 − value)
+
+    def __init__(self, per_token: bool = False, finite_only: bool = False) -> None:
+        self.per_token, self.finite_only = per_token, finite_only
+
+    def first_recurrence(self) -> int:
+        return 0
+
+    def begin(self, ctx: BatchContext) -> None:
+        super().begin(ctx)
+        self.b, self.t = ctx.real
+        n = self.b.numel()
+        if n == 0:
+            raise InputError("the Trajectory has no real tokens (mask is all False); check the mask you passed")
+        Rp = ctx.recurrences - self.first_recurrence()
+        self.values = {m: torch.full((Rp, ctx.block_size, n), float("nan"), dtype=torch.float64)
+                       for m in self.metrics}
+
+    def end(self) -> Part:
+        """The batch's moments per cell and its per-token values (float32 where the value was computed in float32;
+        cosines stay float64): histograms for the quantiles are built from them when the parts are combined."""
+        values = dict(self.values)
+        if self.finite_only:
+            keep = torch.stack([torch.isfinite(v) for v in values.values()]).all(0)
+            values = {k: torch.where(keep, v, torch.tensor(float("nan"), dtype=torch.float64))
+                      for k, v in values.items()}
+        cells = tuple(next(iter(values.values())).shape[:2])
+        moments = {}
+        for name, v in values.items():
+            m = Moments(cells)
+            m.add(v)
+            moments[name] = m.state()
+        stored = {k: (v if k.startswith("cosine") else v.float()) for k, v in self.values.items()}
+        return {"moments": moments, "values": stored, "batch": self.b + self.ctx.first_prompt, "token": self.t}
+
+    def combine(self, parts: list[Part]) -> pd.DataFrame:
+        R0 = self.first_recurrence()
+        Rp, K = parts[0]["moments"][self.metrics[0]]["n"].shape
+        recurrence = torch.arange(R0, R0 + Rp)
+        if self.per_token:
+            return per_token_frame(parts, recurrence, K, list(self.metrics))
+        moments = {m: Moments.folded([p["moments"][m] for p in parts]) for m in self.metrics}
+        hists = {}
+        for hname, source in self.histogrammed.items():
+            h = LogHistogram((Rp, K))
+            for p in parts:
+                v = p["values"][source.removeprefix("1-")].double()
+                h.add(1.0 - v if source.startswith("1-") else v)
+            hists[hname] = h
+        return cell_frame(recurrence, K, moments, hists, self.finite_only)
+
+
+class SuccessiveChange(CellMetric):
+    """‖X_{j,t} − X_{j,t−1}‖, its relative size and the cosine, for t = 1..R−1 (see `successive_change`)."""
+
+    name = "successive_change"
+    sites = frozenset({"resid_post"})
+    metrics = ("l2", "relative", "cosine")
+    histogrammed = {"l2": "l2", "relative": "relative", "cosine_distance": "1-cosine"}
+
+    def first_recurrence(self) -> int:
+        return 1
+
+    def begin(self, ctx: BatchContext) -> None:
+        if ctx.recurrences < 2:
+            need_recurrences_ctx(ctx, 2, "successive_change")
+        super().begin(ctx)
+        self.previous: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def observe(self, site: str, step: Step, x: torch.Tensor) -> None:
+        if step.segment != "core":
+            return
+        cur = batch_tokens(x, self.b, self.t)
+        n_cur = norm(cur)
+        prev = self.previous.get(step.layer)
+        if prev is not None:
+            p, n_prev = prev
+            d = norm(cur - p)
+            i = step.recurrence - 1
+            self.values["l2"][i, step.layer] = d.double().cpu()
+            self.values["relative"][i, step.layer] = (d / n_prev).double().cpu()
+            self.values["cosine"][i, step.layer] = cosine_from_distance(n_cur, n_prev, d).cpu()
+        self.previous[step.layer] = (cur, n_cur)
+
+
+class DistanceToFixedPoint(CellMetric):
+    """‖X_{j,t} − X*_j‖ and cos(X_{j,t}, X*_j), X*_j = X_{j,R−1} from the batch's finals, plus the attention
+    pattern's Frobenius distance to the last recurrence's (see `distance_to_fixed_point`)."""
+
+    name = "distance_to_fixed_point"
+    sites = frozenset({"resid_post", "pattern"})
+    needs_finals = True
+    metrics = ("l2", "cosine")
+    histogrammed = {"l2": "l2", "cosine_distance": "1-cosine"}
+
+    def __init__(self, per_token: bool = False, finite_only: bool = False, head_reduction: str = "average") -> None:
+        super().__init__(per_token, finite_only)
+        from loopscope.dynamics._attention import check_head_reduction
+
+        check_head_reduction(head_reduction)
+        self.head_reduction = head_reduction
+
+    def begin(self, ctx: BatchContext) -> None:
+        super().begin(ctx)
+        star = ctx.finals.core_last  # [K, B, T, D]
+        self.star = [batch_tokens(star[j], self.b, self.t) for j in range(ctx.block_size)]
+        self.star_norm = [norm(s) for s in self.star]
+        att = ctx.finals.attention_last
+        self.positions = [m.nonzero(as_tuple=True)[0] for m in ctx.mask]
+        self.att_star = None if att is None else [self.patterns(att[j]) for j in range(ctx.block_size)]
+        self.att = torch.full((ctx.recurrences, ctx.block_size, ctx.batch_size), float("nan"), dtype=torch.float64)
+
+    def patterns(self, a: torch.Tensor) -> list[torch.Tensor | None]:
+        """Per prompt: its pattern [H, n, n] (or head-averaged [n, n]) over real rows × columns, float64, CPU."""
+        out = []
+        for b, pos in enumerate(self.positions):
+            if pos.numel() == 0:
+                out.append(None)
+                continue
+            p = pos.to(a.device)
+            x = a[b].index_select(-2, p).index_select(-1, p).to(device="cpu", dtype=torch.float64)
+            out.append(x.mean(0) if self.head_reduction == "average" else x)
+        return out
+
+    def observe(self, site: str, step: Step, x: torch.Tensor) -> None:
+        if step.segment != "core":
+            return
+        t, j = step.recurrence, step.layer
+        if site == "pattern":
+            if self.att_star is not None:
+                for b, (a, a_star) in enumerate(zip(self.patterns(x), self.att_star[j])):
+                    if a is not None:
+                        self.att[t, j, b] = norm((a - a_star).reshape(-1))
+            return
+        cur = batch_tokens(x, self.b, self.t)
+        d = norm(cur - self.star[j])
+        self.values["l2"][t, j] = d.double().cpu()
+        self.values["cosine"][t, j] = cosine_from_distance(norm(cur), self.star_norm[j], d).cpu()
+
+    def end(self) -> Part:
+        part = super().end()
+        part["attention"] = self.att
+        part["prompt_has_tokens"] = self.ctx.mask.any(1)
+        part["has_attention"] = self.att_star is not None
+        return part
+
+    def combine(self, parts: list[Part]) -> pd.DataFrame:
+        frame = super().combine(parts)
+        if not all(p["has_attention"] for p in parts):
+            frame["attention_frobenius"] = float("nan")
+            return frame
+        att = torch.cat([p["attention"] for p in parts], dim=-1)  # [R, K, B_total]
+        if self.per_token:
+            frame["attention_frobenius"] = att[frame["recurrence"].to_numpy(), frame["layer"].to_numpy(),
+                                               frame["batch"].to_numpy()].numpy()
+            return frame
+        has = torch.cat([p["prompt_has_tokens"] for p in parts])
+        mean = att.nanmean(dim=-1) if self.finite_only else att[..., has].mean(-1)
+        frame["attention_frobenius"] = mean.reshape(-1).numpy()
+        return frame
+
+
+class CyclicFixedPointCheck(Accumulator):
+    """Proposition 4.1 read off the last two recurrences (the batch's finals); see `cyclic_fixed_point_check`."""
+
+    name = "cyclic_fixed_point_check"
+    sites = frozenset()
+    needs_finals = True
+
+    def begin(self, ctx: BatchContext) -> None:
+        super().begin(ctx)
+        need_recurrences_ctx(ctx, 2, "cyclic_fixed_point_check")
+        b, t = ctx.real
+        last, prev = ctx.finals.core_last, ctx.finals.core_prev
+        change, rel = [], []
+        for j in range(ctx.block_size):
+            x1, x0 = batch_tokens(last[j], b, t), batch_tokens(prev[j], b, t)
+            d = norm(x1 - x0)
+            change.append(d.double().cpu())
+            rel.append((d / norm(x0)).double().cpu())
+        self.change, self.rel = torch.stack(change), torch.stack(rel)  # [K, N_b]
+
+    def end(self) -> Part:
+        return {"change": self.change, "relative": self.rel}
+
+    def combine(self, parts: list[Part]) -> pd.DataFrame:
+        change = torch.cat([p["change"] for p in parts], dim=-1)
+        rel = torch.cat([p["relative"] for p in parts], dim=-1)
+        return pd.DataFrame({
+            "layer": range(change.shape[0]),
+            "final_change": change.mean(-1).numpy(),
+            "final_relative_change": rel.mean(-1).numpy(),
+            "max_relative_change": max_with_nan(rel).numpy(),
+        })
+
+
+def need_recurrences_ctx(ctx: BatchContext, minimum: int, what: str) -> None:
+    if ctx.recurrences < minimum:
+        raise InputError(
+            f"{what} needs at least {minimum} recurrences; this Trajectory has {ctx.recurrences}. "
+            f"Capture with recurrences ≥ {minimum}"
+        )
+
+
+# --- the in-memory API ---------------------------------------------------------------------------------
 def successive_change(traj: Trajectory, per_token: bool = False, *, finite_only: bool = False) -> pd.DataFrame:
     """Change of each block layer's state between consecutive recurrences (Blayney et al. 2026 §3.3, Fig. 3;
     cosine version Fig. 24):
@@ -24,23 +282,15 @@ def successive_change(traj: Trajectory, per_token: bool = False, *, finite_only:
         cosine   = cos(X_{j,t}, X_{j,t−1})                 for t = 1..R-1, every block layer j.
 
     Aggregated (default): one row per (recurrence, layer): [recurrence, layer, l2, l2_std, relative,
-    relative_std, cosine, cosine_std, n_tokens], mean and population std over all real tokens of all prompts.
-    Non-finite values propagate into the mean unless `finite_only=True`, which averages, per cell, the tokens
-    whose three metrics are finite (n_tokens says how many).
-    per_token=True: one row per (batch, token, recurrence, layer): [batch, token, recurrence, layer, l2,
+    relative_std, cosine, cosine_std, n_tokens], mean and population std over all real tokens of all prompts,
+    then the quantiles over tokens (`l2_*`, `relative_*`, `cosine_distance_*` = of 1 − cos; suffixes q10, q25,
+    median, q75, q90; from log-histograms, ±1.2 %). Non-finite values propagate into the mean unless
+    `finite_only=True`, which averages, per cell, the tokens whose three metrics are finite (n_tokens says how
+    many). per_token=True: one row per (batch, token, recurrence, layer): [batch, token, recurrence, layer, l2,
     relative, cosine].
     """
     need_recurrences(traj, 2, "successive_change")
-    tokens = real_tokens(traj)
-    R, K, N = traj.recurrences, traj.block_size, tokens.count
-    l2, rel, cos = (torch.empty(R - 1, K, N, dtype=torch.float64) for _ in range(3))
-    for rows, x in token_chunks(traj, tokens):
-        nx = norm(x)  # [R, K, n]
-        d = norm(x[1:] - x[:-1])
-        l2[..., rows], rel[..., rows] = d, d / nx[:-1]
-        cos[..., rows] = cosine_from_distance(nx[1:], nx[:-1], d)
-    metrics = {"l2": l2, "relative": rel, "cosine": cos}
-    return grid_frame(tokens, torch.arange(1, R), metrics, per_token=per_token, finite_only=finite_only)
+    return run_on_trajectory(SuccessiveChange(per_token, finite_only), traj)
 
 
 def distance_to_fixed_point(traj: Trajectory, per_token: bool = False, *, finite_only: bool = False,
@@ -55,43 +305,12 @@ def distance_to_fixed_point(traj: Trajectory, per_token: bool = False, *, finite
                               default) or all heads stacked ("stack", as in `attention_distance`); NaN when the
                               Trajectory holds no attention.
 
-    Aggregated: [recurrence, layer, l2, l2_std, cosine, cosine_std, n_tokens, attention_frobenius].
-    per_token=True: [batch, token, recurrence, layer, l2, cosine, attention_frobenius] — there the attention
-    column holds the value of the token's own prompt. `finite_only` as in `successive_change`.
+    Aggregated: [recurrence, layer, l2, l2_std, cosine, cosine_std, n_tokens, quantile columns (`l2_*`,
+    `cosine_distance_*`), attention_frobenius]. per_token=True: [batch, token, recurrence, layer, l2, cosine,
+    attention_frobenius] — there the attention column holds the value of the token's own prompt. `finite_only`
+    as in `successive_change`.
     """
-    tokens = real_tokens(traj)
-    R, K, N = traj.recurrences, traj.block_size, tokens.count
-    l2, cos = (torch.empty(R, K, N, dtype=torch.float64) for _ in range(2))
-    for rows, x in token_chunks(traj, tokens):
-        nx, d = norm(x), norm(x - x[-1:])
-        l2[..., rows], cos[..., rows] = d, cosine_from_distance(nx, nx[-1:], d)
-    frame = grid_frame(tokens, torch.arange(R), {"l2": l2, "cosine": cos}, per_token=per_token,
-                       finite_only=finite_only)
-    per_prompt = attention_to_last(traj, head_reduction)  # [R, K, B] or None
-    if per_prompt is None:
-        frame["attention_frobenius"] = float("nan")
-    elif per_token:
-        frame["attention_frobenius"] = per_prompt[frame["recurrence"].to_numpy(), frame["layer"].to_numpy(),
-                                                  frame["batch"].to_numpy()].numpy()
-    else:
-        mean = per_prompt.nanmean(dim=-1) if finite_only else per_prompt[..., prompts_with_tokens(traj)].mean(-1)
-        frame["attention_frobenius"] = mean.reshape(-1).numpy()
-    return frame
-
-
-def prompts_with_tokens(traj: Trajectory) -> torch.Tensor:
-    return traj.mask.cpu().any(dim=1).nonzero(as_tuple=True)[0]
-
-
-def attention_to_last(traj: Trajectory, head_reduction: str) -> torch.Tensor | None:
-    """[R, K, B] Frobenius distance of each prompt's pattern to its last-recurrence pattern (NaN for prompts
-    without real tokens); None when no attention was captured."""
-    if traj.core_attention is None:
-        return None
-    out = torch.full((traj.recurrences, traj.block_size, traj.batch_size), float("nan"), dtype=torch.float64)
-    for b, a in prompt_patterns(traj, slice(None), head_reduction):
-        out[..., b] = norm(a - a[-1:])
-    return out
+    return run_on_trajectory(DistanceToFixedPoint(per_token, finite_only, head_reduction), traj)
 
 
 def cyclic_fixed_point_check(traj: Trajectory) -> pd.DataFrame:
@@ -107,18 +326,7 @@ def cyclic_fixed_point_check(traj: Trajectory) -> pd.DataFrame:
     non-finite (inf/NaN) entries.
     """
     need_recurrences(traj, 2, "cyclic_fixed_point_check")
-    tokens = real_tokens(traj)
-    K, N = traj.block_size, tokens.count
-    change, rel = (torch.empty(K, N, dtype=torch.float64) for _ in range(2))
-    for rows, x in token_chunks(traj, tokens, recurrences=slice(-2, None)):
-        d = norm(x[1] - x[0])
-        change[:, rows], rel[:, rows] = d, d / norm(x[0])
-    return pd.DataFrame({
-        "layer": range(K),
-        "final_change": change.mean(-1).numpy(),
-        "final_relative_change": rel.mean(-1).numpy(),
-        "max_relative_change": max_with_nan(rel).numpy(),
-    })
+    return run_on_trajectory(CyclicFixedPointCheck(), traj)
 
 
 def max_with_nan(x: torch.Tensor) -> torch.Tensor:

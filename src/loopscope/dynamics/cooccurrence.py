@@ -7,9 +7,19 @@ import pandas as pd
 import torch
 
 from loopscope.capture.trajectory import Trajectory
-from loopscope.dynamics._tokens import real_tokens
-from loopscope.dynamics.behaviour import layer_labels
+from loopscope.dynamics.behaviour import BehaviourStats, collect, thresholds_for
 from loopscope.dynamics.rule_dynamics import BEHAVIOURS
+
+
+def cooccurrence_from(stats: BehaviourStats, method: str = "dynamics", **thresholds: object) -> pd.DataFrame:
+    """The co-occurrence matrix (see `cooccurrence`) from collected statistics of every block layer."""
+    codes = torch.stack([stats.labels(j, method, **thresholds).code for j in range(stats.block_size)])  # [K, N]
+    counts = torch.nn.functional.one_hot(codes, len(BEHAVIOURS)).sum(0)  # [N, 5] layers per behaviour
+    present = (counts > 0).long()
+    matrix = present.T @ present  # tokens with both a and b (a ≠ b: necessarily at different layers)
+    matrix.diagonal().copy_((counts >= 2).long().sum(0))
+    index = pd.Index(BEHAVIOURS, name="behaviour")
+    return pd.DataFrame(matrix.numpy(), index=index, columns=index.copy())
 
 
 def cooccurrence(traj: Trajectory, method: str = "dynamics", **thresholds: object) -> pd.DataFrame:
@@ -22,12 +32,5 @@ def cooccurrence(traj: Trajectory, method: str = "dynamics", **thresholds: objec
     Square, symmetric DataFrame of int64 counts; index and columns are BEHAVIOURS in the order
     fixed_point, orbit, slider, divergent, unknown (both named "behaviour").
     """
-    tokens = real_tokens(traj)
-    codes = torch.stack([layer_labels(traj, j, method, tokens, **thresholds).code
-                         for j in range(traj.block_size)])  # [K, N]
-    counts = torch.nn.functional.one_hot(codes, len(BEHAVIOURS)).sum(0)  # [N, 5] layers per behaviour
-    present = (counts > 0).long()
-    matrix = present.T @ present  # tokens with both a and b (a ≠ b: necessarily at different layers)
-    matrix.diagonal().copy_((counts >= 2).long().sum(0))
-    index = pd.Index(BEHAVIOURS, name="behaviour")
-    return pd.DataFrame(matrix.numpy(), index=index, columns=index.copy())
+    thresholds_for(method, thresholds)
+    return cooccurrence_from(collect(traj, None, (method,), **thresholds), method, **thresholds)

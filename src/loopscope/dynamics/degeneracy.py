@@ -23,51 +23,73 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
+from loopscope.accumulate.core import Accumulator, BatchContext, Part
+from loopscope.accumulate.replay import run_on_trajectory
 from loopscope.capture.trajectory import Trajectory
-from loopscope.dynamics._tokens import cosine, need_recurrences, norm, real_tokens, token_chunks
+from loopscope.dynamics._tokens import batch_tokens, cosine, need_recurrences, norm
 
 DISTINCT, DEGENERATE, NO_FIXED_POINT = "distinct cyclic fixed point", "degenerate fixed point", "no fixed point"
 VERDICTS = (DISTINCT, DEGENERATE, NO_FIXED_POINT)
 CONVERGE_TOL = 1e-3
+SAME_POINT_COSINE = 0.99  # cosine at which two layers' fixed points count as one point (one place for it)
 
 
-def degeneracy(traj: Trajectory, tol: float = 0.99, converge_tol: float = CONVERGE_TOL) -> pd.DataFrame:
+class Degeneracy(Accumulator):
+    """Per real token: min cosine between layer 0's fixed point and the others', converged, verdict (read off the
+    batch's finals: the last two recurrences)."""
+
+    name = "degeneracy"
+    sites = frozenset()
+    needs_finals = True
+
+    def __init__(self, tol: float = SAME_POINT_COSINE, converge_tol: float = CONVERGE_TOL) -> None:
+        self.tol, self.converge_tol = tol, converge_tol
+
+    def begin(self, ctx: BatchContext) -> None:
+        super().begin(ctx)
+        b, t = ctx.real
+        K = ctx.block_size
+        star = torch.stack([batch_tokens(ctx.finals.core_last[j], b, t) for j in range(K)])  # [K, n, D]
+        if K == 1:
+            min_cos = torch.ones(b.numel(), dtype=torch.float64)
+        else:
+            min_cos = cosine(star[:1], star[1:]).amin(0).double().cpu()  # amin propagates NaN
+        prev = batch_tokens(ctx.finals.core_prev[-1], b, t)
+        rel = (norm(star[-1] - prev) / norm(prev)).cpu()
+        finite = (torch.isfinite(star).all(-1).all(0) & torch.isfinite(prev).all(-1)).cpu()
+        converged = (rel < self.converge_tol) & finite
+        same = min_cos >= self.tol
+        verdict = [NO_FIXED_POINT if not c else (DEGENERATE if s_ else DISTINCT)
+                   for c, s_ in zip(converged.tolist(), same.tolist())]
+        self.frame = pd.DataFrame({
+            "batch": (b + ctx.first_prompt).numpy(), "token": t.numpy(),
+            "min_cosine_to_first": min_cos.numpy(), "converged": converged.numpy(), "verdict": verdict,
+        })
+
+    def end(self) -> Part:
+        return {"frame": self.frame}
+
+    def combine(self, parts: list[Part]) -> pd.DataFrame:
+        return pd.concat([p["frame"] for p in parts], ignore_index=True)
+
+
+def degeneracy(traj: Trajectory, tol: float = SAME_POINT_COSINE, converge_tol: float = CONVERGE_TOL) -> pd.DataFrame:
     """One row per real (batch, token): [batch, token, min_cosine_to_first, converged, verdict] (see module doc
     for formulas and thresholds)."""
     need_recurrences(traj, 2, "degeneracy")
-    tokens = real_tokens(traj)
-    K, N = traj.block_size, tokens.count
-    min_cos = torch.empty(N, dtype=torch.float64)
-    converged = torch.empty(N, dtype=torch.bool)
-    for rows, x in token_chunks(traj, tokens, recurrences=slice(-2, None)):
-        star = x[1]  # [K, n, D]
-        if K == 1:
-            min_cos[rows] = 1.0
-        else:
-            c = cosine(star[:1], star[1:])  # [K-1, n]
-            min_cos[rows] = c.amin(0).double()  # amin propagates NaN
-        last_prev, last = x[0, -1], x[1, -1]
-        rel = norm(last - last_prev) / norm(last_prev)
-        finite = torch.isfinite(x).all(-1).all(0).all(0)
-        converged[rows] = (rel < converge_tol) & finite
-    same = min_cos >= tol
-    verdict = [NO_FIXED_POINT if not c else (DEGENERATE if s else DISTINCT)
-               for c, s in zip(converged.tolist(), same.tolist())]
-    return pd.DataFrame({
-        "batch": tokens.batch.numpy(), "token": tokens.token.numpy(),
-        "min_cosine_to_first": min_cos.numpy(), "converged": converged.numpy(), "verdict": verdict,
-    })
+    return run_on_trajectory(Degeneracy(tol, converge_tol), traj)
 
 
-def degeneracy_summary(traj: Trajectory, tol: float = 0.99, converge_tol: float = CONVERGE_TOL) -> pd.DataFrame:
-    """One row summarising `degeneracy` over all real tokens:
+def degeneracy_summary(traj: Trajectory | pd.DataFrame, tol: float = SAME_POINT_COSINE,
+                       converge_tol: float = CONVERGE_TOL) -> pd.DataFrame:
+    """One row summarising `degeneracy` over all real tokens (pass a Trajectory, or the `degeneracy` table):
 
     [min_cosine_to_first_mean, min_cosine_to_first_min (NaN-skipping, over tokens), fraction_distinct_cyclic,
     fraction_degenerate, fraction_no_fixed_point (fractions of tokens, summing to 1), verdict (the most
     frequent per-token verdict; ties go to the first of "no fixed point", "degenerate fixed point",
     "distinct cyclic fixed point", the most conservative first), n_tokens].
     """
-    per = degeneracy(traj, tol=tol, converge_tol=converge_tol)
+    per = traj if isinstance(traj, pd.DataFrame) else degeneracy(traj, tol=tol, converge_tol=converge_tol)
     frac = per["verdict"].value_counts(normalize=True)
     order = (NO_FIXED_POINT, DEGENERATE, DISTINCT)
     majority = max(order, key=lambda v: (frac.get(v, 0.0), -order.index(v)))

@@ -56,21 +56,31 @@ def cosine_to_final(x: torch.Tensor) -> torch.Tensor:
     return cosine(x, x[-1:])
 
 
-def classify_cosines(c: torch.Tensor, th: PaperThresholds, finite: torch.Tensor | None = None) -> Labels:
-    """Classify cosine sequences c [R, n] (c_{R-1} = 1); `finite` [n] False marks divergent tokens."""
-    R, n = c.shape
+def window_bounds(R: int, th: PaperThresholds) -> tuple[int, int]:
+    """[start, R−1): the recurrences the heuristic reads (the last one is excluded: its cosine is 1)."""
     start = int(th.window_start * R)
     if not 0 <= th.window_start < 1 or R - 1 - start < 3:
         raise InputError(f"window_start={th.window_start} with R={R} leaves fewer than 3 recurrences to read; "
                          "capture more recurrences or lower window_start")
-    w = c[start:R - 1]  # [L, n]
+    return start, R - 1
+
+
+def classify_cosines(c: torch.Tensor, th: PaperThresholds, finite: torch.Tensor | None = None) -> Labels:
+    """Classify cosine sequences c [R, n] (c_{R-1} = 1); `finite` [n] False marks divergent tokens."""
+    start, stop = window_bounds(c.shape[0], th)
+    return decide_window(c[start:stop], th, finite)
+
+
+def decide_window(w: torch.Tensor, th: PaperThresholds, finite: torch.Tensor | None = None) -> Labels:
+    """Classify the window's cosines w [L, n] (see the module doc)."""
+    n = w.shape[1]
     in_band = (1 - w) <= th.tau
     fixed_fraction = in_band.double().mean(0)
     dc = w[1:] - w[:-1]
     peaks = ((dc[:-1] > 0) & (dc[1:] < 0)).sum(0)
     reentries = (~in_band[:-1] & in_band[1:]).sum(0)
     monotone = torch.maximum((dc > 0).double().mean(0), (dc < 0).double().mean(0))
-    valid = torch.isfinite(c).all(0)  # a zero state has no cosine: such a token stays "unknown"
+    valid = torch.isfinite(w).all(0)  # a zero state has no cosine: such a token stays "unknown"
     finite = valid if finite is None else finite
 
     fixed = finite & valid & (fixed_fraction >= th.rho)

@@ -42,14 +42,15 @@ from loopscope.data.corpus import encode_documents, pack_sequences
 from loopscope.data.gsm8k import document_text, gsm8k_test_subset
 from loopscope.errors import InputError
 from loopscope.experiments.evaluate import gsm8k_exact_match, heldout_loss
+from loopscope.dynamics.rule_dynamics import MIN_RECURRENCES
 from loopscope.experiments.stage_tables import alignment_table, model_readout, stage_table
 from loopscope.models.load import LoadedModel, load_model
 from loopscope.report import Report
 from loopscope.report.extrapolate_section import add_extrapolate_section
 
 HELDOUT_SEQ_LEN = 256  # packed held-out rows, the length `loopscope train` evaluates with (TrainSettings.seq_len)
-BEHAVIOUR_MIN_R = 4  # the dynamics classifier needs a window of ≥ 4 recurrences
-CACHE_VERSION = 1
+BEHAVIOUR_MIN_R = MIN_RECURRENCES  # the dynamics detector reads a tail window of at least this many recurrences
+CACHE_VERSION = 2
 
 __all__ = ["ExtrapolateSettings", "run_extrapolate", "add_extrapolate_section", "recurrence_grid",
            "first_recurrences"]

@@ -11,6 +11,7 @@ import pandas as pd
 
 from loopscope import stages
 from loopscope.capture import Trajectory
+from loopscope.errors import InputError
 from loopscope.stages.frames import STATE_COLUMNS
 
 # metric column -> axis label, in the order the report shows them (Blayney et al. §3.5, App. E)
@@ -76,6 +77,27 @@ def model_neuron_fractions(loaded) -> pd.DataFrame:
     return stages.neuron_fractions(downs, readout.unembedding, norm_weight=readout.norm_weight)
 
 
+def attention_lipschitz_check(model, input_ids, recurrences: int, *, mask=None, state_seed: int | None = None,
+                              initial_state=None) -> pd.DataFrame:
+    """Proposition 4.2 on one forward of a LoopedLM: measured ‖S_{j,t} − S_{j,t−1}‖_F per (recurrence, layer, prompt,
+    head) against its bound (`loopscope.stages.prop42`), from the model's own weights and score-function inputs.
+    Columns: segment, recurrence, layer, depth, relative_depth, batch, head, n_tokens, head_dim, measured,
+    input_change (‖ΔX‖_F), input_bound (B), kappa, kappa_qk, bound, ratio (= measured / bound, ≤ 1)."""
+    from loopscope.capture.stream import stream_tensors
+    from loopscope.models.looped import LoopedLM
+    from loopscope.models.weights import attention_projections
+    from loopscope.stages.prop42 import Prop42Check
+
+    if not isinstance(model, LoopedLM):
+        raise InputError("attention_lipschitz_check needs a LoopedLM (it reads its weights); "
+                         f"got {type(model).__name__}")
+    if int(recurrences) < 2:
+        raise InputError("Prop. 4.2 compares consecutive recurrences: use recurrences ≥ 2")
+    acc = Prop42Check(attention_projections(model))
+    return stream_tensors(model, input_ids, recurrences, [acc], mask=mask, attention=True, state_seed=state_seed,
+                          initial_state=initial_state)[acc.name]
+
+
 def prop42_summary(loaded, prompts: list[str], recurrences: int) -> pd.DataFrame | None:
     """Proposition 4.2 on real runs: per block layer, the largest measured/bound ratio over recurrences, prompts
     and heads (LoopedLM only: the check reads the layer's weights and inputs through its hook points)."""
@@ -85,7 +107,7 @@ def prop42_summary(loaded, prompts: list[str], recurrences: int) -> pd.DataFrame
     if not isinstance(loaded.model, LoopedLM) or recurrences < 2 or not prompts:
         return None
     ids, mask, _ = encode_prompts(loaded.tokenizer, prompts, loaded.max_seq_len)
-    checks = stages.attention_lipschitz_check(loaded.model, ids, recurrences, mask=mask)
+    checks = attention_lipschitz_check(loaded.model, ids, recurrences, mask=mask)
     core = checks[checks.segment == "core"]
     return core.groupby("layer").agg(
         max_ratio=("ratio", "max"), median_ratio=("ratio", "median"),

@@ -77,6 +77,7 @@ def _import_loaders() -> None:
     """Import the modules that register loaders and builtins (kept lazy: transformers is slow to import)."""
     from loopscope.models import builtin  # noqa: F401
     from loopscope.models import families  # noqa: F401  (Ouro, Huginn, retrofit loaders)
+    from loopscope.models import healed  # noqa: F401  (a healed retrofit stored as a delta on its base)
     from loopscope.models import hf  # noqa: F401  (feedforward HF models; tried last)
 
 

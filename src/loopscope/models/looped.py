@@ -113,8 +113,9 @@ class KVCache:
 class Attention(nn.Module):
     """Causal multi-head attention with GQA: softmax(q kᵀ/√d + mask) v (Vaswani et al. 2017).
 
-    The probabilities are materialised only when someone listens at `hook_pattern`; otherwise the fused
-    scaled_dot_product_attention kernel runs. Both paths are tested equal.
+    The output always comes from the fused scaled_dot_product_attention kernel; the probabilities are
+    materialised beside it (float32) only when someone listens at `hook_pattern`, so a captured run computes
+    exactly the states and logits of an uncaptured one (tested bit for bit).
     """
 
     def __init__(self, cfg: LoopedConfig) -> None:
@@ -145,13 +146,16 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)  # (B, H, S, d)
         # query i (absolute position offset+i) may see keys 0..offset+i
         causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)  # the forward, with or without listeners
         if self.hook_pattern.active:
+            # the probabilities are computed beside the fused kernel for whoever listens; the output stays the
+            # kernel's, so capturing attention never changes the states. A hook that returns a different pattern
+            # (an intervention on attention) makes the layer use that pattern instead.
             scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(d)  # (B, H, T, S)
             probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-            probs = self.hook_pattern(probs, step=step)
-            y = (probs @ v.float()).to(x.dtype)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
+            seen = self.hook_pattern(probs, step=step)
+            if seen is not probs:
+                y = (seen.to(v.dtype) @ v).to(x.dtype)
         y = y.transpose(1, 2).reshape(B, T, H * d)  # (B, T, H·d)
         return self.o_proj(y)
 
@@ -289,8 +293,12 @@ class LoopedLM(nn.Module):
         initial_state: torch.Tensor | None = None,
         state_seed: int | None = None,
         cache: KVCache | None = None,
+        backprop_recurrences: int | None = None,
     ) -> torch.Tensor:
-        """input_ids (B, T) → logits (B, T, vocab). R = `recurrences` (default: the config's)."""
+        """input_ids (B, T) → logits (B, T, vocab). R = `recurrences` (default: the config's).
+
+        `backprop_recurrences=k` (training only) runs the first R − k recurrences without gradients: truncated
+        backpropagation through the last k, as Huginn and retrofitted models are trained (Geiping et al. 2025)."""
         cfg = self.cfg
         R = cfg.recurrences if recurrences is None else int(recurrences)
         check_inputs(input_ids, R, cfg, offset=cache.seq_len if cache else 0)
@@ -302,15 +310,17 @@ class LoopedLM(nn.Module):
             x = layer(x, step=Step("prelude", 0, i), **run)
         e = x
         s = initial_state.to(e) if initial_state is not None else self.initial_state(e, offset, state_seed)
+        no_grad = 0 if backprop_recurrences is None else max(R - int(backprop_recurrences), 0)
         for t in range(R):
-            s = self.hook_injected(self.inject(s, e), step=Step("core", t, 0))
-            for j, layer in enumerate(self.core):
-                s = layer(s, step=Step("core", t, j), **run)
-            if self.loop_norm is not None:
-                s = self.loop_norm(s)
-            s = self.hook_state(s, step=Step("core", t, cfg.n_block - 1))
-            if self.exit_gate is not None:
-                self.hook_exit_gate(self.exit_gate(s).squeeze(-1), step=Step("core", t, cfg.n_block - 1))
+            with torch.set_grad_enabled(torch.is_grad_enabled() and t >= no_grad):
+                s = self.hook_injected(self.inject(s, e), step=Step("core", t, 0))
+                for j, layer in enumerate(self.core):
+                    s = layer(s, step=Step("core", t, j), **run)
+                if self.loop_norm is not None:
+                    s = self.loop_norm(s)
+                s = self.hook_state(s, step=Step("core", t, cfg.n_block - 1))
+                if self.exit_gate is not None:
+                    self.hook_exit_gate(self.exit_gate(s).squeeze(-1), step=Step("core", t, cfg.n_block - 1))
         x = self.final_norm(s) if cfg.coda_input_norm else s
         for i, layer in enumerate(self.coda):
             x = layer(x, step=Step("coda", 0, i), **run)

@@ -15,8 +15,9 @@ Metrics and sources (formulas in each function's docstring):
   Queipo-de-Llano et al. 2025; attention on the previous 5 non-BOS tokens — Lad et al. 2024.
 - `attention_change` (attention_change.py): ‖A_{j,t} − A_{j,t−1}‖_F per block layer — Blayney et al. §3.3
   (Fig. 25).
-- `attention_lipschitz_check` (prop42.py): Proposition 4.2 of Blayney et al. checked numerically (measured
-  attention change vs. its bound, per recurrence, layer, prompt and head; RoPE-safe κ). Takes a model.
+- `Prop42Check` (prop42.py): Proposition 4.2 of Blayney et al. checked numerically (measured attention change
+  vs. its bound, per recurrence, layer, prompt and head; RoPE-safe κ), from the score-function inputs and the
+  weights as tensors (`loopscope.models.weights`); `experiments.stage_tables.attention_lipschitz_check` runs it.
 - `residual_norms` (residual.py): token norms (mean, max, first token) — Blayney et al. Fig. 9,
   Queipo-de-Llano et al. 2025; massive activations (max |activation| and its ratio to the median) — Sun
   et al. 2024. `massive_activation_layer` (massive.py) finds the layer whose output first carries them.
@@ -53,7 +54,7 @@ from loopscope.stages.neurons import (
     neuron_fractions_from_model,
     vocab_moments,
 )
-from loopscope.stages.prop42 import attention_lipschitz_check, prop42_bound
+from loopscope.stages.prop42 import Prop42Check, prop42_bound
 from loopscope.stages.readout import Readout
 from loopscope.stages.residual import RESIDUAL_METRICS, residual_norms
 from loopscope.stages.views import by_layer, by_realized_depth, by_recurrence
@@ -61,7 +62,7 @@ from loopscope.stages.views import by_layer, by_realized_depth, by_recurrence
 __all__ = [
     "ATTENTION_METRICS", "COMPRESSION_METRICS", "LENS_METRICS", "MASSIVE_RATIO", "RESIDUAL_METRICS", "STATE_COLUMNS",
     "Readout",
-    "alignment", "attention_change", "attention_lipschitz_check", "attention_metrics", "by_layer",
+    "Prop42Check", "alignment", "attention_change", "attention_metrics", "by_layer",
     "by_realized_depth", "by_recurrence", "colsum_concentration", "logit_lens", "massive_activation_layer",
     "massive_activation_profile", "matrix_entropy",
     "mixing_entropy", "mixing_entropy_normalised", "neuron_fractions", "neuron_fractions_by_depth",

@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pandas as pd
 import torch
 
+from loopscope.accumulate.core import Part
+from loopscope.accumulate.replay import run_on_trajectory
 from loopscope.capture.trajectory import Trajectory
-from loopscope.stages.frames import STATE_COLUMNS, attention_rows, real_positions, summarise, xlogx
+from loopscope.errors import InputError
+from loopscope.models.hooks import Step
+from loopscope.stages.frames import PromptRows, xlogx
 
 ATTENTION_METRICS = [
     "colsum_concentration", "sink_score", "sink_rate", "mixing_entropy", "mixing_entropy_normalised",
@@ -109,6 +112,35 @@ def head_metrics(a: torch.Tensor, *, sink_position: int = 0, sink_threshold: flo
     }
 
 
+class AttentionMetrics(PromptRows):
+    """`head_metrics` of every attention pattern, prompt and head, as each pattern is produced."""
+
+    name = "attention_metrics"
+    values = ATTENTION_METRICS
+    sites = frozenset({"pattern"})
+    needs_attention = True
+
+    def __init__(self, over: list[str], raw: bool = False, *, sink_position: int = 0, sink_threshold: float = 0.3,
+                 window: int = 5) -> None:
+        super().__init__(over, raw)
+        self.settings = dict(sink_position=sink_position, sink_threshold=sink_threshold, window=window)
+
+    def observe(self, site: str, step: Step, x: torch.Tensor) -> None:
+        ids = self.ids(step)
+        for b, pos in enumerate(self.positions):
+            p = pos.to(x.device)
+            a = x[b].index_select(-2, p).index_select(-1, p).to(device="cpu", dtype=torch.float64)  # (H, T_b, T_b)
+            metrics = head_metrics(a, **self.settings)
+            for h in range(a.shape[0]):
+                self.rows.append({**ids, "batch": self.ctx.first_prompt + b, "head": h, "n_tokens": len(pos),
+                                  **{k: float(v[h]) for k, v in metrics.items()}})
+
+    def end(self) -> Part:
+        if not self.rows:
+            raise InputError("this Trajectory has no attention; capture it with attention=True")
+        return super().end()
+
+
 def attention_metrics(
     traj: Trajectory,
     *,
@@ -128,23 +160,9 @@ def attention_metrics(
     the formulas and sources; `sink_rate_mean` is the fraction of (prompt, head) pairs whose sink score is
     ≥ `sink_threshold`, i.e. Gu et al.'s sink rate averaged over prompts.
     """
-    positions = real_positions(traj)
-    columns: dict[str, list] = {c: [] for c in [*STATE_COLUMNS, "batch", "head", "n_tokens", *ATTENTION_METRICS]}
-    for ids, attn in attention_rows(traj):
-        for b, pos in enumerate(positions):
-            a = attn[b].cpu().index_select(-2, pos).index_select(-1, pos).double()  # (H, T_b, T_b)
-            metrics = head_metrics(a, sink_position=sink_position, sink_threshold=sink_threshold, window=window)
-            H = a.shape[0]
-            for c in STATE_COLUMNS:
-                columns[c] += [ids[c]] * H
-            columns["batch"] += [b] * H
-            columns["head"] += list(range(H))
-            columns["n_tokens"] += [len(pos)] * H
-            for name, value in metrics.items():
-                columns[name] += value.tolist()
-    raw = pd.DataFrame(columns)
-    raw[ATTENTION_METRICS] = raw[ATTENTION_METRICS].astype(np.float64)
-    if per_head and per_prompt:
-        return raw
+    if traj.core_attention is None:
+        raise InputError("this Trajectory has no attention; capture it with attention=True")
     over = [c for c, keep in (("batch", per_prompt), ("head", per_head)) if not keep]
-    return summarise(raw, ATTENTION_METRICS, over)
+    acc = AttentionMetrics(over, raw=per_head and per_prompt, sink_position=sink_position,
+                           sink_threshold=sink_threshold, window=window)
+    return run_on_trajectory(acc, traj)

@@ -15,14 +15,61 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
+from loopscope.accumulate.replay import run_on_trajectory
 from loopscope.capture.trajectory import Trajectory
 from loopscope.errors import InputError
-from loopscope.stages.frames import real_positions, summarise
+from loopscope.models.hooks import Step
+from loopscope.stages.frames import PromptRows
 
 
 def head_frobenius_change(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     """‖current_h − previous_h‖_F per head. (H, T, T) × 2 → (H,)."""
     return (current.double() - previous.double()).flatten(-2).norm(dim=-1)
+
+
+class AttentionChange(PromptRows):
+    """‖A_{j,t} − A_{j,t−1}‖_F per block layer, recurrence t ≥ 1, prompt (and head), as each pattern is produced:
+    only the previous recurrence's pattern of each layer is kept."""
+
+    name = "attention_change"
+    values = ["attention_change"]
+    sites = frozenset({"pattern"})
+    needs_attention = True
+
+    def __init__(self, over: list[str], raw: bool = False, per_head: bool = False) -> None:
+        super().__init__(over, raw)
+        self.per_head = per_head
+
+    def begin(self, ctx) -> None:
+        super().begin(ctx)
+        if ctx.recurrences < 2:
+            raise InputError("attention change across recurrences needs at least 2 recurrences; capture with more")
+        self.previous: dict[int, list[torch.Tensor]] = {}
+
+    def observe(self, site: str, step: Step, x: torch.Tensor) -> None:
+        if step.segment != "core":
+            return
+        current = []
+        for b, pos in enumerate(self.positions):
+            p = pos.to(x.device)
+            current.append(x[b].index_select(-2, p).index_select(-1, p))
+        prev = self.previous.get(step.layer)
+        if prev is not None:
+            ids = self.ids(step)
+            for b, (cur, old) in enumerate(zip(current, prev)):
+                per_h = head_frobenius_change(cur, old).cpu()
+                prompt = self.ctx.first_prompt + b
+                if self.per_head:
+                    self.rows += [{**ids, "batch": prompt, "head": h, "attention_change": float(v)}
+                                  for h, v in enumerate(per_h)]
+                else:
+                    self.rows.append({**ids, "batch": prompt, "attention_change": float(per_h.pow(2).sum().sqrt())})
+        self.previous[step.layer] = current
+
+    def end(self):
+        if not self.rows and self.ctx.recurrences >= 2:
+            raise InputError("this Trajectory has no attention; capture it with attention=True")
+        return super().end()
 
 
 def attention_change(traj: Trajectory, *, per_head: bool = False, per_prompt: bool = False) -> pd.DataFrame:
@@ -36,23 +83,4 @@ def attention_change(traj: Trajectory, *, per_head: bool = False, per_prompt: bo
         raise InputError("this Trajectory has no attention; capture it with attention=True")
     if traj.recurrences < 2:
         raise InputError("attention change across recurrences needs at least 2 recurrences; capture with more")
-    index = traj.realized_index()
-    core = index[index.segment == "core"].set_index(["recurrence", "layer"])
-    positions = real_positions(traj)
-    rows = []
-    for t in range(1, traj.recurrences):
-        for j in range(traj.block_size):
-            ids = {"segment": "core", "recurrence": t, "layer": j,
-                   "depth": int(core.loc[(t, j), "depth"]), "relative_depth": float(core.loc[(t, j), "relative_depth"])}
-            for b, pos in enumerate(positions):
-                cur = traj.core_attention[t, j, b].cpu().index_select(-2, pos).index_select(-1, pos)
-                prev = traj.core_attention[t - 1, j, b].cpu().index_select(-2, pos).index_select(-1, pos)
-                per_h = head_frobenius_change(cur, prev)
-                if per_head:
-                    rows += [{**ids, "batch": b, "head": h, "attention_change": float(v)} for h, v in enumerate(per_h)]
-                else:
-                    rows.append({**ids, "batch": b, "attention_change": float(per_h.pow(2).sum().sqrt())})
-    raw = pd.DataFrame(rows)
-    if per_prompt:
-        return raw
-    return summarise(raw, ["attention_change"], over=["batch"])
+    return run_on_trajectory(AttentionChange(["batch"], raw=per_prompt, per_head=per_head), traj)

@@ -20,8 +20,10 @@ import math
 import pandas as pd
 import torch
 
+from loopscope.accumulate.replay import run_on_trajectory
 from loopscope.capture.trajectory import Trajectory
-from loopscope.stages.frames import prompt_states, summarise, xlogx
+from loopscope.models.hooks import Step
+from loopscope.stages.frames import PromptRows, xlogx
 
 COMPRESSION_METRICS = ["matrix_entropy", "matrix_entropy_normalised"]
 
@@ -30,7 +32,7 @@ def matrix_entropy(x: torch.Tensor) -> tuple[float, float]:
     """(H, H / log T) of x: (T, D) from its trace-normalised Gram spectrum; NaN where undefined."""
     x = x.double()
     T = x.shape[0]
-    s2 = torch.linalg.svdvals(x).pow(2)
+    s2 = torch.linalg.svdvals(x).pow(2).cpu()
     total = float(s2.sum())
     if total <= 0:
         return float("nan"), float("nan")
@@ -39,15 +41,25 @@ def matrix_entropy(x: torch.Tensor) -> tuple[float, float]:
     return h, (h / math.log(T) if T > 1 else float("nan"))
 
 
+class ResidualEntropy(PromptRows):
+    """`matrix_entropy` of every state and prompt, as each state is produced."""
+
+    name = "residual_entropy"
+    values = COMPRESSION_METRICS
+    sites = frozenset({"resid_post", "embed"})
+
+    def observe(self, site: str, step: Step, x: torch.Tensor) -> None:
+        if not self.wants(site, step):
+            return
+        ids = self.ids(step)
+        for b, prompt, pos, xb in self.prompts(x):
+            h, h_norm = matrix_entropy(xb)
+            self.rows.append({**ids, "batch": prompt, "n_tokens": len(pos), "matrix_entropy": h,
+                              "matrix_entropy_normalised": h_norm})
+
+
 def residual_entropy(traj: Trajectory, *, per_prompt: bool = False, include_embed: bool = False) -> pd.DataFrame:
     """Matrix-based entropy of every state. Columns: STATE_COLUMNS, `matrix_entropy_mean/_std`,
     `matrix_entropy_normalised_mean/_std`, `n` (prompts); per_prompt=True gives one raw row per
     (state, batch) with `n_tokens`."""
-    rows = []
-    for ids, b, pos, x in prompt_states(traj, include_embed=include_embed):
-        h, h_norm = matrix_entropy(x.cpu())
-        rows.append({**ids, "batch": b, "n_tokens": len(pos), "matrix_entropy": h, "matrix_entropy_normalised": h_norm})
-    raw = pd.DataFrame(rows)
-    if per_prompt:
-        return raw
-    return summarise(raw, COMPRESSION_METRICS, over=["batch"])
+    return run_on_trajectory(ResidualEntropy(["batch"], raw=per_prompt, include_embed=include_embed), traj)

@@ -13,8 +13,10 @@ from collections.abc import Iterator, Sequence
 import pandas as pd
 import torch
 
+from loopscope.accumulate.core import Accumulator, BatchContext, Part
 from loopscope.capture.trajectory import Trajectory
 from loopscope.errors import InputError
+from loopscope.models.hooks import Step
 
 STATE_COLUMNS = ["segment", "recurrence", "layer", "depth", "relative_depth"]
 
@@ -111,3 +113,48 @@ def summarise(observations: pd.DataFrame, values: Sequence[str], over: Sequence[
 def xlogx(p: torch.Tensor) -> torch.Tensor:
     """p log p with 0 log 0 = 0 (entropies of attention rows, column masses, Gram spectra)."""
     return torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p))
+
+
+class PromptRows(Accumulator):
+    """Base of the stages accumulators: one row of observations per (state, prompt[, head]), computed as each
+    state (or attention pattern) is produced; `combine` concatenates the batches' rows and summarises them
+    over `over` (or returns them raw, ordered by state then prompt then head, when `raw`)."""
+
+    values: list[str] = []
+    sites: frozenset[str] = frozenset({"resid_post"})
+
+    def __init__(self, over: list[str], raw: bool = False, include_embed: bool = False) -> None:
+        self.over, self.raw, self.include_embed = list(over), raw, include_embed
+
+    def begin(self, ctx: BatchContext) -> None:
+        super().begin(ctx)
+        self.positions = [torch.nonzero(m, as_tuple=False).flatten() for m in ctx.mask]
+        self.rows: list[dict] = []
+
+    def ids(self, step: Step) -> dict:
+        """The identifying columns of the state `step` (as `Trajectory.realized_index`)."""
+        depth = self.ctx.depth(step)
+        return {"segment": step.segment, "recurrence": step.recurrence, "layer": step.layer, "depth": depth,
+                "relative_depth": depth / max(self.ctx.last_depth, 1)}
+
+    def wants(self, site: str, step: Step) -> bool:
+        return site in self.sites and (step.segment != "embed" or self.include_embed)
+
+    def prompts(self, x: torch.Tensor):
+        """(b, global prompt index, real positions, x[b] restricted to real tokens) for every prompt of the batch."""
+        for b, pos in enumerate(self.positions):
+            yield b, self.ctx.first_prompt + b, pos, x[b].index_select(0, pos.to(x.device))
+
+    def end(self) -> Part:
+        return {"rows": pd.DataFrame(self.rows)}
+
+    def combine(self, parts: list[Part]) -> pd.DataFrame:
+        raw = pd.concat([p["rows"] for p in parts if len(p["rows"])], ignore_index=True)
+        if raw.empty:
+            raise InputError(f"{self.name}: nothing to summarise (no states or no real tokens)")
+        order = [c for c in ("depth", "batch", "head") if c in raw.columns]
+        raw = raw.sort_values(order, kind="stable").reset_index(drop=True)
+        raw[self.values] = raw[self.values].astype("float64")
+        if self.raw:
+            return raw
+        return summarise(raw, self.values, self.over)

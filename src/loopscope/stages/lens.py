@@ -24,9 +24,12 @@ from typing import Literal
 import pandas as pd
 import torch
 
+from loopscope.accumulate.core import BatchContext, Part
+from loopscope.accumulate.replay import run_on_trajectory
 from loopscope.capture.trajectory import Trajectory
 from loopscope.errors import InputError
-from loopscope.stages.frames import prompt_states, require_prefix_mask, state_at, summarise
+from loopscope.models.hooks import Step
+from loopscope.stages.frames import PromptRows, require_prefix_mask
 from loopscope.stages.readout import Readout
 
 LENS_METRICS = ["entropy", "final_top1_rank", "final_top1_match"]
@@ -41,12 +44,67 @@ def distribution_metrics(logits: torch.Tensor, target: torch.Tensor) -> dict[str
     return {"entropy": entropy, "final_top1_rank": rank, "final_top1_match": (rank == 0).double()}
 
 
-def final_predictions(traj: Trajectory, readout: Readout) -> torch.Tensor:
-    """v* per (prompt, token): argmax of the model's final logits, or of the logit lens at the last state."""
-    if traj.logits is not None:
-        return traj.logits.argmax(-1).cpu()
-    last = traj.realized_index().iloc[-1]
-    return readout.logits(state_at(traj, last.segment, int(last.recurrence), int(last.layer))).argmax(-1).cpu()
+class LogitLens(PromptRows):
+    """Lens entropy and rank of the final prediction for every state and prompt, as each state is produced; the
+    final prediction (argmax of the model's final logits) comes from the batch's finals."""
+
+    name = "logit_lens"
+    values = LENS_METRICS
+    sites = frozenset({"resid_post", "embed"})
+    needs_finals = True
+
+    def __init__(self, readout: Readout, lens: str = "logit", over: list[str] | None = None, raw: bool = False,
+                 include_embed: bool = False) -> None:
+        super().__init__(["batch"] if over is None else over, raw, include_embed)
+        if lens not in ("logit", "coda"):
+            raise InputError(f"lens={lens!r}; use 'logit' or 'coda'")
+        if lens == "coda" and readout.coda is None:
+            raise InputError("this readout has no coda (the model has no coda layers); use lens='logit'")
+        self.name = f"{lens}_lens"
+        self.readout, self.lens = readout, lens
+
+    def begin(self, ctx: BatchContext) -> None:
+        super().begin(ctx)
+        if self.lens == "coda":
+            require_prefix_mask(ctx.mask)
+        self.targets = ctx.finals.prediction if ctx.finals is not None else None
+        self.pending: list[tuple[dict, torch.Tensor]] = []
+
+    def observe(self, site: str, step: Step, x: torch.Tensor) -> None:
+        if not self.wants(site, step):
+            return
+        if x.shape[-1] != self.readout.d_model:
+            raise InputError(f"trajectory width {x.shape[-1]} does not match the readout's {self.readout.d_model}: "
+                             "build the Readout from the model that produced the trajectory")
+        ids = self.ids(step)
+        if self.targets is None:  # no final logits: the target is the lens at the last state, known at the end
+            self.pending.append((ids, x.detach()))
+            return
+        self.rows += self.state_rows(ids, x, self.targets)
+
+    def state_rows(self, ids: dict, x: torch.Tensor, targets: torch.Tensor) -> list[dict]:
+        rows = []
+        for b, prompt, pos, xb in self.prompts(x):
+            if self.lens == "coda":
+                xb = self.readout.coda(x[b: b + 1], lens_start(ids["segment"], ids["layer"]))[0]
+                xb = xb.index_select(0, pos.to(xb.device))
+            metrics = distribution_metrics(self.readout.logits(xb).cpu(), targets[b].index_select(0, pos))
+            rows.append({**ids, "batch": prompt, "n_tokens": len(pos), **{k: float(v.mean()) for k, v in metrics.items()}})
+        return rows
+
+    def end(self) -> Part:
+        if self.pending:
+            last = self.pending[-1][1]
+            targets = self.readout.logits(last).argmax(-1).cpu()
+            for ids, x in self.pending:
+                self.rows += self.state_rows(ids, x, targets)
+            self.pending = []
+        return super().end()
+
+    def combine(self, parts: list[Part]) -> pd.DataFrame:
+        out = super().combine(parts)
+        out.insert(5, "lens", self.lens)
+        return out
 
 
 def lens_start(segment: str, layer: int) -> int:
@@ -66,25 +124,12 @@ def logit_lens(
 
     Columns: STATE_COLUMNS, `lens` ("logit" | "coda"), and for m in LENS_METRICS `m_mean`, `m_std`, `n`
     (prompts); per_prompt=True gives one raw row per (state, batch) with `n_tokens` and the metrics
-    averaged over that prompt's real tokens.
+    averaged over that prompt's real tokens. The model's final answer is the argmax of `traj.logits` (or, when
+    the Trajectory has no logits, of the logit lens at its last state).
     """
     if lens not in ("logit", "coda"):
         raise InputError(f"lens={lens!r}; use 'logit' or 'coda'")
     if traj.d_model != readout.d_model:
         raise InputError(f"trajectory width {traj.d_model} does not match the readout's {readout.d_model}: "
                          "build the Readout from the model that produced the trajectory")
-    if lens == "coda":
-        if readout.coda is None:
-            raise InputError("this readout has no coda (the model has no coda layers); use lens='logit'")
-        require_prefix_mask(traj.mask)
-    targets = final_predictions(traj, readout)
-    rows = []
-    for ids, b, pos, x in prompt_states(traj, include_embed=include_embed):
-        if lens == "coda":
-            x = readout.coda(x[None], lens_start(ids["segment"], ids["layer"]))[0]
-        metrics = distribution_metrics(readout.logits(x).cpu(), targets[b].index_select(0, pos))
-        rows.append({**ids, "batch": b, "n_tokens": len(pos), **{k: float(v.mean()) for k, v in metrics.items()}})
-    raw = pd.DataFrame(rows)
-    out = raw if per_prompt else summarise(raw, LENS_METRICS, over=["batch"])
-    out.insert(5, "lens", lens)
-    return out
+    return run_on_trajectory(LogitLens(readout, lens, raw=per_prompt, include_embed=include_embed), traj)

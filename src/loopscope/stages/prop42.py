@@ -35,14 +35,15 @@ import math
 import pandas as pd
 import torch
 
-from loopscope.capture.record import Recorder
+from loopscope.accumulate.core import Accumulator, BatchContext, Part
 from loopscope.errors import InputError
 from loopscope.models.hooks import Step
-from loopscope.models.looped import Attention, LoopedLM
-from loopscope.stages.attention_change import attention_change
+from loopscope.stages.attention_change import head_frobenius_change
 from loopscope.stages.frames import require_prefix_mask
 
 SOFTMAX_LIPSCHITZ = 0.5  # L_sm of a row softmax in ℓ2 (Nair 2025; Jacobian norm ≤ 1/2)
+COLUMNS = ["segment", "recurrence", "layer", "depth", "relative_depth", "batch", "head", "n_tokens", "head_dim",
+           "measured", "input_change", "input_bound", "kappa", "kappa_qk", "bound", "ratio"]
 
 
 def prop42_bound(x_prev: torch.Tensor, x_curr: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor,
@@ -53,99 +54,88 @@ def prop42_bound(x_prev: torch.Tensor, x_curr: torch.Tensor, w_q: torch.Tensor, 
     w_q, w_k: (D', d) that head's (augmented) projections. Returns B, kappa, kappa_qk, input_change, bound.
     """
     x_prev, x_curr, w_q, w_k = (t.double() for t in (x_prev, x_curr, w_q, w_k))
-    b = max(float(x_prev.norm()), float(x_curr.norm()))
+    kappa, kappa_qk = head_kappas(w_q, w_k)
+    return bound_from(x_prev, x_curr, kappa, kappa_qk, head_dim)
+
+
+def head_kappas(w_q: torch.Tensor, w_k: torch.Tensor) -> tuple[float, float]:
+    """(κ = ‖W̃_Q‖₂ ‖W̃_K‖₂, the paper's ‖W̃_Q W̃_Kᵀ‖₂) of one head."""
     kappa = float(torch.linalg.matrix_norm(w_q, ord=2) * torch.linalg.matrix_norm(w_k, ord=2))
-    kappa_qk = float(torch.linalg.matrix_norm(w_q @ w_k.T, ord=2))
+    return kappa, float(torch.linalg.matrix_norm(w_q @ w_k.T, ord=2))
+
+
+def bound_from(x_prev: torch.Tensor, x_curr: torch.Tensor, kappa: float, kappa_qk: float,
+               head_dim: int) -> dict[str, float]:
+    b = max(float(x_prev.norm()), float(x_curr.norm()))
     delta = float((x_curr - x_prev).norm())
     bound = SOFTMAX_LIPSCHITZ * 2 * b * kappa / math.sqrt(head_dim) * delta
     return {"input_bound": b, "kappa": kappa, "kappa_qk": kappa_qk, "input_change": delta, "bound": bound}
 
 
-def head_projections(attn: Attention) -> tuple[list[torch.Tensor], list[torch.Tensor], bool]:
-    """Per query head h: (W̃_Q^h, W̃_K^h) of shape (D [+1], d), K taken from kv head h // (H / H_kv).
+class Prop42Check(Accumulator):
+    """Measured ‖S_{j,t} − S_{j,t−1}‖_F per head against its Prop. 4.2 bound, for every block layer j, recurrence
+    t ≥ 1 and prompt, as each score-function input and pattern is produced (only recurrence t − 1 is kept).
 
-    The extra row holds the bias (q/k_proj bias + qk_bias) when the layer has any bias.
-    """
-    H, Hkv, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    has_bias = attn.q_proj.bias is not None or attn.qk_bias is not None
-    wq_all, wk_all = attn.q_proj.weight.detach().cpu().double(), attn.k_proj.weight.detach().cpu().double()
-    qs, ks = [], []
-    for h in range(H):
-        g = h // (H // Hkv)
-        wq, wk = wq_all[h * d:(h + 1) * d].T, wk_all[g * d:(g + 1) * d].T  # (D, d)
-        if has_bias:
-            bq, bk = torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
-            if attn.q_proj.bias is not None:
-                bq = bq + attn.q_proj.bias.detach().cpu().double()[h * d:(h + 1) * d]
-                bk = bk + attn.k_proj.bias.detach().cpu().double()[g * d:(g + 1) * d]
-            if attn.qk_bias is not None:
-                bq = bq + attn.qk_bias.detach().cpu().double()[0, h]
-                bk = bk + attn.qk_bias.detach().cpu().double()[1, h]
-            wq, wk = torch.cat([wq, bq[None]]), torch.cat([wk, bk[None]])
-        qs.append(wq)
-        ks.append(wk)
-    return qs, ks, has_bias
+    `projections`: `loopscope.models.weights.attention_projections(model)` — plain tensors, computed once."""
 
+    name = "prop42"
+    sites = frozenset({"attn_in", "pattern"})
+    needs_attention = True
 
-@torch.no_grad()
-def attention_lipschitz_check(
-    model: LoopedLM,
-    input_ids: torch.Tensor,
-    recurrences: int | None = None,
-    *,
-    mask: torch.Tensor | None = None,
-    state_seed: int | None = None,
-    initial_state: torch.Tensor | None = None,
-) -> pd.DataFrame:
-    """Measure ‖S_{j,t} − S_{j,t−1}‖_F and its Prop. 4.2 bound for every block layer j, recurrence t ≥ 1,
-    prompt and head of one forward of `model` on `input_ids` (B, T) (right padding given by `mask`).
+    def __init__(self, projections: dict) -> None:
+        self.head_dim = int(projections["head_dim"])
+        self.kappas = {j: [head_kappas(q, k) for q, k in zip(qs, ks)]
+                       for j, (qs, ks, _) in projections["layers"].items()}
+        self.has_bias = {j: bias for j, (_, _, bias) in projections["layers"].items()}
 
-    Captures the attention probabilities (attn.hook_pattern, via `Recorder`) and the score-function input
-    n1(X) (a forward pre-hook on each block layer's `attn`, labelled by kwargs["step"]) itself.
-    Columns: segment, recurrence, layer, depth, relative_depth, batch, head, n_tokens, head_dim, measured,
-    input_change (‖ΔX‖_F), input_bound (B), kappa, kappa_qk, bound, ratio (= measured / bound, ≤ 1).
-    """
-    if not isinstance(model, LoopedLM):
-        raise InputError("attention_lipschitz_check needs a LoopedLM (it reads its weights); "
-                         f"got {type(model).__name__}")
-    R = model.cfg.recurrences if recurrences is None else int(recurrences)
-    if R < 2:
-        raise InputError("Prop. 4.2 compares consecutive recurrences: use recurrences ≥ 2")
-    if mask is None:
-        mask = torch.ones(input_ids.shape, dtype=torch.bool)
-    require_prefix_mask(mask)
-    inputs: dict[Step, torch.Tensor] = {}
+    def begin(self, ctx: BatchContext) -> None:
+        super().begin(ctx)
+        if ctx.recurrences < 2:
+            raise InputError("Prop. 4.2 compares consecutive recurrences: use recurrences ≥ 2")
+        require_prefix_mask(ctx.mask)
+        self.lengths = ctx.mask.sum(1).tolist()
+        self.inputs: dict[int, list[torch.Tensor]] = {}
+        self.patterns: dict[int, list[torch.Tensor]] = {}
+        self.current_input: dict[int, list[torch.Tensor]] = {}
+        self.rows: list[dict] = []
 
-    def keep_input(module, args, kwargs):
-        inputs[kwargs["step"]] = args[0].detach().cpu()
+    def observe(self, site: str, step: Step, x: torch.Tensor) -> None:
+        if step.segment != "core":
+            return
+        j, t = step.layer, step.recurrence
+        if site == "attn_in":
+            rows = []
+            for b, n in enumerate(self.lengths):
+                xb = x[b, :n].to(device="cpu", dtype=torch.float64)
+                if self.has_bias[j]:
+                    xb = torch.cat([xb, torch.ones(n, 1, dtype=torch.float64)], 1)
+                rows.append(xb)
+            self.current_input[j] = rows
+            return
+        pats = [x[b, :, :n, :n] for b, n in enumerate(self.lengths)]
+        inputs = self.current_input.pop(j)
+        if j in self.patterns:
+            depth = self.ctx.depth(step)
+            ids = {"segment": "core", "recurrence": t, "layer": j, "depth": depth,
+                   "relative_depth": depth / max(self.ctx.last_depth, 1)}
+            for b, n in enumerate(self.lengths):
+                measured = head_frobenius_change(pats[b], self.patterns[j][b]).cpu()
+                for h, (kappa, kappa_qk) in enumerate(self.kappas[j]):
+                    row = bound_from(self.inputs[j][b], inputs[b], kappa, kappa_qk, self.head_dim)
+                    self.rows.append({**ids, "batch": self.ctx.first_prompt + b, "head": h, "n_tokens": n,
+                                      "head_dim": self.head_dim, "measured": float(measured[h]), **row})
+        self.patterns[j], self.inputs[j] = pats, inputs
 
-    handles = [layer.attn.register_forward_pre_hook(keep_input, with_kwargs=True) for layer in model.core]
-    try:
-        with Recorder(model, attention=True) as rec:
-            model(input_ids, recurrences=R, state_seed=state_seed, initial_state=initial_state)
-    finally:
-        for h in handles:
-            h.remove()
-    traj = rec.trajectory(token_ids=input_ids.detach().cpu(), mask=mask)
-    measured = attention_change(traj, per_head=True, per_prompt=True).rename(columns={"attention_change": "measured"})
+    def end(self) -> Part:
+        frame = pd.DataFrame(self.rows)
+        if len(frame):
+            frame["ratio"] = frame["measured"] / frame["bound"]
+            frame = frame[COLUMNS]
+        return {"rows": frame}
 
-    d = model.cfg.head_size
-    lengths = mask.sum(1).tolist()
-    bounds = []
-    for j, layer in enumerate(model.core):
-        w_qs, w_ks, has_bias = head_projections(layer.attn)
-        for t in range(1, R):
-            for b, n in enumerate(lengths):
-                x_curr = inputs[Step("core", t, j)][b, :n].double()
-                x_prev = inputs[Step("core", t - 1, j)][b, :n].double()
-                if has_bias:
-                    ones = torch.ones(n, 1, dtype=torch.float64)
-                    x_curr, x_prev = torch.cat([x_curr, ones], 1), torch.cat([x_prev, ones], 1)
-                for h, (wq, wk) in enumerate(zip(w_qs, w_ks)):
-                    bounds.append({"recurrence": t, "layer": j, "batch": b, "head": h, "n_tokens": n, "head_dim": d,
-                                   **prop42_bound(x_prev, x_curr, wq, wk, d)})
-    out = measured.merge(pd.DataFrame(bounds), on=["recurrence", "layer", "batch", "head"], validate="one_to_one")
-    out["ratio"] = out["measured"] / out["bound"]
-    order = ["segment", "recurrence", "layer", "depth", "relative_depth", "batch", "head", "n_tokens", "head_dim",
-             "measured", "input_change", "input_bound", "kappa", "kappa_qk", "bound", "ratio"]
-    return out[order]
+    def combine(self, parts: list[Part]) -> pd.DataFrame:
+        frames = [p["rows"] for p in parts if len(p["rows"])]
+        if not frames:
+            raise InputError("no attention was captured for the Prop. 4.2 check; capture with attention")
+        out = pd.concat(frames, ignore_index=True)
+        return out.sort_values(["depth", "batch", "head"], kind="stable").reset_index(drop=True)

@@ -19,8 +19,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from loopscope.accumulate.replay import run_on_trajectory
 from loopscope.capture.trajectory import Trajectory
-from loopscope.stages.frames import prompt_states, summarise
+from loopscope.models.hooks import Step
+from loopscope.stages.frames import PromptRows
 
 RESIDUAL_METRICS = [
     "token_norm_mean", "token_norm_max", "first_token_norm", "max_abs_activation", "median_abs_activation",
@@ -48,6 +50,21 @@ def residual_magnitudes(x: torch.Tensor) -> dict[str, float]:
     }
 
 
+class ResidualNorms(PromptRows):
+    """`residual_magnitudes` of every state and prompt, as each state is produced."""
+
+    name = "residual_norms"
+    values = RESIDUAL_METRICS
+    sites = frozenset({"resid_post", "embed"})
+
+    def observe(self, site: str, step: Step, x: torch.Tensor) -> None:
+        if not self.wants(site, step):
+            return
+        ids = self.ids(step)
+        for b, prompt, pos, xb in self.prompts(x):
+            self.rows.append({**ids, "batch": prompt, "n_tokens": len(pos), **residual_magnitudes(xb.cpu())})
+
+
 def residual_norms(traj: Trajectory, *, per_prompt: bool = False, include_embed: bool = False) -> pd.DataFrame:
     """Residual magnitude and massive-activation metrics for every state (optionally the embedding too).
 
@@ -55,10 +72,4 @@ def residual_norms(traj: Trajectory, *, per_prompt: bool = False, include_embed:
     (prompts). per_prompt=True returns the raw rows: STATE_COLUMNS, `batch`, `n_tokens`, the metrics,
     `massive_token`, `massive_dim`.
     """
-    rows = []
-    for ids, b, pos, x in prompt_states(traj, include_embed=include_embed):
-        rows.append({**ids, "batch": b, "n_tokens": len(pos), **residual_magnitudes(x.cpu())})
-    raw = pd.DataFrame(rows)
-    if per_prompt:
-        return raw
-    return summarise(raw, RESIDUAL_METRICS, over=["batch"])
+    return run_on_trajectory(ResidualNorms(["batch"], raw=per_prompt, include_embed=include_embed), traj)

