@@ -62,12 +62,12 @@ class Recorder:
         self.handles.clear()
 
     def _hook(self, site: str):
-        def fn(module, args, kwargs, output):
-            self.chunks[(site, kwargs["step"])].append(output.detach().to(self.dtype))
+        def fn(module, args, kwargs, output):  # kept on the CPU: a whole Trajectory is for notebooks and small runs
+            self.chunks[(site, kwargs["step"])].append(output.detach().to(device="cpu", dtype=self.dtype))
         return fn
 
     def _logits_hook(self, module, args, output) -> None:
-        self.logit_chunks.append(output.detach().to(self.dtype))
+        self.logit_chunks.append(output.detach().to(device="cpu", dtype=self.dtype))
 
     # --- assembly ------------------------------------------------------------------------------------
     def _joined(self, site: str, step: Step) -> torch.Tensor:
@@ -155,10 +155,13 @@ def capture(
         raise InputError(f"cannot capture a {type(model).__name__}: load it with loopscope.models.load_model")
     R = model.cfg.recurrences if recurrences is None else int(recurrences)
     seed = model.cfg.seed if state_seed is None else state_seed
+    device = next(model.parameters()).device
     with Recorder(model, attention=attention, dtype=dtype) as rec:
-        model(input_ids, recurrences=R, state_seed=seed, initial_state=initial_state)
+        model(input_ids.to(device), recurrences=R, state_seed=seed,
+              initial_state=None if initial_state is None else initial_state.to(device))
     meta = {"state_init": model.cfg.state_init, "state_seed": seed if model.cfg.state_init == "random" else None,
-            "initial_state_given": initial_state is not None}
+            "initial_state_given": initial_state is not None,
+            "state_dtype": str(model.stream_dtype or next(model.parameters()).dtype).removeprefix("torch.")}
     return rec.trajectory(metadata=meta, token_ids=input_ids.detach().cpu(), tokens=tokens, mask=mask)
 
 

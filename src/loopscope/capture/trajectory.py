@@ -237,7 +237,7 @@ class Trajectory:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         cast = self.to(dtype)
-        tensors = {n: getattr(cast, n).contiguous() for n in TENSOR_FIELDS if getattr(cast, n) is not None}
+        tensors = {n: getattr(cast, n).cpu().contiguous() for n in TENSOR_FIELDS if getattr(cast, n) is not None}
         save_file(tensors, str(directory / TRAJECTORY_TENSORS))
         info = {"tokens": self.tokens, "metadata": self.metadata, "dtype": str(dtype).removeprefix("torch.")}
         (directory / TRAJECTORY_JSON).write_text(json.dumps(info, indent=1, default=str))
@@ -263,5 +263,5 @@ def pad_to(x: torch.Tensor, dims: list[int], length: int) -> torch.Tensor:
         if extra > 0:
             shape = list(x.shape)
             shape[d] = extra
-            x = torch.cat([x, torch.zeros(shape, dtype=x.dtype)], dim=d)
+            x = torch.cat([x, torch.zeros(shape, dtype=x.dtype, device=x.device)], dim=d)
     return x

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from loopscope.cli.common import device_option, dtype_option, parse_token_list, state_dtype_option
+
 
 def register(app: typer.Typer) -> None:
     @app.command("analyze")
@@ -23,7 +25,17 @@ def register(app: typer.Typer) -> None:
                                                   "also captures attention (memory grows as R·K·B·H·T²)."),
         max_prompts: int = typer.Option(None, "--max-prompts", help="Use only the first N prompts."),
         batch_size: int = typer.Option(8, "--batch-size", help="Prompts per forward pass."),
-        pca_prompt: int = typer.Option(0, "--pca-prompt", help="Prompt whose last token the PCA figure follows."),
+        pca_prompt: int = typer.Option(0, "--pca-prompt", help="Prompt whose last token the PCA figure follows "
+                                       "(shorthand for --keep-states PROMPT:-1)."),
+        keep_states: str = typer.Option(None, "--keep-states", help="PROMPT:TOKEN pairs, comma-separated, whose "
+                                        "every state is kept for the PCA figure (the first pair is drawn; negative "
+                                        "tokens count from the last real one). Nothing else keeps full states."),
+        similarity_recurrences: int = typer.Option(None, "--similarity-recurrences", help="Recurrences the "
+                                                   "similarity maps (Figs. 2, 19) draw; their states are the only "
+                                                   "ones kept per batch (default: all of the attention run)."),
+        device: str = device_option(),
+        dtype: str = dtype_option(),
+        state_dtype: str = state_dtype_option(),
         feedforward: str = typer.Option(None, "--feedforward", help="A feedforward model (builtin such as smollm2, "
                                         "HF directory or .gguf) whose stage profile is overlaid on every "
                                         "by-recurrence figure and scored against each recurrence "
@@ -32,12 +44,21 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Capture a model on a prompt set and write a report of its dynamics.
 
-        **What it does.** Runs every prompt through the model twice: a long run (`--recurrences`) recording every
-        layer's residual state at every recurrence, and a short run (`--attention-recurrences`) that also records
-        every head's attention. From these it computes, per block layer and recurrence: the change between
-        consecutive recurrences, the distance to the long-run state, similarity matrices over all (layer,
-        recurrence) pairs, a cyclic-versus-degenerate fixed-point verdict, each token's behaviour (fixed point,
-        orbit with its period, slider, divergent) by two detectors, and a PCA of one token's trajectory.
+        **What it does.** Streams every prompt through the model in two runs: a long run (`--recurrences`) reading
+        every layer's residual state at every recurrence, and a short run (`--attention-recurrences`) that also
+        reads every head's attention. Each state is reduced as it is produced and then dropped, so memory is one
+        batch at one recurrence whatever R and the number of prompts. Per block layer and recurrence: the change
+        between consecutive recurrences, the distance to the long-run state (exact, from a second deterministic
+        pass), similarity matrices over all (layer, recurrence) pairs, a cyclic-versus-degenerate fixed-point
+        verdict, each token's behaviour (fixed point, orbit with its period, slider, divergent) by two detectors
+        with a threshold sweep, Prop. 4.2 on every prompt, and a PCA of one token's trajectory.
+
+        **Precision.** `--device`, `--dtype` (weights) and `--state-dtype` (the stream, float32 by default). The
+        report states the run's numerical floor and draws it on the convergence figures.
+
+        **Several processes.** `torchrun --nproc_per_node N $(which loopscope) analyze …` shares the batches
+        between N processes (gloo on the CPU, nccl on GPUs); rank 0 merges every result and writes the report,
+        equal to a one-process run.
 
         **Feedforward models.** `--model smollm2` (or any feedforward model, R = 1) is captured once with
         attention and gets the stages-of-inference sections only; the dynamics sections need R ≥ 2 and are
@@ -46,15 +67,17 @@ def register(app: typer.Typer) -> None:
         **Output.** `OUT/index.html` (self-contained), `OUT/figures/*.png`, `OUT/tables/*.csv` (every number
         plotted), `OUT/report.json`.
 
-        **Resuming.** Finished capture batches are kept in `OUT/cache`; rerunning the same command after an
-        interruption skips them.
+        **Resuming.** Each finished batch's reduced results (not its states) are kept in `OUT/cache`; rerunning
+        the same command after an interruption skips them and gives identical tables.
 
         **Example.** `loopscope analyze --model default --prompts gsm-symbolic --recurrences 128 --out reports/r128`
         """
         from loopscope.experiments.analyze import AnalyzeSettings, run_analyze
 
+        keep = parse_token_list(keep_states) if keep_states else ((pca_prompt, -1),)
         run_analyze(AnalyzeSettings(
             model=model, prompts=prompts, out=out, recurrences=recurrences,
-            attention_recurrences=attention_recurrences, max_prompts=max_prompts, batch_size=batch_size,
-            pca_prompt=pca_prompt, feedforward=feedforward, progress=not quiet,
+            attention_recurrences=attention_recurrences, similarity_recurrences=similarity_recurrences,
+            max_prompts=max_prompts, batch_size=batch_size, keep_states=keep, feedforward=feedforward,
+            device=device, dtype=dtype, state_dtype=state_dtype, progress=not quiet,
         ))

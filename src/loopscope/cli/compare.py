@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from loopscope.cli.common import device_option, dtype_option, precision, state_dtype_option
+
 
 def register(app: typer.Typer) -> None:
     @app.command("compare")
@@ -17,6 +19,9 @@ def register(app: typer.Typer) -> None:
         recurrences: int = typer.Option(8, "--recurrences", "-r", help="Recurrences of the looped run."),
         max_prompts: int = typer.Option(None, "--max-prompts", help="Use only the first N prompts."),
         batch_size: int = typer.Option(8, "--batch-size", help="Prompts per forward pass."),
+        device: str = device_option(),
+        dtype: str = dtype_option(),
+        state_dtype: str = state_dtype_option(),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     ) -> None:
         """Lay a looped model's stages of inference over a feedforward model's, and score the match.
@@ -37,5 +42,6 @@ def register(app: typer.Typer) -> None:
 
         index = run_compare(CompareSettings(looped=looped, feedforward=feedforward, prompts=prompts, out=out,
                                             recurrences=recurrences, max_prompts=max_prompts,
-                                            batch_size=batch_size, progress=not quiet))
+                                            batch_size=batch_size, progress=not quiet,
+                                            precision=precision(device, dtype, state_dtype)))
         typer.echo(f"wrote {index}")

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from loopscope.cli.common import device_option, dtype_option, precision, state_dtype_option
+
 
 def register(app: typer.Typer) -> None:
     @app.command("conditions")
@@ -19,6 +21,9 @@ def register(app: typer.Typer) -> None:
                                         "classified over (the paper uses 128)."),
         condition: list[str] = typer.Option(None, "--condition", "-c", help="A condition to run (repeatable): none, "
                                             "long-persona, long-persona-padded, short-math. Default: all four."),
+        device: str = device_option(),
+        dtype: str = dtype_option(),
+        state_dtype: str = state_dtype_option(),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     ) -> None:
         """How often do tokens orbit or slide instead of settling, with and without a system prompt?
@@ -41,4 +46,5 @@ def register(app: typer.Typer) -> None:
         from loopscope.experiments.conditions import run_conditions
 
         run_conditions(model, out, data=data, questions=questions, recurrences=recurrences,
-                       conditions=list(condition) if condition else None, progress=not quiet)
+                       conditions=list(condition) if condition else None, progress=not quiet,
+                       precision=precision(device, dtype, state_dtype))

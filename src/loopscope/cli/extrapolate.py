@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from loopscope.cli.common import device_option, dtype_option, precision, state_dtype_option
+
 from loopscope.errors import InputError
 
 
@@ -42,6 +44,9 @@ def register(app: typer.Typer) -> None:
         dynamics_prompts: int = typer.Option(16, "--dynamics-prompts", help="Questions captured for fixed-point "
                                              "distance, behaviours and alignment."),
         max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Greedy decoding budget per question."),
+        device: str = device_option(),
+        dtype: str = dtype_option(),
+        state_dtype: str = state_dtype_option(),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     ) -> None:
         """Run trained looped models at more (and fewer) recurrences than they were trained with.
@@ -69,5 +74,5 @@ def register(app: typer.Typer) -> None:
             models=list(model), out=out, control=control, data=data,
             recurrences=parse_ints(recurrences, "--recurrences"), max_factor=max_factor,
             loss_questions=loss_questions, accuracy_questions=accuracy_questions, dynamics_prompts=dynamics_prompts,
-            max_new_tokens=max_new_tokens, progress=not quiet,
+            max_new_tokens=max_new_tokens, progress=not quiet, precision=precision(device, dtype, state_dtype),
         ))

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from loopscope.cli.common import device_option, dtype_option, precision, state_dtype_option
+
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
@@ -27,6 +29,9 @@ def register(app: typer.Typer) -> None:
         init_std: float = typer.Option(None, "--init-std", help="Weight init std (default: Huginn's sqrt(2/(5D)); "
                                        "the paper does not publish its own)."),
         quick: bool = typer.Option(False, "--quick", help="Block size 4, one seed, 64 recurrences (about a minute)."),
+        device: str = device_option(),
+        dtype: str = dtype_option(),
+        state_dtype: str = state_dtype_option(),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     ) -> None:
         """Which norm / injection / block-size combinations reach a stable cyclic fixed point at random init?
@@ -44,7 +49,8 @@ def register(app: typer.Typer) -> None:
         from loopscope.experiments.grid import GridSettings, run_grid_report
 
         s = GridSettings(out=out, norms=_words(norms), injections=_words(injections), block_sizes=_ints(blocks),
-                         seeds=_ints(seeds), recurrences=recurrences, init_std=init_std, progress=not quiet)
+                         seeds=_ints(seeds), recurrences=recurrences, init_std=init_std, progress=not quiet,
+                         precision=precision(device, dtype, state_dtype))
         if quick:
             s.block_sizes, s.seeds, s.recurrences = (4,), (0,), 64
         typer.echo(f"wrote {run_grid_report(s)}")

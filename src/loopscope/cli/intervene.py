@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from loopscope.cli.common import device_option, dtype_option, precision, state_dtype_option
+
 
 def register(app: typer.Typer) -> None:
     @app.command("intervene")
@@ -37,6 +39,9 @@ def register(app: typer.Typer) -> None:
                                         "model's own; a feedforward model runs once)."),
         max_prompts: int = typer.Option(8, "--max-prompts", help="Use only the first N prompts."),
         batch_size: int = typer.Option(8, "--batch-size", help="Prompts per forward pass."),
+        device: str = device_option(),
+        dtype: str = dtype_option(),
+        state_dtype: str = state_dtype_option(),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     ) -> None:
         """Change a run of the model and report every stage metric before against after, and the KL.
@@ -67,5 +72,6 @@ def register(app: typer.Typer) -> None:
             model=model, prompts=prompts, out=out, specs=specs,
             massive_activation_ablation=massive_activation_ablation, recurrences=recurrences,
             feedforward=feedforward, max_prompts=max_prompts, batch_size=batch_size, progress=not quiet,
+            precision=precision(device, dtype, state_dtype),
         ))
         typer.echo(f"wrote {index}")

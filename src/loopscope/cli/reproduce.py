@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from loopscope.cli.common import device_option, dtype_option, precision, state_dtype_option
+
 HELP = """
 Reproduce Blayney et al. (2026) on this machine: train, analyse, and judge every claim of the paper.
 
@@ -80,12 +82,15 @@ def register(app: typer.Typer) -> None:
         minutes_per_model: float | None = typer.Option(None, "--minutes-per-model", help="training wall time per "
                                                        "model (default 4.5 in full mode; quick mode trains 12 steps)"),
         threads: int = typer.Option(1, "--threads", help="torch CPU threads (1 is fastest on a shared machine)"),
+        device: str = device_option(),
+        dtype: str = dtype_option(),
+        state_dtype: str = state_dtype_option(),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
     ) -> None:
         from loopscope.experiments.reproduce import ReproduceSettings, run_reproduce
 
         s = ReproduceSettings(out=out, data=data, quick=quick, minutes_per_model=minutes_per_model, threads=threads,
-                              progress=not quiet)
+                              progress=not quiet, precision=precision(device, dtype, state_dtype))
         try:
             index = run_reproduce(s)
         except KeyboardInterrupt:

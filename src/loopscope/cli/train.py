@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from loopscope.cli.common import device_option, dtype_option
+
 HELP = """
 Train a looped (depth-recurrent) LM from scratch on the CPU, resumably.
 
@@ -94,6 +96,8 @@ def register(app: typer.Typer) -> None:
                                        "or float16"),
         threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: all; 1 is faster "
                                            "when other jobs share the cores)"),
+        device: str = device_option("cpu"),
+        dtype: str = dtype_option(),
         quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
     ) -> None:
         from loopscope.experiments.train import TrainSettings, train
@@ -103,7 +107,7 @@ def register(app: typer.Typer) -> None:
             batch_size=batch_size, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, schedule=schedule,
             eval_every=eval_every, checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes,
             accuracy_questions=accuracy_questions, save_dtype=save_dtype, threads=threads, init_from=from_retrofit,
-            heldout_sequences=heldout_sequences,
+            heldout_sequences=heldout_sequences, device=device, dtype=dtype,
         )
         try:
             m = train(settings, out, progress=not quiet)

@@ -28,7 +28,8 @@ from loopscope.accumulate.replay import run_on_trajectory
 from loopscope.capture.trajectory import Trajectory
 from loopscope.dynamics import rule_dynamics, rule_paper
 from loopscope.dynamics._tokens import batch_tokens, cosine, resolve_layer
-from loopscope.dynamics.rule_dynamics import BEHAVIOURS, Labels, WindowStats, unit_roundoff
+from loopscope.dynamics.precision import unit_roundoff
+from loopscope.dynamics.rule_dynamics import BEHAVIOURS, Labels, WindowStats
 from loopscope.errors import InputError
 from loopscope.models.hooks import Step
 

@@ -40,22 +40,12 @@ from dataclasses import dataclass
 
 import torch
 
+from loopscope.dynamics.precision import unit_roundoff
 from loopscope.errors import InputError
 
 BEHAVIOURS = ("fixed_point", "orbit", "slider", "divergent", "unknown")
 FIXED, ORBIT, SLIDER, DIVERGENT, UNKNOWN = range(5)
 MIN_RECURRENCES = 8
-
-UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8,
-                 torch.float16: 2.0 ** -11}
-
-
-def unit_roundoff(dtype: torch.dtype) -> float:
-    """u of a floating dtype: half the spacing of floats just above 1 (float32 2⁻²⁴ ≈ 6e-8, bfloat16 2⁻⁸ ≈ 4e-3)."""
-    if dtype not in UNIT_ROUNDOFF:
-        raise InputError(f"no unit roundoff known for {dtype}; states must be float64/32/16 or bfloat16")
-    return UNIT_ROUNDOFF[dtype]
-
 
 @dataclass(frozen=True)
 class DynamicsThresholds:

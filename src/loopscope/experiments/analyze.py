@@ -1,9 +1,11 @@
-"""`loopscope analyze`: model + prompts → captured trajectories → dynamics tables → report.
+"""`loopscope analyze`: model + prompts → streamed accumulators → dynamics and stage tables → report.
 
-Two captures, as in Blayney et al. §1.4: a long run without attention for the dynamics (fixed points need many
-recurrences; the paper uses 128) and a short run with attention (the paper's attention maps use 8 loops), because
-attention memory grows as R·K·B·H·T². Finished capture batches are cached under OUT/cache, so an interrupted run
-resumes without recomputing them.
+Two streams, as in Blayney et al. §1.4: a long run without attention for the dynamics (fixed points need many
+recurrences; the paper uses 128) and a short run with attention (the paper's attention maps use 8 loops). Both are
+streamed (`loopscope.capture.stream`): every state goes to the accumulators as it is produced and is dropped, so
+memory is one batch at one recurrence, whatever R and the number of prompts; each finished batch's reduced result
+is cached under OUT/cache, so an interrupted run resumes with nothing lost. Under `torchrun` the batches are
+shared between processes and rank 0 writes the report.
 """
 
 from __future__ import annotations
@@ -15,14 +17,31 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from loopscope import dynamics
-from loopscope.capture import Trajectory, capture_prompts
+from loopscope.accumulate.distributed import World, init_distributed
+from loopscope.capture.stream import StreamSettings, stream_prompts
 from loopscope.data.prompts import load_prompts
+from loopscope.dynamics.behaviour import Behaviour
+from loopscope.dynamics.convergence import CyclicFixedPointCheck, DistanceToFixedPoint, SuccessiveChange
+from loopscope.dynamics.cooccurrence import cooccurrence_from
+from loopscope.dynamics.degeneracy import Degeneracy, degeneracy_summary
+from loopscope.dynamics.pca import TokenStates
+from loopscope.dynamics.precision import relative_floor
+from loopscope.dynamics.rule_dynamics import MIN_RECURRENCES
+from loopscope.dynamics.sensitivity import threshold_sweep
+from loopscope.dynamics.similarity import AttentionDistance, ResidualSimilarity
 from loopscope.errors import InputError
+from loopscope.experiments.stage_tables import (
+    STAGE_METRICS,
+    alignment_table,
+    model_neuron_fractions,
+    model_readout,
+    prop42_table_summary,
+    stage_accumulators,
+    stage_table_from,
+)
+from loopscope.models.device import resolve_device, resolve_dtype
 from loopscope.models.load import LoadedModel, load_model
 from loopscope.report import Report
-from loopscope.experiments.stage_tables import STAGE_METRICS, alignment_table, stage_table, model_readout, \
-    model_neuron_fractions, prop42_summary
 from loopscope.report.dynamics_section import add_dynamics_sections
 from loopscope.report.stages_section import add_stages_section
 
@@ -32,14 +51,17 @@ class AnalyzeSettings:
     model: str = "default"  # builtin name or checkpoint path
     prompts: str = "gsm-symbolic"  # builtin prompt set or file
     out: Path = Path("reports/analysis")
-    recurrences: int = 64  # R of the dynamics capture; X*_ℓ = X_{ℓ,R} is the long-run state
-    attention_recurrences: int = 8  # R of the attention capture (paper Fig. 2 uses 8)
+    recurrences: int = 64  # R of the dynamics run; X*_ℓ = X_{ℓ,R} is the long-run state
+    attention_recurrences: int = 8  # R of the attention run (paper Fig. 2 uses 8)
+    similarity_recurrences: int | None = None  # recurrences the similarity maps draw (None: all of the attention run)
     max_prompts: int | None = None  # use the first N prompts only
     batch_size: int = 8
-    pca_prompt: int = 0  # which prompt's final token the PCA figure follows
-    classify_method: str = "dynamics"  # default behaviour detector ("dynamics" or "paper")
+    keep_states: tuple[tuple[int, int], ...] = ((0, -1),)  # (prompt, token) whose every state the PCA figure keeps
+    classify_method: str = "dynamics"  # detector of the co-occurrence matrix ("dynamics" or "paper")
     feedforward: str | None = None  # a feedforward model whose stage profile is overlaid and aligned (e.g. smollm2)
-    prop42_prompts: int = 4  # prompts used for the Proposition 4.2 check (it recaptures layer inputs)
+    device: str = "auto"
+    dtype: str = "float32"  # weights
+    state_dtype: str = "float32"  # residual stream and recurrent state ("weights" to follow the weights)
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -50,6 +72,13 @@ class AnalyzeSettings:
             raise InputError(f"--attention-recurrences {self.attention_recurrences}: give at least 1")
         if self.batch_size < 1:
             raise InputError(f"--batch-size {self.batch_size}: give at least 1")
+        if self.similarity_recurrences is not None and not 1 <= self.similarity_recurrences <= \
+                self.attention_recurrences:
+            raise InputError(f"--similarity-recurrences {self.similarity_recurrences}: choose 1.."
+                             f"{self.attention_recurrences} (the attention run's recurrences)")
+        if self.classify_method not in ("dynamics", "paper"):
+            raise InputError(f"classify_method={self.classify_method!r}; use dynamics or paper")
+        resolve_dtype(self.dtype)
 
 
 def say(msg: str, progress: bool) -> None:
@@ -57,35 +86,62 @@ def say(msg: str, progress: bool) -> None:
         print(msg, flush=True)
 
 
-def capture_both(loaded: LoadedModel, prompts: list[str], s: AnalyzeSettings) -> tuple[Trajectory, Trajectory]:
-    cache = s.out / "cache"
-    say(f"[1/3] capturing {len(prompts)} prompts at R={s.recurrences} (states) and R={s.attention_recurrences} "
-        "(states + attention)", s.progress)
-    states = capture_prompts(loaded, prompts, s.recurrences, attention=False, batch_size=s.batch_size,
-                             cache_dir=cache, progress=s.progress)
-    attn = capture_prompts(loaded, prompts, s.attention_recurrences, attention=True, batch_size=s.batch_size,
-                           cache_dir=cache, progress=s.progress)
-    return states, attn
+def dynamics_accumulators(s: AnalyzeSettings, n_prompts: int) -> list:
+    """Everything the dynamics sections show, from the long run without attention."""
+    accs = [SuccessiveChange(), DistanceToFixedPoint(), CyclicFixedPointCheck(), Degeneracy()]
+    if s.recurrences >= MIN_RECURRENCES:
+        accs.append(Behaviour())
+    for prompt, token in s.keep_states:
+        if not 0 <= prompt < n_prompts:
+            raise InputError(f"--keep-states {prompt}:{token}: prompt {prompt} is out of range for {n_prompts} "
+                             "prompts")
+        acc = TokenStates(prompt, token)
+        acc.name = f"pca_{prompt}_{token}"
+        accs.append(acc)
+    return accs
 
 
-def dynamics_tables(states: Trajectory, attn: Trajectory, s: AnalyzeSettings) -> dict[str, pd.DataFrame]:
-    """Every dynamics table the report shows, computed once (the figures only draw these)."""
-    pca_points, pca_var = dynamics.pca_trajectory(states, batch=s.pca_prompt, token=-1)
-    return {
-        "successive_change": dynamics.successive_change(states),
-        "distance_to_fixed_point": dynamics.distance_to_fixed_point(states),
-        "attention_to_fixed_point": dynamics.distance_to_fixed_point(attn),
-        "residual_similarity": dynamics.residual_similarity(attn),
-        "attention_distance": dynamics.attention_distance(attn),
-        "degeneracy": dynamics.degeneracy(states),
-        "degeneracy_summary": dynamics.degeneracy_summary(states),
-        "behaviour_dynamics": dynamics.classify(states, method="dynamics"),
-        "behaviour_paper": dynamics.classify(states, method="paper"),
-        "cooccurrence": dynamics.cooccurrence(states, method=s.classify_method),
-        "pca_points": pca_points,
-        "pca_variance": pca_var,
-        "cyclic_fixed_point_check": dynamics.cyclic_fixed_point_check(states),
+def attention_accumulators(loaded: LoadedModel, s: AnalyzeSettings) -> list:
+    """The stage metrics, attention stabilisation, similarity maps and Prop. 4.2, from the run with attention."""
+    from loopscope.models.looped import LoopedLM
+    from loopscope.models.weights import attention_projections
+    from loopscope.stages.attention_change import AttentionChange
+    from loopscope.stages.prop42 import Prop42Check
+
+    accs = stage_accumulators(model_readout(loaded), attention=True)
+    if isinstance(loaded.model, LoopedLM):
+        att = DistanceToFixedPoint()
+        att.name = "attention_to_fixed_point"
+        r = s.similarity_recurrences
+        accs += [att, ResidualSimilarity(r), AttentionDistance(r)]
+        if s.attention_recurrences >= 2:
+            accs += [AttentionChange(["batch"]), Prop42Check(attention_projections(loaded.model))]
+    return accs
+
+
+def dynamics_tables(states: dict, attn: dict, s: AnalyzeSettings) -> dict[str, pd.DataFrame]:
+    """The dynamics tables the report shows, from the two streams' combined accumulators."""
+    t = {
+        "successive_change": states["successive_change"],
+        "distance_to_fixed_point": states["distance_to_fixed_point"],
+        "cyclic_fixed_point_check": states["cyclic_fixed_point_check"],
+        "degeneracy": states["degeneracy"],
+        "degeneracy_summary": degeneracy_summary(states["degeneracy"]),
+        "attention_to_fixed_point": attn["attention_to_fixed_point"],
+        "residual_similarity": attn["residual_similarity"],
+        "attention_distance": attn["attention_distance"],
     }
+    if "behaviour" in states:
+        stats = states["behaviour"]
+        t["behaviour_dynamics"] = stats.frame(-1, "dynamics")
+        t["behaviour_paper"] = stats.frame(-1, "paper")
+        t["cooccurrence"] = cooccurrence_from(stats, s.classify_method)
+        t["sensitivity"] = threshold_sweep(stats)
+    for prompt, token in s.keep_states:
+        points, variance = states[f"pca_{prompt}_{token}"]
+        t.setdefault("pca_points", points)
+        t.setdefault("pca_variance", variance)
+    return t
 
 
 def is_feedforward(loaded: LoadedModel) -> bool:
@@ -93,67 +149,130 @@ def is_feedforward(loaded: LoadedModel) -> bool:
     return loaded.kind != "looped"
 
 
-def run_analyze(s: AnalyzeSettings) -> Path:
-    """Run the whole analysis and write OUT/index.html; returns its path.
+@dataclass
+class Analysis:
+    """What one model's streams give: dynamics tables (None for a feedforward model), the stage table, the
+    Prop. 4.2 summary (None without one) and a record of each stream (batches, tokens, cache, exactness)."""
 
-    A feedforward model (R = 1) gets the stages-of-inference report only: one capture with attention, and a note
+    dynamics: dict[str, pd.DataFrame] | None
+    stages: pd.DataFrame
+    prop42: pd.DataFrame | None
+    runs: dict[str, dict]
+    floor: float | None
+
+
+def analyse(loaded: LoadedModel, prompts: list[str], s: AnalyzeSettings, world: World | None = None,
+            ) -> Analysis | None:
+    """Stream `prompts` through every accumulator the report needs; None on ranks other than 0."""
+    world = world or World.current()
+    progress = s.progress and world.rank == 0
+    stream = dict(batch_size=s.batch_size, cache_dir=s.out / "cache", progress=progress, world=world)
+    runs: dict[str, dict] = {}
+    states = None
+    with torch.inference_mode():
+        if is_feedforward(loaded):
+            say(f"[1/3] streaming {len(prompts)} prompts once with attention ({loaded.name} is feedforward)", progress)
+            attn, runs["attention"] = stream_prompts(loaded, prompts, attention_accumulators(loaded, s),
+                                                     StreamSettings(1, attention=True, label="attention", **stream))
+        else:
+            say(f"[1/3] streaming {len(prompts)} prompts at R={s.recurrences} (states) and "
+                f"R={s.attention_recurrences} (states + attention)", progress)
+            states, runs["states"] = stream_prompts(loaded, prompts, dynamics_accumulators(s, len(prompts)),
+                                                    StreamSettings(s.recurrences, label="states", **stream))
+            attn, runs["attention"] = stream_prompts(loaded, prompts, attention_accumulators(loaded, s),
+                                                     StreamSettings(s.attention_recurrences, attention=True,
+                                                                    label="attention", **stream))
+    if world.rank != 0:
+        return None
+    floor = None
+    if states is not None:
+        floor = relative_floor(s.dtype, runs["states"]["state_dtype"] or s.state_dtype)
+    return Analysis(
+        dynamics=None if states is None else dynamics_tables(states, attn, s),
+        stages=stage_table_from(attn),
+        prop42=prop42_table_summary(attn["prop42"]) if "prop42" in attn else None,
+        runs=runs, floor=floor,
+    )
+
+
+def run_analyze(s: AnalyzeSettings) -> Path | None:
+    """Run the whole analysis and write OUT/index.html; returns its path (None on ranks other than 0).
+
+    A feedforward model (R = 1) gets the stages-of-inference report only: one stream with attention, and a note
     in place of the dynamics sections (fixed points, orbits and attention stabilisation need R ≥ 2).
     """
     s.check()
     start = time.perf_counter()
-    loaded = load_model(s.model)
-    feedforward_model = is_feedforward(loaded)
+    device = resolve_device(s.device)
+    world = init_distributed(device)
+    if device.type == "cuda" and world.size > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+    loaded = load_model(s.model, device=device, dtype=s.dtype, state_dtype=s.state_dtype)
     prompts = load_prompts(s.prompts, limit=s.max_prompts)
-    if not 0 <= s.pca_prompt < len(prompts):
-        raise InputError(f"--pca-prompt {s.pca_prompt} is out of range for {len(prompts)} prompts")
+    progress = s.progress and world.rank == 0
     s.out.mkdir(parents=True, exist_ok=True)
-    with torch.inference_mode():
-        if feedforward_model:
-            say(f"[1/3] capturing {len(prompts)} prompts once with attention ({loaded.name} is feedforward)",
-                s.progress)
-            states = attn = capture_prompts(loaded, prompts, 1, attention=True, batch_size=s.batch_size,
-                                            cache_dir=s.out / "cache", progress=s.progress)
-        else:
-            states, attn = capture_both(loaded, prompts, s)
-    say("[2/3] computing dynamics and stage tables", s.progress)
-    tables = None if feedforward_model else dynamics_tables(states, attn, s)
-    stage = stage_table(attn, model_readout(loaded))
+    result = analyse(loaded, prompts, s, world)
     ff_name, ff_stage, aligned = None, None, None
     if s.feedforward:
-        ff = load_model(s.feedforward)
+        ff = load_model(s.feedforward, device=device, dtype=s.dtype, state_dtype=s.state_dtype)
         ff_name = ff.name
         with torch.inference_mode():
-            ff_traj = capture_prompts(ff, prompts, 1, attention=True, batch_size=s.batch_size,
-                                      cache_dir=s.out / "cache", progress=s.progress)
-        ff_stage = stage_table(ff_traj, model_readout(ff))
-        aligned = alignment_table(stage, ff_stage)
-    prop42 = prop42_summary(loaded, prompts[: s.prop42_prompts], s.attention_recurrences)
-    say("[3/3] drawing figures and writing the report", s.progress)
-    cfg = getattr(loaded.model, "cfg", None)
-    report = Report(
-        title=f"loopscope analysis — {loaded.name}",
-        out_dir=s.out,
-        meta={
-            "model": f"{loaded.name} {cfg.signature if cfg else ''}".strip(),
-            "architecture": (f"norm={cfg.norm}, injection={cfg.injection}, state_init={cfg.state_init}, "
-                             f"d_model={cfg.d_model}, heads={cfg.n_heads}") if cfg else loaded.kind,
-            "prompts": f"{s.prompts} ({len(prompts)} prompts, {int(states.mask.sum())} tokens)",
-            "recurrences": ("1 (feedforward model)" if feedforward_model else
-                            f"{s.recurrences} for dynamics, {s.attention_recurrences} with attention"),
-            "settings": {k: str(v) for k, v in asdict(s).items() if k not in ("extra",)},
-        },
-    )
-    if tables is None:
+            ff_tables, ff_run = stream_prompts(
+                ff, prompts, stage_accumulators(model_readout(ff)),
+                StreamSettings(1, attention=True, label=f"feedforward-{ff.name}", batch_size=s.batch_size,
+                               cache_dir=s.out / "cache", progress=progress, world=world))
+    if world.rank != 0:
+        return None
+    if s.feedforward:
+        result.runs["feedforward"] = ff_run
+        ff_stage = stage_table_from(ff_tables)
+        aligned = alignment_table(result.stages, ff_stage)
+    say("[3/3] drawing figures and writing the report", progress)
+    report = Report(title=f"loopscope analysis — {loaded.name}", out_dir=s.out,
+                    meta=run_meta(loaded, s, prompts, result.runs, result.dynamics is None, world))
+    if result.dynamics is None:
         report.section("Dynamics (skipped)", f"{loaded.name} is a feedforward model: it runs once (R = 1), so there "
                        "is no recurrence to converge, orbit or stabilise over. Fixed points, per-token behaviour, "
                        "similarity across recurrences and Proposition 4.2 need a looped model (R ≥ 2); only the "
                        "stages of inference are reported.")
     else:
-        add_dynamics_sections(report, tables, s.recurrences)
-    add_stages_section(report, stage, STAGE_METRICS, model_name=loaded.name, feedforward=ff_stage,
-                       ff_name=ff_name or "feedforward", alignment=aligned, prop42=prop42,
+        add_dynamics_sections(report, result.dynamics, s.recurrences, floor=result.floor,
+                              floor_note=floor_note(s, result.runs["states"], result.floor),
+                              behaviour_min_r=MIN_RECURRENCES)
+    add_stages_section(report, result.stages, STAGE_METRICS, model_name=loaded.name, feedforward=ff_stage,
+                       ff_name=ff_name or "feedforward", alignment=aligned, prop42=result.prop42,
                        neurons=model_neuron_fractions(loaded))
     report.meta["wall time"] = f"{time.perf_counter() - start:.1f} s"
     index = report.write()
-    say(f"wrote {index}", s.progress)
+    say(f"wrote {index}", progress)
     return index
+
+
+def floor_note(s: AnalyzeSettings, run: dict, floor: float) -> str:
+    exact = run.get("finals_max_abs_diff")
+    check = ("the second pass reproduced the first pass's last states bit for bit, so every distance to X* is exact"
+             if exact == 0.0 else f"the second pass differed from the first by up to {exact:.3g} (max |Δ|): "
+             "distances to X* carry that error")
+    return (f"Weights in {s.dtype}, states in {run.get('state_dtype')}: relative changes at or below f ≈ {floor:.1e} "
+            f"(1 − cos ≲ f²/2 ≈ {floor * floor / 2:.1e}) are rounding, not dynamics (dotted line). Distances to the "
+            f"fixed point come from a second deterministic pass of each batch; {check}.")
+
+
+def run_meta(loaded: LoadedModel, s: AnalyzeSettings, prompts: list[str], runs: dict, feedforward_model: bool,
+             world: World) -> dict:
+    cfg = getattr(loaded.model, "cfg", None)
+    tokens = runs["attention"]["tokens"]
+    return {
+        "model": f"{loaded.name} {cfg.signature if cfg else ''}".strip(),
+        "architecture": (f"norm={cfg.norm}, injection={cfg.injection}, state_init={cfg.state_init}, "
+                         f"d_model={cfg.d_model}, heads={cfg.n_heads}") if cfg else loaded.kind,
+        "prompts": f"{s.prompts} ({len(prompts)} prompts, {tokens} tokens)",
+        "recurrences": ("1 (feedforward model)" if feedforward_model else
+                        f"{s.recurrences} for dynamics, {s.attention_recurrences} with attention"),
+        "precision": f"weights {s.dtype}, states {runs['attention'].get('state_dtype') or s.state_dtype}, "
+                     f"device {next(loaded.model.parameters()).device}",
+        "processes": f"{world.size} (torch.distributed)" if world.size > 1 else "1",
+        "streams": {name: {k: v for k, v in run.items() if k != "seconds_rank0"} | {
+            "seconds": round(run["seconds_rank0"], 1)} for name, run in runs.items()},
+        "settings": {k: str(v) for k, v in asdict(s).items() if k not in ("extra",)},
+    }

@@ -1,18 +1,18 @@
 """`loopscope compare`: a looped model's stages of inference against a feedforward model's, with alignment scores.
 
-The looped model is captured at R recurrences with attention, the feedforward model once; both profiles go on
+The looped model is streamed at R recurrences with attention, the feedforward model once; both profiles go on
 relative depth (prelude + pass + coda = 0..100 %) and every recurrence gets an alignment score per metric.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from loopscope.capture import capture_prompts
+from loopscope.capture.stream import StreamSettings, stream_prompts
 from loopscope.data.prompts import load_prompts
 from loopscope.errors import InputError
 from loopscope.experiments.stage_tables import (
@@ -20,10 +20,11 @@ from loopscope.experiments.stage_tables import (
     alignment_table,
     model_neuron_fractions,
     model_readout,
-    prop42_summary,
-    stage_table,
+    prop42_table_summary,
+    stage_accumulators,
+    stage_table_from,
 )
-from loopscope.models.load import load_model
+from loopscope.models.device import Precision
 from loopscope.report import Report
 from loopscope.report.stages_section import add_stages_section
 
@@ -38,28 +39,42 @@ class CompareSettings:
     max_prompts: int | None = None
     batch_size: int = 8
     progress: bool = True
+    precision: Precision = field(default_factory=Precision)
+
+
+def stream_stages(loaded, prompts: list[str], recurrences: int, s: CompareSettings, label: str):
+    """(stage table, Prop. 4.2 checks or None) of one model, streamed with attention."""
+    from loopscope.models.looped import LoopedLM
+    from loopscope.models.weights import attention_projections
+    from loopscope.stages.prop42 import Prop42Check
+
+    accs = stage_accumulators(model_readout(loaded))
+    if isinstance(loaded.model, LoopedLM) and recurrences >= 2:
+        accs.append(Prop42Check(attention_projections(loaded.model)))
+    with torch.inference_mode():
+        tables, _ = stream_prompts(loaded, prompts, accs, StreamSettings(
+            recurrences, attention=True, batch_size=s.batch_size, cache_dir=s.out / "cache", progress=s.progress,
+            label=label))
+    return stage_table_from(tables), tables.get("prop42")
 
 
 def run_compare(s: CompareSettings) -> Path:
     if s.recurrences < 1:
         raise InputError(f"--recurrences {s.recurrences}: give at least 1")
     start = time.perf_counter()
-    looped, ff = load_model(s.looped), load_model(s.feedforward)
+    looped, ff = s.precision.load(s.looped), s.precision.load(s.feedforward)
     prompts = load_prompts(s.prompts, limit=s.max_prompts)
-    cache = s.out / "cache"
-    with torch.inference_mode():
-        lt = capture_prompts(looped, prompts, s.recurrences, attention=True, batch_size=s.batch_size,
-                             cache_dir=cache, progress=s.progress)
-        ft = capture_prompts(ff, prompts, 1, attention=True, batch_size=s.batch_size, cache_dir=cache,
-                             progress=s.progress)
-    looped_table, ff_table = stage_table(lt, model_readout(looped)), stage_table(ft, model_readout(ff))
+    looped_table, checks = stream_stages(looped, prompts, s.recurrences, s, "looped")
+    ff_table, _ = stream_stages(ff, prompts, 1, s, "feedforward")
     aligned = alignment_table(looped_table, ff_table)
     report = Report(f"loopscope compare — {looped.name} vs {ff.name}", s.out, meta={
         "looped": looped.name, "feedforward": ff.name,
         "prompts": f"{s.prompts} ({len(prompts)} prompts)", "recurrences": s.recurrences,
+        "precision": s.precision.describe(),
     })
     add_stages_section(report, looped_table, STAGE_METRICS, model_name=looped.name, feedforward=ff_table,
-                       ff_name=ff.name, alignment=aligned, prop42=prop42_summary(looped, prompts[:4], s.recurrences),
+                       ff_name=ff.name, alignment=aligned,
+                       prop42=None if checks is None else prop42_table_summary(checks),
                        neurons=model_neuron_fractions(looped))
     add_stages_section(report, ff_table, STAGE_METRICS, model_name=f"{ff.name} (feedforward)",
                        neurons=model_neuron_fractions(ff), prefix="feedforward_")  # own file names: no overwrite

@@ -38,8 +38,10 @@ from loopscope.capture import capture
 from loopscope.data.gsm8k import gsm8k_test_subset
 from loopscope.data.system_prompts import SYSTEM_PROMPT_CONDITIONS, apply_condition, get_condition, system_token_ids
 from loopscope.dynamics.behaviour import METHODS
+from loopscope.dynamics.rule_dynamics import MIN_RECURRENCES
 from loopscope.errors import InputError
-from loopscope.models.load import LoadedModel, load_model
+from loopscope.models.device import Precision
+from loopscope.models.load import LoadedModel
 from loopscope.report import Report
 from loopscope.report.conditions_section import add_conditions_section
 
@@ -107,7 +109,8 @@ def behaviour_fractions(labels: pd.DataFrame) -> pd.DataFrame:
 
 
 def run_conditions(model: str, out: Path, data: str | None = None, questions: int = 16, recurrences: int = 64,
-                   conditions: list[str] | None = None, progress: bool = True) -> pd.DataFrame:
+                   conditions: list[str] | None = None, progress: bool = True,
+                   precision: Precision | None = None) -> pd.DataFrame:
     """One row per (condition, method): condition, method, reconstructed, n_tokens, fixed_point, orbit, slider,
     divergent, unknown (fractions of question tokens). `table.attrs["all_tokens"]` is the same over every real
     token. Writes OUT/index.html, figures, tables."""
@@ -119,10 +122,11 @@ def run_conditions(model: str, out: Path, data: str | None = None, questions: in
         get_condition(name)  # InputError naming the valid ones
     if not 1 <= questions <= 256:
         raise InputError(f"--questions {questions}: give 1..256 (the fixed GSM8K test subset has 256)")
-    if recurrences < 8:
-        raise InputError(f"--recurrences {recurrences}: both classifiers need at least 8 (the paper uses 128)")
+    if recurrences < MIN_RECURRENCES:
+        raise InputError(f"--recurrences {recurrences}: both classifiers need at least {MIN_RECURRENCES} (the paper "
+                         "uses 128)")
     subset = gsm8k_test_subset(data)
-    loaded = load_model(model)
+    loaded = (precision or Precision()).load(model)
     from loopscope.models.looped import LoopedLM
 
     if not isinstance(loaded.model, LoopedLM):

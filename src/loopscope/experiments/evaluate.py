@@ -18,6 +18,7 @@ from loopscope.models.looped import KVCache
 
 def next_token_loss(model: torch.nn.Module, rows: torch.Tensor, recurrences: int | None = None) -> torch.Tensor:
     """Mean cross-entropy of rows (B, L+1): inputs rows[:, :-1], targets rows[:, 1:]; a scalar (nats)."""
+    rows = rows.to(next(model.parameters()).device)
     logits = model(rows[:, :-1], recurrences=recurrences)  # (B, L, V)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), rows[:, 1:].reshape(-1))
 
@@ -45,7 +46,8 @@ def greedy_generate(model: torch.nn.Module, prompt_ids: list[int], max_new_token
     """Greedy continuation of one prompt with the model's own KV cache; stops at a stop id (not returned),
     after `max_new_tokens`, or at the model's context length."""
     cache = KVCache()
-    ids = torch.tensor([prompt_ids], dtype=torch.int64)
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], dtype=torch.int64, device=device)
     limit = min(max_new_tokens, model.cfg.max_seq_len - len(prompt_ids))
     out: list[int] = []
     for _ in range(max(limit, 0)):
@@ -54,7 +56,7 @@ def greedy_generate(model: torch.nn.Module, prompt_ids: list[int], max_new_token
         if nxt in stop_ids:
             break
         out.append(nxt)
-        ids = torch.tensor([[nxt]], dtype=torch.int64)
+        ids = torch.tensor([[nxt]], dtype=torch.int64, device=device)
     return out
 
 

@@ -28,7 +28,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,8 @@ from loopscope.errors import InputError
 from loopscope.experiments.evaluate import gsm8k_exact_match, heldout_loss
 from loopscope.dynamics.rule_dynamics import MIN_RECURRENCES
 from loopscope.experiments.stage_tables import alignment_table, model_readout, stage_table
-from loopscope.models.load import LoadedModel, load_model
+from loopscope.models.device import Precision
+from loopscope.models.load import LoadedModel
 from loopscope.report import Report
 from loopscope.report.extrapolate_section import add_extrapolate_section
 
@@ -70,6 +71,7 @@ class ExtrapolateSettings:
     progress: bool = True
     max_new_tokens: int = 256  # greedy decoding budget per question
     batch_size: int = 8  # prompts per capture batch
+    precision: Precision = field(default_factory=Precision)
 
     def check(self) -> None:
         if not self.models:
@@ -222,7 +224,7 @@ def control_stage_table(s: ExtrapolateSettings, prompts: list[str]) -> tuple[str
     """The control's stage table (one pass, with attention), cached as CSV."""
     if s.control is None:
         return None
-    ff = load_model(s.control)
+    ff = s.precision.load(s.control)
     path = s.out / "cache" / "extrapolate" / f"control-{row_key(s.control, 1, 1, s)}.csv"
     if path.exists():
         return ff.name, pd.read_csv(path)
@@ -252,7 +254,7 @@ def run_extrapolate(s: ExtrapolateSettings) -> dict[str, pd.DataFrame]:
     loaded_models = {}
     plan = []
     for spec in s.models:
-        loaded = load_model(spec)
+        loaded = s.precision.load(spec)
         require_looped(loaded, spec)
         grid = sorted(set(s.recurrences or recurrence_grid(loaded.recurrences, s.max_factor)))
         loaded_models[spec] = loaded

@@ -26,7 +26,9 @@ from loopscope.capture import capture, encode_prompts
 from loopscope.data.prompts import load_prompts
 from loopscope.data.tokenizer import load_tokenizer
 from loopscope.errors import InputError
+from loopscope.dynamics.degeneracy import SAME_POINT_COSINE
 from loopscope.models import LoopedConfig, LoopedLM
+from loopscope.models.device import Precision
 
 # The paper's verdicts (§4.2, §6.1), independent of block size ("qualitatively identical" for 4, 12, 16 layers).
 PAPER_VERDICTS = {
@@ -56,6 +58,7 @@ class GridSettings:
     init_std: float | None = None  # weight std; None = Huginn's rule sqrt(2/(5D)) (the paper's is not published)
     progress: bool = True
     curves: dict = field(default_factory=dict)
+    precision: Precision = field(default_factory=Precision)
 
 
 def grid_config(norm: str, injection: str, block: int, seed: int, d_model: int,
@@ -88,9 +91,9 @@ def cell_verdict(fraction_no_fixed_point: float, degenerate: bool, last_cosine_d
 
 
 def run_cell(cfg: LoopedConfig, ids: torch.Tensor, mask: torch.Tensor, recurrences: int, converge_tol: float,
-             direction_tol: float = 1e-4):
+             direction_tol: float = 1e-4, precision: Precision | None = None):
     """Capture one random model; return its verdict row and its per-recurrence curves."""
-    model = LoopedLM(cfg).eval()
+    model = (precision or Precision("cpu")).place(LoopedLM(cfg).eval())
     with torch.inference_mode():
         traj = capture(model, ids, recurrences=recurrences, mask=mask)
     summary = dynamics.degeneracy_summary(traj, converge_tol=converge_tol).iloc[0]
@@ -99,7 +102,7 @@ def run_cell(cfg: LoopedConfig, ids: torch.Tensor, mask: torch.Tensor, recurrenc
     last = change[change.layer == cfg.n_block - 1][["recurrence", "l2", "relative", "cosine"]]
     behaviour = dynamics.classify(traj)["behaviour"].value_counts(normalize=True)
     last_cos_distance = float(1 - last["cosine"].iloc[-1])
-    degenerate = summary["min_cosine_to_first_mean"] >= 0.99
+    degenerate = summary["min_cosine_to_first_mean"] >= SAME_POINT_COSINE
     verdict = cell_verdict(float(summary["fraction_no_fixed_point"]), degenerate, last_cos_distance, direction_tol)
     row = {
         "final_relative_change_last_layer": float(check["final_relative_change"].iloc[-1]),

@@ -29,7 +29,8 @@ from loopscope.experiments.stage_tables import (
 )
 from loopscope.interventions import Intervention, ZeroSublayer, describe, intervene, next_token_kl, summarize_kl
 from loopscope.interventions.run import check_recurrences
-from loopscope.models.load import LoadedModel, load_model
+from loopscope.models.device import Precision
+from loopscope.models.load import LoadedModel
 from loopscope.report import Report
 from loopscope.report.intervene_section import add_intervention_section, add_kl_section
 from loopscope.report.stages_section import add_stages_section
@@ -47,6 +48,7 @@ class InterveneSettings:
     max_prompts: int | None = 8  # interventions compare two full captures with attention: keep it small
     batch_size: int = 8
     progress: bool = True
+    precision: Precision = field(default_factory=Precision)
 
     def check(self) -> None:
         if bool(self.specs) == self.massive_activation_ablation:
@@ -180,7 +182,7 @@ def run_intervene(s: InterveneSettings, loaded: LoadedModel | None = None) -> Pa
     `loaded`: an already loaded model to use instead of loading `s.model` (tests, notebooks)."""
     s.check()
     start = time.perf_counter()
-    loaded = load_model(s.model) if loaded is None else loaded
+    loaded = s.precision.load(s.model) if loaded is None else loaded
     prompts = load_prompts(s.prompts, limit=s.max_prompts)
     R = run_recurrences(loaded, s.recurrences)
     readout = model_readout(loaded)
@@ -192,7 +194,7 @@ def run_intervene(s: InterveneSettings, loaded: LoadedModel | None = None) -> Pa
     comparisons = {"after vs before": alignment_to_baseline(before, after)}
     ff_table, ff_name = None, None
     if s.feedforward:
-        ff = load_model(s.feedforward)
+        ff = s.precision.load(s.feedforward)
         ff_name = ff.name
         with torch.inference_mode():
             ff_table = stage_table(capture_prompts(ff, prompts, 1, attention=True, batch_size=s.batch_size,

@@ -41,6 +41,7 @@ import torch
 from loopscope.errors import InputError
 from loopscope.experiments.claims import Thresholds, evaluate_claims, thresholds_table
 from loopscope.experiments.stage_cache import StageCache
+from loopscope.models.device import Precision
 
 FULL_MINUTES = 4.5  # default training budget per model in full mode (6 models: 27 min of the 60-minute budget)
 
@@ -53,6 +54,7 @@ class ReproduceSettings:
     minutes_per_model: float | None = None  # training wall time per model; None: FULL_MINUTES (full), steps (quick)
     threads: int = 1  # torch CPU threads (1 is fastest on a shared 2-core machine)
     progress: bool = True
+    precision: Precision = field(default_factory=lambda: Precision("cpu"))  # where the analyses run
 
 
 @dataclass
@@ -66,7 +68,6 @@ class StudyPlan:
     prompts: int  # GSM8K test-subset questions captured per model
     recurrences: int  # R of the dynamics capture (the paper iterates 128)
     attention_recurrences: int  # R of the capture with attention (the paper's maps use 8)
-    prop42_prompts: int  # prompts of the Prop. 4.2 check
     grid: dict  # GridSettings fields
     extrapolate: dict  # ExtrapolateSettings fields
     conditions_model: str  # preset whose trained model the conditions stage uses
@@ -83,7 +84,7 @@ def study_plan(s: ReproduceSettings) -> StudyPlan:
             train.update(steps=None, minutes=s.minutes_per_model)
         return StudyPlan(
             looped=["micro", "micro+inject", "micro+noprelude"], control="micro-feedforward", builtin=["default"],
-            train=train, prompts=4, recurrences=24, attention_recurrences=4, prop42_prompts=2,
+            train=train, prompts=4, recurrences=24, attention_recurrences=4,
             grid=dict(block_sizes=(4,), seeds=(0,), recurrences=48, n_prompts=2, max_tokens=24),
             extrapolate=dict(recurrences=[1, 2, 4, 8], loss_questions=8, accuracy_questions=0, dynamics_prompts=2),
             conditions_model="micro+inject", conditions=dict(questions=2, recurrences=16),
@@ -94,7 +95,7 @@ def study_plan(s: ReproduceSettings) -> StudyPlan:
         looped=["looped-4", "looped-8", "looped-12", "looped-4+inject", "looped-4+noprelude"],
         control="feedforward-12", builtin=["default"],
         train=dict(minutes=minutes, accuracy_questions=0),
-        prompts=16, recurrences=64, attention_recurrences=8, prop42_prompts=4,
+        prompts=16, recurrences=64, attention_recurrences=8,
         grid=dict(block_sizes=(4, 12, 16), seeds=(0, 1, 2), recurrences=128),
         extrapolate=dict(recurrences=[1, 2, 4, 8, 16, 32], loss_questions=64, accuracy_questions=1,
                          dynamics_prompts=4),
@@ -197,17 +198,17 @@ def run_stages(p: Pipeline) -> dict:
     control = p.stage("control", {"model": plan.control, "prompts": plan.prompts,
                                   "trained": training_id(results["training"][plan.control])},
                       lambda: control_tables(model_dir[plan.control], prompts, p.cache.dir("control") / "work",
-                                             s.progress),
+                                             s.progress, s.precision),
                       scratch=p.cache.dir("control") / "work")
     for name in [*plan.looped, *plan.builtin]:
         params = {"model": name, "prompts": plan.prompts, "recurrences": plan.recurrences,
-                  "attention_recurrences": plan.attention_recurrences, "prop42_prompts": plan.prop42_prompts,
+                  "attention_recurrences": plan.attention_recurrences,
                   "trained": training_id(results["training"].get(name)), "control": plan.control}
         work = p.cache.dir(f"analyze-{name}") / "work"
         results["analyses"][name] = p.stage(
             f"analyze-{name}", params,
             lambda name=name, work=work: analyse_model(name, model_dir[name], prompts, control["stages"], plan, work,
-                                                       s.progress),
+                                                       s.progress, s.precision),
             scratch=work)
 
     # 3. the massive-activation ablation (§5 item 4, Fig. 41) on the pre-norm looped model with the largest
@@ -224,11 +225,11 @@ def run_stages(p: Pipeline) -> dict:
         results["ablation"][name] = p.stage(
             f"ablate-{name}", params,
             lambda name=name: ablation_stage(name, model_dir.get(name, name), prompts, plan.attention_recurrences,
-                                             s.progress))
+                                             s.progress, s.precision))
 
     # 4. the random-initialisation grid (resumable through its own cells CSV)
     results["grid"] = p.stage("grid", dict(plan.grid), lambda: grid_tables(plan, p.cache.dir("grid") / "cells",
-                                                                            s.progress))
+                                                                            s.progress, s.precision))
 
     # 5. extrapolation and system-prompt conditions (built on branch `extrapolate`; skipped if absent)
     extrapolate = optional_module("loopscope.experiments.extrapolate")
@@ -241,7 +242,7 @@ def run_stages(p: Pipeline) -> dict:
         results["extrapolate"] = p.stage("extrapolate", params, lambda: extrapolate.run_extrapolate(
             extrapolate.ExtrapolateSettings(models=looped_dirs, out=p.cache.dir("extrapolate") / "run",
                                             control=model_dir[plan.control], data=s.data, progress=s.progress,
-                                            **plan.extrapolate)),
+                                            precision=s.precision, **plan.extrapolate)),
             scratch=p.cache.dir("extrapolate") / "run" / "cache")  # its per-(model, R) resume cache and captures
     conditions = optional_module("loopscope.experiments.conditions")
     if conditions is None:
@@ -251,7 +252,7 @@ def run_stages(p: Pipeline) -> dict:
         params = {**plan.conditions, "model": name, "trained": training_id(results["training"].get(name))}
         results["conditions"] = p.stage("conditions", params, lambda: {"conditions": conditions.run_conditions(
             model_dir[name], p.cache.dir("conditions") / "run", data=s.data, progress=s.progress,
-            **plan.conditions)}, scratch=p.cache.dir("conditions") / "run" / "cache")
+            precision=s.precision, **plan.conditions)}, scratch=p.cache.dir("conditions") / "run" / "cache")
     results["control"] = control
     return results
 
@@ -310,38 +311,34 @@ def training_id(tables: dict[str, pd.DataFrame] | None) -> str | None:
 
 # ---------------------------------------------------------------------------------------------- analyses
 
-def control_tables(spec: str, prompts: list[str], work: Path, progress: bool) -> dict[str, pd.DataFrame]:
-    from loopscope.capture import capture_prompts
-    from loopscope.experiments.stage_tables import model_neuron_fractions, model_readout, stage_table
-    from loopscope.models.load import load_model
+def control_tables(spec: str, prompts: list[str], work: Path, progress: bool, precision: Precision,
+                   ) -> dict[str, pd.DataFrame]:
+    from loopscope.capture.stream import StreamSettings, stream_prompts
+    from loopscope.experiments.stage_tables import (
+        model_neuron_fractions, model_readout, stage_accumulators, stage_table_from,
+    )
 
-    loaded = load_model(spec)
+    loaded = precision.load(spec)
     with torch.inference_mode():
-        traj = capture_prompts(loaded, prompts, 1, attention=True, batch_size=8, cache_dir=work, progress=progress)
-    return {"stages": stage_table(traj, model_readout(loaded)), "neurons": model_neuron_fractions(loaded)}
+        tables, _ = stream_prompts(loaded, prompts, stage_accumulators(model_readout(loaded)),
+                                   StreamSettings(1, attention=True, batch_size=8, cache_dir=work, progress=progress,
+                                                  label="control"))
+    return {"stages": stage_table_from(tables), "neurons": model_neuron_fractions(loaded)}
 
 
 def analyse_model(name: str, spec: str, prompts: list[str], control_stages: pd.DataFrame, plan: StudyPlan, work: Path,
-                  progress: bool) -> dict[str, pd.DataFrame]:
+                  progress: bool, precision: Precision) -> dict[str, pd.DataFrame]:
     """Everything `loopscope analyze --feedforward` computes for one model, plus its one-row summary."""
-    from loopscope.experiments.analyze import AnalyzeSettings, capture_both, dynamics_tables
-    from loopscope.experiments.stage_tables import (
-        alignment_table, model_neuron_fractions, model_readout, prop42_summary, stage_table,
-    )
-    from loopscope.models.load import load_model
-
-    loaded = load_model(spec)
+    from loopscope.experiments.analyze import AnalyzeSettings, analyse
+    from loopscope.experiments.stage_tables import alignment_table, model_neuron_fractions
+    loaded = precision.load(spec)
     a = AnalyzeSettings(model=spec, out=work, recurrences=plan.recurrences,
-                        attention_recurrences=plan.attention_recurrences, prop42_prompts=plan.prop42_prompts,
-                        progress=progress)
-    with torch.inference_mode():
-        states, attn = capture_both(loaded, prompts, a)
-    tables = dynamics_tables(states, attn, a)
-    del states
-    tables["stages"] = stage_table(attn, model_readout(loaded))
-    del attn
+                        attention_recurrences=plan.attention_recurrences, progress=progress)
+    result = analyse(loaded, prompts, a)
+    tables = dict(result.dynamics)
+    tables["stages"] = result.stages
     tables["alignment"] = alignment_table(tables["stages"], control_stages)
-    tables["prop42"] = prop42_summary(loaded, prompts[: plan.prop42_prompts], plan.attention_recurrences)
+    tables["prop42"] = result.prop42
     tables["neurons"] = model_neuron_fractions(loaded)
     tables["summary"] = pd.DataFrame([model_summary(name, loaded.model.cfg, plan.recurrences, tables)])
     return tables
@@ -445,19 +442,18 @@ def ablation_models(analyses: dict[str, dict[str, pd.DataFrame]], plan: StudyPla
 
 
 def ablation_stage(name: str, spec: str, prompts: list[str], attention_recurrences: int,
-                   progress: bool) -> dict[str, pd.DataFrame]:
+                   progress: bool, precision: Precision) -> dict[str, pd.DataFrame]:
     from loopscope.experiments.intervene import massive_ablation_tables
-    from loopscope.models.load import load_model
 
-    loaded = load_model(spec)
+    loaded = precision.load(spec)
     R = attention_recurrences if loaded.kind == "looped" else 1
     return massive_ablation_tables(loaded, name, prompts, R, progress=progress)
 
 
-def grid_tables(plan: StudyPlan, out: Path, progress: bool) -> dict[str, pd.DataFrame]:
+def grid_tables(plan: StudyPlan, out: Path, progress: bool, precision: Precision) -> dict[str, pd.DataFrame]:
     from loopscope.experiments.grid import GridSettings, run_grid, verdict_table
 
-    cells, curves = run_grid(GridSettings(out=out, progress=progress, **plan.grid))
+    cells, curves = run_grid(GridSettings(out=out, progress=progress, precision=precision, **plan.grid))
     return {"cells": cells, "curves": curves, "verdicts": verdict_table(cells)}
 
 

@@ -29,17 +29,38 @@ STAGE_METRICS = {
 }
 
 
-def stage_table(traj: Trajectory, readout: stages.Readout | None) -> pd.DataFrame:
-    """One row per state (prelude, every recurrence's block layers, coda) with every stage metric (mean, std)."""
-    parts = [stages.residual_norms(traj), stages.residual_entropy(traj)]
-    if traj.has_attention:
-        parts.append(stages.attention_metrics(traj))
+def stage_accumulators(readout: stages.Readout | None, attention: bool = True) -> list:
+    """The accumulators behind `stage_table`: residual norms, matrix entropy, attention metrics, logit lens."""
+    from loopscope.stages.attention import AttentionMetrics
+    from loopscope.stages.compression import ResidualEntropy
+    from loopscope.stages.lens import LogitLens
+    from loopscope.stages.residual import ResidualNorms
+
+    accs = [ResidualNorms(["batch"]), ResidualEntropy(["batch"])]
+    if attention:
+        accs.append(AttentionMetrics(["batch", "head"]))
     if readout is not None:
-        lens = stages.logit_lens(traj, readout).drop(columns=["lens"])
-        lens = lens.rename(columns={c: f"logit_{c}" for c in lens.columns if c not in STATE_COLUMNS})
-        parts.append(lens)
+        accs.append(LogitLens(readout))
+    return accs
+
+
+def stage_table_from(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per state with every stage metric (mean, std), from the tables of `stage_accumulators`."""
+    parts = [tables["residual_norms"], tables["residual_entropy"]]
+    if "attention_metrics" in tables:
+        parts.append(tables["attention_metrics"])
+    if "logit_lens" in tables:
+        lens = tables["logit_lens"].drop(columns=["lens"])
+        parts.append(lens.rename(columns={c: f"logit_{c}" for c in lens.columns if c not in STATE_COLUMNS}))
     parts = [p.drop(columns=[c for c in ("n",) if c in p.columns]) for p in parts]
     return reduce(lambda a, b: a.merge(b, on=STATE_COLUMNS, how="outer"), parts).sort_values("depth").reset_index(drop=True)
+
+
+def stage_table(traj: Trajectory, readout: stages.Readout | None) -> pd.DataFrame:
+    """One row per state (prelude, every recurrence's block layers, coda) with every stage metric (mean, std)."""
+    from loopscope.accumulate.replay import run_on_trajectory
+
+    return stage_table_from(run_on_trajectory(stage_accumulators(readout, traj.has_attention), traj))
 
 
 def alignment_table(looped: pd.DataFrame, feedforward: pd.DataFrame) -> pd.DataFrame:
@@ -98,6 +119,15 @@ def attention_lipschitz_check(model, input_ids, recurrences: int, *, mask=None, 
                           initial_state=initial_state)[acc.name]
 
 
+def prop42_table_summary(checks: pd.DataFrame) -> pd.DataFrame:
+    """Per block layer: max and median measured/bound ratio, max measured change, number of checks."""
+    core = checks[checks.segment == "core"]
+    return core.groupby("layer").agg(
+        max_ratio=("ratio", "max"), median_ratio=("ratio", "median"),
+        max_measured=("measured", "max"), n_checks=("ratio", "size"),
+    ).reset_index()
+
+
 def prop42_summary(loaded, prompts: list[str], recurrences: int) -> pd.DataFrame | None:
     """Proposition 4.2 on real runs: per block layer, the largest measured/bound ratio over recurrences, prompts
     and heads (LoopedLM only: the check reads the layer's weights and inputs through its hook points)."""
@@ -107,12 +137,12 @@ def prop42_summary(loaded, prompts: list[str], recurrences: int) -> pd.DataFrame
     if not isinstance(loaded.model, LoopedLM) or recurrences < 2 or not prompts:
         return None
     ids, mask, _ = encode_prompts(loaded.tokenizer, prompts, loaded.max_seq_len)
-    checks = attention_lipschitz_check(loaded.model, ids, recurrences, mask=mask)
-    core = checks[checks.segment == "core"]
-    return core.groupby("layer").agg(
-        max_ratio=("ratio", "max"), median_ratio=("ratio", "median"),
-        max_measured=("measured", "max"), n_checks=("ratio", "size"),
-    ).reset_index()
+    return prop42_table_summary(attention_lipschitz_check(loaded.model, ids.to(model_device(loaded)), recurrences,
+                                                          mask=mask))
+
+
+def model_device(loaded):
+    return next(loaded.model.parameters()).device
 
 
 def single_pass(table: pd.DataFrame, recurrence: int) -> pd.DataFrame:

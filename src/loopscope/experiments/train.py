@@ -32,6 +32,7 @@ from loopscope.experiments.train_state import (
     find_checkpoint, load_train_state, rng_state, save_train_state, set_rng_state,
 )
 from loopscope.models.checkpoint import WEIGHTS_NAME, save_model
+from loopscope.models.device import Precision
 from loopscope.models.load import load_model
 from loopscope.models.looped import LoopedLM
 
@@ -68,11 +69,14 @@ class TrainSettings:
     save_dtype: str = "float32"  # dtype of OUT/model weights: float32 or float16
     threads: int | None = None  # torch CPU threads (None: torch's default); 1 is faster on a busy shared CPU
     init_from: str | None = None  # continue training this looped checkpoint (e.g. a retrofit) instead of `preset`
+    device: str = "cpu"  # where training runs: cpu, cuda, cuda:N, mps or auto
+    dtype: str = "float32"  # weights (and optimizer state) dtype: float32, bfloat16 or float16
 
     TRAJECTORY_FIELDS = ("preset", "init_from", "seed", "corpus", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps",
-                         "schedule", "weight_decay", "beta1", "beta2", "grad_clip")
+                         "schedule", "weight_decay", "beta1", "beta2", "grad_clip", "dtype")
 
     def validate(self) -> None:
+        Precision(self.device, self.dtype, "weights").device  # one clear error for a bad --device / --dtype
         if self.steps is None and self.minutes is None:
             raise InputError("give --steps N or --minutes M (or both) so the run knows when to stop")
         if self.steps is not None and self.steps < 1:
@@ -164,9 +168,10 @@ def build_data(s: TrainSettings, tokenizer) -> TrainData:
 def initial_model(s: TrainSettings) -> LoopedLM:
     """The model at step 0: the preset built from `s.seed`, or the looped checkpoint `s.init_from` as loaded
     (healing a retrofitted model, McLeish et al. 2025: continue training after surgery)."""
+    precision = Precision(s.device, s.dtype, "weights")
     if s.init_from is None:
-        return LoopedLM(preset_config(s.preset, seed=s.seed))
-    loaded = load_model(s.init_from)
+        return precision.place(LoopedLM(preset_config(s.preset, seed=s.seed)))
+    loaded = precision.load(s.init_from)
     if not isinstance(loaded.model, LoopedLM):
         raise InputError(f"--from-retrofit {s.init_from}: a {loaded.kind} model cannot be trained here; give a looped "
                          "checkpoint (e.g. the output of `loopscope retrofit`)")
@@ -319,8 +324,9 @@ def _train(s: TrainSettings, out: str | Path, data: TrainData | None, tokenizer,
 
 def _check_resumable(meta: dict, s: TrainSettings, data_id: dict, out: Path) -> None:
     old = meta["settings"]
-    diffs = [f"{k}: checkpoint {old[k]!r} vs now {getattr(s, k)!r}" for k in TrainSettings.TRAJECTORY_FIELDS
-             if old[k] != getattr(s, k)]
+    defaults = TrainSettings(steps=1).to_dict()  # a checkpoint written before a field existed had its default
+    diffs = [f"{k}: checkpoint {old.get(k, defaults[k])!r} vs now {getattr(s, k)!r}"
+             for k in TrainSettings.TRAJECTORY_FIELDS if old.get(k, defaults[k]) != getattr(s, k)]
     if s.steps is not None and meta["total_steps"] is not None and s.steps != meta["total_steps"]:
         diffs.append(f"steps: checkpoint {meta['total_steps']} vs now {s.steps}")
     if meta["data"]["fingerprint"] != data_id["fingerprint"]:

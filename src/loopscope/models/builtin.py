@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from loopscope.models.config import LoopedConfig
 from loopscope.models.load import LoadedModel, load_looped_checkpoint, register_builtin
 from loopscope.models.looped import LoopedLM
@@ -26,18 +28,19 @@ RANDOM_CONFIG = LoopedConfig(
 )
 
 
-def build_default() -> LoadedModel:
+def build_default(dtype: torch.dtype = torch.float32) -> LoadedModel:
     """The trained default: `(2, 4⊗4, 2)_I`, 1.75 M parameters, float16 on disk, float32 in memory."""
-    loaded = load_looped_checkpoint(DEFAULT_DIR)
+    loaded = load_looped_checkpoint(DEFAULT_DIR, dtype=dtype)
     loaded.name = "default"
     return loaded
 
 
-def build_default_random() -> LoadedModel:
+def build_default_random(dtype: torch.dtype = torch.float32) -> LoadedModel:
     """`(2, 4⊗8, 2)_I`, Huginn-style (concat injection, sandwich norm, random start), seeded weights."""
     from loopscope.data.tokenizer import load_tokenizer
 
-    return LoadedModel(LoopedLM(RANDOM_CONFIG), load_tokenizer(), "default-random", "looped", RANDOM_CONFIG.recurrences)
+    return LoadedModel(LoopedLM(RANDOM_CONFIG).to(dtype), load_tokenizer(), "default-random", "looped",
+                       RANDOM_CONFIG.recurrences)
 
 
 register_builtin("default", "trained (2, 4⊗4, 2)_I looped model (concat injection, sandwich norm, d 128), "

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from loopscope.errors import CheckpointError
 from loopscope.models.config import LoopedConfig
-from loopscope.models.looped import LoopedLM
+from loopscope.models.looped import LoopedLM, rope_inverse_frequencies
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -110,11 +110,13 @@ def load_looped(directory: str | Path, dtype: torch.dtype = torch.float32) -> Lo
         hint = f" (found pickle files {pickles}, which loopscope does not load)" if pickles else ""
         raise CheckpointError(f"{directory} has no {WEIGHTS_NAME}{hint}; save weights with safetensors")
     cfg = LoopedConfig.from_json(directory / CONFIG_NAME)
-    model = LoopedLM(cfg)
+    with torch.device("meta"):  # no random init, no float32 copy of a large checkpoint
+        model = LoopedLM(cfg)
     found = read_safetensors(weights)
     check_state_dict(model.state_dict(), found, str(weights))
-    model.load_state_dict(found, strict=True)
-    return model.to(dtype).eval()
+    model.load_state_dict({k: v.to(dtype) for k, v in found.items()}, strict=True, assign=True)
+    model.rope.inv_freq = rope_inverse_frequencies(cfg)  # non-persistent buffer: recompute off the meta device
+    return model.eval()
 
 
 def read_json(path: Path) -> dict:

@@ -87,8 +87,10 @@ def check_base(info: dict[str, Any], base_file: Path, directory: Path) -> None:
         )
 
 
-def load_healed(directory: str | Path, name: str | None = None, base_file: Path | None = None) -> LoadedModel:
-    """Rebuild a healed model from its delta (see the module docstring); float32, eval mode, on the CPU."""
+def load_healed(directory: str | Path, name: str | None = None, base_file: Path | None = None,
+                dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Rebuild a healed model from its delta (see the module docstring); eval mode, on the CPU. The delta is merged
+    in float32; the result is cast to `dtype`."""
     from loopscope.models.families.common import BYPASS_INJECTION
     from loopscope.models.families.retrofit import (
         build_retrofit, load_source_model, parse_layers, retrofit_tensors,
@@ -123,7 +125,7 @@ def load_healed(directory: str | Path, name: str | None = None, base_file: Path 
     factors = {k.removeprefix("lowrank."): v for k, v in tensors.items() if k.startswith("lowrank.")}
     merge_factors(model, factors, float(info["lowrank_alpha"]), str(directory / DELTA_TENSORS))
     model.cfg.name = name or directory.name
-    return LoadedModel(model.eval(), tokenizer, model.cfg.name, "looped", model.cfg.recurrences)
+    return LoadedModel(model.to(dtype).eval(), tokenizer, model.cfg.name, "looped", model.cfg.recurrences)
 
 
 register_loader("healed-delta", is_delta, load_healed)

@@ -169,7 +169,7 @@ def hf_attention_weights(model: nn.Module, layer: int) -> tuple[torch.Tensor, to
 def _store(store: dict[int, torch.Tensor], index: int, what: str, value: torch.Tensor, dtype: torch.dtype) -> None:
     if index in store:
         raise InputError(f"decoder layer {index} ran twice in one forward ({what}); capture records one forward")
-    store[index] = value.detach().to(dtype)
+    store[index] = value.detach().to(device="cpu", dtype=dtype)
 
 
 def _layer_hook(store, index, dtype, module, args, output):
@@ -241,7 +241,7 @@ def capture_hf(
             attn = getattr(layer, layout.attn)
             handles.append(attn.register_forward_hook(partial(_attention_hook, patterns, i, dtype)))
     try:
-        logits = model(input_ids=input_ids, use_cache=False).logits
+        logits = model(input_ids=input_ids.to(next(model.parameters()).device), use_cache=False).logits.cpu()
     finally:
         for h in handles:
             h.remove()
@@ -287,8 +287,9 @@ def _check_weights(directory: Path) -> None:
     raise CheckpointError(f"{directory} has no *.safetensors weights; save the model with save_pretrained")
 
 
-def load_hf(path: str | Path, name: str | None = None) -> LoadedModel:
-    """Load a HF causal LM directory (config.json + *.safetensors + tokenizer) or a .gguf file, float32, eager."""
+def load_hf(path: str | Path, name: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a HF causal LM directory (config.json + *.safetensors + tokenizer) or a .gguf file, eager attention,
+    weights in `dtype` (float32 by default)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -307,7 +308,7 @@ def load_hf(path: str | Path, name: str | None = None) -> LoadedModel:
     hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(directory), dtype=torch.float32, attn_implementation="eager",
+            str(directory), dtype=dtype, attn_implementation="eager",
             **({} if source else {"use_safetensors": True}), **source, **common,
         )
         try:
@@ -341,8 +342,8 @@ def smollm2_path() -> Path:
     return path
 
 
-def build_smollm2() -> LoadedModel:
-    return load_hf(smollm2_path(), name="smollm2")
+def build_smollm2(dtype: torch.dtype = torch.float32) -> LoadedModel:
+    return load_hf(smollm2_path(), name="smollm2", dtype=dtype)
 
 
 register_loader("feedforward-hf", hf_recognises, load_hf)

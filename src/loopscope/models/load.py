@@ -37,8 +37,8 @@ class LoadedModel:
         return int(getattr(self.model.config, "max_position_embeddings", 2048))
 
 
-BUILTINS: dict[str, tuple[str, Callable[[], LoadedModel]]] = {}
-LOADERS: list[tuple[str, Callable[[Path], bool], Callable[[Path], LoadedModel]]] = []
+BUILTINS: dict[str, tuple[str, Callable[..., LoadedModel]]] = {}
+LOADERS: list[tuple[str, Callable[[Path], bool], Callable[..., LoadedModel]]] = []
 
 
 def register_builtin(name: str, description: str, build: Callable[[], LoadedModel]) -> None:
@@ -49,11 +49,21 @@ def register_loader(kind: str, recognises: Callable[[Path], bool], load: Callabl
     LOADERS.append((kind, recognises, load))
 
 
-def load_model(spec: str | Path) -> LoadedModel:
-    """Resolve `spec` (builtin name or path) to a LoadedModel in eval mode, float32, on the CPU."""
+def load_model(spec: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+               state_dtype: str | torch.dtype | None = None) -> LoadedModel:
+    """Resolve `spec` (builtin name or path) to a LoadedModel in eval mode on `device`.
+
+    `dtype`: the weights' dtype (float32 default, bfloat16, float16): loaders build in that dtype directly, never
+    through a float32 copy of a large checkpoint. `state_dtype`: the residual stream and recurrent state of a
+    LoopedLM (float32 unless "weights"; see `loopscope.models.device`).
+    """
+    from loopscope.models.device import resolve_device, resolve_dtype, resolve_state_dtype
+
+    target = resolve_device(device)
+    weights = resolve_dtype(dtype)
     _import_loaders()
     if str(spec) in BUILTINS:
-        loaded = BUILTINS[str(spec)][1]()
+        loaded = BUILTINS[str(spec)][1](dtype=weights)
     else:
         path = Path(spec)
         if not path.exists():
@@ -62,14 +72,20 @@ def load_model(spec: str | Path) -> LoadedModel:
             )
         for _, recognises, load in LOADERS:
             if recognises(path):
-                loaded = load(path)
+                loaded = load(path, dtype=weights)
                 break
         else:
             raise CheckpointError(
                 f"{path} is not a model loopscope recognises: expected a directory with config.json and "
                 "model.safetensors (loopscope, Hugging Face Llama-family/GPT-2, Ouro, Huginn, retrofit) or a .gguf file"
             )
-    loaded.model.eval()
+    model = loaded.model.eval()
+    if next(model.parameters()).dtype != weights:
+        model.to(weights)
+    if target.type != "cpu":
+        model.to(target)
+    if hasattr(model, "stream_dtype"):
+        model.stream_dtype = resolve_state_dtype(state_dtype, weights)
     return loaded
 
 
@@ -87,11 +103,11 @@ def looped_loader_recognises(path: Path) -> bool:
     return (config_json(path) or {}).get("format") == "loopscope"
 
 
-def load_looped_checkpoint(path: Path) -> LoadedModel:
+def load_looped_checkpoint(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
     from loopscope.data.tokenizer import load_tokenizer
     from loopscope.models.checkpoint import load_looped
 
-    model = load_looped(path, dtype=torch.float32)
+    model = load_looped(path, dtype=dtype)
     has_tok = (path / "tokenizer.json").exists()
     tokenizer = load_tokenizer(path if has_tok else None)
     if len(tokenizer) > model.cfg.vocab_size:

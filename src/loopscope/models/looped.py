@@ -198,17 +198,18 @@ class Layer(nn.Module):
         self.hook_resid_post = HookPoint()  # layer output X_{ℓ,t}
 
     def forward(self, x, *, step: Step, rope: Rotary, offset: int, cache: KVCache | None):
-        a = self.attn(self.attn_norm_in(x), step=step, rope=rope, offset=offset, cache=cache)
+        w = self.attn.q_proj.weight.dtype  # sublayers compute in the weights' dtype; the stream keeps x's
+        a = self.attn(self.attn_norm_in(x).to(w), step=step, rope=rope, offset=offset, cache=cache)
         if self.kind == "ouro":
             a = self.attn_norm_out(a)
-        x = x + self.hook_attn_out(a, step=step)
+        x = x + self.hook_attn_out(a.to(x.dtype), step=step)
         if self.kind == "sandwich":
             x = self.attn_norm_out(x)
         x = self.hook_resid_mid(x, step=step)
-        m = self.mlp(self.mlp_norm_in(x), step=step)
+        m = self.mlp(self.mlp_norm_in(x).to(w), step=step)
         if self.kind == "ouro":
             m = self.mlp_norm_out(m)
-        x = x + self.hook_mlp_out(m, step=step)
+        x = x + self.hook_mlp_out(m.to(x.dtype), step=step)
         if self.kind == "sandwich":
             x = self.mlp_norm_out(x)
         return self.hook_resid_post(x, step=step)
@@ -236,6 +237,9 @@ class LoopedLM(nn.Module):
         self.hook_state = HookPoint()  # s_{t+1}: state handed to the next recurrence (after the loop norm)
         self.hook_exit_gate = HookPoint()  # Ouro exit-gate logit per token (B, T)
         self.hook_points = name_hook_points(self)
+        # dtype of the residual stream and recurrent state; None = the weights'. `load_model` sets float32 for
+        # low-precision weights unless asked otherwise, so that rounding does not fake convergence.
+        self.stream_dtype: torch.dtype | None = None
         self.reset_parameters()
 
     # --- construction --------------------------------------------------------------------------------
@@ -282,7 +286,7 @@ class LoopedLM(nn.Module):
         if self.cfg.injection == "add":
             return s + e
         if self.cfg.injection == "concat":
-            return self.adapter(torch.cat([s, e], dim=-1))
+            return self.adapter(torch.cat([s, e], dim=-1).to(self.adapter.weight.dtype)).to(s.dtype)
         return s
 
     def forward(
@@ -305,7 +309,9 @@ class LoopedLM(nn.Module):
         offset = cache.seq_len if cache is not None else 0
         run = dict(rope=self.rope, offset=offset, cache=cache)
 
-        x = self.hook_embed(self.embed(input_ids) * cfg.embed_scale, step=Step("embed", 0, 0))
+        w = self.embed.weight.dtype
+        x = self.embed(input_ids).to(self.stream_dtype or w)
+        x = self.hook_embed(x * cfg.embed_scale, step=Step("embed", 0, 0))
         for i, layer in enumerate(self.prelude):
             x = layer(x, step=Step("prelude", 0, i), **run)
         e = x
@@ -320,7 +326,8 @@ class LoopedLM(nn.Module):
                     s = self.loop_norm(s)
                 s = self.hook_state(s, step=Step("core", t, cfg.n_block - 1))
                 if self.exit_gate is not None:
-                    self.hook_exit_gate(self.exit_gate(s).squeeze(-1), step=Step("core", t, cfg.n_block - 1))
+                    gate = self.exit_gate(s.to(w)).squeeze(-1)
+                    self.hook_exit_gate(gate, step=Step("core", t, cfg.n_block - 1))
         x = self.final_norm(s) if cfg.coda_input_norm else s
         for i, layer in enumerate(self.coda):
             x = layer(x, step=Step("coda", 0, i), **run)
@@ -328,7 +335,7 @@ class LoopedLM(nn.Module):
             x = self.final_norm(x)
         if cache is not None:
             cache.seq_len += input_ids.shape[1]
-        return F.linear(x, self.unembedding)
+        return F.linear(x.to(w), self.unembedding)
 
 
 def check_inputs(input_ids: torch.Tensor, recurrences: int, cfg: LoopedConfig, offset: int = 0) -> None:

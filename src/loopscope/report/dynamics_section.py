@@ -8,44 +8,40 @@ from loopscope.report import figures
 from loopscope.report.document import Figure, Report, save_csv
 
 
-def with_cosine_distance(df: pd.DataFrame) -> pd.DataFrame:
-    """Add 1 − cos (and its std) so cosines near 1 can be read on a log axis."""
-    out = df.copy()
-    out["cosine_distance"] = 1.0 - out["cosine"]
-    if "cosine_std" in out:
-        out["cosine_distance_std"] = out["cosine_std"]
-    return out
-
-
-def add_dynamics_sections(report: Report, t: dict[str, pd.DataFrame], recurrences: int) -> None:
-    """Convergence, similarity structure, cyclic fixed points, per-token behaviour, PCA."""
+def add_dynamics_sections(report: Report, t: dict[str, pd.DataFrame], recurrences: int, *,
+                          floor: float | None = None, floor_note: str = "", behaviour_min_r: int = 8) -> None:
+    """Convergence, similarity structure, cyclic fixed points, per-token behaviour, PCA. `floor`: the run's relative
+    numerical floor (drawn on the convergence figures, stated in `floor_note`)."""
     out = report.out_dir
     sec = report.section(
         "Convergence of each block layer",
         "Does each layer of the block settle? Blayney et al. (2026) §3.3: the change of a layer's state between "
         "consecutive recurrences (their Fig. 3) and its distance to the long-run state X*ℓ = Xℓ,R (Fig. 4). "
-        "Curves falling to ~0 mean every layer reaches a fixed point.",
+        "Curves falling to the numerical floor mean every layer reaches a fixed point. " + floor_note,
     )
-    change = with_cosine_distance(t["successive_change"])
+    change = t["successive_change"]
     csv = save_csv(change, out, "successive_change")
-    png = figures.line_panels(
-        change, "recurrence", [("l2", "‖Xℓ,t − Xℓ,t−1‖"), ("relative", "relative change"),
-                               ("cosine_distance", "1 − cos(Xℓ,t, Xℓ,t−1)")],
+    png = figures.quantile_panels(
+        change, "recurrence", [("l2", "‖Xℓ,t − Xℓ,t−1‖", None),
+                               ("relative", "relative change ‖ΔX‖ / ‖X‖", floor),
+                               ("cosine_distance", "1 − cos(Xℓ,t, Xℓ,t−1)", None if floor is None else floor ** 2 / 2)],
         "layer", out, "successive_change", title="Change between consecutive recurrences, per block layer",
-        logy=(True, True, True), series_label="layer",
+        series_label="layer",
     )
-    sec.items.append(Figure(png, "Change of each block layer's output from one recurrence to the next (mean over "
-                                 "tokens, band ±1 std). Falling lines: the layer is converging.", [csv]))
-    dist = with_cosine_distance(t["distance_to_fixed_point"])
+    sec.items.append(Figure(png, "Change of each block layer's output from one recurrence to the next: median over "
+                                 "tokens (line), inter-quartile band and 10–90 % band, log axis; the dotted line is "
+                                 "the run's numerical floor. Falling lines: the layer is converging.", [csv]))
+    dist = t["distance_to_fixed_point"]
     csv = save_csv(dist, out, "distance_to_fixed_point")
-    png = figures.line_panels(
-        dist, "recurrence", [("l2", "‖Xℓ,t − X*ℓ‖"), ("cosine_distance", "1 − cos(Xℓ,t, X*ℓ)")], "layer", out,
-        "distance_to_fixed_point", title=f"Distance to the state at the last recurrence (R = {recurrences})",
-        logy=(True, True), series_label="layer",
+    png = figures.quantile_panels(
+        dist, "recurrence", [("l2", "‖Xℓ,t − X*ℓ‖", None),
+                             ("cosine_distance", "1 − cos(Xℓ,t, X*ℓ)", None if floor is None else floor ** 2 / 2)],
+        "layer", out, "distance_to_fixed_point",
+        title=f"Distance to the state at the last recurrence (R = {recurrences})", series_label="layer",
     )
     sec.items.append(Figure(png, f"Distance of each block layer's state to its own state at recurrence {recurrences} "
-                                 "(the approximate fixed point X*ℓ). A cyclic fixed point shows as every layer "
-                                 "reaching ~0 long before the end.", [csv]))
+                                 "(the approximate fixed point X*ℓ): median and quantile bands over tokens. A cyclic "
+                                 "fixed point shows as every layer reaching the floor long before the end.", [csv]))
     report.table(sec, t["cyclic_fixed_point_check"], "cyclic_fixed_point_check",
                  "Proposition 4.1 check: each layer's change between the last two recurrences. Once the block's "
                  "last layer has converged, every layer has: all rows should be small together.")
@@ -85,35 +81,15 @@ def add_dynamics_sections(report: Report, t: dict[str, pd.DataFrame], recurrence
     report.table(sec, t["degeneracy_summary"], "degeneracy_summary", "Verdict over all tokens.")
     save_csv(t["degeneracy"], out, "degeneracy_per_token")
 
-    sec = report.section(
-        "Per-token behaviour: fixed point, orbit, slider, divergent",
-        "Each token's state at the block's last layer, classified two ways: the principled detector (period search "
-        "for orbits, sustained drift for sliders, runaway norms for divergence) and the paper's App. C heuristic "
-        "(cosine to the final state, τ = 0.05, ρ = 0.9, reconstructed: its Algorithm 1 is not public).",
-    )
-    counts = pd.DataFrame({
-        "dynamics detector": t["behaviour_dynamics"]["behaviour"].value_counts(),
-        "paper heuristic": t["behaviour_paper"]["behaviour"].value_counts(),
-    }).fillna(0).astype(int)
-    order = [b for b in ("fixed_point", "orbit", "slider", "divergent", "unknown") if b in counts.index]
-    counts = counts.loc[order]
-    counts.index.name = "behaviour"
-    csv = save_csv(counts, out, "behaviour_counts")
-    png = figures.grouped_bars(counts, out, "behaviour_counts", title="Tokens per behaviour (block's last layer)",
-                               ylabel="tokens")
-    sec.items.append(Figure(png, "How many tokens settle to a fixed point, orbit (with a period), slide, diverge, "
-                                 "or fit none of these.", [csv]))
-    save_csv(t["behaviour_dynamics"], out, "behaviour_per_token_dynamics")
-    save_csv(t["behaviour_paper"], out, "behaviour_per_token_paper")
-    non_fixed = t["behaviour_dynamics"][t["behaviour_dynamics"]["behaviour"] != "fixed_point"]
-    if len(non_fixed):
-        report.table(sec, non_fixed, "behaviour_non_fixed_tokens", "Tokens that are not at a fixed point.", 20)
-    csv = save_csv(t["cooccurrence"], out, "cooccurrence")
-    png = figures.matrix_plot(t["cooccurrence"], out, "cooccurrence", title="Behaviours co-occurring across block "
-                              "layers for the same token", cbar="tokens")
-    sec.items.append(Figure(png, "Cell (a, b): tokens with behaviour a at one block layer and b at another "
-                                 "(Blayney et al. Fig. 14).", [csv]))
-
+    if "behaviour_dynamics" not in t:
+        report.section("Per-token behaviour (skipped)", f"The behaviour detectors read a tail window of at least "
+                       f"{behaviour_min_r} recurrences; this run has {recurrences}. Rerun with --recurrences "
+                       f"{max(behaviour_min_r, 64)} or more (the paper uses 128) for the fixed-point / orbit / "
+                       "slider labels, their co-occurrence and the threshold sweep.")
+    else:
+        add_behaviour_section(report, t)
+    if "pca_points" not in t:
+        return
     sec = report.section(
         "Latent trajectory of one token (PCA)",
         "PCA fitted on every (recurrence, layer) state of the first prompt's last token (Blayney et al. Fig. 5, "
@@ -125,3 +101,49 @@ def add_dynamics_sections(report: Report, t: dict[str, pd.DataFrame], recurrence
                              title="Trajectory of the last token across layers and recurrences")
     sec.items.append(Figure(png, "Points coloured dark→bright by realized depth, one marker per block layer; the red "
                                  "path is the last recurrence.", [csv1, csv2]))
+
+
+def add_behaviour_section(report: Report, t: dict[str, pd.DataFrame]) -> None:
+    """Both detectors side by side, their blind spots, co-occurrence and the threshold sweep."""
+    out = report.out_dir
+    sec = report.section(
+        "Per-token behaviour: fixed point, orbit, slider, divergent",
+        "Each token's state at the block's last layer, classified by two detectors. The default reads how the step "
+        "size evolves over the tail window (geometric decay = converging, growth = divergent, steady = look at "
+        "returns: a period, a quasi-periodic near-return, a straight drift, or noise on a fixed point); its labels "
+        "do not change with R once a token is in its asymptotic regime. The paper's App. C heuristic (cosine to "
+        "the final state, τ = 0.05, ρ = 0.9; reconstructed: its Algorithm 1 is not public) is shown beside it. "
+        "Blind spot of the heuristic, inherent to reading cosines: radial growth and drift away from the origin keep "
+        "cos → 1, so exponential growth and sliders read as fixed points there. Blind spot of the default: a "
+        "contraction slower than 0.1 % per recurrence, or any trend within 3 standard errors of flat, counts as "
+        "steady.",
+    )
+    counts = pd.DataFrame({
+        "dynamics detector": t["behaviour_dynamics"]["behaviour"].value_counts(),
+        "paper heuristic": t["behaviour_paper"]["behaviour"].value_counts(),
+    }).fillna(0).astype(int)
+    order = [b for b in ("fixed_point", "orbit", "slider", "divergent", "unknown") if b in counts.index]
+    counts = counts.loc[order]
+    counts.index.name = "behaviour"
+    csv = save_csv(counts, out, "behaviour_counts")
+    png = figures.grouped_bars(counts, out, "behaviour_counts", title="Tokens per behaviour (block's last layer)",
+                               ylabel="tokens")
+    sec.items.append(Figure(png, "How many tokens settle to a fixed point, orbit (with a period, or quasi-periodic), "
+                                 "slide, diverge, or fit none of these, by each detector.", [csv]))
+    save_csv(t["behaviour_dynamics"], out, "behaviour_per_token_dynamics")
+    save_csv(t["behaviour_paper"], out, "behaviour_per_token_paper")
+    non_fixed = t["behaviour_dynamics"][t["behaviour_dynamics"]["behaviour"] != "fixed_point"]
+    if len(non_fixed):
+        report.table(sec, non_fixed, "behaviour_non_fixed_tokens", "Tokens that are not at a fixed point.", 20)
+    if "sensitivity" in t and len(t["sensitivity"]):
+        csv = save_csv(t["sensitivity"], out, "behaviour_threshold_sweep")
+        png = figures.sweep_panels(t["sensitivity"], out, "behaviour_threshold_sweep",
+                                   title="Non-fixed-point rate as each threshold moves (95 % bootstrap over prompts)")
+        sec.items.append(Figure(png, "Each panel moves one threshold of one detector over a grid fixed before the run, "
+                                     "the others at their defaults (red): how much of a rate is the threshold's "
+                                     "choice. Bands: 95 % bootstrap intervals over prompts.", [csv]))
+    csv = save_csv(t["cooccurrence"], out, "cooccurrence")
+    png = figures.matrix_plot(t["cooccurrence"], out, "cooccurrence", title="Behaviours co-occurring across block "
+                              "layers for the same token", cbar="tokens")
+    sec.items.append(Figure(png, "Cell (a, b): tokens with behaviour a at one block layer and b at another "
+                                 "(Blayney et al. Fig. 14).", [csv]))

@@ -80,6 +80,85 @@ def line_panels(
     return save(fig, out_dir, name)
 
 
+def quantile_panels(
+    df: pd.DataFrame,
+    x: str,
+    panels: list[tuple[str, str, float | None]],
+    series: str,
+    out_dir: Path,
+    name: str,
+    *,
+    title: str,
+    cmap: str = BY_LAYER,
+    series_label: str | None = None,
+    band: tuple[str, str] = ("q25", "q75"),
+    outer: tuple[str, str] = ("q10", "q90"),
+    floor_label: str = "numerical floor",
+) -> Path:
+    """One log-axis panel per (stem, axis label, floor) in `panels`: for every value of `series`, the median
+    `<stem>_median` with the inter-quartile band and a fainter 10–90 % band over tokens; `floor` (or None) is drawn
+    as a dotted horizontal line. Distances are ≥ 0, so nothing is drawn below zero; exact zeros (no change at all)
+    are shown at the floor's level or the panel's bottom, never as −∞."""
+    keys = sorted(df[series].dropna().unique())
+    colours = series_colours(len(keys), cmap)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
+    for p, (stem, label, floor) in enumerate(panels):
+        ax = axes[0, p]
+        positive = df[[f"{stem}_{q}" for q in ("median", *band, *outer)]].to_numpy(dtype=float)
+        positive = positive[np.isfinite(positive) & (positive > 0)]
+        bottom = min([v for v in (positive.min() if positive.size else None, floor) if v is not None] or [1e-12])
+        bottom = bottom / 3
+        for key, colour in zip(keys, colours):
+            part = df[df[series] == key].sort_values(x)
+            clip = (lambda v: v.clip(lower=bottom))  # noqa: E731 - zeros at the panel's bottom on a log axis
+            ax.fill_between(part[x], clip(part[f"{stem}_{outer[0]}"]), clip(part[f"{stem}_{outer[1]}"]),
+                            color=colour, alpha=0.07, lw=0)
+            ax.fill_between(part[x], clip(part[f"{stem}_{band[0]}"]), clip(part[f"{stem}_{band[1]}"]),
+                            color=colour, alpha=0.18, lw=0)
+            ax.plot(part[x], clip(part[f"{stem}_median"]), color=colour, lw=1.4,
+                    label=f"{series_label or series} {key}")
+        if floor is not None:
+            ax.axhline(floor, color="0.2", ls=":", lw=1.2, label=floor_label)
+        ax.set_yscale("log")
+        ax.set_xlabel(x.replace("_", " "))
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0, -1].get_legend_handles_labels()
+    if len(keys) <= 16:
+        axes[0, -1].legend(handles, labels, fontsize=7, loc="best")
+    else:
+        add_colourbar(fig, axes[0, -1], cmap, keys, series_label or series)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return save(fig, out_dir, name)
+
+
+def sweep_panels(table: pd.DataFrame, out_dir: Path, name: str, *, title: str) -> Path:
+    """One panel per (method, threshold) of a threshold sweep: rate vs value with its interval, default marked."""
+    groups = list(table.groupby(["method", "threshold"], sort=False))
+    cols = min(4, len(groups))
+    rows = -(-len(groups) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
+    for ax, ((method, threshold), part) in zip(axes.flat, groups):
+        part = part.sort_values("value")
+        ax.fill_between(part["value"], part["ci_low"], part["ci_high"], color="tab:blue", alpha=0.2, lw=0)
+        ax.plot(part["value"], part["non_fixed_rate"], color="tab:blue", marker="o", ms=3)
+        d = part[part["default"]]
+        ax.scatter(d["value"], d["non_fixed_rate"], color="tab:red", zorder=3, s=25, label="default")
+        if (part["value"] > 0).all() and part["value"].max() / part["value"].min() > 20:
+            ax.set_xscale("log")
+        ax.set_title(f"{method}: {threshold}", fontsize=9)
+        ax.set_ylim(-0.02, max(0.05, float(part["ci_high"].max()) * 1.1))
+        ax.set_ylabel("non-fixed-point rate", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return save(fig, out_dir, name)
+
+
 def add_colourbar(fig, ax, cmap: str, keys, label: str) -> None:
     norm = matplotlib.colors.Normalize(vmin=min(keys), vmax=max(keys))
     bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=label)
