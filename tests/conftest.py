@@ -52,3 +52,22 @@ def token_ids() -> torch.Tensor:
 
 def build(**overrides) -> LoopedLM:
     return LoopedLM(tiny_config(**overrides)).eval()
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run the `loopscope` command in this process (no interpreter start-up): (exit code, stdout, stderr)."""
+    import sys
+
+    from loopscope.cli.main import main
+
+    argv = sys.argv
+    sys.argv = ["loopscope", *map(str, args)]
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from loopscope import LoopedConfig, LoopedLM, Trajectory, capture
+from loopscope import LoopedConfig, LoopedLM, Trajectory
+from loopscope import record as capture
 from loopscope.dynamics import (
     cyclic_fixed_point_check,
     distance_to_fixed_point,

@@ -1,10 +1,18 @@
 """loopscope: mechanistic analysis of looped (depth-recurrent) language models.
 
-Data flows one way: model → capture → Trajectory → analyses (dynamics, stages) → tables and figures → report.
+Data flows one way: model → capture (streamed to accumulators, or into a Trajectory) → analyses (dynamics,
+stages) → tables → report.
+
+    import loopscope
+    traj = loopscope.record(model, ids, recurrences=64)     # the function; `loopscope.capture` is the package
+    loopscope.dynamics.classify(traj)                        # subpackages are reachable after `import loopscope`
 """
 
-from loopscope.capture import Recorder, Trajectory, capture
+from loopscope import accumulate, capture, dynamics, stages  # noqa: F401  (subpackages, as numpy exposes its own)
+from loopscope.capture import Recorder, Trajectory
+from loopscope.capture.record import capture as record
 from loopscope.models import KVCache, LoopedConfig, LoopedLM
 
 __version__ = "0.1.0"
-__all__ = ["KVCache", "LoopedConfig", "LoopedLM", "Recorder", "Trajectory", "capture"]
+__all__ = ["KVCache", "LoopedConfig", "LoopedLM", "Recorder", "Trajectory", "accumulate", "capture", "dynamics",
+           "record", "stages"]

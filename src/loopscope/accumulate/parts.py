@@ -45,8 +45,8 @@ def _flatten(value: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
                 tensors[key] = torch.from_numpy(np.array(col.to_numpy(), copy=True))
                 entry.update(kind="numeric", key=key)
             else:
-                entry.update(kind="json", values=[None if (isinstance(v, float) and np.isnan(v)) else v
-                                                  for v in col.tolist()])
+                entry.update(kind="json", dtype=str(col.dtype),
+                             values=[None if (isinstance(v, float) and np.isnan(v)) else v for v in col.tolist()])
             columns.append(entry)
         return {"__frame__": columns, "index_name": value.index.name, "n": len(value)}
     if isinstance(value, dict):
@@ -67,7 +67,7 @@ def _unflatten(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
             elif entry["kind"] == "numeric":
                 data[entry["name"]] = tensors[entry["key"]].numpy()
             else:
-                data[entry["name"]] = pd.Series(entry["values"], dtype=object)
+                data[entry["name"]] = pd.Series(entry["values"], dtype=entry.get("dtype", "object"))
         frame = pd.DataFrame(data, index=pd.RangeIndex(node["n"]))
         frame.index.name = node.get("index_name")
         return frame

@@ -8,7 +8,9 @@ import torch
 
 from loopscope.accumulate.core import Accumulator, BatchContext, Finals, Part, run_accumulators
 from loopscope.capture.trajectory import Trajectory
+from loopscope.errors import InputError
 from loopscope.models.hooks import Step
+from loopscope.models.looped import LAYER_SITES
 
 
 def context_from_trajectory(traj: Trajectory, index: int = 0, first_prompt: int = 0) -> BatchContext:
@@ -34,25 +36,29 @@ def replay(traj: Trajectory) -> Iterator[tuple[str, Step, torch.Tensor]]:
     if traj.embed is not None:
         yield "embed", Step("embed", 0, 0), traj.embed
     for i in range(traj.n_prelude):
-        if traj.prelude_attention is not None:
-            yield "pattern", Step("prelude", 0, i), traj.prelude_attention[i]
-        yield "resid_post", Step("prelude", 0, i), traj.prelude[i]
+        yield from layer_events(traj, Step("prelude", 0, i))
     K = traj.block_size
     for t in range(traj.recurrences):
         if traj.injected is not None:
             yield "injected", Step("core", t, 0), traj.injected[t]
         for j in range(K):
-            if traj.core_attention is not None:
-                yield "pattern", Step("core", t, j), traj.core_attention[t, j]
-            yield "resid_post", Step("core", t, j), traj.core[t, j]
+            yield from layer_events(traj, Step("core", t, j))
         if traj.exit_gate is not None:
             yield "exit_gate", Step("core", t, K - 1), traj.exit_gate[t]
     for i in range(traj.n_coda):
-        if traj.coda_attention is not None:
-            yield "pattern", Step("coda", 0, i), traj.coda_attention[i]
-        yield "resid_post", Step("coda", 0, i), traj.coda[i]
+        yield from layer_events(traj, Step("coda", 0, i))
     if traj.logits is not None:
         yield "logits", Step("coda", 0, traj.n_coda), traj.logits
+
+
+def layer_events(traj: Trajectory, step: Step) -> Iterator[tuple[str, Step, torch.Tensor]]:
+    """One layer's captured sites in the order its forward reaches them (LAYER_SITES)."""
+    for site in LAYER_SITES:
+        if site == "resid_post" or (site == "pattern" and traj.has_attention) or site in traj.sites:
+            try:
+                yield site, step, traj.get(site, *step)
+            except InputError:  # e.g. attention captured for the block only
+                continue
 
 
 def run_on_trajectory(accumulators: Accumulator | list[Accumulator], traj: Trajectory):

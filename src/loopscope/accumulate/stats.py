@@ -40,7 +40,7 @@ class Moments:
         finite = torch.isfinite(x)
         n_b = finite.sum(-1)
         safe = torch.where(finite, x, torch.zeros((), dtype=torch.float64))
-        mean_b = safe.sum(-1) / n_b.clamp(min=1)
+        mean_b = safe.sum(-1) / n_b.clamp(min=1).double()
         m2_b = torch.where(finite, (x - mean_b[..., None]) ** 2, torch.zeros((), dtype=torch.float64)).sum(-1)
         self.n_all += x.shape[-1]
         self.total += x.sum(-1)
@@ -49,9 +49,9 @@ class Moments:
     def _merge(self, n_b: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
         n = self.n + n_b
         delta = mean_b - self.mean
-        frac = torch.where(n > 0, n_b / n.clamp(min=1), torch.zeros((), dtype=torch.float64))
+        frac = n_b.double() / n.clamp(min=1).double()  # (int / int is float32 in torch: keep float64)
         self.mean = self.mean + delta * frac
-        self.m2 = self.m2 + m2_b + delta * delta * self.n * frac
+        self.m2 = self.m2 + m2_b + delta * delta * self.n.double() * frac
         self.n = n
 
     def merge(self, other: Moments) -> None:
@@ -62,12 +62,12 @@ class Moments:
     def result(self, finite_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean, population std, count): over finite observations (`finite_only`), else over all of them —
         a cell holding a non-finite observation then has a non-finite mean and a NaN std."""
-        std = (self.m2 / self.n.clamp(min=1)).sqrt()
+        std = (self.m2 / self.n.clamp(min=1).double()).sqrt()
         nan = torch.tensor(float("nan"), dtype=torch.float64)
         if finite_only:
             return torch.where(self.n > 0, self.mean, nan), torch.where(self.n > 0, std, nan), self.n
         clean = self.n == self.n_all
-        mean = torch.where(clean, self.mean, self.total / self.n_all.clamp(min=1))
+        mean = torch.where(clean, self.mean, self.total / self.n_all.clamp(min=1).double())
         mean = torch.where(self.n_all > 0, mean, nan)
         return mean, torch.where(clean & (self.n_all > 0), std, nan), self.n_all
 

@@ -51,6 +51,7 @@ def capture_prompts(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
+    sites=None,
 ) -> Trajectory:
     """Capture `prompts` through `loaded.model` in batches and join them into one Trajectory.
 
@@ -64,14 +65,14 @@ def capture_prompts(
     batches = [prompts[i: i + batch_size] for i in range(0, len(prompts), batch_size)]
     parts = []
     for n, batch in enumerate(tqdm(batches, desc=f"capture R={recurrences}", disable=not progress, unit="batch")):
-        key = batch_key(loaded.name, batch, recurrences, attention)
+        key = batch_key(loaded.name, batch, recurrences, attention, sites)
         done = Path(cache_dir) / f"batch{n:04d}-{key}" if cache_dir is not None else None
         if done is not None and (done / "trajectory.json").exists():
             parts.append(Trajectory.load(done, dtype=dtype))
             continue
         ids, mask, tokens = encode_prompts(loaded.tokenizer, batch, loaded.max_seq_len)
         traj = capture(loaded.model, ids, recurrences=recurrences, attention=attention, mask=mask, tokens=tokens,
-                       dtype=dtype)
+                       dtype=dtype, sites=sites)
         if done is not None:
             traj.save(done)
         parts.append(traj)
@@ -80,6 +81,6 @@ def capture_prompts(
     return joined
 
 
-def batch_key(name: str, batch: list[str], recurrences: int, attention: bool) -> str:
-    payload = json.dumps([name, batch, recurrences, attention])
+def batch_key(name: str, batch: list[str], recurrences: int, attention: bool, sites=None) -> str:
+    payload = json.dumps([name, batch, recurrences, attention, None if sites is None else repr(sites)])
     return hashlib.sha1(payload.encode()).hexdigest()[:12]

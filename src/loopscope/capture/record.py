@@ -21,34 +21,47 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from loopscope.capture.trajectory import Trajectory
+from loopscope.capture.trajectory import EXTRA_SITES, Trajectory
 from loopscope.errors import InputError
 from loopscope.models.hooks import HookPoint, Step
-from loopscope.models.looped import LoopedLM
+from loopscope.models.looped import LAYER_SITES, LoopedLM
 
 Key = tuple[str, Step]  # (site, step)
 
 
+def select_sites(sites) -> tuple[str, ...]:
+    """Extra sites to record: None → none; a list of short names (`Trajectory` EXTRA_SITES); or a callable on hook
+    point names, TransformerLens `names_filter` style (e.g. `lambda name: name.endswith("mlp.hook_post")`), which
+    selects the sites whose hook points it accepts."""
+    if sites is None:
+        return ()
+    if callable(sites):
+        return tuple(s for s, path in LAYER_SITES.items() if s in EXTRA_SITES and sites(f"core.0.{path}"))
+    names = (sites,) if isinstance(sites, str) else tuple(sites)
+    bad = [s for s in names if s not in EXTRA_SITES]
+    if bad:
+        raise InputError(f"unknown sites {bad}; capture can add {EXTRA_SITES} (resid_post, injected, embed and, "
+                         "with attention=True, pattern are always recorded)")
+    return names
+
+
 class Recorder:
     """Context manager recording resid_post of every layer, the injected block input, the embedding,
-    the exit gate, final logits and (optionally) attention probabilities of a `LoopedLM`."""
+    the exit gate, final logits, (optionally) attention probabilities, and any extra `sites` of a `LoopedLM`."""
 
-    def __init__(self, model: LoopedLM, attention: bool = False, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model: LoopedLM, attention: bool = False, dtype: torch.dtype = torch.float32,
+                 sites=None) -> None:
         if not isinstance(model, LoopedLM):
             raise InputError(f"Recorder records a LoopedLM; got {type(model).__name__}. Use loopscope.capture.capture")
         self.model, self.attention, self.dtype = model, attention, dtype
+        self.extra = select_sites(sites)
         self.chunks: dict[Key, list[torch.Tensor]] = defaultdict(list)
         self.logit_chunks: list[torch.Tensor] = []
         self.handles: list[Any] = []
 
     def _sites(self) -> list[tuple[str, HookPoint]]:
-        m = self.model
-        sites = [("embed", m.hook_embed), ("injected", m.hook_injected), ("exit_gate", m.hook_exit_gate)]
-        for layer in [*m.prelude, *m.core, *m.coda]:
-            sites.append(("resid_post", layer.hook_resid_post))
-            if self.attention:
-                sites.append(("pattern", layer.attn.hook_pattern))
-        return sites
+        names = ["embed", "injected", "exit_gate", "resid_post", *(["pattern"] if self.attention else []), *self.extra]
+        return [(site, point) for site in names for point in self.model.site_points(site)]
 
     def __enter__(self) -> Recorder:
         for site, point in self._sites():
@@ -107,6 +120,13 @@ class Recorder:
             attn["coda_attention"] = None if C == 0 else stack("pattern", "coda", C)[0]
         prelude = stack("resid_post", "prelude", P)
         coda = stack("resid_post", "coda", C)
+        sites = {}
+        for site in self.extra:
+            sites[site] = {"core": stack(site, "core", K, R)}
+            if P:
+                sites[site]["prelude"] = stack(site, "prelude", P)[0]
+            if C:
+                sites[site]["coda"] = stack(site, "coda", C)[0]
         meta = {"model": cfg.to_dict(), "recurrences": R, **(metadata or {})}
         return Trajectory(
             core=core,
@@ -119,6 +139,7 @@ class Recorder:
             token_ids=token_ids,
             tokens=tokens,
             mask=mask,
+            sites=sites,
             metadata=meta,
             **attn,
         )
@@ -136,11 +157,14 @@ def capture(
     state_seed: int | None = None,
     initial_state: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
+    sites=None,
 ) -> Trajectory:
     """Run one forward of `model` on `input_ids` (B, T) with R recurrences and return its Trajectory.
 
     Works for every model loopscope loads: a `LoopedLM` (own, Ouro, Huginn, retrofit families) directly;
-    other models (Hugging Face feedforward LMs) through the adapter registered for their type.
+    other models (Hugging Face feedforward LMs) through the adapter registered for their type. `sites` adds other
+    hook points to `Trajectory.sites` (short names such as "mlp_post", "attn_out", or a names filter; see
+    `select_sites`), each labelled by (segment, recurrence, layer): `traj.get("mlp_post", "core", t, j)`.
     """
     adapter = find_capture_adapter(model)
     if adapter is None and not isinstance(model, LoopedLM):
@@ -149,6 +173,9 @@ def capture(
         _import_loaders()  # adapters register on import (e.g. Hugging Face models); load them, then look again
         adapter = find_capture_adapter(model)
     if adapter is not None:
+        if select_sites(sites):
+            raise InputError(f"extra sites {select_sites(sites)} are recorded for looped models; a "
+                             f"{type(model).__name__} is captured through its adapter (resid_post and attention)")
         return adapter(model, input_ids, recurrences=recurrences, attention=attention, mask=mask,
                        tokens=tokens, dtype=dtype)
     if not isinstance(model, LoopedLM):
@@ -156,7 +183,7 @@ def capture(
     R = model.cfg.recurrences if recurrences is None else int(recurrences)
     seed = model.cfg.seed if state_seed is None else state_seed
     device = next(model.parameters()).device
-    with Recorder(model, attention=attention, dtype=dtype) as rec:
+    with Recorder(model, attention=attention, dtype=dtype, sites=sites) as rec:
         model(input_ids.to(device), recurrences=R, state_seed=seed,
               initial_state=None if initial_state is None else initial_state.to(device))
     meta = {"state_init": model.cfg.state_init, "state_seed": seed if model.cfg.state_init == "random" else None,

@@ -55,27 +55,11 @@ class StreamRecorder:
         self.handles: list[Any] = []
 
     def points(self) -> list[tuple[str, HookPoint]]:
-        m = self.model
-        out = []
-        if "embed" in self.sites:
-            out.append(("embed", m.hook_embed))
-        if "injected" in self.sites:
-            out.append(("injected", m.hook_injected))
-        if "exit_gate" in self.sites and m.exit_gate is not None:
-            out.append(("exit_gate", m.hook_exit_gate))
-        for layer in [*m.prelude, *m.core, *m.coda]:
-            if "pattern" in self.sites:
-                out.append(("pattern", layer.attn.hook_pattern))
-            if "resid_post" in self.sites:
-                out.append(("resid_post", layer.hook_resid_post))
-        return out
+        return [(site, point) for site in sorted(self.sites - {"logits"}) for point in self.model.site_points(site)]
 
     def __enter__(self) -> StreamRecorder:
         for site, point in self.points():
             self.handles.append(point.register_forward_hook(self._hook(site), with_kwargs=True))
-        if "attn_in" in self.sites:
-            for layer in [*self.model.prelude, *self.model.core, *self.model.coda]:
-                self.handles.append(layer.attn.register_forward_pre_hook(self._attn_in, with_kwargs=True))
         if "logits" in self.sites:
             self.handles.append(self.model.register_forward_hook(self._logits))
         return self
@@ -89,9 +73,6 @@ class StreamRecorder:
         def fn(module, args, kwargs, output):
             self.callback(site, kwargs["step"], output.detach())
         return fn
-
-    def _attn_in(self, module, args, kwargs):
-        self.callback("attn_in", kwargs["step"], args[0].detach())
 
     def _logits(self, module, args, output):
         self.callback("logits", Step("coda", 0, self.model.cfg.n_coda), output.detach())

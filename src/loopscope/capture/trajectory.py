@@ -1,24 +1,6 @@
 """`Trajectory`: every captured state of a looped (or feedforward) model, independent of where it came from.
 
-Shapes (R recurrences, K block layers, P prelude, C coda layers, B prompts, T tokens, D width, H heads):
-
-    core              [R, K, B, T, D]     X_{j,t}: output of block layer j at recurrence t
-    injected          [R, B, T, D]        block input after injection at recurrence t (z_t)
-    prelude           [P, B, T, D]        prelude layer outputs
-    coda              [C, B, T, D]        coda layer outputs
-    embed             [B, T, D]           scaled token embeddings (depth 0)
-    core_attention    [R, K, B, H, T, T]  attention probabilities of block layer j at recurrence t
-    prelude_attention [P, B, H, T, T]
-    coda_attention    [C, B, H, T, T]
-    exit_gate         [R, B, T]           Ouro's exit-gate logit after recurrence t
-    logits            [B, T, V]           final next-token logits
-    token_ids         [B, T]              int64; padding positions hold the pad id
-    mask              [B, T]              bool, True on real tokens (right padding)
-
-Build one directly from tensors — `Trajectory(core=states)` — to analyse states from any source (another
-framework, a simulated dynamical system); everything in `loopscope.dynamics` and `loopscope.stages` reads
-only this object. A state's realized depth is `P + t·K + j + 1` (depth 0 is the embedding), the TransformerLens
-layer index extended with a recurrence axis.
+See the class docstring (`help(Trajectory)`) for every field, its shape and its labels.
 """
 
 from __future__ import annotations
@@ -44,12 +26,47 @@ BATCH_DIM = {"core": 2, "injected": 1, "prelude": 1, "coda": 1, "embed": 0, "cor
 TIME_DIMS = {"core": [3], "injected": [2], "prelude": [2], "coda": [2], "embed": [1], "core_attention": [4, 5],
              "prelude_attention": [3, 4], "coda_attention": [3, 4], "exit_gate": [2], "logits": [1],
              "token_ids": [1], "mask": [1]}
+SITE_BATCH_DIM = {"core": 2, "prelude": 1, "coda": 1}  # extra sites: [R, K, B, T, …] / [P, B, T, …] / [C, B, T, …]
+EXTRA_SITES = ("attn_in", "attn_out", "resid_mid", "mlp_post", "mlp_out")  # what `sites` may hold
 TRAJECTORY_TENSORS = "trajectory.safetensors"
 TRAJECTORY_JSON = "trajectory.json"
 
 
 @dataclass
 class Trajectory:
+    """Every captured state of one run of a looped (or feedforward) model, labelled by (segment, recurrence, layer).
+
+    Fields (R recurrences, K block layers, P prelude, C coda layers, B prompts, T tokens, D width, H heads,
+    V vocabulary, F MLP width):
+
+        core              [R, K, B, T, D]     X_{j,t}: output of block layer j at recurrence t (site resid_post)
+        injected          [R, B, T, D]        block input after injection at recurrence t (z_t)
+        prelude           [P, B, T, D]        prelude layer outputs
+        coda              [C, B, T, D]        coda layer outputs
+        embed             [B, T, D]           scaled token embeddings (depth 0)
+        core_attention    [R, K, B, H, T, T]  attention probabilities of block layer j at recurrence t
+        prelude_attention [P, B, H, T, T]
+        coda_attention    [C, B, H, T, T]
+        exit_gate         [R, B, T]           Ouro's exit-gate logit after recurrence t
+        logits            [B, T, V]           final next-token logits
+        token_ids         [B, T]              int64; padding positions hold the pad id
+        tokens            B lists of str      token strings
+        mask              [B, T]              bool, True on real tokens (right padding)
+        sites             {site: {"core": [R, K, B, T, …], "prelude": [P, B, T, …], "coda": [C, B, T, …]}}
+                          other captured sites (`capture(..., sites=…)`): attn_in (the attention's input n1(X),
+                          D), attn_out and mlp_out (what each sublayer adds to the stream, D), resid_mid (the
+                          stream after attention, D), mlp_post (MLP neuron activations, F)
+        metadata          dict                the model config, recurrences, state seed, state dtype, …
+
+    Named access: `traj.get(site, segment, recurrence, layer)` → [B, T, …] for any captured site
+    (`resid_post`, `pattern`, `injected`, `embed` or an extra site), e.g. `traj.get("mlp_post", "core", 5, 2)`.
+
+    A state's realized depth is `P + t·K + j + 1` (depth 0 is the embedding), the TransformerLens layer index
+    extended with a recurrence axis. Build one directly from tensors — `Trajectory(core=states)` — to analyse states
+    from any source; everything in `loopscope.dynamics` and `loopscope.stages` reads only this object (or the same
+    events streamed from a running model).
+    """
+
     core: torch.Tensor
     injected: torch.Tensor | None = None
     prelude: torch.Tensor | None = None
@@ -63,6 +80,7 @@ class Trajectory:
     token_ids: torch.Tensor | None = None
     tokens: list[list[str]] | None = None
     mask: torch.Tensor | None = None
+    sites: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -98,6 +116,17 @@ class Trajectory:
                 raise InputError(f"Trajectory.{name} has shape {tuple(a.shape)}; expected [{n}, {B}, H, {T}, {T}]")
         if self.tokens is not None and len(self.tokens) != B:
             raise InputError(f"Trajectory.tokens has {len(self.tokens)} rows for {B} prompts")
+        counts = {"core": (R, K), "prelude": (self.n_prelude,), "coda": (self.n_coda,)}
+        for site, parts in self.sites.items():
+            if site not in EXTRA_SITES:
+                raise InputError(f"Trajectory.sites has {site!r}; extra sites are {EXTRA_SITES}")
+            for segment, value in parts.items():
+                if segment not in counts:
+                    raise InputError(f"Trajectory.sites[{site!r}] has segment {segment!r}; use core, prelude, coda")
+                lead = counts[segment]
+                if tuple(value.shape[: len(lead) + 2]) != (*lead, B, T):
+                    raise InputError(f"Trajectory.sites[{site!r}][{segment!r}] has shape {tuple(value.shape)}; "
+                                     f"expected [{', '.join(map(str, (*lead, B, T)))}, …]")
 
     # --- sizes ---------------------------------------------------------------------------------------
     @property
@@ -181,6 +210,35 @@ class Trajectory:
         parts += [a for a in (self.coda_attention,) if a is not None]
         return torch.cat(parts, dim=0)
 
+    def get(self, site: str, segment: str, recurrence: int = 0, layer: int = 0) -> torch.Tensor:
+        """The tensor [B, T, …] of `site` at (segment, recurrence, layer): `resid_post` (the layer's output; segment
+        "embed" gives the embedding), `pattern` ([B, H, T, T]), `injected` (core only) or an extra site."""
+        if site == "resid_post":
+            if segment == "embed":
+                value = self.embed
+            elif segment == "core":
+                value = self.core[recurrence, layer]
+            else:
+                value = (self.prelude if segment == "prelude" else self.coda)
+                value = None if value is None else value[layer]
+        elif site == "pattern":
+            attn = {"core": self.core_attention, "prelude": self.prelude_attention, "coda": self.coda_attention}
+            value = attn.get(segment)
+            value = None if value is None else (value[recurrence, layer] if segment == "core" else value[layer])
+        elif site == "injected":
+            value = None if self.injected is None or segment != "core" else self.injected[recurrence]
+        elif site in self.sites and segment in self.sites[site]:
+            part = self.sites[site][segment]
+            value = part[recurrence, layer] if segment == "core" else part[layer]
+        else:
+            value = None
+        if value is None:
+            have = ["resid_post", *(["pattern"] if self.has_attention else []),
+                    *(["injected"] if self.injected is not None else []), *self.sites]
+            raise InputError(f"no {site} at ({segment}, {recurrence}, {layer}) in this Trajectory; it holds {have} "
+                             "(capture other sites with capture(..., sites=[...]))")
+        return value
+
     def token_strings(self, b: int) -> list[str]:
         """Token strings of prompt b (real tokens only); ids or positions if no strings were stored."""
         n = int(self.mask[b].sum())
@@ -198,6 +256,7 @@ class Trajectory:
             value = getattr(self, name)
             if value is not None and value.is_floating_point():
                 changes[name] = value.to(dtype)
+        changes["sites"] = {s: {g: v.to(dtype) for g, v in p.items()} for s, p in self.sites.items()}
         return dataclasses.replace(self, **changes)
 
     def select(self, batch: list[int] | slice) -> Trajectory:
@@ -207,6 +266,8 @@ class Trajectory:
         changes = {n: getattr(self, n).index_select(d, ix) for n, d in BATCH_DIM.items() if getattr(self, n) is not None}
         if self.tokens is not None:
             changes["tokens"] = [self.tokens[i] for i in idx]
+        changes["sites"] = {s: {g: v.index_select(SITE_BATCH_DIM[g], ix) for g, v in p.items()}
+                            for s, p in self.sites.items()}
         return dataclasses.replace(self, **changes)
 
     @staticmethod
@@ -227,7 +288,13 @@ class Trajectory:
         tokens = None
         if all(p.tokens is not None for p in parts):
             tokens = [row for p in parts for row in p.tokens]
-        return Trajectory(**out, tokens=tokens, metadata=dict(parts[0].metadata))
+        sites = {}
+        for site in parts[0].sites:
+            sites[site] = {}
+            for g, dim in SITE_BATCH_DIM.items():
+                if g in parts[0].sites[site]:
+                    sites[site][g] = torch.cat([pad_to(p.sites[site][g], [dim + 1], T) for p in parts], dim=dim)
+        return Trajectory(**out, tokens=tokens, sites=sites, metadata=dict(parts[0].metadata))
 
     # --- persistence ---------------------------------------------------------------------------------
     def save(self, directory: str | Path, dtype: torch.dtype = torch.float32) -> Path:
@@ -238,6 +305,7 @@ class Trajectory:
         directory.mkdir(parents=True, exist_ok=True)
         cast = self.to(dtype)
         tensors = {n: getattr(cast, n).cpu().contiguous() for n in TENSOR_FIELDS if getattr(cast, n) is not None}
+        tensors.update({f"sites.{s}.{g}": v.cpu().contiguous() for s, p in cast.sites.items() for g, v in p.items()})
         save_file(tensors, str(directory / TRAJECTORY_TENSORS))
         info = {"tokens": self.tokens, "metadata": self.metadata, "dtype": str(dtype).removeprefix("torch.")}
         (directory / TRAJECTORY_JSON).write_text(json.dumps(info, indent=1, default=str))
@@ -252,7 +320,11 @@ class Trajectory:
             raise InputError(f"{directory} is not a saved Trajectory (needs {TRAJECTORY_TENSORS} and {TRAJECTORY_JSON})")
         tensors = load_file(str(tensor_file))
         info = json.loads(json_file.read_text())
-        traj = cls(**tensors, tokens=info.get("tokens"), metadata=info.get("metadata", {}))
+        sites: dict[str, dict[str, torch.Tensor]] = {}
+        for key in [k for k in tensors if k.startswith("sites.")]:
+            _, site, segment = key.split(".")
+            sites.setdefault(site, {})[segment] = tensors.pop(key)
+        traj = cls(**tensors, tokens=info.get("tokens"), sites=sites, metadata=info.get("metadata", {}))
         return traj.to(dtype) if dtype is not None else traj
 
 

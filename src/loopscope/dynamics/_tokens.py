@@ -76,11 +76,14 @@ def token_chunks(traj: Trajectory, tokens: RealTokens | None = None, *, recurren
         yield rows, chunk.to(device="cpu", dtype=dtype)  # analyses run on the CPU, whatever device holds states
 
 
-def batch_tokens(x: torch.Tensor, batch: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
-    """The real tokens' vectors x[batch[i], token[i]] of one state x [B, T, D] → [N, D], on x's device, in the
-    analysis dtype (`compute_dtype`: float64 stays float64, everything else float32)."""
+def batch_tokens(x: torch.Tensor, batch: torch.Tensor, token: torch.Tensor,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The real tokens' vectors x[batch[i], token[i]] of one state x [B, T, D] → [N, D], on x's device, in `dtype`
+    (default: the analysis dtype `compute_dtype`, float64 stays float64, everything else float32). Distances and
+    cosines between successive states use float64: their 1 − cos reaches 1e-14 at a float32 fixed point, far below
+    what float32 arithmetic resolves (≈ 6e-8)."""
     dev = x.device
-    return x[batch.to(dev), token.to(dev)].to(compute_dtype(x))
+    return x[batch.to(dev), token.to(dev)].to(dtype or compute_dtype(x))
 
 
 def resolve_layer(traj: Trajectory, layer: int) -> int:

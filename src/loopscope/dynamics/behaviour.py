@@ -76,7 +76,7 @@ class Behaviour(Accumulator):
         if "paper" in self.methods:
             self.p_start, self.p_stop = rule_paper.window_bounds(R, self.paper)
             star = ctx.finals.core_last
-            self.star = {j: batch_tokens(star[j], self.b, self.t) for j in self.which}
+            self.star = {j: batch_tokens(star[j], self.b, self.t, torch.float64) for j in self.which}
             self.cosines = {j: torch.full((self.p_stop - self.p_start, n), float("nan"), dtype=torch.float64)
                             for j in self.which}
             self.finite = {j: torch.ones(n, dtype=torch.bool) for j in self.which}
@@ -85,7 +85,7 @@ class Behaviour(Accumulator):
         if step.segment != "core" or step.layer not in self.which:
             return
         j, t = step.layer, step.recurrence
-        xs = batch_tokens(x, self.b, self.t)
+        xs = batch_tokens(x, self.b, self.t, torch.float64)  # norms of large states overflow in float32
         if j in self.stats:
             self.stats[j].add(t, xs)
         if "paper" in self.methods:

@@ -87,8 +87,8 @@ class CellMetric(Accumulator):
                        for m in self.metrics}
 
     def end(self) -> Part:
-        """The batch's moments per cell and its per-token values (float32 where the value was computed in float32;
-        cosines stay float64): histograms for the quantiles are built from them when the parts are combined."""
+        """The batch's moments per cell and its per-token values (float64): histograms for the quantiles are built
+        from them when the parts are combined."""
         values = dict(self.values)
         if self.finite_only:
             keep = torch.stack([torch.isfinite(v) for v in values.values()]).all(0)
@@ -100,8 +100,8 @@ class CellMetric(Accumulator):
             m = Moments(cells)
             m.add(v)
             moments[name] = m.state()
-        stored = {k: (v if k.startswith("cosine") else v.float()) for k, v in self.values.items()}
-        return {"moments": moments, "values": stored, "batch": self.b + self.ctx.first_prompt, "token": self.t}
+        return {"moments": moments, "values": dict(self.values), "batch": self.b + self.ctx.first_prompt,
+                "token": self.t}
 
     def combine(self, parts: list[Part]) -> pd.DataFrame:
         R0 = self.first_recurrence()
@@ -140,7 +140,7 @@ class SuccessiveChange(CellMetric):
     def observe(self, site: str, step: Step, x: torch.Tensor) -> None:
         if step.segment != "core":
             return
-        cur = batch_tokens(x, self.b, self.t)
+        cur = batch_tokens(x, self.b, self.t, torch.float64)
         n_cur = norm(cur)
         prev = self.previous.get(step.layer)
         if prev is not None:
@@ -173,7 +173,7 @@ class DistanceToFixedPoint(CellMetric):
     def begin(self, ctx: BatchContext) -> None:
         super().begin(ctx)
         star = ctx.finals.core_last  # [K, B, T, D]
-        self.star = [batch_tokens(star[j], self.b, self.t) for j in range(ctx.block_size)]
+        self.star = [batch_tokens(star[j], self.b, self.t, torch.float64) for j in range(ctx.block_size)]
         self.star_norm = [norm(s) for s in self.star]
         att = ctx.finals.attention_last
         self.positions = [m.nonzero(as_tuple=True)[0] for m in ctx.mask]
@@ -202,7 +202,7 @@ class DistanceToFixedPoint(CellMetric):
                     if a is not None:
                         self.att[t, j, b] = norm((a - a_star).reshape(-1))
             return
-        cur = batch_tokens(x, self.b, self.t)
+        cur = batch_tokens(x, self.b, self.t, torch.float64)
         d = norm(cur - self.star[j])
         self.values["l2"][t, j] = d.double().cpu()
         self.values["cosine"][t, j] = cosine_from_distance(norm(cur), self.star_norm[j], d).cpu()
@@ -244,7 +244,7 @@ class CyclicFixedPointCheck(Accumulator):
         last, prev = ctx.finals.core_last, ctx.finals.core_prev
         change, rel = [], []
         for j in range(ctx.block_size):
-            x1, x0 = batch_tokens(last[j], b, t), batch_tokens(prev[j], b, t)
+            x1, x0 = batch_tokens(last[j], b, t, torch.float64), batch_tokens(prev[j], b, t, torch.float64)
             d = norm(x1 - x0)
             change.append(d.double().cpu())
             rel.append((d / norm(x0)).double().cpu())

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from loopscope.accumulate.distributed import World, init_distributed
+from loopscope.accumulate.distributed import World, init_distributed, shutdown_distributed
 from loopscope.capture.stream import StreamSettings, stream_prompts
 from loopscope.data.prompts import load_prompts
 from loopscope.dynamics.behaviour import Behaviour
@@ -222,6 +222,7 @@ def run_analyze(s: AnalyzeSettings) -> Path | None:
                 StreamSettings(1, attention=True, label=f"feedforward-{ff.name}", batch_size=s.batch_size,
                                cache_dir=s.out / "cache", progress=progress, world=world))
     if world.rank != 0:
+        shutdown_distributed()
         return None
     if s.feedforward:
         result.runs["feedforward"] = ff_run
@@ -245,6 +246,7 @@ def run_analyze(s: AnalyzeSettings) -> Path | None:
     report.meta["wall time"] = f"{time.perf_counter() - start:.1f} s"
     index = report.write()
     say(f"wrote {index}", progress)
+    shutdown_distributed()
     return index
 
 

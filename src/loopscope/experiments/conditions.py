@@ -115,6 +115,7 @@ def run_conditions(model: str, out: Path, data: str | None = None, questions: in
     divergent, unknown (fractions of question tokens). `table.attrs["all_tokens"]` is the same over every real
     token. Writes OUT/index.html, figures, tables."""
     start = time.perf_counter()
+    (precision or Precision()).device  # a bad --device fails first, in one line
     names = list(SYSTEM_PROMPT_CONDITIONS) if conditions is None else list(conditions)
     if not names:
         raise InputError("--conditions is empty; give one or more of " + ", ".join(SYSTEM_PROMPT_CONDITIONS))

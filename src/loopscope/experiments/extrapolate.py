@@ -74,6 +74,7 @@ class ExtrapolateSettings:
     precision: Precision = field(default_factory=Precision)
 
     def check(self) -> None:
+        self.precision.device  # a bad --device fails first, in one line
         if not self.models:
             raise InputError("no models given; pass at least one --model (a trained looped model)")
         if self.recurrences is not None:

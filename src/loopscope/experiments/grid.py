@@ -128,6 +128,7 @@ def grid_inputs(s: GridSettings) -> tuple[torch.Tensor, torch.Tensor]:
 
 def run_grid(s: GridSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run (or resume) every cell; returns (per-cell rows, per-recurrence curves of the last block layer)."""
+    s.precision.device  # a bad --device fails here, in one line, before any cell runs
     if s.recurrences < 4:
         raise InputError(f"--recurrences {s.recurrences}: the fixed-point test needs at least 4 (the paper uses 128)")
     s.out.mkdir(parents=True, exist_ok=True)
@@ -140,7 +141,7 @@ def run_grid(s: GridSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
     for norm, injection, block, seed in tqdm(todo, desc="grid", disable=not s.progress, unit="model"):
         start = time.perf_counter()
         row, last = run_cell(grid_config(norm, injection, block, seed, s.d_model, s.init_std), ids, mask,
-                             s.recurrences, s.converge_tol, s.direction_tol)
+                             s.recurrences, s.converge_tol, s.direction_tol, s.precision)
         key = dict(zip(CELL_COLUMNS, (norm, injection, block, seed)))
         row = {**key, **row, "seconds": round(time.perf_counter() - start, 2)}
         pd.DataFrame([row]).to_csv(cells_csv, mode="a", header=not cells_csv.exists(), index=False)

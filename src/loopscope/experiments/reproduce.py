@@ -145,6 +145,7 @@ class Pipeline:
 def run_reproduce(s: ReproduceSettings) -> Path:
     """Run (or resume) the whole study and write OUT/index.html; returns its path."""
     start = time.perf_counter()
+    s.precision.device  # a bad --device fails first, in one line
     check_settings(s)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(s.threads)

@@ -192,6 +192,7 @@ class Layer(nn.Module):
         if cfg.norm != "pre":
             self.attn_norm_out = RMSNorm(cfg.d_model, cfg.norm_eps)  # n2
             self.mlp_norm_out = RMSNorm(cfg.d_model, cfg.norm_eps)  # n4
+        self.hook_attn_in = HookPoint()  # the attention's input n1(x) (B, T, D): the score function's argument
         self.hook_attn_out = HookPoint()  # what attention adds to the stream (B, T, D)
         self.hook_resid_mid = HookPoint()  # stream after the attention sublayer
         self.hook_mlp_out = HookPoint()  # what the MLP adds to the stream
@@ -199,7 +200,8 @@ class Layer(nn.Module):
 
     def forward(self, x, *, step: Step, rope: Rotary, offset: int, cache: KVCache | None):
         w = self.attn.q_proj.weight.dtype  # sublayers compute in the weights' dtype; the stream keeps x's
-        a = self.attn(self.attn_norm_in(x).to(w), step=step, rope=rope, offset=offset, cache=cache)
+        a = self.attn(self.hook_attn_in(self.attn_norm_in(x).to(w), step=step), step=step, rope=rope, offset=offset,
+                      cache=cache)
         if self.kind == "ouro":
             a = self.attn_norm_out(a)
         x = x + self.hook_attn_out(a.to(x.dtype), step=step)
@@ -213,6 +215,15 @@ class Layer(nn.Module):
         if self.kind == "sandwich":
             x = self.mlp_norm_out(x)
         return self.hook_resid_post(x, step=step)
+
+
+# Every site a layer exposes, short name → hook point path inside the layer, in the order a forward reaches them.
+LAYER_SITES = {"attn_in": "hook_attn_in", "pattern": "attn.hook_pattern", "attn_out": "hook_attn_out",
+               "resid_mid": "hook_resid_mid", "mlp_post": "mlp.hook_post", "mlp_out": "hook_mlp_out",
+               "resid_post": "hook_resid_post"}
+# Sites of the model itself (once per forward, or once per recurrence).
+MODEL_SITES = {"embed": "hook_embed", "injected": "hook_injected", "state": "hook_state",
+               "exit_gate": "hook_exit_gate"}
 
 
 class LoopedLM(nn.Module):
@@ -257,6 +268,15 @@ class LoopedLM(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=gen) * std / math.sqrt(2 * self.cfg.n_layers))
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+    def site_points(self, site: str) -> list[HookPoint]:
+        """The hook points of a site (see LAYER_SITES, MODEL_SITES): one per layer of every segment, or one."""
+        if site in MODEL_SITES:
+            return [self.hook_points[MODEL_SITES[site]]]
+        if site not in LAYER_SITES:
+            raise InputError(f"unknown site {site!r}; sites are {[*MODEL_SITES, *LAYER_SITES]}")
+        return [self.hook_points[f"{seg}.{i}.{LAYER_SITES[site]}"]
+                for seg in ("prelude", "core", "coda") for i in range(len(getattr(self, seg)))]
 
     @property
     def unembedding(self) -> torch.Tensor:

@@ -113,6 +113,9 @@ class Prop42Check(Accumulator):
             self.current_input[j] = rows
             return
         pats = [x[b, :, :n, :n] for b, n in enumerate(self.lengths)]
+        if j not in self.current_input:
+            raise InputError("Prop. 4.2 needs each block layer's attention input: stream a model, or capture the "
+                             "Trajectory with sites=['attn_in'] (and attention=True)")
         inputs = self.current_input.pop(j)
         if j in self.patterns:
             depth = self.ctx.depth(step)
