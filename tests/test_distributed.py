@@ -31,6 +31,8 @@ def test_two_process_run_equals_one_process_run(tmp_path):
         a, b = pd.read_csv(one / "tables" / name), pd.read_csv(two / "tables" / name)
         assert list(a.columns) == list(b.columns) and len(a) == len(b), name
         for col in a.columns:
+            if col.startswith("seconds"):  # wall time (the certificate's cost per token) differs run to run
+                continue
             if pd.api.types.is_numeric_dtype(a[col]):
                 np.testing.assert_allclose(a[col].to_numpy(float), b[col].to_numpy(float), rtol=1e-12, atol=1e-15,
                                            err_msg=f"{name}:{col}")

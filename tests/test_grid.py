@@ -44,6 +44,15 @@ def test_grid_runs_known_cells_and_resumes(tmp_path, monkeypatch):
     v = cells.set_index(["norm", "injection"])["verdict"]
     assert v[("pre", "concat")] == "stable" and v[("ouro", "none")] == "not stable"
     assert len(cells) == 4 and set(curves["recurrence"]) == set(range(1, 96))
+    # the stability certificate of 4 tokens per cell: the stable cell's block map contracts (ρ < 1), as the
+    # detector's fixed points require, and its observed step-size rate is the predicted ρ
+    cert = grid.read_certificates(s)
+    assert len(cert) == 4 * 4 and set(cert.columns) >= {"rho", "predicted", "behaviour", "step_rate", "agrees"}
+    stable = cert[(cert.norm == "pre") & (cert.injection == "concat")]
+    assert (stable["predicted"] == "stable fixed point").all() and (stable["rho"] < 0.98).all()
+    assert stable["agrees"].all()
+    at_rate = stable[stable["step_rate"] > 1e-3]  # tokens still above the float32 floor at the end
+    assert (abs(at_rate["step_rate"] - at_rate["rho"]) < 0.05).all()
     monkeypatch.setattr(grid, "run_cell", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
     again, _ = run_grid(s)
     pd.testing.assert_frame_equal(again, cells)

@@ -2,6 +2,7 @@
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 
@@ -70,3 +71,23 @@ def test_residual_entropy_uses_each_prompts_real_tokens_only():
     assert 0.5 < raw.matrix_entropy_normalised.iloc[0] <= 1.0  # 5 random rows in R^6 are far from rank 1
     expected = matrix_entropy(states[0, 0, 0])[1]
     assert raw.matrix_entropy_normalised.iloc[0] == pytest.approx(expected)
+
+
+def test_massive_onset_is_the_layer_that_writes_them_not_a_later_recurrence():
+    """Peaks (hand-made): the prelude's layer 2 steps up 1 → 100; the loop then keeps growing them (110 … 500).
+    Half the overall maximum (250) would name core layer 1 at recurrence 1; the onset is the first state reaching
+    half the first pass's maximum (½ · 120): prelude layer 2. A feedforward stack (one pass) keeps ½ · max."""
+    from loopscope.stages import massive_activation_profile
+
+    states = [("embed", 0, 0, 0.5)] + [("prelude", 0, j, p) for j, p in enumerate([1.0, 1.0, 100.0, 100.0])]
+    states += [("core", t, j, p) for t, pair in enumerate([(110.0, 120.0), (200.0, 300.0), (400.0, 500.0)])
+               for j, p in enumerate(pair)] + [("coda", 0, 0, 480.0)]
+    norms = pd.DataFrame([{"segment": s, "recurrence": t, "layer": j, "depth": i, "max_abs_activation_mean": p,
+                           "median_abs_activation_mean": 1.0} for i, (s, t, j, p) in enumerate(states)])
+    onset = massive_activation_profile(norms).query("onset").iloc[0]
+    assert (onset.segment, onset.layer, onset.recurrence) == ("prelude", 2, 0) and onset.growth == 100.0
+    ff = norms[norms.segment.isin(["embed", "core"])].assign(segment=lambda d: d.segment.where(d.segment == "embed",
+                                                                                               "core"))
+    ff = ff.assign(recurrence=0, layer=range(len(ff)))  # one pass of 7 layers: 0.5, 110, 120, 200, 300, 400, 500
+    onset = massive_activation_profile(ff).query("onset").iloc[0]
+    assert onset.layer == 4  # 300 ≥ ½ · 500

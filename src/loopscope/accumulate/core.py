@@ -79,6 +79,47 @@ class BatchContext:
         b, t = self.mask.nonzero(as_tuple=True)
         return b, t
 
+    def prompt_pattern(self, x: torch.Tensor, b: int) -> torch.Tensor:
+        """Prompt b's attention [H, T_b, T_b] over its real rows and columns (x [B, H, T, T]): a view when the mask
+        is right padding (every captured batch), a gather otherwise."""
+        n = self.lengths[b]
+        if self.prefix:
+            return x[b, :, :n, :n]
+        pos = self.mask[b].nonzero(as_tuple=True)[0].to(x.device)
+        return x[b].index_select(-2, pos).index_select(-1, pos)
+
+    def prompt_state(self, x: torch.Tensor, b: int) -> torch.Tensor:
+        """Prompt b's state [T_b, …] over its real tokens (x [B, T, …]): a view for right padding."""
+        if self.prefix:
+            return x[b, : self.lengths[b]]
+        return x[b].index_select(0, self.mask[b].nonzero(as_tuple=True)[0].to(x.device))
+
+    @property
+    def lengths(self) -> list[int]:
+        if getattr(self, "_lengths", None) is None:
+            self._lengths = self.mask.sum(1).tolist()
+        return self._lengths
+
+    @property
+    def prefix(self) -> bool:
+        """True when every prompt's real tokens come first (right padding)."""
+        if getattr(self, "_prefix", None) is None:
+            n = self.mask.sum(1)
+            self._prefix = bool(torch.equal(torch.arange(self.mask.shape[1])[None, :] < n[:, None], self.mask))
+        return self._prefix
+
+    def real_states(self, x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """x [B, T, D] at the real tokens → [N, D] in `dtype`, on x's device; computed once per state however many
+        accumulators ask (a one-slot cache of the last tensor asked for). Never modify the result in place."""
+        # the cache holds the source tensor itself: comparing ids alone would match a new tensor that reused a freed
+        # one's id and address
+        if getattr(self, "_real_source", None) is not x or self._real_dtype != dtype:
+            b, t = self.real
+            dev = x.device
+            self._real_value = x[b.to(dev), t.to(dev)].to(dtype)
+            self._real_source, self._real_dtype = x, dtype
+        return self._real_value
+
     def depth(self, step: Step) -> int:
         """Realized depth P + t·K + j + 1 of a state (embedding 0; coda after the last recurrence)."""
         seg, t, j = step

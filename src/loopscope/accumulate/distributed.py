@@ -57,14 +57,17 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def gather_parts(local: dict[int, bytes], n_batches: int, world: World) -> dict[int, bytes] | None:
-    """Every batch's Part on rank 0 (returned there, in full), None on the other ranks."""
+def gather_parts(local: dict[int, dict], n_batches: int, world: World) -> dict[int, dict] | None:
+    """Every batch's Part on rank 0 (returned there, in full), None on the other ranks. Parts cross processes as
+    bytes (`encode_part`: safetensors, no pickle)."""
+    from loopscope.accumulate.parts import decode_part, encode_part
+
     if world.size == 1:
         missing = [i for i in range(n_batches) if i not in local]
         if missing:
             raise InputError(f"batches {missing[:5]} were not run")
         return local
-    out: dict[int, bytes] = {}
+    out: dict[int, dict] = {}
     for i in range(n_batches):
         owner = i % world.size
         if owner == 0:
@@ -72,7 +75,7 @@ def gather_parts(local: dict[int, bytes], n_batches: int, world: World) -> dict[
                 out[i] = local[i]
             continue
         if world.rank == owner:
-            blob = torch.frombuffer(bytearray(local[i]), dtype=torch.uint8).to(world.device)
+            blob = torch.frombuffer(bytearray(encode_part(local[i])), dtype=torch.uint8).to(world.device)
             dist.send(torch.tensor([blob.numel()], dtype=torch.int64, device=world.device), dst=0)
             dist.send(blob, dst=0)
         elif world.rank == 0:
@@ -80,5 +83,5 @@ def gather_parts(local: dict[int, bytes], n_batches: int, world: World) -> dict[
             dist.recv(size, src=owner)
             blob = torch.empty(int(size), dtype=torch.uint8, device=world.device)
             dist.recv(blob, src=owner)
-            out[i] = blob.cpu().numpy().tobytes()
+            out[i] = decode_part(blob.cpu().numpy().tobytes())
     return out if world.rank == 0 else None

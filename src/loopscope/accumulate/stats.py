@@ -46,6 +46,21 @@ class Moments:
         self.total += x.sum(-1)
         self._merge(n_b, mean_b, m2_b)
 
+    def set_cell(self, cell: tuple[int, ...], x: torch.Tensor) -> None:
+        """All observations x [n] of one cell that has none yet (within a batch, each (recurrence, layer) cell's
+        values arrive together, once): its moments directly, two-pass, no merge."""
+        x = x.detach().to(device="cpu", dtype=torch.float64)
+        finite = torch.isfinite(x)
+        n = int(finite.sum())
+        self.n_all[cell] = x.numel()
+        self.total[cell] = x.sum()
+        self.n[cell] = n
+        if n:
+            good = x[finite] if n < x.numel() else x
+            mean = good.mean()
+            self.mean[cell] = mean
+            self.m2[cell] = ((good - mean) ** 2).sum()
+
     def _merge(self, n_b: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
         n = self.n + n_b
         delta = mean_b - self.mean
@@ -97,27 +112,34 @@ class LogHistogram:
         self.shape, self.lo, self.hi, self.per_decade = tuple(shape), float(lo), float(hi), int(per_decade)
         self.n_bins = int(round((self.hi - self.lo) * self.per_decade))
         # bin 0: zero / below 10^lo; 1..n_bins: log-spaced; n_bins + 1: above 10^hi; n_bins + 2: non-finite
-        self.counts = torch.zeros((*self.shape, self.n_bins + 3), dtype=torch.int64)
+        self.counts = torch.zeros((*self.shape, self.n_bins + 3), dtype=torch.int32)
 
-    def add(self, x: torch.Tensor) -> None:
-        """Observations x [*cells, n] (≥ 0; negative values count as below the range)."""
+    def bin_index(self, x: torch.Tensor) -> torch.Tensor:
+        """The bin of every observation (int16: a compact stand-in for the value, all a histogram needs)."""
         x = x.detach().to(device="cpu", dtype=torch.float64)
         finite = torch.isfinite(x)
         logx = torch.log10(torch.where(finite & (x > 0), x, torch.ones((), dtype=torch.float64)))
         idx = torch.floor((logx - self.lo) * self.per_decade).long() + 1
         idx = idx.clamp(1, self.n_bins + 1)
         idx = torch.where(finite & (x > 0) & (logx >= self.lo), idx, torch.zeros_like(idx))
-        idx = torch.where(finite, idx, torch.full_like(idx, self.n_bins + 2))
+        return torch.where(finite, idx, torch.full_like(idx, self.n_bins + 2)).to(torch.int16)
+
+    def add(self, x: torch.Tensor) -> None:
+        """Observations x [*cells, n] (≥ 0; negative values count as below the range)."""
+        self.add_bins(self.bin_index(x))
+
+    def add_bins(self, idx: torch.Tensor) -> None:
+        """Observations given by their bins (`bin_index`), [*cells, n]."""
+        idx = idx.long().reshape(int(torch.tensor(self.shape).prod()) if self.shape else 1, -1)
         flat = self.counts.view(-1, self.n_bins + 3)
-        flat.scatter_add_(1, idx.reshape(flat.shape[0], -1), torch.ones_like(idx.reshape(flat.shape[0], -1)))
+        flat.scatter_add_(1, idx, torch.ones(idx.shape, dtype=self.counts.dtype))
 
     def merge(self, other: LogHistogram) -> None:
         self.counts += other.counts
 
     def quantiles(self, qs: list[float]) -> torch.Tensor:
         """[len(qs), *cells] quantiles of the finite observations (NaN for an empty cell; 0 for the zero bin)."""
-        finite = self.counts[..., : self.n_bins + 2].double()
-        cdf = finite.cumsum(-1)
+        cdf = self.counts[..., : self.n_bins + 2].cumsum(-1, dtype=torch.int64)  # finite observations only
         total = cdf[..., -1:]
         centres = torch.cat([
             torch.zeros(1, dtype=torch.float64),
@@ -126,7 +148,7 @@ class LogHistogram:
         ])
         out = []
         for q in qs:
-            target = q * total
+            target = q * total.double()
             idx = (cdf < target).sum(-1, keepdim=True).clamp(max=self.n_bins + 1)
             value = centres[idx[..., 0]]
             out.append(torch.where(total[..., 0] > 0, value, torch.tensor(math.nan, dtype=torch.float64)))

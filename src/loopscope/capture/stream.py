@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from loopscope.accumulate.core import Accumulator, BatchContext, Dispatcher, Finals, Part, signature
 from loopscope.accumulate.distributed import World, gather_parts
+from loopscope.accumulate.memory import release_free_memory
 from loopscope.accumulate.parts import decode_part, encode_part
 from loopscope.accumulate.replay import context_from_trajectory, replay
 from loopscope.capture.prompts import encode_prompts
@@ -110,9 +111,21 @@ def finals_pass(model: LoopedLM, ids: torch.Tensor, R: int, attention: bool, sta
         elif site == "resid_post" and step.segment == "core" and step.recurrence == R - 2:
             prev[step.layer] = x
 
-    sites = {"resid_post", "logits", *({"pattern"} if attention else set())}
-    with StreamRecorder(model, sites, keep):
-        model(ids, recurrences=R, state_seed=state_seed, initial_state=initial_state)
+    late: list = []
+
+    def attach_patterns(module, args, kwargs, output):  # at the start of the last recurrence only: before it,
+        if kwargs["step"].recurrence == R - 1:              # the probabilities would be computed for nothing
+            for layer in model.core:
+                late.append(layer.attn.hook_pattern.register_forward_hook(
+                    lambda m, a, kw, out: keep("pattern", kw["step"], out.detach()), with_kwargs=True))
+
+    handles = [model.hook_injected.register_forward_hook(attach_patterns, with_kwargs=True)] if attention else []
+    try:
+        with StreamRecorder(model, {"resid_post", "logits"}, keep):
+            model(ids, recurrences=R, state_seed=state_seed, initial_state=initial_state)
+    finally:
+        for h in handles + late:
+            h.remove()
     return Finals(
         core_last=torch.stack([last[j] for j in range(K)]),
         core_prev=torch.stack([prev[j] for j in range(K)]) if R >= 2 else None,
@@ -225,29 +238,29 @@ def stream_prompts(loaded, prompts: list[str], accumulators: list[Accumulator], 
     folder = None if s.cache_dir is None else Path(s.cache_dir) / f"{s.label}-{key}"
     world = s.world
     mine = [i for i in range(len(batches)) if i % world.size == world.rank]
-    local: dict[int, bytes] = {}
+    local: dict[int, Part] = {}
     records: dict[int, dict] = {}
     start = time.perf_counter()
     bar = tqdm(mine, desc=f"{s.label} R={s.recurrences}", unit="batch", disable=not s.progress or world.rank != 0)
     for i in bar:
         path = None if folder is None else folder / f"batch{i:05d}.part"
         if path is not None and path.exists():
-            blob = path.read_bytes()
-            records[i] = {**decode_part(blob)["__record__"], "cached": True}
-        else:
-            parts, record = run_batch(loaded, batches[i], i, i * s.batch_size, accumulators, s)
-            blob = encode_part({**parts, "__record__": record})
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_bytes(blob)
-                tmp.replace(path)
-            records[i] = {**record, "cached": False}
-        local[i] = blob
-    gathered = gather_parts(local, len(batches), world)
-    if gathered is None:
+            local[i] = decode_part(path.read_bytes())
+            records[i] = {**local[i]["__record__"], "cached": True}
+            continue
+        parts, record = run_batch(loaded, batches[i], i, i * s.batch_size, accumulators, s)
+        local[i] = {**parts, "__record__": record}
+        if path is not None:  # written atomically: a kill mid-write leaves no half part
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(encode_part(local[i]))
+            tmp.replace(path)
+        records[i] = {**record, "cached": False}
+        release_free_memory()
+    decoded = gather_parts(local, len(batches), world)
+    if decoded is None:
         return None, None
-    decoded = [decode_part(gathered[i]) for i in range(len(batches))]
+    decoded = [decoded[i] for i in range(len(batches))]
     tables = {acc.name: acc.combine([d[acc.name] for d in decoded]) for acc in accumulators}
     diffs = [d["__record__"].get("finals_max_abs_diff") for d in decoded]
     diffs = [x for x in diffs if x is not None]

@@ -33,6 +33,9 @@ def register(app: typer.Typer) -> None:
         similarity_recurrences: int = typer.Option(None, "--similarity-recurrences", help="Recurrences the "
                                                    "similarity maps (Figs. 2, 19) draw; their states are the only "
                                                    "ones kept per batch (default: all of the attention run)."),
+        certificate_tokens: int = typer.Option(16, "--certificate-tokens", help="Tokens (spread over the prompts) "
+                                               "whose block Jacobian's leading eigenvalues are estimated by Arnoldi "
+                                               "iteration: the stability certificate (0: skip)."),
         device: str = device_option(),
         dtype: str = dtype_option(),
         state_dtype: str = state_dtype_option(),
@@ -79,5 +82,6 @@ def register(app: typer.Typer) -> None:
             model=model, prompts=prompts, out=out, recurrences=recurrences,
             attention_recurrences=attention_recurrences, similarity_recurrences=similarity_recurrences,
             max_prompts=max_prompts, batch_size=batch_size, keep_states=keep, feedforward=feedforward,
+            certificate_tokens=certificate_tokens,
             device=device, dtype=dtype, state_dtype=state_dtype, progress=not quiet,
         ))

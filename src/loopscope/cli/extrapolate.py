@@ -8,17 +8,13 @@ import typer
 
 from loopscope.cli.common import device_option, dtype_option, precision, state_dtype_option
 
-from loopscope.errors import InputError
 
 
 def parse_ints(text: str | None, option: str) -> list[int] | None:
     """"1,2,4,8" → [1, 2, 4, 8]; None stays None; anything else is an InputError naming the option."""
-    if text is None:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise InputError(f"{option} {text!r}: give comma-separated integers, e.g. 1,2,4,8,16,32") from None
+    from loopscope.cli.common import parse_int_list
+
+    return None if text is None else parse_int_list(text, option, minimum=1)
 
 
 def register(app: typer.Typer) -> None:

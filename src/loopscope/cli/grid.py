@@ -6,11 +6,7 @@ from pathlib import Path
 
 import typer
 
-from loopscope.cli.common import device_option, dtype_option, precision, state_dtype_option
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x.strip())
+from loopscope.cli.common import device_option, dtype_option, parse_int_list, precision, state_dtype_option
 
 
 def _words(text: str) -> tuple[str, ...]:
@@ -48,8 +44,8 @@ def register(app: typer.Typer) -> None:
         """
         from loopscope.experiments.grid import GridSettings, run_grid_report
 
-        s = GridSettings(out=out, norms=_words(norms), injections=_words(injections), block_sizes=_ints(blocks),
-                         seeds=_ints(seeds), recurrences=recurrences, init_std=init_std, progress=not quiet,
+        s = GridSettings(out=out, norms=_words(norms), injections=_words(injections), block_sizes=tuple(parse_int_list(blocks, '--blocks', minimum=1)),
+                         seeds=tuple(parse_int_list(seeds, '--seeds', minimum=0)), recurrences=recurrences, init_std=init_std, progress=not quiet,
                          precision=precision(device, dtype, state_dtype))
         if quick:
             s.block_sizes, s.seeds, s.recurrences = (4,), (0,), 64

@@ -33,7 +33,7 @@ def _root() -> None:
 
 # module name under loopscope.cli; each defines `register(app)`
 SUBCOMMANDS = ["models_cmd", "analyze", "compare", "intervene", "grid", "retrofit", "train", "extrapolate",
-               "conditions", "reproduce"]
+               "conditions", "reproduce", "heal"]
 
 
 def _register_all() -> None:

@@ -67,6 +67,9 @@ checkpoints: `--model OUT/runs/looped-4/model` in other commands), `stages/` (re
 `loopscope reproduce --data ../shared/data/gsm8k --out reports/reproduce`
 
 `loopscope reproduce --data ../shared/data/gsm8k --quick --out reports/reproduce-quick`
+
+`loopscope reproduce --data ../shared/data/gsm8k --retrofit-only --out reports/retrofit` (the healed SmolLM2
+retrofit against SmolLM2: fixed points at R = 128, stages, the Fig. 41 ablation, loss and accuracy against R)
 """
 
 
@@ -82,6 +85,10 @@ def register(app: typer.Typer) -> None:
         minutes_per_model: float | None = typer.Option(None, "--minutes-per-model", help="training wall time per "
                                                        "model (default 4.5 in full mode; quick mode trains 12 steps)"),
         threads: int = typer.Option(1, "--threads", help="torch CPU threads (1 is fastest on a shared machine)"),
+        retrofit: bool | None = typer.Option(None, "--retrofit/--no-retrofit", help="measure the retrofit claims on "
+                                             "the healed SmolLM2 (smollm2-looped); default: in full mode only"),
+        retrofit_only: bool = typer.Option(False, "--retrofit-only", help="only the retrofit stages and claims: "
+                                           "smollm2-looped at R = 128 against SmolLM2 (≈ 20 min on one core)"),
         device: str = device_option(),
         dtype: str = dtype_option(),
         state_dtype: str = state_dtype_option(),
@@ -90,7 +97,7 @@ def register(app: typer.Typer) -> None:
         from loopscope.experiments.reproduce import ReproduceSettings, run_reproduce
 
         s = ReproduceSettings(out=out, data=data, quick=quick, minutes_per_model=minutes_per_model, threads=threads,
-                              progress=not quiet, precision=precision(device, dtype, state_dtype))
+                              retrofit=retrofit, retrofit_only=retrofit_only, progress=not quiet, precision=precision(device, dtype, state_dtype))
         try:
             index = run_reproduce(s)
         except KeyboardInterrupt:

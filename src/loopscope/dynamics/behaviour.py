@@ -57,8 +57,10 @@ class Behaviour(Accumulator):
 
     def __init__(self, layers: list[int] | None = None, methods: tuple[str, ...] = METHODS,
                  dynamics: rule_dynamics.DynamicsThresholds | None = None,
-                 paper: rule_paper.PaperThresholds | None = None) -> None:
-        self.layers, self.methods = layers, tuple(methods)
+                 paper: rule_paper.PaperThresholds | None = None, paper_layers: tuple[int, ...] | None = (-1,)) -> None:
+        """`layers`: block layers the detectors read (None: all); the paper heuristic reads only `paper_layers` of
+        them (default the last, as App. C does; None: all), because it keeps R/2 cosines per token and layer."""
+        self.layers, self.methods, self.paper_layers = layers, tuple(methods), paper_layers
         self.dynamics = dynamics or rule_dynamics.DynamicsThresholds()
         self.paper = paper or rule_paper.PaperThresholds()
         self.needs_finals = "paper" in self.methods
@@ -71,25 +73,28 @@ class Behaviour(Accumulator):
         n = self.b.numel()
         floor = self.dynamics.floor_factor * unit_roundoff(ctx.state_dtype)
         R = ctx.recurrences
-        self.stats = {j: WindowStats(R, self.dynamics, n, floor) for j in self.which} \
+        keep = torch.float64 if ctx.state_dtype == torch.float64 else torch.float32
+        self.stats = {j: WindowStats(R, self.dynamics, n, floor, keep) for j in self.which} \
             if "dynamics" in self.methods else {}
         if "paper" in self.methods:
             self.p_start, self.p_stop = rule_paper.window_bounds(R, self.paper)
             star = ctx.finals.core_last
-            self.star = {j: batch_tokens(star[j], self.b, self.t, torch.float64) for j in self.which}
+            chosen = self.which if self.paper_layers is None else sorted({l % K for l in self.paper_layers})
+            self.paper_which = [j for j in chosen if j in self.which]
+            self.star = {j: batch_tokens(star[j], self.b, self.t, torch.float64) for j in self.paper_which}
             self.cosines = {j: torch.full((self.p_stop - self.p_start, n), float("nan"), dtype=torch.float64)
-                            for j in self.which}
-            self.finite = {j: torch.ones(n, dtype=torch.bool) for j in self.which}
+                            for j in self.paper_which}
+            self.finite = {j: torch.ones(n, dtype=torch.bool) for j in self.paper_which}
 
     def observe(self, site: str, step: Step, x: torch.Tensor) -> None:
         if step.segment != "core" or step.layer not in self.which:
             return
         j, t = step.layer, step.recurrence
-        xs = batch_tokens(x, self.b, self.t, torch.float64)  # norms of large states overflow in float32
+        xs = self.ctx.real_states(x)  # float64: norms of large states overflow in float32
         if j in self.stats:
             self.stats[j].add(t, xs)
-        if "paper" in self.methods:
-            self.finite[j] &= torch.isfinite(xs).all(-1).cpu()
+        if "paper" in self.methods and j in self.star:
+            self.finite[j] &= torch.isfinite(xs.sum(-1)).cpu()
             if self.p_start <= t < self.p_stop:
                 self.cosines[j][t - self.p_start] = cosine(xs, self.star[j]).double().cpu()
 
@@ -108,7 +113,7 @@ class Behaviour(Accumulator):
             entry: Part = {}
             if j in self.stats:
                 entry["dynamics"] = self.stats[j].state()
-            if "paper" in self.methods:
+            if "paper" in self.methods and j in self.star:
                 entry["paper"] = {"cosines": self.cosines[j], "finite": self.finite[j]}
             part["layers"][str(j)] = entry
         return part
@@ -118,6 +123,8 @@ class Behaviour(Accumulator):
         for j in parts[0]["layers"]:
             entry = {}
             first = parts[0]["layers"][j]
+            if not first:
+                continue
             if "dynamics" in first:
                 merged = {}
                 for k, v in first["dynamics"].items():
@@ -190,7 +197,7 @@ def collect(traj: Trajectory, layers: list[int] | None, methods: tuple[str, ...]
     dyn = {k: v for k, v in thresholds.items() if k in {f.name for f in fields(rule_dynamics.DynamicsThresholds)}}
     pap = {k: v for k, v in thresholds.items() if k in {f.name for f in fields(rule_paper.PaperThresholds)}}
     acc = Behaviour(layers, methods, rule_dynamics.DynamicsThresholds(**dyn) if "dynamics" in methods else None,
-                    rule_paper.PaperThresholds(**pap) if "paper" in methods else None)
+                    rule_paper.PaperThresholds(**pap) if "paper" in methods else None, paper_layers=None)
     return run_on_trajectory(acc, traj)
 
 

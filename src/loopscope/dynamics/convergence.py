@@ -24,7 +24,7 @@ from loopscope.models.hooks import Step
 QUANTILES = {"q10": 0.1, "q25": 0.25, "median": 0.5, "q75": 0.75, "q90": 0.9}
 
 
-def cell_frame(recurrence: torch.Tensor, K: int, moments: dict[str, Moments], hists: dict[str, LogHistogram],
+def cell_frame(recurrence: torch.Tensor, K: int, moments: dict[str, Moments], quantiles: dict[str, torch.Tensor],
                finite_only: bool) -> pd.DataFrame:
     """One row per (recurrence, layer): [recurrence, layer, m, m_std for each metric, n_tokens, then the quantile
     columns `h_q10, h_q25, h_median, h_q75, h_q90` of each histogrammed quantity h]."""
@@ -37,8 +37,7 @@ def cell_frame(recurrence: torch.Tensor, K: int, moments: dict[str, Moments], hi
         data[name] = mean.reshape(-1).numpy()
         data[f"{name}_std"] = std.reshape(-1).numpy()
     data["n_tokens"] = count.reshape(-1).numpy().astype("int64")
-    for name, h in hists.items():
-        q = h.quantiles(list(QUANTILES.values()))  # [Q, Rp, K]
+    for name, q in quantiles.items():  # [Q, Rp, K]
         for i, label in enumerate(QUANTILES):
             data[f"{name}_{label}"] = q[i].reshape(-1).numpy()
     return pd.DataFrame(data)
@@ -64,11 +63,12 @@ def per_token_frame(parts: list[Part], recurrence: torch.Tensor, K: int, metrics
 
 
 class CellMetric(Accumulator):
-    """Shared machinery: per-token values [R', K, N_b] of a few metrics for one batch, reduced at `end` to moments
-    (and log-histograms of chosen positive quantities) per (recurrence, layer)."""
+    """Shared machinery: a few per-token metrics per (recurrence, layer) cell. As each cell's values arrive they are
+    reduced at once — to moments, and to each histogrammed quantity's bin per token (int16) — and dropped, so a
+    batch holds O(R·K·N) small integers, not O(R·K·N) floats (the float values are kept only for `per_token`)."""
 
     metrics: tuple[str, ...] = ()
-    histogrammed: dict[str, str] = {}  # histogram name -> how to get it from the metrics ("1-" prefix: 1 − value)
+    histogrammed: dict[str, str] = {}  # histogram name -> the metric it bins ("1-" prefix: of 1 − value)
 
     def __init__(self, per_token: bool = False, finite_only: bool = False) -> None:
         self.per_token, self.finite_only = per_token, finite_only
@@ -82,26 +82,34 @@ class CellMetric(Accumulator):
         n = self.b.numel()
         if n == 0:
             raise InputError("the Trajectory has no real tokens (mask is all False); check the mask you passed")
-        Rp = ctx.recurrences - self.first_recurrence()
-        self.values = {m: torch.full((Rp, ctx.block_size, n), float("nan"), dtype=torch.float64)
-                       for m in self.metrics}
+        cells = (ctx.recurrences - self.first_recurrence(), ctx.block_size)
+        self.moments = {m: Moments(cells) for m in self.metrics}
+        self.hist = LogHistogram(())
+        self.bins = {h: torch.zeros((*cells, n), dtype=torch.int16) for h in self.histogrammed}
+        self.values = {m: torch.full((*cells, n), float("nan"), dtype=torch.float64) for m in self.metrics} \
+            if self.per_token else None
 
-    def end(self) -> Part:
-        """The batch's moments per cell and its per-token values (float64): histograms for the quantiles are built
-        from them when the parts are combined."""
-        values = dict(self.values)
+    def record(self, i: int, j: int, values: dict[str, torch.Tensor]) -> None:
+        """One cell's per-token values (float64, CPU)."""
+        if self.per_token:
+            for k, v in values.items():
+                self.values[k][i, j] = v
         if self.finite_only:
             keep = torch.stack([torch.isfinite(v) for v in values.values()]).all(0)
             values = {k: torch.where(keep, v, torch.tensor(float("nan"), dtype=torch.float64))
                       for k, v in values.items()}
-        cells = tuple(next(iter(values.values())).shape[:2])
-        moments = {}
-        for name, v in values.items():
-            m = Moments(cells)
-            m.add(v)
-            moments[name] = m.state()
-        return {"moments": moments, "values": dict(self.values), "batch": self.b + self.ctx.first_prompt,
-                "token": self.t}
+        for k, v in values.items():
+            self.moments[k].set_cell((i, j), v)
+        for hname, source in self.histogrammed.items():
+            v = values[source.removeprefix("1-")]
+            self.bins[hname][i, j] = self.hist.bin_index(1.0 - v if source.startswith("1-") else v)
+
+    def end(self) -> Part:
+        part = {"moments": {k: m.state() for k, m in self.moments.items()}, "bins": self.bins,
+                "batch": self.b + self.ctx.first_prompt, "token": self.t}
+        if self.per_token:
+            part["values"] = self.values
+        return part
 
     def combine(self, parts: list[Part]) -> pd.DataFrame:
         R0 = self.first_recurrence()
@@ -110,14 +118,14 @@ class CellMetric(Accumulator):
         if self.per_token:
             return per_token_frame(parts, recurrence, K, list(self.metrics))
         moments = {m: Moments.folded([p["moments"][m] for p in parts]) for m in self.metrics}
-        hists = {}
-        for hname, source in self.histogrammed.items():
+        quantiles = {}
+        for hname in self.histogrammed:  # one histogram at a time: [cells, bins] counts are the largest object here
             h = LogHistogram((Rp, K))
             for p in parts:
-                v = p["values"][source.removeprefix("1-")].double()
-                h.add(1.0 - v if source.startswith("1-") else v)
-            hists[hname] = h
-        return cell_frame(recurrence, K, moments, hists, self.finite_only)
+                h.add_bins(p["bins"][hname])
+            quantiles[hname] = h.quantiles(list(QUANTILES.values()))
+            del h
+        return cell_frame(recurrence, K, moments, quantiles, self.finite_only)
 
 
 class SuccessiveChange(CellMetric):
@@ -140,16 +148,15 @@ class SuccessiveChange(CellMetric):
     def observe(self, site: str, step: Step, x: torch.Tensor) -> None:
         if step.segment != "core":
             return
-        cur = batch_tokens(x, self.b, self.t, torch.float64)
+        cur = self.ctx.real_states(x)
         n_cur = norm(cur)
         prev = self.previous.get(step.layer)
         if prev is not None:
             p, n_prev = prev
             d = norm(cur - p)
-            i = step.recurrence - 1
-            self.values["l2"][i, step.layer] = d.double().cpu()
-            self.values["relative"][i, step.layer] = (d / n_prev).double().cpu()
-            self.values["cosine"][i, step.layer] = cosine_from_distance(n_cur, n_prev, d).cpu()
+            self.record(step.recurrence - 1, step.layer, {
+                "l2": d.double().cpu(), "relative": (d / n_prev).double().cpu(),
+                "cosine": cosine_from_distance(n_cur, n_prev, d).cpu()})
         self.previous[step.layer] = (cur, n_cur)
 
 
@@ -187,8 +194,7 @@ class DistanceToFixedPoint(CellMetric):
             if pos.numel() == 0:
                 out.append(None)
                 continue
-            p = pos.to(a.device)
-            x = a[b].index_select(-2, p).index_select(-1, p).to(device="cpu", dtype=torch.float64)
+            x = self.ctx.prompt_pattern(a, b).to(device="cpu", dtype=torch.float64)
             out.append(x.mean(0) if self.head_reduction == "average" else x)
         return out
 
@@ -202,10 +208,9 @@ class DistanceToFixedPoint(CellMetric):
                     if a is not None:
                         self.att[t, j, b] = norm((a - a_star).reshape(-1))
             return
-        cur = batch_tokens(x, self.b, self.t, torch.float64)
+        cur = self.ctx.real_states(x)
         d = norm(cur - self.star[j])
-        self.values["l2"][t, j] = d.double().cpu()
-        self.values["cosine"][t, j] = cosine_from_distance(norm(cur), self.star_norm[j], d).cpu()
+        self.record(t, j, {"l2": d.double().cpu(), "cosine": cosine_from_distance(norm(cur), self.star_norm[j], d).cpu()})
 
     def end(self) -> Part:
         part = super().end()

@@ -47,19 +47,20 @@ class TokenStates(Accumulator):
         local = self.batch - ctx.first_prompt
         self.local = local if 0 <= local < ctx.batch_size else None
         self.position = None if self.local is None else token_position(ctx.mask, self.local, self.token)
-        self.states: dict[tuple[int, int], torch.Tensor] = {}
+        self.states: torch.Tensor | None = None  # [R·K, D], filled in realized order: one allocation
 
     def observe(self, site: str, step: Step, x: torch.Tensor) -> None:
         if self.local is not None and step.segment == "core":
-            self.states[(step.recurrence, step.layer)] = x[self.local, self.position].to(device="cpu",
-                                                                                          dtype=torch.float64)
+            if self.states is None:
+                self.states = torch.full((self.ctx.recurrences * self.ctx.block_size, x.shape[-1]), float("nan"),
+                                         dtype=torch.float64)
+            self.states[step.recurrence * self.ctx.block_size + step.layer] = x[self.local, self.position]
 
     def end(self) -> Part:
         if self.local is None:
             return {"found": False}
         R, K = self.ctx.recurrences, self.ctx.block_size
-        x = torch.stack([self.states[(t, j)] for t in range(R) for j in range(K)])
-        return {"found": True, "states": x, "R": R, "K": K, "P": self.ctx.n_prelude}
+        return {"found": True, "states": self.states, "R": R, "K": K, "P": self.ctx.n_prelude}
 
     def combine(self, parts: list[Part]) -> tuple[pd.DataFrame, pd.DataFrame]:
         found = [p for p in parts if p["found"]]

@@ -96,8 +96,10 @@ class WindowStats:
               "step_sq", "rel_max", "s1", "s2", "sy", "sty", "syy", "cos_sum", "cos_count", "returns",
               "return_count", "displacement", "final_step")
 
-    def __init__(self, R: int, th: DynamicsThresholds, n: int, floor: float) -> None:
+    def __init__(self, R: int, th: DynamicsThresholds, n: int, floor: float,
+                 keep_dtype: torch.dtype = torch.float64) -> None:
         self.R, self.W = R, th.window_for(R)
+        self.keep_dtype = keep_dtype
         self.start = R - self.W
         self.P = th.period_cap(self.W)
         self.floor = floor
@@ -112,13 +114,16 @@ class WindowStats:
         self.steps = 0
         self.returns = torch.zeros(max(self.P - 1, 0), n, **f64)  # Σ ‖x_t − x_{t−p}‖², p = 2..P
         self.return_count = torch.zeros(max(self.P - 1, 0), **f64)
-        self.buffer: list[torch.Tensor] = []  # x_{t−1}, x_{t−2}, … (most recent first), at most P states
+        self.ring: torch.Tensor | None = None  # the last P states of the window, [P, n, D], written round-robin
+        self.stored = 0  # states written into the ring so far
+        self.previous: torch.Tensor | None = None  # x_{t−1} in float64, for the step
+        self.previous_norm: torch.Tensor | None = None
         self.previous_step: torch.Tensor | None = None
         self.anchor: torch.Tensor | None = None
 
     def add(self, t: int, x: torch.Tensor) -> None:
-        """State x [n, D] (float32/64, any device) at recurrence t; recurrences arrive in order 0..R−1."""
-        self.finite &= torch.isfinite(x).all(-1).cpu()
+        """State x [n, D] (float64, any device) at recurrence t; recurrences arrive in order 0..R−1."""
+        self.finite &= torch.isfinite(x.sum(-1)).cpu()  # a non-finite entry makes the sum non-finite
         if t < self.start:
             return
         nx = torch.linalg.vector_norm(x, dim=-1)
@@ -131,11 +136,11 @@ class WindowStats:
             self.norm_second_max = torch.maximum(self.norm_second_max, n64)
         if t == self.start:
             self.anchor = x
+        kept = x.to(self.keep_dtype)
         if t > self.start:
-            prev = self.buffer[0]
-            step = x - prev
+            step = x - self.previous
             d = torch.linalg.vector_norm(step, dim=-1).double().cpu()
-            n_prev = torch.linalg.vector_norm(prev, dim=-1).double().cpu()
+            n_prev = self.previous_norm
             rel = torch.where(d == 0, torch.zeros_like(d), d / n_prev)
             rel = torch.nan_to_num(rel, nan=math.inf)
             self.rel_max = torch.maximum(self.rel_max, rel)
@@ -157,15 +162,21 @@ class WindowStats:
                 self.cos_sum += torch.where(valid, c, torch.zeros_like(c))
                 self.cos_count += valid.double()
             self.previous_step = step
-            for i, p in enumerate(range(2, self.P + 1)):
-                if t - p >= self.start:
-                    back = self.buffer[p - 1]
-                    self.returns[i] += torch.linalg.vector_norm(x - back, dim=-1).double().cpu() ** 2
-                    self.return_count[i] += 1
+            lags = [p for p in range(2, self.P + 1) if t - p >= self.start]
+            if lags:  # every slot at once (no gather): x_{t−p} sits p slots behind the next write position
+                dist = torch.linalg.vector_norm(kept[None] - self.ring, dim=-1).double().cpu()  # [P, n]
+                rows = [(self.stored - p) % self.P for p in lags]
+                self.returns[[p - 2 for p in lags]] += dist[rows] ** 2
+                self.return_count[[p - 2 for p in lags]] += 1
         if t == self.R - 1:
             self.final_norm = n64
             self.displacement = torch.linalg.vector_norm(x - self.anchor, dim=-1).double().cpu()
-        self.buffer = [x, *self.buffer][: self.P]
+        # the last P states, in the dtype the model computed them in (a float32 state is exact in float32)
+        if self.ring is None:  # unwritten slots are never read (lags ≤ states stored), zeros keep them finite
+            self.ring = torch.zeros((self.P, *kept.shape), dtype=self.keep_dtype, device=kept.device)
+        self.ring[self.stored % self.P] = kept
+        self.stored += 1
+        self.previous, self.previous_norm = x, n64
 
     def state(self) -> dict[str, torch.Tensor]:
         out = {k: getattr(self, k) for k in self.FIELDS if k not in ("steps",)}

@@ -17,7 +17,7 @@ from loopscope.accumulate.core import Accumulator, BatchContext, Part
 from loopscope.accumulate.replay import run_on_trajectory
 from loopscope.capture.trajectory import Trajectory
 from loopscope.dynamics._attention import check_head_reduction, gram, pairwise_distance, require_attention
-from loopscope.dynamics._tokens import batch_tokens, norm
+from loopscope.dynamics._tokens import batch_tokens, compute_dtype, norm
 from loopscope.errors import InputError
 from loopscope.models.hooks import Step
 
@@ -99,9 +99,10 @@ class AttentionDistance(Accumulator):
             if pos.numel() == 0:
                 rows.append(None)
                 continue
-            p = pos.to(x.device)
-            a = x[b].index_select(-2, p).index_select(-1, p).to(device="cpu", dtype=torch.float64)
-            rows.append((a.mean(0) if self.head_reduction == "average" else a).reshape(-1))
+            a = self.ctx.prompt_pattern(x, b).to(device="cpu")
+            # probabilities are float32 (or float64 when given so): kept as they are, summed in float64 in the Gram
+            a = a.double().mean(0) if self.head_reduction == "average" else a.to(compute_dtype(a))
+            rows.append(a.reshape(-1))
         self.patterns[(step.recurrence, step.layer)] = rows
 
     def end(self) -> Part:

@@ -59,6 +59,7 @@ class AnalyzeSettings:
     keep_states: tuple[tuple[int, int], ...] = ((0, -1),)  # (prompt, token) whose every state the PCA figure keeps
     classify_method: str = "dynamics"  # detector of the co-occurrence matrix ("dynamics" or "paper")
     feedforward: str | None = None  # a feedforward model whose stage profile is overlaid and aligned (e.g. smollm2)
+    certificate_tokens: int = 16  # tokens whose block Jacobian's leading eigenvalues are estimated (0: none)
     device: str = "auto"
     dtype: str = "float32"  # weights
     state_dtype: str = "float32"  # residual stream and recurrent state ("weights" to follow the weights)
@@ -90,7 +91,7 @@ def dynamics_accumulators(s: AnalyzeSettings, n_prompts: int) -> list:
     """Everything the dynamics sections show, from the long run without attention."""
     accs = [SuccessiveChange(), DistanceToFixedPoint(), CyclicFixedPointCheck(), Degeneracy()]
     if s.recurrences >= MIN_RECURRENCES:
-        accs.append(Behaviour())
+        accs.append(Behaviour(paper_layers=None if s.classify_method == "paper" else (-1,)))
     for prompt, token in s.keep_states:
         if not 0 <= prompt < n_prompts:
             raise InputError(f"--keep-states {prompt}:{token}: prompt {prompt} is out of range for {n_prompts} "
@@ -144,6 +145,17 @@ def dynamics_tables(states: dict, attn: dict, s: AnalyzeSettings) -> dict[str, p
     return t
 
 
+def add_certificate(tables: dict, loaded: LoadedModel, prompts: list[str], s: AnalyzeSettings) -> None:
+    """tables["certificate"] (per token: ρ, λ₁, prediction) joined with the detector's label, and the agreement."""
+    from loopscope.dynamics.spectrum import agreement, agreement_table
+    from loopscope.experiments.certificate import certificates_for_prompts
+
+    cert = certificates_for_prompts(loaded, prompts, s.recurrences, s.certificate_tokens)
+    joined = agreement(cert, tables["behaviour_dynamics"])
+    tables["certificate"] = joined
+    tables["certificate_agreement"] = agreement_table(joined)
+
+
 def is_feedforward(loaded: LoadedModel) -> bool:
     """A model that runs once (a Hugging Face feedforward LM): no recurrences, so no dynamics."""
     return loaded.kind != "looped"
@@ -185,10 +197,16 @@ def analyse(loaded: LoadedModel, prompts: list[str], s: AnalyzeSettings, world: 
     if world.rank != 0:
         return None
     floor = None
+    tables = None
     if states is not None:
         floor = relative_floor(s.dtype, runs["states"]["state_dtype"] or s.state_dtype)
+        tables = dynamics_tables(states, attn, s)
+        if s.certificate_tokens and "behaviour_dynamics" in tables:
+            say(f"[2/3] stability certificate of {s.certificate_tokens} tokens (Arnoldi on the block's Jacobian)",
+                progress)
+            add_certificate(tables, loaded, prompts, s)
     return Analysis(
-        dynamics=None if states is None else dynamics_tables(states, attn, s),
+        dynamics=tables,
         stages=stage_table_from(attn),
         prop42=prop42_table_summary(attn["prop42"]) if "prop42" in attn else None,
         runs=runs, floor=floor,

@@ -38,8 +38,8 @@ from dataclasses import asdict, dataclass
 
 import pandas as pd
 
-HOLDS, DIFFERS, NOT_MEASURABLE = "holds", "differs", "not measurable here"
-VERDICTS = (HOLDS, DIFFERS, NOT_MEASURABLE)
+HOLDS, DIFFERS, NOT_MEASURABLE, INCONCLUSIVE = "holds", "differs", "not measurable here", "inconclusive"
+VERDICTS = (HOLDS, DIFFERS, NOT_MEASURABLE, INCONCLUSIVE)  # inconclusive: the interval straddles the threshold
 CLAIM_COLUMNS = ["id", "source", "claim", "verdict", "evidence", "measured_on"]
 
 Measurements = dict[str, pd.DataFrame]
@@ -510,7 +510,8 @@ def not_here(reason: str) -> Callable[[Measurements, Thresholds], Verdict]:
 
 
 PRETRAINED = ("needs the published checkpoints, which this offline pipeline does not download; `loopscope "
-              "analyze --model PATH` runs the same checks on them (docs/real-checkpoints.md)")
+              "analyze --model PATH` runs the same checks on them (docs/real-checkpoints.md); the retrofit half is "
+              "measured on the healed SmolLM2 retrofit in the retrofit-* rows")
 
 CLAIMS: list[Claim] = [
     Claim("settle", "§4.1, Fig. 3; headline 1", "In every looped model the per-layer residuals barely change between "
@@ -566,6 +567,11 @@ CLAIMS: list[Claim] = [
     Claim("pretrained-stages", "§5 item 2, Figs. 8, 36, 40", "Ouro mirrors Llama's stages; retrofitted models follow "
           "their base model; Huginn shows no clear stages.", not_here(PRETRAINED)),
 ]
+
+
+from loopscope.experiments.retrofit_claims import RETROFIT_CLAIMS  # noqa: E402  (its rules use the helpers above)
+
+CLAIMS += RETROFIT_CLAIMS
 
 
 def evaluate_claims(m: Measurements, th: Thresholds | None = None) -> pd.DataFrame:

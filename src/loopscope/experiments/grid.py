@@ -8,6 +8,11 @@ pre-norm does, and that fixed point is degenerate (every layer converges to the 
 Each cell is one randomly initialised `LoopedLM` run on the same token sequences; its verdict comes from
 `dynamics.degeneracy_summary` (distinct / degenerate / no fixed point). Finished cells are appended to
 OUT/grid_cells.csv as they complete, so an interrupted grid resumes where it stopped.
+
+Each cell also certifies `certificate_tokens` tokens of its first prompt (`experiments.certificate`: the leading
+eigenvalues of the block map's Jacobian at the state after R recurrences) and joins the prediction with the
+detector's label and observed step-size rate: OUT/grid_certificates.csv, one row per (cell, token). That is the
+paper's open "why": whether injection and norm placement make the block a contraction (ρ < 1) or not.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ class GridSettings:
     converge_tol: float = 1e-3  # last layer's relative change at the last recurrence below this = converged
     direction_tol: float = 1e-4  # 1 − cos(X_t, X_{t−1}) below this (with a growing norm) = the direction converged
     init_std: float | None = None  # weight std; None = Huginn's rule sqrt(2/(5D)) (the paper's is not published)
+    certificate_tokens: int = 4  # tokens of the first prompt certified per cell (0: none)
     progress: bool = True
     curves: dict = field(default_factory=dict)
     precision: Precision = field(default_factory=Precision)
@@ -91,8 +97,9 @@ def cell_verdict(fraction_no_fixed_point: float, degenerate: bool, last_cosine_d
 
 
 def run_cell(cfg: LoopedConfig, ids: torch.Tensor, mask: torch.Tensor, recurrences: int, converge_tol: float,
-             direction_tol: float = 1e-4, precision: Precision | None = None):
-    """Capture one random model; return its verdict row and its per-recurrence curves."""
+             direction_tol: float = 1e-4, precision: Precision | None = None, certificate_tokens: int = 0):
+    """Capture one random model; return its verdict row, its per-recurrence curves and (certificate_tokens > 0)
+    its certificates joined with the detector's labels (else None)."""
     model = (precision or Precision("cpu")).place(LoopedLM(cfg).eval())
     with torch.inference_mode():
         traj = capture(model, ids, recurrences=recurrences, mask=mask)
@@ -100,7 +107,8 @@ def run_cell(cfg: LoopedConfig, ids: torch.Tensor, mask: torch.Tensor, recurrenc
     check = dynamics.cyclic_fixed_point_check(traj)
     change = dynamics.successive_change(traj, finite_only=True)
     last = change[change.layer == cfg.n_block - 1][["recurrence", "l2", "relative", "cosine"]]
-    behaviour = dynamics.classify(traj)["behaviour"].value_counts(normalize=True)
+    labels = dynamics.classify(traj)
+    behaviour = labels["behaviour"].value_counts(normalize=True)
     last_cos_distance = float(1 - last["cosine"].iloc[-1])
     degenerate = summary["min_cosine_to_first_mean"] >= SAME_POINT_COSINE
     verdict = cell_verdict(float(summary["fraction_no_fixed_point"]), degenerate, last_cos_distance, direction_tol)
@@ -117,7 +125,22 @@ def run_cell(cfg: LoopedConfig, ids: torch.Tensor, mask: torch.Tensor, recurrenc
         "fraction_divergent": float(behaviour.get("divergent", 0.0)),
         "verdict": verdict,
     }
-    return row, last
+    return row, last, cell_certificates(model, ids, mask, recurrences, certificate_tokens, labels)
+
+
+def cell_certificates(model: LoopedLM, ids: torch.Tensor, mask: torch.Tensor, recurrences: int, n: int,
+                      labels: pd.DataFrame) -> pd.DataFrame | None:
+    """Certificates of n tokens spread over the first prompt's real tokens, joined with the detector's labels."""
+    from loopscope.dynamics.spectrum import agreement
+    from loopscope.experiments.certificate import spread_tokens, token_certificates
+
+    if n <= 0:
+        return None
+    length = int(mask[0].sum())
+    tokens = [t for _, t in spread_tokens([length], n)]
+    cert = token_certificates(model, ids[:1, :length].cpu(), recurrences, tokens)
+    cert.insert(0, "batch", 0)
+    return agreement(cert, labels)
 
 
 def grid_inputs(s: GridSettings) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +155,7 @@ def run_grid(s: GridSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
     if s.recurrences < 4:
         raise InputError(f"--recurrences {s.recurrences}: the fixed-point test needs at least 4 (the paper uses 128)")
     s.out.mkdir(parents=True, exist_ok=True)
-    cells_csv, curves_csv = s.out / "grid_cells.csv", s.out / "grid_curves.csv"
+    cells_csv, curves_csv, cert_csv = s.out / "grid_cells.csv", s.out / "grid_curves.csv", certificates_csv(s.out)
     done = pd.read_csv(cells_csv) if cells_csv.exists() else pd.DataFrame(columns=CELL_COLUMNS)
     curves = [pd.read_csv(curves_csv)] if curves_csv.exists() else []
     finished = {tuple(r) for r in done[CELL_COLUMNS].itertuples(index=False)}
@@ -140,9 +163,12 @@ def run_grid(s: GridSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
     todo = [c for c in itertools.product(s.norms, s.injections, s.block_sizes, s.seeds) if c not in finished]
     for norm, injection, block, seed in tqdm(todo, desc="grid", disable=not s.progress, unit="model"):
         start = time.perf_counter()
-        row, last = run_cell(grid_config(norm, injection, block, seed, s.d_model, s.init_std), ids, mask,
-                             s.recurrences, s.converge_tol, s.direction_tol, s.precision)
+        row, last, cert = run_cell(grid_config(norm, injection, block, seed, s.d_model, s.init_std), ids, mask,
+                                   s.recurrences, s.converge_tol, s.direction_tol, s.precision, s.certificate_tokens)
         key = dict(zip(CELL_COLUMNS, (norm, injection, block, seed)))
+        if cert is not None:  # before the cell's row: a cell in grid_cells.csv has its certificates written
+            cert = cert.assign(**key)[[*CELL_COLUMNS, *cert.columns]]
+            cert.to_csv(cert_csv, mode="a", header=not cert_csv.exists(), index=False)
         row = {**key, **row, "seconds": round(time.perf_counter() - start, 2)}
         pd.DataFrame([row]).to_csv(cells_csv, mode="a", header=not cells_csv.exists(), index=False)
         last = last.assign(**key)
@@ -151,6 +177,21 @@ def run_grid(s: GridSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
     cells = pd.read_csv(cells_csv)
     wanted = cells.set_index(CELL_COLUMNS).index.isin(list(itertools.product(s.norms, s.injections, s.block_sizes, s.seeds)))
     return cells[wanted].reset_index(drop=True), pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
+
+
+def certificates_csv(out: Path) -> Path:
+    return Path(out) / "grid_certificates.csv"
+
+
+def read_certificates(s: GridSettings) -> pd.DataFrame:
+    """The certificates of the cells `s` asks for (empty when none were computed)."""
+    path = certificates_csv(s.out)
+    if not path.exists():
+        return pd.DataFrame()
+    cert = pd.read_csv(path).drop_duplicates(subset=[*CELL_COLUMNS, "token"], keep="last")
+    wanted = cert.set_index(CELL_COLUMNS).index.isin(list(itertools.product(s.norms, s.injections, s.block_sizes,
+                                                                            s.seeds)))
+    return cert[wanted].reset_index(drop=True)
 
 
 def agreement(measured: str, paper: str) -> str:
@@ -195,6 +236,6 @@ def run_grid_report(s: GridSettings) -> Path:
         "init": (f"weights N(0, {s.init_std}²)" if s.init_std else "weights N(0, 2/(5D)) (Huginn's rule)")
         + ", embeddings × √D, start state TruncNormal(0, 2/5) with injection, the embedding without",
     })
-    add_grid_section(report, cells, curves, verdict_table(cells))
+    add_grid_section(report, cells, curves, verdict_table(cells), read_certificates(s))
     report.meta["wall time"] = f"{time.perf_counter() - start:.1f} s"
     return report.write()

@@ -57,7 +57,8 @@ class HealSettings:
     state_std: float = HUGINN_STATE_STD  # std of the random start state s_0
     mean_recurrence: float = 4.0  # μ: target mean of the sampled recurrence rate (E[r] = μ + 1)
     recurrence_sigma: float = 0.5  # σ of the log-normal rate
-    curriculum: float = 0.25  # μ ramps linearly from 1 to mean_recurrence over this fraction of the steps
+    curriculum: float = 0.25  # μ ramps linearly from curriculum_start to mean_recurrence over this fraction of steps
+    curriculum_start: float = 1.0  # μ at step 0 (a second phase starts where the first ended)
     backprop_depth: int = 2  # k: gradients flow through the last min(k, r) recurrences only
     lora_rank: int = 16
     lora_alpha: float = 32.0
@@ -81,11 +82,13 @@ class HealSettings:
     checkpoint_every: int = 25
     checkpoint_minutes: float = 5.0
     threads: int | None = None
+    start_from: str | None = None  # a delta (OUT/delta of an earlier run) to continue from: a second phase
+    step_offset: int = 0  # batches already seen by the phases before: this run reads batches offset .. offset+steps
 
     TRAJECTORY_FIELDS = ("source", "prelude", "core", "coda", "control", "adapter", "state_std", "mean_recurrence",
-                         "recurrence_sigma", "curriculum", "backprop_depth", "lora_rank", "lora_alpha", "corpus",
+                         "recurrence_sigma", "curriculum", "curriculum_start", "backprop_depth", "lora_rank", "lora_alpha", "corpus",
                          "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps", "schedule", "weight_decay",
-                         "beta1", "beta2", "grad_clip", "steps", "seed")
+                         "beta1", "beta2", "grad_clip", "steps", "seed", "start_from", "step_offset")
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -116,11 +119,12 @@ class HealSettings:
 
 # --- the recurrence schedule ---------------------------------------------------------------------------
 def mean_recurrence_at(step: int, s: HealSettings) -> float:
-    """μ at 0-based `step`: linear ramp from 1 to `mean_recurrence` over the first `curriculum · steps` steps."""
+    """μ at 0-based `step`: linear ramp from `curriculum_start` to `mean_recurrence` over the first
+    `curriculum · steps` steps."""
     ramp = s.curriculum * s.steps
     if ramp <= 0 or step >= ramp:
         return s.mean_recurrence
-    return 1 + (s.mean_recurrence - 1) * step / ramp
+    return s.curriculum_start + (s.mean_recurrence - s.curriculum_start) * step / ramp
 
 
 def sample_recurrences(step: int, s: HealSettings) -> tuple[int, int]:
@@ -141,6 +145,7 @@ def base_model(s: HealSettings):
     every source layer as one pass with the injection bypassed, which computes the source model exactly."""
     from loopscope.models.families.common import BYPASS_INJECTION
     from loopscope.models.families.retrofit import build_retrofit, load_source_model, retrofit_tensors
+    from loopscope.models.healed import source_file
 
     hf_model, tokenizer, name = load_source_model(s.source)
     n = hf_model.config.num_hidden_layers
@@ -151,12 +156,6 @@ def base_model(s: HealSettings):
     del hf_model
     model = build_retrofit(tensors, config, f"retrofit of {name}", BYPASS_INJECTION if s.control else None)
     return model, tokenizer, source_file(s.source)
-
-
-def source_file(source: str) -> Path:
-    from loopscope.models.hf import smollm2_path
-
-    return smollm2_path() if source == "smollm2" else Path(source)
 
 
 class Trainable(nn.Module):
@@ -242,6 +241,8 @@ def _heal(s: HealSettings, out: Path, progress: bool, simulate_kill_after: int |
     torch.manual_seed(s.seed)
     model.train()
     trainable = Trainable(model, s)
+    if s.start_from is not None and find_checkpoint(out) is None:
+        continue_from(trainable, Path(s.start_from), base_file)
     params = [p for p in trainable.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=s.lr, betas=(s.beta1, s.beta2), eps=1e-8, weight_decay=s.weight_decay,
                                   foreach=False)
@@ -276,7 +277,7 @@ def _heal(s: HealSettings, out: Path, progress: bool, simulate_kill_after: int |
         try:
             while step < s.steps and elapsed < cap and not stop.set:
                 t0 = time.monotonic()
-                rows, _, _ = batch_rows(train_rows, step, s.batch_size, s.seed)
+                rows, _, _ = batch_rows(train_rows, s.step_offset + step, s.batch_size, s.seed)
                 r, k = sample_recurrences(step, s)
                 lr = learning_rate(step, s.steps, s)
                 for g in optimizer.param_groups:
@@ -313,6 +314,26 @@ def _heal(s: HealSettings, out: Path, progress: bool, simulate_kill_after: int |
     if interrupted or stop.set:
         raise KeyboardInterrupt(f"stopped at step {step}; checkpoint saved in {out}; run the same command to resume")
     return finish(out, s, model, trainable, tokenizer, base_file, heldout, step, elapsed, history, evals)
+
+
+def continue_from(trainable: Trainable, delta_dir: Path, base_file: Path) -> None:
+    """Start from an earlier phase's delta: its trained norms and adapter, and its low-rank factors."""
+    from loopscope.models.healed import check_base, read_delta
+
+    info, tensors = read_delta(delta_dir)
+    check_base(info, base_file, delta_dir)
+    if float(info["lowrank_alpha"]) != trainable.lowrank.alpha:
+        raise InputError(f"{delta_dir} was healed with LoRA alpha {info['lowrank_alpha']}; use the same --lora-alpha")
+    with torch.no_grad():
+        for name, p in trainable.full.items():
+            p.copy_(tensors[f"full.{name.replace('__', '.')}"].to(p.dtype))
+        for name in trainable.lowrank.names:
+            key = name.replace(".", "__")
+            a, b = tensors[f"lowrank.{name}.lora_A"], tensors[f"lowrank.{name}.lora_B"]
+            if a.shape != trainable.lowrank.A[key].shape:
+                raise InputError(f"{delta_dir}: rank {a.shape[0]} ≠ {trainable.lowrank.rank}; use the same --lora-rank")
+            trainable.lowrank.A[key].copy_(a.float())
+            trainable.lowrank.B[key].copy_(b.float())
 
 
 def check_resumable(meta: dict, s: HealSettings, data_id: dict, out: Path) -> None:

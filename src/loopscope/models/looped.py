@@ -29,8 +29,13 @@ from loopscope.models.config import LoopedConfig
 from loopscope.models.hooks import HookPoint, Step, name_hook_points
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32, or in its own dtype when that is wider (float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x²) + ε) · w, computed in float32 (Zhang & Sennrich 2019)."""
+    """y = x / sqrt(mean(x²) + ε) · w, computed in float32 or wider (Zhang & Sennrich 2019)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -38,9 +43,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = at_least_float32(x)
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return (y * self.weight.to(x32.dtype)).to(x.dtype)
 
 
 def rope_inverse_frequencies(cfg: LoopedConfig) -> torch.Tensor:
@@ -78,7 +83,8 @@ class Rotary(nn.Module):
         pos = torch.arange(offset, offset + T, device=x.device, dtype=torch.float32)
         ang = torch.outer(pos, self.inv_freq.to(x.device))  # (T, d/2)
         cos, sin = ang.cos()[None, :, None, :], ang.sin()[None, :, None, :]  # (1, T, 1, d/2)
-        xf = x.float()
+        xf = at_least_float32(x)
+        cos, sin = cos.to(xf.dtype), sin.to(xf.dtype)
         if self.interleaved:
             x1, x2 = xf[..., 0::2], xf[..., 1::2]
             out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
@@ -151,7 +157,7 @@ class Attention(nn.Module):
             # the probabilities are computed beside the fused kernel for whoever listens; the output stays the
             # kernel's, so capturing attention never changes the states. A hook that returns a different pattern
             # (an intervention on attention) makes the layer use that pattern instead.
-            scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(d)  # (B, H, T, S)
+            scores = (at_least_float32(q) @ at_least_float32(k).transpose(-1, -2)) / math.sqrt(d)  # (B, H, T, S)
             probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
             seen = self.hook_pattern(probs, step=step)
             if seen is not probs:
@@ -309,6 +315,25 @@ class LoopedLM(nn.Module):
             return self.adapter(torch.cat([s, e], dim=-1).to(self.adapter.weight.dtype)).to(s.dtype)
         return s
 
+    def prelude_output(self, input_ids: torch.Tensor, offset: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        """e = Prelude(γ·E[x]) (B, T, D), in the stream dtype: what the block is injected with."""
+        x = self.embed(input_ids).to(self.stream_dtype or self.embed.weight.dtype)
+        x = self.hook_embed(x * self.cfg.embed_scale, step=Step("embed", 0, 0))
+        for i, layer in enumerate(self.prelude):
+            x = layer(x, step=Step("prelude", 0, i), rope=self.rope, offset=offset, cache=cache)
+        return x
+
+    def block_map(self, s: torch.Tensor, e: torch.Tensor, recurrence: int = 0, offset: int = 0,
+                  cache: KVCache | None = None) -> torch.Tensor:
+        """One recurrence, s_{t+1} = F(s_t; e): injection, the K block layers, the Ouro stream norm. The map whose
+        fixed points and Jacobian the dynamics study; `forward` applies it R times."""
+        s = self.hook_injected(self.inject(s, e), step=Step("core", recurrence, 0))
+        for j, layer in enumerate(self.core):
+            s = layer(s, step=Step("core", recurrence, j), rope=self.rope, offset=offset, cache=cache)
+        if self.loop_norm is not None:
+            s = self.loop_norm(s)
+        return self.hook_state(s, step=Step("core", recurrence, self.cfg.n_block - 1))
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -330,21 +355,12 @@ class LoopedLM(nn.Module):
         run = dict(rope=self.rope, offset=offset, cache=cache)
 
         w = self.embed.weight.dtype
-        x = self.embed(input_ids).to(self.stream_dtype or w)
-        x = self.hook_embed(x * cfg.embed_scale, step=Step("embed", 0, 0))
-        for i, layer in enumerate(self.prelude):
-            x = layer(x, step=Step("prelude", 0, i), **run)
-        e = x
+        e = self.prelude_output(input_ids, offset, cache)
         s = initial_state.to(e) if initial_state is not None else self.initial_state(e, offset, state_seed)
         no_grad = 0 if backprop_recurrences is None else max(R - int(backprop_recurrences), 0)
         for t in range(R):
             with torch.set_grad_enabled(torch.is_grad_enabled() and t >= no_grad):
-                s = self.hook_injected(self.inject(s, e), step=Step("core", t, 0))
-                for j, layer in enumerate(self.core):
-                    s = layer(s, step=Step("core", t, j), **run)
-                if self.loop_norm is not None:
-                    s = self.loop_norm(s)
-                s = self.hook_state(s, step=Step("core", t, cfg.n_block - 1))
+                s = self.block_map(s, e, t, offset, cache)
                 if self.exit_gate is not None:
                     gate = self.exit_gate(s.to(w)).squeeze(-1)
                     self.hook_exit_gate(gate, step=Step("core", t, cfg.n_block - 1))

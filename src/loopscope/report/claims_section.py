@@ -18,8 +18,10 @@ def add_claims_section(report: Report, claims: pd.DataFrame, models: pd.DataFram
     sec = report.section(
         "The paper's claims against this run",
         "Each claim of Blayney et al. (2026) in one line, with a verdict computed by an explicit rule "
-        "(loopscope.experiments.claims): holds / differs / not measurable here, and the numbers it used. "
+        "(loopscope.experiments.claims): holds / differs / not measurable here, and the numbers it used; rows with an "
+        "interval say inconclusive when it straddles the threshold. "
         f"This run: {counts.get('holds', 0)} hold, {counts.get('differs', 0)} differ, "
+        f"{counts.get('inconclusive', 0)} inconclusive, "
         f"{counts.get('not measurable here', 0)} not measurable here. Our models are small and briefly trained on a "
         "CPU, so a verdict says what this run shows, not whether the paper is right.",
     )

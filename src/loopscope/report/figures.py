@@ -159,6 +159,28 @@ def sweep_panels(table: pd.DataFrame, out_dir: Path, name: str, *, title: str) -
     return save(fig, out_dir, name)
 
 
+def scatter_identity(df: pd.DataFrame, x: str, y: str, hue: str, out_dir: Path, name: str, *, title: str,
+                     xlabel: str, ylabel: str) -> Path:
+    """y against x, one colour per value of `hue`, with the line y = x."""
+    fig, ax = plt.subplots(figsize=(5.4, 4.4))
+    groups = sorted(df[hue].dropna().unique())
+    for key, colour in zip(groups, series_colours(len(groups), "tab10")):
+        part = df[df[hue] == key]
+        ax.scatter(part[x], part[y], s=18, color=colour, label=str(key), alpha=0.8)
+    values = pd.concat([df[x], df[y]]).replace([np.inf, -np.inf], np.nan).dropna()
+    if len(values):
+        lo, hi = float(values.min()), float(values.max())
+        pad = 0.05 * (hi - lo or 1.0)
+        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.5", ls="--", lw=1, label="y = x")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return save(fig, out_dir, name)
+
+
 def add_colourbar(fig, ax, cmap: str, keys, label: str) -> None:
     norm = matplotlib.colors.Normalize(vmin=min(keys), vmax=max(keys))
     bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=label)

@@ -9,7 +9,8 @@ from loopscope.report import figures
 from loopscope.report.document import Figure, Report, save_csv
 
 
-def add_grid_section(report: Report, cells: pd.DataFrame, curves: pd.DataFrame, verdicts: pd.DataFrame) -> None:
+def add_grid_section(report: Report, cells: pd.DataFrame, curves: pd.DataFrame, verdicts: pd.DataFrame,
+                     certificates: pd.DataFrame | None = None) -> None:
     out = report.out_dir
     sec = report.section(
         "Architecture grid at random initialisation",
@@ -59,3 +60,35 @@ def add_grid_section(report: Report, cells: pd.DataFrame, curves: pd.DataFrame, 
     sec.items.append(Figure(png, "The paper's degeneracy test (Fig. 6, right) per norm/injection and block size, mean "
                                  "over seeds.", [csv]))
     report.table(sec, cells, "grid_cells", "Every cell: convergence, degeneracy and behaviour fractions.", max_rows=60)
+    if certificates is not None and not certificates.empty:
+        add_grid_certificates(report, sec, certificates)
+
+
+def add_grid_certificates(report: Report, sec, cert: pd.DataFrame) -> None:
+    """Per cell's certified tokens: the predicted behaviour against the detector's label, and ρ against the
+    observed step-size rate."""
+    from loopscope.dynamics.spectrum import agreement_table
+
+    out = report.out_dir
+    csv = save_csv(cert, out, "grid_certificates")
+    report.table(sec, agreement_table(cert), "grid_certificate_agreement", "Stability certificate over every grid "
+                 "cell's certified tokens: the behaviour the leading Jacobian eigenvalue predicts (rows) against "
+                 "the dynamics detector's label (columns); 'agree' is the fraction the prediction admits.")
+    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    groups = cert.groupby(["norm", "injection"], sort=False)
+    colours = plt.get_cmap("tab10")
+    for i, ((norm, inj), part) in enumerate(groups):
+        ax.scatter(part["rho"], part["step_rate"], s=14, color=colours(i % 10), label=f"{norm}/{inj}", alpha=0.8)
+    finite = cert[["rho", "step_rate"]].replace([float("inf"), -float("inf")], float("nan")).dropna()
+    if len(finite):
+        lo, hi = float(finite.min().min()), float(finite.max().max())
+        ax.plot([lo, hi], [lo, hi], color="0.5", lw=0.8, ls="--", label="observed = predicted")
+    ax.axvline(1.0, color="0.3", lw=0.6, ls=":")
+    ax.set_xlabel("certificate: ρ = |λ₁| of the block map's Jacobian at s_R")
+    ax.set_ylabel("observed step-size rate (last recurrences)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    png = figures.save(fig, out, "grid_certificate_rate")
+    sec.items.append(Figure(png, "Predicted contraction rate ρ against the observed decay of the successive change "
+                                 "per certified token, coloured by norm/injection: a stable fixed point needs "
+                                 "ρ < 1, and there the two should agree.", [csv]))

@@ -128,8 +128,7 @@ class AttentionMetrics(PromptRows):
     def observe(self, site: str, step: Step, x: torch.Tensor) -> None:
         ids = self.ids(step)
         for b, pos in enumerate(self.positions):
-            p = pos.to(x.device)
-            a = x[b].index_select(-2, p).index_select(-1, p).to(device="cpu", dtype=torch.float64)  # (H, T_b, T_b)
+            a = self.ctx.prompt_pattern(x, b).to(device="cpu", dtype=torch.float64)  # (H, T_b, T_b)
             metrics = head_metrics(a, **self.settings)
             for h in range(a.shape[0]):
                 self.rows.append({**ids, "batch": self.ctx.first_prompt + b, "head": h, "n_tokens": len(pos),

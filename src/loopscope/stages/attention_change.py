@@ -50,9 +50,8 @@ class AttentionChange(PromptRows):
         if step.segment != "core":
             return
         current = []
-        for b, pos in enumerate(self.positions):
-            p = pos.to(x.device)
-            current.append(x[b].index_select(-2, p).index_select(-1, p))
+        for b in range(len(self.positions)):
+            current.append(self.ctx.prompt_pattern(x, b))
         prev = self.previous.get(step.layer)
         if prev is not None:
             ids = self.ids(step)

@@ -143,7 +143,7 @@ class PromptRows(Accumulator):
     def prompts(self, x: torch.Tensor):
         """(b, global prompt index, real positions, x[b] restricted to real tokens) for every prompt of the batch."""
         for b, pos in enumerate(self.positions):
-            yield b, self.ctx.first_prompt + b, pos, x[b].index_select(0, pos.to(x.device))
+            yield b, self.ctx.first_prompt + b, pos, self.ctx.prompt_state(x, b)
 
     def end(self) -> Part:
         return {"rows": pd.DataFrame(self.rows)}

@@ -7,11 +7,16 @@ activations") and the stages vanish. The rule used here, on a `residual_norms` t
 
     peak(s)   = mean over prompts of max_{i,d} |X_s,id|            (`max_abs_activation_mean`)
     onset     = the earliest state s in realized order (prelude, block t = 0, 1, …, coda; the embedding is
-                never a candidate) with peak(s) ≥ ½ · max_s' peak(s')
+                never a candidate) with peak(s) ≥ ½ · max_{s' in the first pass} peak(s'), where the first pass
+                is the prelude and the block's recurrence 0 (a feedforward model: every layer)
     layer     = the physical layer (segment, layer) of that state; for a block layer its MLP is zeroed at
                 every recurrence, because the block's weights are the same at each one.
 
 The ½ threshold picks the step up to the plateau, not whichever plateau state happens to be a little larger.
+The maximum is taken over the first pass because later passes re-run the same weights: in a looped model the
+peak can keep growing over recurrences (the healed SmolLM2 retrofit: ~1.6·10⁴ entering the loop, more after
+it), and half of that later maximum would move the onset from the layer that wrote the activations (SmolLM2's
+layer 11, in the prelude there) into the block.
 Also reported per state: growth(s) = peak(s) / peak(previous state) and the ratio peak / median |X| (Sun et al.
 call activations ~10³–10⁴ × the median massive; `MASSIVE_RATIO` = 100 is the lenient line used here to say
 whether a model has massive activations at all).
@@ -43,7 +48,9 @@ def massive_activation_profile(norms: pd.DataFrame) -> pd.DataFrame:
     previous = norms[norms.segment == "embed"]["max_abs_activation_mean"]
     first = float(previous.iloc[0]) if len(previous) else float("nan")
     out["growth"] = out["peak"] / out["peak"].shift(1, fill_value=first)
-    onset = int((out["peak"] >= ONSET_FRACTION * out["peak"].max()).idxmax())
+    in_first_pass = (out["segment"] == "prelude") | ((out["segment"] == "core") & (out["recurrence"] == 0))
+    top = out.loc[in_first_pass, "peak"].max() if in_first_pass.any() else out["peak"].max()
+    onset = int((out["peak"] >= ONSET_FRACTION * top).idxmax())
     out["onset"] = out.index == onset
     return out
 

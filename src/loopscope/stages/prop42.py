@@ -123,10 +123,15 @@ class Prop42Check(Accumulator):
                    "relative_depth": depth / max(self.ctx.last_depth, 1)}
             for b, n in enumerate(self.lengths):
                 measured = head_frobenius_change(pats[b], self.patterns[j][b]).cpu()
+                x_prev, x_curr = self.inputs[j][b], inputs[b]
+                bound_in = max(float(x_prev.norm()), float(x_curr.norm()))  # the same for every head
+                delta = float((x_curr - x_prev).norm())
                 for h, (kappa, kappa_qk) in enumerate(self.kappas[j]):
-                    row = bound_from(self.inputs[j][b], inputs[b], kappa, kappa_qk, self.head_dim)
+                    bound = SOFTMAX_LIPSCHITZ * 2 * bound_in * kappa / math.sqrt(self.head_dim) * delta
                     self.rows.append({**ids, "batch": self.ctx.first_prompt + b, "head": h, "n_tokens": n,
-                                      "head_dim": self.head_dim, "measured": float(measured[h]), **row})
+                                      "head_dim": self.head_dim, "measured": float(measured[h]),
+                                      "input_bound": bound_in, "kappa": kappa, "kappa_qk": kappa_qk,
+                                      "input_change": delta, "bound": bound})
         self.patterns[j], self.inputs[j] = pats, inputs
 
     def end(self) -> Part:

@@ -157,10 +157,14 @@ def load_source_model(source: str):
     else:
         if not (path / "config.json").exists():
             raise InputError(f"{path} has no config.json; give a Hugging Face model directory")
-        kw, folder = {}, path
+        if not any(path.glob("*.safetensors")):
+            raise InputError(f"{path} holds no .safetensors weights; loopscope never unpickles .bin files (convert "
+                             "them with safetensors' converter, or give a .gguf)")
+        kw, folder = {"use_safetensors": True}, path  # never unpickle a .bin
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager",
                                                  trust_remote_code=False, **kw)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False,
+                                              **{k: v for k, v in kw.items() if k == "gguf_file"})
     return model.eval(), tokenizer, path.stem if path.is_file() else path.name
 
 

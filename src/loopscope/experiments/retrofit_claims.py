@@ -1,0 +1,152 @@
+"""The paper's retrofit claims as rules over the tables of `experiments.retrofit_study` (measured on the healed
+looped SmolLM2 against SmolLM2). Each is an effect with its interval; the verdict is `holds` or `differs` only when
+the interval is on one side of the threshold, `inconclusive` otherwise.
+
+Tables read (any missing → "not measurable here"):
+
+    retrofit             one row: fraction_converged/_distinct (+ _lo, _hi: 95 % bootstrap over prompts), tokens,
+                         prompts, recurrences, alignment_median/_lo/_hi (Pearson r of each pass's ColSum profile with
+                         SmolLM2's depth profile; interval over passes), alignment_last, stage_repeat_error,
+                         attention_self_match, attention_shrink, massive_ratio
+    retrofit_ablation    `intervene.massive_ablation_tables` summary row of the looped model
+    retrofit_extrapolate `retrofit_study.extrapolation_summary`: per (model, R) loss, accuracy and their intervals
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from loopscope.experiments.claims import DIFFERS, HOLDS, INCONCLUSIVE, NOT_MEASURABLE, Claim, Measurements, \
+    Thresholds, Verdict, fmt, missing
+
+
+
+def side(lo: float, hi: float, threshold: float, above_holds: bool = True) -> str:
+    """holds / differs when the interval [lo, hi] lies wholly above (or below) `threshold`, else inconclusive."""
+    if any(math.isnan(x) for x in (lo, hi)):
+        return NOT_MEASURABLE
+    if lo > threshold:
+        return HOLDS if above_holds else DIFFERS
+    if hi < threshold:
+        return DIFFERS if above_holds else HOLDS
+    return INCONCLUSIVE
+
+
+def ci(x: float, lo: float, hi: float) -> str:
+    return f"{fmt(x)} [{fmt(lo)}, {fmt(hi)}]"
+
+
+def rule_fixed_points(m: Measurements, th: Thresholds) -> Verdict:
+    if (v := missing(m, "retrofit")) is not None:
+        return v
+    r = m["retrofit"].iloc[0]
+    verdict = side(r.fraction_distinct_lo, r.fraction_distinct_hi, th.majority)
+    return Verdict(verdict, f"at R = {int(r.recurrences)}, {int(r.tokens)} tokens of {int(r.prompts)} prompts: "
+                   f"last block layer at a fixed point (relative step < {fmt(th.fixed_point)}) "
+                   f"{ci(r.fraction_converged, r.fraction_converged_lo, r.fraction_converged_hi)}, with distinct "
+                   f"per-layer points {ci(r.fraction_distinct, r.fraction_distinct_lo, r.fraction_distinct_hi)} "
+                   f"(95 % bootstrap over prompts; holds when the interval is above {fmt(th.majority)})", str(r.model))
+
+
+def rule_attention(m: Measurements, th: Thresholds) -> Verdict:
+    if (v := missing(m, "retrofit")) is not None:
+        return v
+    r = m["retrofit"].iloc[0]
+    if math.isnan(r.attention_self_match) or math.isnan(r.attention_shrink):
+        return Verdict(NOT_MEASURABLE, "too few recurrences with attention", str(r.model))
+    ok = r.attention_self_match >= th.diagonal_band and r.attention_shrink <= th.attention_shrink
+    return Verdict(HOLDS if ok else DIFFERS, f"nearest pattern in the same layer {fmt(r.attention_self_match)} "
+                   f"(≥ {fmt(th.diagonal_band)}), distance to the final pattern left one pass before the end "
+                   f"{fmt(r.attention_shrink)} (≤ {fmt(th.attention_shrink)}); one model, no interval", str(r.model))
+
+
+def rule_stages(m: Measurements, th: Thresholds) -> Verdict:
+    if (v := missing(m, "retrofit")) is not None:
+        return v
+    r = m["retrofit"].iloc[0]
+    verdict = side(r.alignment_lo, r.alignment_hi, th.aligned)
+    repeat = "repeats" if r.stage_repeat_error <= th.repeat_error else "does not repeat"
+    return Verdict(verdict, f"ColSum profile per pass vs SmolLM2's depth profile: median Pearson r "
+                   f"{ci(r.alignment_median, r.alignment_lo, r.alignment_hi)} over {int(r.passes)} passes (interval "
+                   f"over passes; holds above {fmt(th.aligned)}), last pass {fmt(r.alignment_last)}; the block's "
+                   f"profile {repeat} from pass to pass (RMS difference {fmt(r.stage_repeat_error)} of ColSum's "
+                   f"spread, threshold {fmt(th.repeat_error)})", str(r.model))
+
+
+def rule_massive_causal(m: Measurements, th: Thresholds) -> Verdict:
+    if (v := missing(m, "retrofit_ablation")) is not None:
+        return v
+    r = m["retrofit_ablation"].iloc[0]
+    if r.massive_ratio_before < th.massive:
+        return Verdict(NOT_MEASURABLE, f"peak/median |x| {fmt(r.massive_ratio_before)} < {fmt(th.massive)}: no "
+                       "massive activations to remove", str(r.model))
+    kept = [k for k in (r.sink_rate_kept, r.colsum_concentration_kept) if not math.isnan(k)]
+    removed = bool(kept) and max(kept) <= th.stages_kept
+    return Verdict(HOLDS if removed else DIFFERS,
+                   f"zeroing {r.segment} layer {r.layer}'s MLP at every pass: peak/median |x| "
+                   f"{fmt(r.massive_ratio_before)} → {fmt(r.massive_ratio_after)}, sink rate ×{fmt(r.sink_rate_kept)}, "
+                   f"ColSum concentration ×{fmt(r.colsum_concentration_kept)}, KL {fmt(r.mean_kl)} nats: stages "
+                   f"{'removed' if removed else 'kept'} (≤ ×{fmt(th.stages_kept)} removes them); one model", str(r.model))
+
+
+def looped_rows(m: Measurements) -> pd.DataFrame | None:
+    t = m.get("retrofit_extrapolate")
+    if t is None or t.empty:
+        return None
+    rows = t[t["looped"].astype(bool)].sort_values("recurrences")
+    return rows if len(rows) >= 2 else None
+
+
+def rule_loop_used(m: Measurements, th: Thresholds) -> Verdict:
+    rows = looped_rows(m)
+    if rows is None:
+        return Verdict(NOT_MEASURABLE, "no extrapolation table for the looped model")
+    trained = int(rows["trained_recurrences"].iloc[0])
+    at = rows[rows["recurrences"] == trained]
+    if at.empty:
+        return Verdict(NOT_MEASURABLE, f"the training R = {trained} is not in the R grid")
+    r = at.iloc[0]
+    verdict = side(r.loss_minus_r1_lo, r.loss_minus_r1_hi, -0.05, above_holds=False)
+    return Verdict(verdict, f"held-out loss at the training R = {trained} minus at R = 1: "
+                   f"{ci(r.loss_minus_r1, r.loss_minus_r1_lo, r.loss_minus_r1_hi)} nats (paired bootstrap over "
+                   f"{int(r.texts)} texts; holds below −0.05)", str(r.model))
+
+
+def rule_extrapolation(m: Measurements, th: Thresholds) -> Verdict:
+    rows = looped_rows(m)
+    if rows is None:
+        return Verdict(NOT_MEASURABLE, "no extrapolation table for the looped model")
+    trained = int(rows["trained_recurrences"].iloc[0])
+    far = rows.iloc[-1]
+    at = rows[rows["recurrences"] == trained]
+    if at.empty or far.recurrences < 8 * trained:
+        return Verdict(NOT_MEASURABLE, f"the R grid must hold the training R = {trained} and reach 8× it")
+    r = at.iloc[0]
+    verdict = side(far.loss_minus_trained_lo, far.loss_minus_trained_hi, th.loss_drift, above_holds=False)
+    return Verdict(verdict, f"held-out loss R = {trained}: {ci(r.loss, r.loss_lo, r.loss_hi)}, R = "
+                   f"{int(far.recurrences)}: {ci(far.loss, far.loss_lo, far.loss_hi)} nats, rise "
+                   f"{ci(far.loss_minus_trained, far.loss_minus_trained_lo, far.loss_minus_trained_hi)} (paired over "
+                   f"texts; holds when its interval is below {fmt(th.loss_drift)}); {TASK_TEXT} accuracy R = {trained}: "
+                   f"{ci(r.accuracy, r.accuracy_lo, r.accuracy_hi)}, R = {int(far.recurrences)}: "
+                   f"{ci(far.accuracy, far.accuracy_lo, far.accuracy_hi)}, chance {fmt(far.chance)}", str(r.model))
+
+
+TASK_TEXT = "one-digit chain_sum"
+SOURCE = "§4 item 3, §5 items 2 and 4, §6.2; McLeish et al. 2025"
+
+RETROFIT_CLAIMS: list[Claim] = [
+    Claim("retrofit-loop-used", "issue target (McLeish et al. 2025)", "The healed retrofit uses its loop: loss at "
+          "the training recurrence is below its own loss at R = 1.", rule_loop_used),
+    Claim("retrofit-fixed-points", "§4 item 3, Fig. 4", "A retrofitted model (healed SmolLM2) reaches distinct "
+          "per-layer fixed points at R = 128.", rule_fixed_points),
+    Claim("retrofit-attention", "§4 items 1–2", "In the retrofitted model attention stabilises: each layer's "
+          "pattern matches itself across recurrences.", rule_attention),
+    Claim("retrofit-stages", "§5 item 2, Fig. 40", "A retrofitted model follows its base model's stages on every "
+          "recurrence.", rule_stages),
+    Claim("retrofit-massive-causal", "§5 item 4, Fig. 41", "In the retrofitted looped model, zeroing the MLP that "
+          "creates massive activations removes the stages.", rule_massive_causal),
+    Claim("retrofit-extrapolation", "§6.2", "The retrofitted model keeps its loss and task accuracy at ≥ 8× its "
+          "training recurrences.", rule_extrapolation),
+]

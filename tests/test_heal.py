@@ -1,0 +1,125 @@
+"""Healing (experiments.heal) on a tiny retrofit checkpoint the test writes itself, with a tiny GSM8K-shaped corpus
+the test writes too (no shared data needed): the recurrence schedule, resume after a kill, the saved delta."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from loopscope.errors import CheckpointError, InputError
+from loopscope.experiments.heal import HealSettings, heal, mean_recurrence_at, sample_recurrences
+from loopscope.models.healed import load_healed
+
+
+def write_gsm8k(directory, n_train=24, n_test=10):
+    """GSM8K-shaped jsonl files (question/answer with the '#### n' line) of simple sums."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, n, start in (("train", n_train, 0), ("test", n_test, 1000)):
+        rows = [{"question": f"Tom has {a} apples and buys {a + 3} more. How many apples does he have?",
+                 "answer": f"He has {a} + {a + 3} = {2 * a + 3} apples.\n#### {2 * a + 3}"}
+                for a in range(start, start + n)]
+        (directory / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return directory
+
+
+@pytest.fixture
+def tiny_heal(tmp_path):
+    """A 4-layer Llama saved as a HF directory (safetensors + loopscope's tokenizer): the real `base_model` path
+    (retrofit with prelude 0, core 1-2, coda 3) runs on it, and the delta records its model.safetensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loopscope.data.tokenizer import load_tokenizer
+
+    source = tmp_path / "llama"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                 tie_word_embeddings=False)).save_pretrained(source)
+    load_tokenizer().save_pretrained(source)
+    data = write_gsm8k(tmp_path / "gsm8k")
+    settings = dict(source=str(source), prelude="0", core="1-2", coda="3", corpus="gsm8k", data=str(data), steps=6,
+                    batch_size=2, seq_len=24, lr=3e-3, warmup_steps=1, eval_every=3, eval_recurrences=(1, 3),
+                    checkpoint_every=2, mean_recurrence=3.0, backprop_depth=2, lora_rank=4, threads=1)
+    return settings, source
+
+
+def test_recurrence_schedule_is_the_published_curriculum():
+    s = HealSettings(steps=100, mean_recurrence=8.0, curriculum=0.25, curriculum_start=2.0, backprop_depth=3)
+    assert mean_recurrence_at(0, s) == 2.0 and mean_recurrence_at(25, s) == 8.0
+    assert mean_recurrence_at(10, s) == pytest.approx(2.0 + 6.0 * 10 / 25)
+    draws = [sample_recurrences(step, s) for step in range(30, 100)]
+    assert draws == [sample_recurrences(step, s) for step in range(30, 100)]  # a pure function of (seed, step)
+    r = np.array([d[0] for d in draws])
+    assert (r >= 1).all() and all(k == min(3, rr) for rr, k in draws)
+    # r = Poisson(λ) + 1 with E[λ] = μ: the mean of 70 draws near μ + 1 = 9 (sd of the mean ≈ 0.6)
+    assert 7.0 < r.mean() < 11.0
+    assert sample_recurrences(5, HealSettings(control=True)) == (1, 1)
+
+
+def test_heal_resumes_after_a_kill_to_the_same_losses(tmp_path, tiny_heal):
+    settings, _ = tiny_heal
+    whole = heal(HealSettings(**settings), tmp_path / "whole", progress=False)
+    assert heal(HealSettings(**settings), tmp_path / "killed", progress=False,
+                simulate_kill_after=3) == {}  # dies after step 3; its last checkpoint is step 2
+    resumed = heal(HealSettings(**settings), tmp_path / "killed", progress=False)
+    assert resumed["steps"] == whole["steps"] == 6
+    h1 = json.loads((tmp_path / "whole" / "checkpoint" / "state.json").read_text())["history"]
+    h2 = json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())["history"]
+    assert h1["recurrences"] == h2["recurrences"]
+    np.testing.assert_allclose(h1["loss"], h2["loss"], rtol=1e-5)
+    assert resumed["heldout"] == pytest.approx(whole["heldout"], rel=1e-5)
+    assert whole["heldout"]["r3"] < whole["heldout_start"]["loss_r3"]  # lr 3e-3 on a tiny model: it learns
+
+
+def test_changed_settings_refuse_to_resume(tmp_path, tiny_heal):
+    settings, _ = tiny_heal
+    heal(HealSettings(**settings), tmp_path / "run", progress=False, simulate_kill_after=2)
+    with pytest.raises(InputError, match="other settings.*lr"):
+        heal(HealSettings(**{**settings, "lr": 1e-3}), tmp_path / "run", progress=False)
+
+
+def test_delta_rebuilds_the_healed_model_and_refuses_another_base(tmp_path, tiny_heal):
+    """OUT/delta on the base = the trained model (logits to fp16 rounding of the delta); a modified base is
+    refused by sha256 even at the same size."""
+    settings, source = tiny_heal
+    heal(HealSettings(**settings), tmp_path / "run", progress=False)
+    info = json.loads((tmp_path / "run" / "delta" / "delta.json").read_text())
+    assert info["base"]["file"] == "model.safetensors" and info["split"]["core"] == "1-2"
+    # rebuild by hand: base retrofit + full tensors + (α/r) B A, compared with the delta loader's merge
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(tmp_path / "run" / "delta" / "delta.safetensors"))
+    from safetensors.torch import load_file as load_base
+
+    w0 = load_base(str(source / "model.safetensors"))["model.layers.2.self_attn.q_proj.weight"]  # core layer 1
+    a, b = tensors["lowrank.core.1.attn.q_proj.lora_A"].float(), tensors["lowrank.core.1.attn.q_proj.lora_B"].float()
+    want = w0 + (32.0 / a.shape[0]) * b @ a
+    assert (b @ a).abs().max() > 0  # training moved the update off its zero init
+    modified = tmp_path / "modified.safetensors"
+    raw = bytearray((source / "model.safetensors").read_bytes())
+    raw[-3] ^= 0xFF
+    modified.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="is not the base the delta"):
+        load_healed(tmp_path / "run" / "delta", base_file=modified)
+    healed = load_healed(tmp_path / "run" / "delta")  # the base found where the delta says
+    torch.testing.assert_close(healed.model.state_dict()["core.1.attn.q_proj.weight"], want, rtol=0, atol=1e-6)
+    assert healed.model.cfg.n_block == 2 and healed.model.cfg.recurrences == 3
+    # the rebuilt model computes what the trained one did: held-out loss at R = 3 to fp16 rounding of the delta
+    from loopscope.experiments.heal import encode_texts, heldout_texts, pooled_loss, text_losses
+
+    texts = encode_texts(heldout_texts(settings["data"]), healed.tokenizer)
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert pooled_loss(text_losses(healed.model, texts, 3)) == pytest.approx(m["heldout"]["r3"], abs=2e-3)
+
+
+def test_cli_heal_reports_bad_input_in_one_line(tmp_path, capsys, tiny_heal):
+    from conftest import run_cli
+
+    _, source = tiny_heal
+    code, _, err = run_cli(["heal", str(tmp_path / "o"), "--source", str(source), "--steps", "0"], capsys)
+    assert code == 2 and "--steps 0 must be ≥ 1" in err and "Traceback" not in err
+    code, _, err = run_cli(["heal", str(tmp_path / "o"), "--eval-recurrences", "1,x"], capsys)
+    assert code == 2 and "'x' is not an integer" in err
