@@ -153,3 +153,33 @@ def test_cli_retrofit(tmp_path):
                               "--coda", "3"])
     assert isinstance(bad.exception, InputError) and "outside" in str(bad.exception)
     assert "SYNOPSIS" in runner.invoke(app, ["retrofit", "--help"]).output
+
+
+def test_loaders_are_tried_in_one_explicit_order_whatever_the_import_order():
+    """Re-registering the generic HF loader (as importing `loopscope.models.hf` first would) does not put it before
+    the families: a retrofit checkpoint (config.json + safetensors, which the HF loader also accepts) stays a
+    retrofit."""
+    from loopscope.models import load as load_module
+    from loopscope.models.hf import hf_recognises, load_hf
+
+    load_module._import_loaders()
+    load_module.register_loader("feedforward-hf", hf_recognises, load_hf)
+    kinds = [k for k, _, _ in load_module.LOADERS]
+    assert kinds == [k for k in load_module.LOADER_ORDER if k in kinds] and kinds[-1] == "feedforward-hf"
+    with pytest.raises(ValueError, match="LOADER_ORDER"):
+        load_module.register_loader("mystery", lambda p: False, load_hf)
+
+
+def test_family_modules_do_not_import_each_other():
+    """huginn and retrofit share the Raven format through families/raven.py, never through each other."""
+    import ast
+    from pathlib import Path
+
+    import loopscope.models.families as families
+
+    folder = Path(families.__file__).parent
+    for name in ("huginn", "retrofit", "ouro"):
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        others = {f"loopscope.models.families.{o}" for o in ("huginn", "retrofit", "ouro") if o != name}
+        assert not imported & others, (name, imported & others)

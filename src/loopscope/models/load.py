@@ -45,8 +45,17 @@ def register_builtin(name: str, description: str, build: Callable[[], LoadedMode
     BUILTINS[name] = (description, build)
 
 
+# The order loaders are tried in, whatever order their modules were imported in: the specific formats first
+# (loopscope's own, then the families: a retrofit is a Raven checkpoint, so it is asked before Huginn), the
+# generic Hugging Face loader last (it recognises any config.json + safetensors).
+LOADER_ORDER = ("looped", "healed-delta", "ouro", "retrofit", "huginn", "feedforward-hf")
+
+
 def register_loader(kind: str, recognises: Callable[[Path], bool], load: Callable[[Path], LoadedModel]) -> None:
-    LOADERS.append((kind, recognises, load))
+    if kind not in LOADER_ORDER:
+        raise ValueError(f"loader kind {kind!r} is not in LOADER_ORDER; add it there, where it must be tried")
+    LOADERS[:] = sorted([*(x for x in LOADERS if x[0] != kind), (kind, recognises, load)],
+                        key=lambda x: LOADER_ORDER.index(x[0]))
 
 
 def load_model(spec: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,

@@ -40,33 +40,20 @@ from loopscope.models.families.common import (
     Link,
     build_published,
     load_published,
-    model_type,
-    read_config,
     rope_scaling,
     rope_theta,
     tied_copy_extra,
     weight_names,
 )
-from loopscope.models.families.huginn import MODEL_TYPE, raven_base, raven_links
+from loopscope.models.families.raven import MODEL_TYPE, is_retrofit, raven_base, raven_links
 from loopscope.models.load import LoadedModel, register_loader
 from loopscope.models.looped import LoopedLM
 
 RETROFIT_NORMS = {"norm_1": "attn_norm_in", "norm_2": "mlp_norm_in"}  # pre-norm Llama blocks
-RETROFIT_CONFIG_KEYS = ("rope_theta", "max_position_embeddings")  # set by the converter, never by Huginn
 ADAPTER_INITS = ("random", "passthrough", "add")
 # The start state's std the published converter writes: it builds the config from huginn-0125's and overrides only
 # `embed_scale`, so `init_values.std` stays Huginn's √(2/(5·5280)) whatever the source's width.
 HUGINN_STATE_STD = math.sqrt(2 / (5 * 5280))
-
-
-def is_retrofit(path: Path) -> bool:
-    """A Raven-format checkpoint made by the retrofit converter (see the module docstring)."""
-    if model_type(path) != MODEL_TYPE:
-        return False
-    pub = read_config(path)
-    if any(k in pub for k in RETROFIT_CONFIG_KEYS):
-        return True
-    return not any(name.endswith(".norm_3.weight") for name in weight_names(path))
 
 
 def retrofit_config(pub: dict[str, Any], path: Path) -> LoopedConfig:
