@@ -18,7 +18,7 @@ from loopscope.experiments.analyze import AnalyzeSettings, run_analyze
 def report_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     run_analyze(AnalyzeSettings(out=out, recurrences=12, attention_recurrences=3, max_prompts=3, batch_size=2,
-                                progress=False))
+                                certificate_tokens=4, progress=False))
     return out
 
 
@@ -55,7 +55,7 @@ def test_rerun_resumes_from_cached_batches(report_dir, monkeypatch):
 
     monkeypatch.setattr(capture_prompts_module, "capture", refuse)
     run_analyze(AnalyzeSettings(out=report_dir, recurrences=12, attention_recurrences=3, max_prompts=3, batch_size=2,
-                                progress=False))
+                                certificate_tokens=4, progress=False))
     pd.testing.assert_frame_equal(pd.read_csv(report_dir / "tables" / "successive_change.csv"), before)
 
 

@@ -134,3 +134,20 @@ def test_encode_prompts_right_pads_with_bos():
     n = int(mask[1].sum())
     assert mask[1, :n].all() and not mask[1, n:].any() and (ids[1, n:] == tok.pad_token_id).all()
     assert tokens[1][0] == "<|bos|>" and len(tokens[0]) == int(mask[0].sum())
+
+
+@pytest.mark.parametrize("key, value, want", [("n_block", "four", "must be an integer"),
+                                              ("rope_base", "1e4", "must be a number"),
+                                              ("tie_embeddings", 1, "must be true or false"),
+                                              ("n_kv_heads", 2.5, "must be an integer or null")])
+def test_config_values_of_the_wrong_type_are_named_in_one_line(tmp_path, capsys, key, value, want):
+    from conftest import run_cli
+
+    save_model(build(), tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg[key] = value
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=f"config key '{key}' is .*; it {want}"):
+        load_model(tmp_path / "m")
+    code, _, err = run_cli(["analyze", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and f"config key '{key}'" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -121,7 +121,7 @@ def retrofit_run(tmp_path_factory):
                                  tie_word_embeddings=False)).save_pretrained(base)
     load_tokenizer().save_pretrained(base)
     plan = RetrofitPlan(model="default", base=str(base), prompts=2, recurrences=12, attention_recurrences=3,
-                        extrapolate=(1, 2, 4, 32), task_questions=4)
+                        extrapolate=(1, 2, 4, 32), task_questions=4, certificate_tokens=4)
     out = root / "out"
     run_reproduce(ReproduceSettings(out=out, data=str(write_gsm8k(root / "gsm8k", n_train=20)), retrofit_only=True,
                                     retrofit_plan=plan, progress=False))

@@ -77,6 +77,7 @@ class StudyPlan:
     conditions_model: str  # preset whose trained model the conditions stage uses
     conditions: dict  # run_conditions keyword arguments
     stage_metrics: list[str] | None = None  # STAGE_METRICS drawn per model in the report (None: all)
+    certificate_tokens: int = 16  # tokens certified per analysed model (the stability certificate)
     thresholds: Thresholds = field(default_factory=Thresholds)
     retrofit: RetrofitPlan | None = None  # the retrofit stages' sizes (None: not run)
 
@@ -85,7 +86,7 @@ def study_plan(s: ReproduceSettings) -> StudyPlan:
     plan = _study_plan(s)
     if s.retrofit or s.retrofit_only or (s.retrofit is None and not s.quick):
         plan.retrofit = RetrofitPlan(prompts=4, recurrences=32, attention_recurrences=4, extrapolate=(1, 4, 32),
-                                     task_questions=8) if s.quick else RetrofitPlan()
+                                     task_questions=8, certificate_tokens=4) if s.quick else RetrofitPlan()
     if s.retrofit_plan is not None:
         plan.retrofit = s.retrofit_plan
     return plan
@@ -103,7 +104,7 @@ def _study_plan(s: ReproduceSettings) -> StudyPlan:
             grid=dict(block_sizes=(4,), seeds=(0,), recurrences=48, n_prompts=2, max_tokens=24),
             extrapolate=dict(recurrences=[1, 2, 4, 8], loss_questions=8, accuracy_questions=0, dynamics_prompts=2),
             conditions_model="micro+inject", conditions=dict(questions=2, recurrences=16),
-            stage_metrics=["colsum_concentration_mean", "massive_activation_ratio_mean"],
+            stage_metrics=["colsum_concentration_mean", "massive_activation_ratio_mean"], certificate_tokens=4,
         )
     minutes = s.minutes_per_model if s.minutes_per_model is not None else FULL_MINUTES
     return StudyPlan(
@@ -370,7 +371,8 @@ def analyse_model(name: str, spec: str, prompts: list[str], control_stages: pd.D
     from loopscope.experiments.stage_tables import alignment_table, model_neuron_fractions
     loaded = precision.load(spec)
     a = AnalyzeSettings(model=spec, out=work, recurrences=plan.recurrences,
-                        attention_recurrences=plan.attention_recurrences, progress=progress)
+                        attention_recurrences=plan.attention_recurrences, progress=progress,
+                        certificate_tokens=getattr(plan, "certificate_tokens", 16))
     result = analyse(loaded, prompts, a)
     tables = dict(result.dynamics)
     tables["stages"] = result.stages

@@ -47,6 +47,7 @@ class RetrofitPlan:
     extrapolate: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # reaches ≥ 8 × the training R (8)
     task_questions: int = 64
     task_seed: int = 0
+    certificate_tokens: int = 16  # tokens of the looped model certified (block Jacobian at R)
 
 
 # ---------------------------------------------------------------------------------------------- the task

@@ -137,6 +137,8 @@ class LoopedConfig:
                 f"config has unknown keys {unknown}; it was written by another tool or version. "
                 f"Known keys: {sorted(known)}"
             )
+        for key, value in data.items():
+            check_type(key, value, FIELD_TYPES.get(key))
         return cls(**data)
 
     @classmethod
@@ -149,3 +151,38 @@ class LoopedConfig:
 
     def replace(self, **changes: Any) -> LoopedConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _field_types() -> dict[str, tuple[type, ...]]:
+    """JSON types each LoopedConfig field accepts (None where the annotation allows it)."""
+    import types
+    import typing
+
+    allowed = {}
+    for name, hint in typing.get_type_hints(LoopedConfig).items():
+        args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        args = tuple(typing.get_origin(a) or a for a in args)  # dict[str, Any] → dict
+        if not all(a in (int, float, bool, str, type(None), dict, list, tuple) for a in args):
+            continue  # an annotation this check does not know: leave it to validate()
+        kinds = tuple(list if a is tuple else a for a in args)  # JSON has lists
+        if float in kinds:
+            kinds = (*kinds, int)  # 1 is a fine float
+        if kinds:
+            allowed[name] = kinds
+    return allowed
+
+
+def check_type(key: str, value: Any, kinds: tuple[type, ...] | None) -> None:
+    """A config value of the wrong JSON type (e.g. "n_block": "four") is named with what it must be."""
+    if kinds is None:
+        return
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if not ok:
+        names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object",
+                 list: "a list", type(None): "null"}
+        want = " or ".join(dict.fromkeys(names[k] for k in kinds if not (k is int and float in kinds)))
+        raise CheckpointError(f"config key {key!r} is {value!r} ({type(value).__name__}); it must be {want}. "
+                              "Fix the value in config.json")
+
+
+FIELD_TYPES: dict[str, tuple[type, ...] | None] = _field_types()
