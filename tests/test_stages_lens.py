@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from loopscope.capture.record import capture
 from loopscope.capture.trajectory import Trajectory
 from loopscope.errors import InputError
+from loopscope.experiments.stage_tables import looped_readout
 from loopscope.models.config import LoopedConfig
 from loopscope.models.looped import LoopedLM
 from loopscope.stages import Readout, logit_lens
@@ -86,7 +87,7 @@ def test_lens_reproduces_the_model_where_it_must(kind):
     ids = torch.randint(0, 48, (2, 6), generator=torch.Generator().manual_seed(1))
     mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2], dtype=torch.bool)
     traj = capture(model, ids, attention=False, mask=mask)
-    readout = Readout.from_model(model)
+    readout = looped_readout(model)
     final_entropy = -(traj.logits.log_softmax(-1).exp() * traj.logits.log_softmax(-1)).sum(-1)
     expected = [float(final_entropy[b, : int(mask[b].sum())].mean()) for b in range(2)]
     # logit lens on the last realized state = the model's own logits

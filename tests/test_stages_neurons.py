@@ -9,7 +9,8 @@ import torch
 from loopscope.capture.record import capture
 from loopscope.models.config import LoopedConfig
 from loopscope.models.looped import LoopedLM
-from loopscope.stages import neuron_fractions, neuron_fractions_by_depth, neuron_fractions_from_model, vocab_moments
+from loopscope.experiments.stage_tables import looped_down_projections, looped_neuron_fractions, looped_readout
+from loopscope.stages import neuron_fractions, neuron_fractions_by_depth, vocab_moments
 from loopscope.stages.neurons import readout_directions
 
 
@@ -73,7 +74,7 @@ def test_planted_prediction_neuron_in_a_looped_model():
     model = LoopedLM(cfg)
     with torch.no_grad():
         model.core[1].mlp.down_proj.weight[:, 7] = 0.5 * model.unembedding[11]
-    df = neuron_fractions_from_model(model)
+    df = looped_neuron_fractions(model)
     assert df.name.tolist() == ["prelude.0", "core.0", "core.1", "coda.0"]
     assert df.n_prediction.tolist() == [0, 0, 1, 0]
     assert df.n_suppression.tolist() == [0, 0, 0, 0]
@@ -87,18 +88,16 @@ def test_float32_moments_match_float64_on_the_trained_default():
     """The fast float32 path (the default of `neuron_fractions`) moves the moments by < 1e-4 relative and gives the
     same prediction / suppression counts as the exact float64 path, on real trained weights."""
     from loopscope.models.load import load_model
-    from loopscope.stages.neurons import model_down_projections
-    from loopscope.stages.readout import Readout
 
     model = load_model("default").model
-    readout = Readout.from_model(model)
+    readout = looped_readout(model)
     directions = readout_directions(readout.unembedding, readout.norm_weight)
-    for name, w in model_down_projections(model).items():
+    for name, w in looped_down_projections(model).items():
         exact = vocab_moments(w, directions)
         fast = vocab_moments(w, directions, dtype=torch.float32)
         for col in ("cos_std", "vocab_skew", "vocab_kurtosis"):
             assert fast[col].to_numpy() == pytest.approx(exact[col].to_numpy(), rel=1e-4, abs=1e-6), (name, col)
-    layers = model_down_projections(model)
+    layers = looped_down_projections(model)
     f64 = neuron_fractions(layers, readout.unembedding, norm_weight=readout.norm_weight, dtype=torch.float64)
     f32 = neuron_fractions(layers, readout.unembedding, norm_weight=readout.norm_weight)
     pd.testing.assert_frame_equal(f32, f64)

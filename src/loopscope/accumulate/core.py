@@ -27,7 +27,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from loopscope.models.hooks import Step
+from loopscope.labels import Step
 
 Part = dict[str, Any]  # a batch's reduced result: name -> Tensor | DataFrame | JSON-able value
 

@@ -9,7 +9,7 @@ import torch
 from loopscope.accumulate.core import Accumulator, BatchContext, Finals, Part, run_accumulators
 from loopscope.capture.trajectory import Trajectory
 from loopscope.errors import InputError
-from loopscope.models.hooks import Step
+from loopscope.labels import Step
 from loopscope.models.looped import LAYER_SITES
 
 

@@ -168,9 +168,8 @@ def capture(
     """
     adapter = find_capture_adapter(model)
     if adapter is None and not isinstance(model, LoopedLM):
-        from loopscope.models.load import _import_loaders
+        import loopscope.capture.hf  # noqa: F401  (registers the Hugging Face adapter; transformers is slow to import)
 
-        _import_loaders()  # adapters register on import (e.g. Hugging Face models); load them, then look again
         adapter = find_capture_adapter(model)
     if adapter is not None:
         if select_sites(sites):

@@ -31,7 +31,7 @@ from loopscope.dynamics._tokens import batch_tokens, cosine, resolve_layer
 from loopscope.dynamics.precision import unit_roundoff
 from loopscope.dynamics.rule_dynamics import BEHAVIOURS, Labels, WindowStats
 from loopscope.errors import InputError
-from loopscope.models.hooks import Step
+from loopscope.labels import Step
 
 RULES = {"dynamics": rule_dynamics.DynamicsThresholds, "paper": rule_paper.PaperThresholds}
 METHODS = tuple(RULES)

@@ -19,7 +19,7 @@ from loopscope.accumulate.stats import LogHistogram, Moments
 from loopscope.capture.trajectory import Trajectory
 from loopscope.dynamics._tokens import batch_tokens, cosine_from_distance, need_recurrences, norm
 from loopscope.errors import InputError
-from loopscope.models.hooks import Step
+from loopscope.labels import Step
 
 QUANTILES = {"q10": 0.1, "q25": 0.25, "median": 0.5, "q75": 0.75, "q90": 0.9}
 

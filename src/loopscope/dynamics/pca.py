@@ -10,7 +10,7 @@ from loopscope.accumulate.core import Accumulator, BatchContext, Part
 from loopscope.accumulate.replay import run_on_trajectory
 from loopscope.capture.trajectory import Trajectory
 from loopscope.errors import InputError
-from loopscope.models.hooks import Step
+from loopscope.labels import Step
 
 
 def token_position(mask: torch.Tensor, batch: int, token: int) -> int:

@@ -19,7 +19,7 @@ from loopscope.capture.trajectory import Trajectory
 from loopscope.dynamics._attention import check_head_reduction, gram, pairwise_distance, require_attention
 from loopscope.dynamics._tokens import batch_tokens, compute_dtype, norm
 from loopscope.errors import InputError
-from loopscope.models.hooks import Step
+from loopscope.labels import Step
 
 
 def first_recurrences(total: int, recurrences: int | None) -> int:

@@ -194,6 +194,13 @@ def read_certificates(s: GridSettings) -> pd.DataFrame:
     return cert[wanted].reset_index(drop=True)
 
 
+def certificate_agreement(cert: pd.DataFrame) -> pd.DataFrame:
+    """Counts of (predicted behaviour, detector label) over every certified token, with the fraction that agree."""
+    from loopscope.dynamics.spectrum import agreement_table
+
+    return agreement_table(cert) if len(cert) else pd.DataFrame()
+
+
 def agreement(measured: str, paper: str) -> str:
     """holds (same verdict) | partly (the paper's stable fixed point seen only as a converging direction) | differs."""
     if measured == paper:
@@ -236,6 +243,7 @@ def run_grid_report(s: GridSettings) -> Path:
         "init": (f"weights N(0, {s.init_std}²)" if s.init_std else "weights N(0, 2/(5D)) (Huginn's rule)")
         + ", embeddings × √D, start state TruncNormal(0, 2/5) with injection, the embedding without",
     })
-    add_grid_section(report, cells, curves, verdict_table(cells), read_certificates(s))
+    cert = read_certificates(s)
+    add_grid_section(report, cells, curves, verdict_table(cells), cert, certificate_agreement(cert))
     report.meta["wall time"] = f"{time.perf_counter() - start:.1f} s"
     return report.write()

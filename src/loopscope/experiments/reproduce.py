@@ -490,12 +490,14 @@ def ablation_stage(name: str, spec: str, prompts: list[str], attention_recurrenc
 
 
 def grid_tables(plan: StudyPlan, out: Path, progress: bool, precision: Precision) -> dict[str, pd.DataFrame]:
-    from loopscope.experiments.grid import GridSettings, read_certificates, run_grid, verdict_table
+    from loopscope.experiments.grid import GridSettings, certificate_agreement, read_certificates, run_grid, \
+        verdict_table
 
     settings = GridSettings(out=out, progress=progress, precision=precision, **plan.grid)
     cells, curves = run_grid(settings)
-    return {"cells": cells, "curves": curves, "verdicts": verdict_table(cells),
-            "certificates": read_certificates(settings)}
+    cert = read_certificates(settings)
+    return {"cells": cells, "curves": curves, "verdicts": verdict_table(cells), "certificates": cert,
+            "certificate_agreement": certificate_agreement(cert)}
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -590,7 +592,8 @@ def write_report(p: Pipeline, results: dict) -> Path:
         add_ablation_section(report, m["massive_ablation"], {k: v["states"] for k, v in results["ablation"].items()})
     if "grid" in results:
         g = results["grid"]
-        add_grid_section(report, g["cells"], g["curves"], g["verdicts"], g.get("certificates"))
+        add_grid_section(report, g["cells"], g["curves"], g["verdicts"], g.get("certificates"),
+                         g.get("certificate_agreement"))
     if "extrapolate" in results:
         from loopscope.experiments.extrapolate import add_extrapolate_section
 

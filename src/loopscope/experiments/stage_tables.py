@@ -8,10 +8,13 @@ from __future__ import annotations
 from functools import reduce
 
 import pandas as pd
+import torch
 
 from loopscope import stages
 from loopscope.capture import Trajectory
 from loopscope.errors import InputError
+from loopscope.labels import Step
+from loopscope.models.looped import LoopedLM
 from loopscope.stages.frames import STATE_COLUMNS
 
 # metric column -> axis label, in the order the report shows them (Blayney et al. §3.5, App. E)
@@ -74,12 +77,72 @@ def alignment_table(looped: pd.DataFrame, feedforward: pd.DataFrame) -> pd.DataF
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
 
 
+# --- what the stage metrics read off a live LoopedLM (its weights and its coda), kept out of `stages` ----------
+def looped_readout(model: LoopedLM) -> stages.Readout:
+    """The readout of a `LoopedLM`.
+
+    Logit-lens norm: the final norm when the model has one (`cfg.final_norm`); otherwise, for an Ouro-style
+    model without a coda, its per-recurrence stream norm (the last norm the model applies before W_U);
+    otherwise none. Coda lens (models with a coda): Ouro's stream norm, then the final norm if
+    `cfg.coda_input_norm` (Huginn), then coda layers start.., then the logit-lens norm and W_U — exactly
+    the path the model takes after its last recurrence. The coda layers run with offset 0 and no cache
+    (causal attention over the whole prompt), labelled Step("coda", 0, i) at their hook points.
+    """
+    if not isinstance(model, LoopedLM):
+        raise InputError(f"looped_readout reads a LoopedLM; got {type(model).__name__}. Build "
+                         "Readout(norm_weight, norm_eps, unembedding, norm_kind) from its tensors instead")
+    cfg = model.cfg
+    if cfg.final_norm:
+        norm = model.final_norm
+    elif model.loop_norm is not None and cfg.n_coda == 0:
+        norm = model.loop_norm
+    else:
+        norm = None
+    coda = None
+    if cfg.n_coda:
+        def coda(x: torch.Tensor, start: int = 0) -> torch.Tensor:
+            with torch.no_grad():
+                x = x.to(device=model.unembedding.device, dtype=model.unembedding.dtype)
+                if start == 0:
+                    if model.loop_norm is not None:
+                        x = model.loop_norm(x)
+                    if cfg.coda_input_norm:
+                        x = model.final_norm(x)
+                for i in range(start, cfg.n_coda):
+                    x = model.coda[i](x, step=Step("coda", 0, i), rope=model.rope, offset=0, cache=None)
+                return x
+    return stages.Readout(
+        norm_weight=None if norm is None else norm.weight.detach(),
+        norm_eps=cfg.norm_eps if norm is None else norm.eps,
+        unembedding=model.unembedding.detach(),
+        norm_kind="none" if norm is None else "rms",
+        coda=coda,
+        n_coda=cfg.n_coda,
+    )
+
+
+def looped_down_projections(model: LoopedLM) -> dict[str, torch.Tensor]:
+    """{"prelude.i" | "core.j" | "coda.i": down_proj weight (D, d_mlp)} of a LoopedLM."""
+    return {f"{segment}.{i}": layer.mlp.down_proj.weight.detach()
+            for segment in ("prelude", "core", "coda") for i, layer in enumerate(getattr(model, segment))}
+
+
+def looped_neuron_fractions(model: LoopedLM, *, fold_final_norm: bool = True, center_unembedding: bool = True,
+                                kurtosis_threshold: float = 10.0) -> pd.DataFrame:
+    """`neuron_fractions` for every layer of a LoopedLM, folding the logit-lens norm weight (see
+    `looped_readout`) into W_U when `fold_final_norm`."""
+    readout = looped_readout(model)
+    g = readout.norm_weight if fold_final_norm else None
+    return stages.neuron_fractions(looped_down_projections(model), readout.unembedding, norm_weight=g,
+                            center_unembedding=center_unembedding, kurtosis_threshold=kurtosis_threshold)
+
+
 def model_readout(loaded) -> stages.Readout | None:
     """The logit-lens readout of any loaded model (LoopedLM of any family, or a Hugging Face feedforward LM)."""
     from loopscope.models.looped import LoopedLM
 
     if isinstance(loaded.model, LoopedLM):
-        return stages.Readout.from_model(loaded.model)
+        return looped_readout(loaded.model)
     from loopscope.models import hf
 
     return stages.Readout(**hf.hf_readout(loaded.model))
@@ -90,7 +153,7 @@ def model_neuron_fractions(loaded) -> pd.DataFrame:
     from loopscope.models.looped import LoopedLM
 
     if isinstance(loaded.model, LoopedLM):
-        return stages.neuron_fractions_from_model(loaded.model)
+        return looped_neuron_fractions(loaded.model)
     from loopscope.models import hf
 
     readout = model_readout(loaded)

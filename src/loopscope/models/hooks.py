@@ -8,24 +8,10 @@ label from the call itself and never from the order calls happened.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import nn
 
-SEGMENTS = ("embed", "prelude", "core", "coda")
-
-
-class Step(NamedTuple):
-    """Where a state sits in realized depth.
-
-    segment: "embed", "prelude", "core" or "coda"; recurrence: t (0 outside the core);
-    layer: index within the segment (j for the core).
-    """
-
-    segment: str
-    recurrence: int
-    layer: int
+from loopscope.labels import SEGMENTS, Step  # noqa: F401  (the label type lives with the data, not the model)
 
 
 class HookPoint(nn.Module):

@@ -10,7 +10,8 @@ from loopscope.report.document import Figure, Report, save_csv
 
 
 def add_grid_section(report: Report, cells: pd.DataFrame, curves: pd.DataFrame, verdicts: pd.DataFrame,
-                     certificates: pd.DataFrame | None = None) -> None:
+                     certificates: pd.DataFrame | None = None, certificate_agreement: pd.DataFrame | None = None
+                     ) -> None:
     out = report.out_dir
     sec = report.section(
         "Architecture grid at random initialisation",
@@ -61,17 +62,15 @@ def add_grid_section(report: Report, cells: pd.DataFrame, curves: pd.DataFrame, 
                                  "over seeds.", [csv]))
     report.table(sec, cells, "grid_cells", "Every cell: convergence, degeneracy and behaviour fractions.", max_rows=60)
     if certificates is not None and not certificates.empty:
-        add_grid_certificates(report, sec, certificates)
+        add_grid_certificates(report, sec, certificates, certificate_agreement)
 
 
-def add_grid_certificates(report: Report, sec, cert: pd.DataFrame) -> None:
+def add_grid_certificates(report: Report, sec, cert: pd.DataFrame, agreement: pd.DataFrame) -> None:
     """Per cell's certified tokens: the predicted behaviour against the detector's label, and ρ against the
     observed step-size rate."""
-    from loopscope.dynamics.spectrum import agreement_table
-
     out = report.out_dir
     csv = save_csv(cert, out, "grid_certificates")
-    report.table(sec, agreement_table(cert), "grid_certificate_agreement", "Stability certificate over every grid "
+    report.table(sec, agreement, "grid_certificate_agreement", "Stability certificate over every grid "
                  "cell's certified tokens: the behaviour the leading Jacobian eigenvalue predicts (rows) against "
                  "the dynamics detector's label (columns); 'agree' is the fraction the prediction admits.")
     fig, ax = plt.subplots(figsize=(5.2, 4.4))

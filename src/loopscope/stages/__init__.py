@@ -51,7 +51,6 @@ from loopscope.stages.massive import MASSIVE_RATIO, massive_activation_layer, ma
 from loopscope.stages.neurons import (
     neuron_fractions,
     neuron_fractions_by_depth,
-    neuron_fractions_from_model,
     vocab_moments,
 )
 from loopscope.stages.prop42 import Prop42Check, prop42_bound
@@ -66,6 +65,6 @@ __all__ = [
     "by_realized_depth", "by_recurrence", "colsum_concentration", "logit_lens", "massive_activation_layer",
     "massive_activation_profile", "matrix_entropy",
     "mixing_entropy", "mixing_entropy_normalised", "neuron_fractions", "neuron_fractions_by_depth",
-    "neuron_fractions_from_model", "previous_window", "prop42_bound", "residual_entropy", "residual_norms",
+    "previous_window", "prop42_bound", "residual_entropy", "residual_norms",
     "sink_score", "summarise", "vocab_moments",
 ]

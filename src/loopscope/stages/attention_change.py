@@ -18,7 +18,7 @@ import torch
 from loopscope.accumulate.replay import run_on_trajectory
 from loopscope.capture.trajectory import Trajectory
 from loopscope.errors import InputError
-from loopscope.models.hooks import Step
+from loopscope.labels import Step
 from loopscope.stages.frames import PromptRows
 
 

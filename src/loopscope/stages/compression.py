@@ -22,7 +22,7 @@ import torch
 
 from loopscope.accumulate.replay import run_on_trajectory
 from loopscope.capture.trajectory import Trajectory
-from loopscope.models.hooks import Step
+from loopscope.labels import Step
 from loopscope.stages.frames import PromptRows, xlogx
 
 COMPRESSION_METRICS = ["matrix_entropy", "matrix_entropy_normalised"]

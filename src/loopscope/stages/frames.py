@@ -16,7 +16,7 @@ import torch
 from loopscope.accumulate.core import Accumulator, BatchContext, Part
 from loopscope.capture.trajectory import Trajectory
 from loopscope.errors import InputError
-from loopscope.models.hooks import Step
+from loopscope.labels import Step
 
 STATE_COLUMNS = ["segment", "recurrence", "layer", "depth", "relative_depth"]
 

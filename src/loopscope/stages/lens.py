@@ -28,7 +28,7 @@ from loopscope.accumulate.core import BatchContext, Part
 from loopscope.accumulate.replay import run_on_trajectory
 from loopscope.capture.trajectory import Trajectory
 from loopscope.errors import InputError
-from loopscope.models.hooks import Step
+from loopscope.labels import Step
 from loopscope.stages.frames import PromptRows, require_prefix_mask
 from loopscope.stages.readout import Readout
 

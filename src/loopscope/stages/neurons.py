@@ -13,7 +13,7 @@ with output weight w_out[n] ∈ R^D (column n of down_proj, which writes w_out[n
 As TransformerLens does before these analyses (fold_ln, center_unembed), the final norm's weight g can be
 folded into W_U (W_U[v] ⊙ g, the direction a residual write actually reads out through) and W_U can be
 centred over the vocabulary (W_U[v] − mean_v W_U[v]: a shift common to all logits does not change the
-softmax). Both are options; `neuron_fractions_from_model` uses both. Weights are tied across recurrences,
+softmax). Both are options; `experiments.stage_tables.looped_neuron_fractions` uses both. Weights are tied across recurrences,
 so these fractions are one number per physical layer (`neuron_fractions_by_depth` spreads them over
 realized depth for plotting next to the other metrics).
 """
@@ -25,7 +25,6 @@ import torch
 
 from loopscope.capture.trajectory import Trajectory
 from loopscope.errors import InputError
-from loopscope.models.looped import LoopedLM
 from loopscope.stages.frames import STATE_COLUMNS
 
 NEURON_COLUMNS = ["name", "segment", "layer", "n_neurons", "n_prediction", "n_suppression", "prediction_fraction",
@@ -112,24 +111,6 @@ def neuron_fractions(
     df = pd.DataFrame(rows, columns=NEURON_COLUMNS)
     df["layer"] = df["layer"].astype("Int64")
     return df
-
-
-def model_down_projections(model: LoopedLM) -> dict[str, torch.Tensor]:
-    """{"prelude.i" | "core.j" | "coda.i": down_proj weight (D, d_mlp)} of a LoopedLM."""
-    return {f"{segment}.{i}": layer.mlp.down_proj.weight.detach()
-            for segment in ("prelude", "core", "coda") for i, layer in enumerate(getattr(model, segment))}
-
-
-def neuron_fractions_from_model(model: LoopedLM, *, fold_final_norm: bool = True, center_unembedding: bool = True,
-                                kurtosis_threshold: float = 10.0) -> pd.DataFrame:
-    """`neuron_fractions` for every layer of a LoopedLM, folding the logit-lens norm weight (see
-    `Readout.from_model`) into W_U when `fold_final_norm`."""
-    from loopscope.stages.readout import Readout
-
-    readout = Readout.from_model(model)
-    g = readout.norm_weight if fold_final_norm else None
-    return neuron_fractions(model_down_projections(model), readout.unembedding, norm_weight=g,
-                            center_unembedding=center_unembedding, kurtosis_threshold=kurtosis_threshold)
 
 
 def neuron_fractions_by_depth(fractions: pd.DataFrame, traj: Trajectory) -> pd.DataFrame:

@@ -37,7 +37,7 @@ import torch
 
 from loopscope.accumulate.core import Accumulator, BatchContext, Part
 from loopscope.errors import InputError
-from loopscope.models.hooks import Step
+from loopscope.labels import Step
 from loopscope.stages.attention_change import head_frobenius_change
 from loopscope.stages.frames import require_prefix_mask
 

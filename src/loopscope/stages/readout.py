@@ -9,7 +9,7 @@ n_f is the model's final norm: RMSNorm (`norm_kind="rms"`: x / sqrt(mean(x²) + 
     Readout(norm_weight, norm_eps, unembedding, norm_kind="rms")
 
 and, for the coda lens, a callable `coda(x, start)` that runs what the model runs between the block and
-the final norm, beginning at coda layer `start` (0 = the whole exit path). `Readout.from_model(model)`
+the final norm, beginning at coda layer `start` (0 = the whole exit path). `experiments.stage_tables.looped_readout(model)`
 builds one for a `LoopedLM`.
 """
 
@@ -22,8 +22,6 @@ from typing import Literal
 import torch
 
 from loopscope.errors import InputError
-from loopscope.models.hooks import Step
-from loopscope.models.looped import LoopedLM
 
 NormKind = Literal["rms", "layer", "none"]
 
@@ -80,46 +78,3 @@ class Readout:
             raise InputError(f"state width {x.shape[-1]} does not match the unembedding width {self.d_model}")
         out = self.normalise(x.to(self.unembedding.device)) @ self.unembedding.float().T
         return out if self.unembedding_bias is None else out + self.unembedding_bias.float()
-
-    @classmethod
-    def from_model(cls, model: LoopedLM) -> Readout:
-        """The readout of a `LoopedLM`.
-
-        Logit-lens norm: the final norm when the model has one (`cfg.final_norm`); otherwise, for an Ouro-style
-        model without a coda, its per-recurrence stream norm (the last norm the model applies before W_U);
-        otherwise none. Coda lens (models with a coda): Ouro's stream norm, then the final norm if
-        `cfg.coda_input_norm` (Huginn), then coda layers start.., then the logit-lens norm and W_U — exactly
-        the path the model takes after its last recurrence. The coda layers run with offset 0 and no cache
-        (causal attention over the whole prompt), labelled Step("coda", 0, i) at their hook points.
-        """
-        if not isinstance(model, LoopedLM):
-            raise InputError(f"Readout.from_model reads a LoopedLM; got {type(model).__name__}. Build "
-                             "Readout(norm_weight, norm_eps, unembedding, norm_kind) from its tensors instead")
-        cfg = model.cfg
-        if cfg.final_norm:
-            norm = model.final_norm
-        elif model.loop_norm is not None and cfg.n_coda == 0:
-            norm = model.loop_norm
-        else:
-            norm = None
-        coda = None
-        if cfg.n_coda:
-            def coda(x: torch.Tensor, start: int = 0) -> torch.Tensor:
-                with torch.no_grad():
-                    x = x.to(device=model.unembedding.device, dtype=model.unembedding.dtype)
-                    if start == 0:
-                        if model.loop_norm is not None:
-                            x = model.loop_norm(x)
-                        if cfg.coda_input_norm:
-                            x = model.final_norm(x)
-                    for i in range(start, cfg.n_coda):
-                        x = model.coda[i](x, step=Step("coda", 0, i), rope=model.rope, offset=0, cache=None)
-                    return x
-        return cls(
-            norm_weight=None if norm is None else norm.weight.detach(),
-            norm_eps=cfg.norm_eps if norm is None else norm.eps,
-            unembedding=model.unembedding.detach(),
-            norm_kind="none" if norm is None else "rms",
-            coda=coda,
-            n_coda=cfg.n_coda,
-        )
