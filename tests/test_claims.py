@@ -20,7 +20,8 @@ def model(name: str, **kw) -> dict:
     row = dict(model=name, base=base, variant=variant, norm="pre",
                injection="concat" if "inject" in variant else "none",
                n_prelude=0 if "noprelude" in variant else 2, block_size=4, trained_recurrences=4, recurrences=64,
-               last_layer_relative_change=1e-5, max_final_relative_change=2e-5, fraction_distinct=0.9,
+               last_layer_relative_change=1e-5, max_final_relative_change=2e-5, last_layer_worst_token_change=2e-5,
+               worst_token_change=4e-5, fraction_distinct=0.9,
                fraction_degenerate=0.0, fraction_no_fixed_point=0.1, min_cosine_to_first=0.5, fraction_fixed_point=0.95,
                fraction_orbit=0.0, fraction_slider=0.0, fraction_divergent=0.0, fraction_unknown=0.05,
                orbit_slider_cooccurrence=0, attention_self_match=1.0, attention_shrink=0.1, prop42_max_ratio=0.01,
@@ -76,12 +77,20 @@ def test_distinct_and_degenerate():
 
 
 def test_prop41_only_judges_converged_models():
-    m = models(model("a", last_layer_relative_change=1e-4, max_final_relative_change=5e-3),
-               model("b", last_layer_relative_change=0.5, max_final_relative_change=0.9))  # b: premise false
+    m = models(model("a", last_layer_worst_token_change=1e-4, worst_token_change=5e-3),
+               model("b", last_layer_worst_token_change=0.5, worst_token_change=0.9))  # b: premise false
     assert verdict("prop-4.1", m) == HOLDS
-    m = models(model("a", last_layer_relative_change=1e-4, max_final_relative_change=0.02))
+    m = models(model("a", last_layer_worst_token_change=1e-4, worst_token_change=0.02))
     assert verdict("prop-4.1", m) == DIFFERS
-    assert verdict("prop-4.1", models(model("b", last_layer_relative_change=0.5))) == NOT_MEASURABLE
+    assert verdict("prop-4.1", models(model("b", last_layer_worst_token_change=0.5))) == NOT_MEASURABLE
+
+
+def test_prop41_reads_the_worst_token_not_the_mean():
+    """One token of many still moving at layer 0: the mean over tokens is tiny, the worst token is not; Prop. 4.1
+    ("every layer has converged") is about every token, so the row must differ."""
+    m = models(model("a", last_layer_relative_change=1e-5, max_final_relative_change=2e-4,
+                     last_layer_worst_token_change=1e-4, worst_token_change=0.3))
+    assert verdict("prop-4.1", m) == DIFFERS
 
 
 def test_attention_needs_both_bands_and_shrinking():

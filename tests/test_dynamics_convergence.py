@@ -170,3 +170,29 @@ def test_non_contiguous_core_gives_the_same_tables():
     strided = Trajectory(core=traj.core.transpose(2, 3).contiguous().transpose(2, 3), mask=traj.mask)
     assert not strided.core.is_contiguous()
     pd.testing.assert_frame_equal(successive_change(strided, per_token=True), successive_change(traj, per_token=True))
+
+
+def test_stacked_heads_combine_by_root_sum_of_squares():
+    """Two heads whose patterns move by 3 and 4 (Frobenius) between recurrence 0 and the last: stacked, the
+    distance is √(3² + 4²) = 5, not 3 + 4; head-averaged it is ‖(Δ₀ + Δ₁)/2‖ (here the moves are orthogonal)."""
+    R, T = 2, 3
+    attn = torch.zeros(R, 1, 1, 2, T, T, dtype=torch.float64)
+    attn[0, 0, 0, 0, 0, 0] = 3.0  # head 0: one entry differs by 3 from the last recurrence's
+    attn[0, 0, 0, 1, 1, 1] = 4.0  # head 1: another entry differs by 4
+    traj = Trajectory(core=torch.randn(R, 1, 1, T, 4, dtype=torch.float64), core_attention=attn)
+    stack = distance_to_fixed_point(traj, head_reduction="stack")
+    first = stack[stack.recurrence == 0]["attention_frobenius"].item()
+    assert first == pytest.approx(5.0)
+    avg = distance_to_fixed_point(traj, head_reduction="average")
+    assert avg[avg.recurrence == 0]["attention_frobenius"].item() == pytest.approx(2.5)  # ‖(3e₀₀ + 4e₁₁)/2‖
+
+
+def test_cyclic_check_reports_the_worst_token_not_the_mean():
+    """One of four tokens still flips at layer 0 (relative step 2/√3): `max_relative_change` must show it whole;
+    the mean over tokens (`final_relative_change`) dilutes it fourfold, which is why Prop. 4.1 reads the max."""
+    R, D = 10, 3
+    core = torch.ones(R, 2, 1, 4, D, dtype=torch.float64)
+    core[:, 0, 0, 2, 0] = torch.tensor([(-1.0) ** t for t in range(R)])
+    df = cyclic_fixed_point_check(Trajectory(core=core))
+    assert df["max_relative_change"].tolist() == pytest.approx([2 / math.sqrt(3), 0.0])
+    assert df["final_relative_change"].tolist() == pytest.approx([2 / math.sqrt(3) / 4, 0.0])

@@ -152,3 +152,22 @@ def test_attention_change_is_frobenius_of_consecutive_recurrences_on_real_tokens
 def test_missing_attention_is_refused_with_the_fix():
     with pytest.raises(InputError, match="attention=True"):
         attention_metrics(Trajectory(core=torch.randn(1, 1, 1, 3, 2)))
+
+
+def test_sink_rate_counts_a_head_at_exactly_the_threshold():
+    """score_k ≥ τ, not > τ (Gu et al.): a head putting exactly 0.3 of its mean attention on token 0 is a sink at
+    τ = 0.3, and one at 0.3 − 1e-6 is not."""
+    from loopscope.stages.attention import head_metrics
+
+    T = 4
+    def head(score: float) -> torch.Tensor:  # every row gives `score` to token 0 (row 0 must give it all: causal)
+        a = torch.zeros(T, T, dtype=torch.float64)
+        a[0, 0] = 1.0
+        for t in range(1, T):
+            a[t, 0] = (T * score - 1.0) / (T - 1)
+            a[t, t] = 1.0 - a[t, 0]
+        return a
+
+    m = head_metrics(torch.stack([head(0.3), head(0.3 - 1e-6)]), sink_threshold=0.3)
+    assert m["sink_score"].tolist() == pytest.approx([0.3, 0.3 - 1e-6], abs=1e-12)
+    assert m["sink_rate"].tolist() == [1.0, 0.0]

@@ -132,3 +132,14 @@ def test_realized_depth_legend_names_only_the_segments_the_model_has(tmp_path, m
     legend = shown["fig"].axes[0].get_legend()
     assert ([t.get_text() for t in legend.get_texts()] if legend else []) == expected
     assert png.exists() and set(views["view"]) == {"realized_depth", "by_recurrence", "by_layer"}
+
+
+def test_spearman_is_rank_correlation_not_pearson():
+    """A monotone but convex pass (x³ against x): ranks agree exactly (Spearman 1), values do not (Pearson < 1)."""
+    from loopscope.stages.alignment import pearson, spearman
+
+    x = np.array([0.0, 1.0, 2.0, 3.0, 4.0])
+    cubed = x ** 3
+    assert spearman(cubed, x) == pytest.approx(1.0)
+    assert pearson(cubed, x) == pytest.approx(154 / 170)  # by hand: Σ(x−2)(x³−20) = 154, √(10·2890) = 170
+    assert spearman(np.array([1.0, 1.0, 2.0]), np.array([1.0, 2.0, 3.0])) == pytest.approx(0.8660, abs=1e-3)  # average ranks for ties

@@ -12,7 +12,8 @@ need it "not measurable here"):
     models       one row per analysed looped model, written by `experiments.reproduce.model_summary`:
                  model (its name in the study), preset, base (preset before the first "+"), variant
                  ("" | "inject" | "noprelude" | …), norm, injection, n_prelude, block_size, trained_recurrences,
-                 recurrences (of the dynamics capture), last_layer_relative_change, max_final_relative_change,
+                 recurrences (of the dynamics capture), last_layer_relative_change, max_final_relative_change (both
+                 means over tokens), last_layer_worst_token_change, worst_token_change (max over tokens: Prop. 4.1),
                  fraction_distinct, fraction_degenerate, fraction_no_fixed_point, min_cosine_to_first,
                  fraction_fixed_point, fraction_orbit, fraction_slider, orbit_slider_cooccurrence,
                  attention_self_match, attention_shrink, prop42_max_ratio, stage_repeat_error,
@@ -196,13 +197,16 @@ def rule_distinct_not_degenerate(m: Measurements, th: Thresholds) -> Verdict:
 def rule_prop41(m: Measurements, th: Thresholds) -> Verdict:
     if (v := missing(m, "models")) is not None:
         return v
-    rows = m["models"][m["models"]["last_layer_relative_change"] < th.fixed_point]
+    if "worst_token_change" not in m["models"]:
+        return Verdict(NOT_MEASURABLE, "the per-token worst relative changes were not measured")
+    rows = m["models"][m["models"]["last_layer_worst_token_change"] < th.fixed_point]
     if rows.empty:
-        return Verdict(NOT_MEASURABLE, f"no model's last block layer converged (relative change < "
+        return Verdict(NOT_MEASURABLE, f"no model's last block layer converged for every token (relative change < "
                                        f"{fmt(th.fixed_point)}), so the premise never holds")
     bound = th.prop41_factor * th.fixed_point
-    verdict, ev = each_model(rows, "max_final_relative_change", lambda x: x < bound)
-    return Verdict(verdict, f"last layer converged; every layer's relative change < {fmt(bound)}: {ev}", names(rows))
+    verdict, ev = each_model(rows, "worst_token_change", lambda x: x < bound)
+    return Verdict(verdict, f"last layer converged for every token; every layer's worst token's relative change < "
+                   f"{fmt(bound)}: {ev}", names(rows))
 
 
 def rule_attention_stabilises(m: Measurements, th: Thresholds) -> Verdict:

@@ -399,6 +399,8 @@ def model_summary(name: str, cfg, recurrences: int, t: dict[str, pd.DataFrame]) 
         "recurrences": recurrences,
         "last_layer_relative_change": float(check["final_relative_change"].iloc[-1]),
         "max_final_relative_change": float(check["final_relative_change"].max()),
+        "last_layer_worst_token_change": float(check["max_relative_change"].iloc[-1]),
+        "worst_token_change": float(check["max_relative_change"].max()),
         "fraction_distinct": float(deg["fraction_distinct_cyclic"]),
         "fraction_degenerate": float(deg["fraction_degenerate"]),
         "fraction_no_fixed_point": float(deg["fraction_no_fixed_point"]),
