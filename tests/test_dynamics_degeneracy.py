@@ -84,3 +84,17 @@ def test_tolerances_are_used_and_nonfinite_is_no_fixed_point():
     traj.core[-1, 0, 0, 1, 0] = float("nan")
     df = degeneracy(traj)
     assert df.loc[1, "verdict"] == "no fixed point" and not df.loc[1, "converged"]
+
+
+def test_convergence_is_read_off_the_last_block_layer():
+    """Layer 0 still flips while layer 1 (the last) sits still → converged (Prop. 4.1 reads the last layer); the
+    other way round → no fixed point. A check reading layer 0, or any other fixed layer, gets one of them wrong."""
+    R, D = 12, 3
+    flip = torch.tensor([(-1.0) ** t for t in range(R)], dtype=torch.float64)
+    for moving, want in ((0, True), (1, False)):
+        core = torch.ones(R, 2, 1, 1, D, dtype=torch.float64)
+        core[:, 1, 0, 0, 1] = 5.0  # the two layers' points differ: distinct when converged
+        core[:, moving, 0, 0, 0] = flip
+        df = degeneracy(Trajectory(core=core))
+        assert bool(df["converged"].iloc[0]) is want, moving
+        assert df["verdict"].iloc[0] == ("distinct cyclic fixed point" if want else "no fixed point")

@@ -77,3 +77,23 @@ def test_nonfinite_state_is_divergent_and_padding_ignored():
     df = classify(traj, method="paper")
     assert list(zip(df["batch"], df["token"])) == [(0, 0), (1, 0), (1, 1)]
     assert df["behaviour"].tolist() == ["divergent", "orbit", "slider"]
+
+
+def test_orbit_needs_two_strict_peaks_and_a_return():
+    """decide_window on hand-made cosine windows: two strict local maxima (0.90, 0.97) and one re-entry into the
+    τ-band → orbit; the same window with one peak → not an orbit (and not monotone: unknown); a flat top is no
+    strict peak."""
+    import torch
+
+    from loopscope.dynamics.rule_dynamics import ORBIT, UNKNOWN
+    from loopscope.dynamics.rule_paper import PaperThresholds, decide_window
+
+    th = PaperThresholds()
+    two = [0.80, 0.90, 0.80, 0.97, 0.80, 0.75, 0.80, 0.85]
+    one = [0.80, 0.85, 0.90, 0.97, 0.80, 0.75, 0.70, 0.65]
+    flat = [0.80, 0.90, 0.90, 0.80, 0.97, 0.97, 0.80, 0.75]
+    w = torch.tensor([two, one, flat], dtype=torch.float64).T
+    labels = decide_window(w, th)
+    assert labels.diagnostics["n_peaks"].tolist() == [2, 1, 0]
+    assert labels.diagnostics["n_returns"].tolist() == [1, 1, 1]
+    assert labels.code.tolist() == [ORBIT, UNKNOWN, UNKNOWN]

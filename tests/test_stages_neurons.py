@@ -9,7 +9,8 @@ import torch
 from loopscope.capture.record import capture
 from loopscope.models.config import LoopedConfig
 from loopscope.models.looped import LoopedLM
-from loopscope.experiments.stage_tables import looped_down_projections, looped_neuron_fractions, looped_readout
+from loopscope.experiments.stage_tables import looped_neuron_fractions, looped_readout
+from loopscope.models.weights import down_projections
 from loopscope.stages import neuron_fractions, neuron_fractions_by_depth, vocab_moments
 from loopscope.stages.neurons import readout_directions
 
@@ -92,12 +93,12 @@ def test_float32_moments_match_float64_on_the_trained_default():
     model = load_model("default").model
     readout = looped_readout(model)
     directions = readout_directions(readout.unembedding, readout.norm_weight)
-    for name, w in looped_down_projections(model).items():
+    for name, w in down_projections(model).items():
         exact = vocab_moments(w, directions)
         fast = vocab_moments(w, directions, dtype=torch.float32)
         for col in ("cos_std", "vocab_skew", "vocab_kurtosis"):
             assert fast[col].to_numpy() == pytest.approx(exact[col].to_numpy(), rel=1e-4, abs=1e-6), (name, col)
-    layers = looped_down_projections(model)
+    layers = down_projections(model)
     f64 = neuron_fractions(layers, readout.unembedding, norm_weight=readout.norm_weight, dtype=torch.float64)
     f32 = neuron_fractions(layers, readout.unembedding, norm_weight=readout.norm_weight)
     pd.testing.assert_frame_equal(f32, f64)

@@ -138,3 +138,22 @@ def test_bound_holds_on_the_builtin_trained_and_random_models(name):
     assert len(df) == 3 * 4 * 2 * loaded.model.cfg.n_heads
     assert (df.measured > 1e-3).mean() > 0.5, "attention should still move over the first recurrences"
     assert (df.ratio <= 1.0).all(), df.sort_values("ratio").tail()
+
+
+def test_gqa_heads_read_their_own_key_head():
+    """H = 4 query heads over H_kv = 2 key heads: heads 0, 1 use key head 0 and heads 2, 3 key head 1 (h // 2).
+    Scaling key head 1 by 100 must scale κ of heads 2, 3 only (a mapping h % H_kv, or every head on key head 0,
+    moves the wrong κ: the end-to-end 'ratio ≤ 1' check would never notice)."""
+    from loopscope.models import LoopedConfig, LoopedLM
+    from loopscope.models.weights import head_projections
+    from loopscope.stages.prop42 import head_kappas
+
+    cfg = LoopedConfig(vocab_size=32, d_model=16, n_heads=4, n_kv_heads=2, d_mlp=24, n_prelude=0, n_block=1,
+                       n_coda=0, recurrences=2, seed=0)
+    attn = LoopedLM(cfg).core[0].attn
+    before = [head_kappas(q, k)[0] for q, k in zip(*head_projections(attn)[:2])]
+    with torch.no_grad():
+        attn.k_proj.weight[4:8] *= 100.0  # key head 1 (head_dim 4)
+    after = [head_kappas(q, k)[0] for q, k in zip(*head_projections(attn)[:2])]
+    ratios = [a / b for a, b in zip(after, before)]
+    assert ratios == pytest.approx([1.0, 1.0, 100.0, 100.0], rel=1e-6)  # float32 weights × 100

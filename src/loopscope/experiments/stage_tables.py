@@ -15,6 +15,7 @@ from loopscope.capture import Trajectory
 from loopscope.errors import InputError
 from loopscope.labels import Step
 from loopscope.models.looped import LoopedLM
+from loopscope.models.weights import down_projections
 from loopscope.stages.frames import STATE_COLUMNS
 
 # metric column -> axis label, in the order the report shows them (Blayney et al. §3.5, App. E)
@@ -121,25 +122,18 @@ def looped_readout(model: LoopedLM) -> stages.Readout:
     )
 
 
-def looped_down_projections(model: LoopedLM) -> dict[str, torch.Tensor]:
-    """{"prelude.i" | "core.j" | "coda.i": down_proj weight (D, d_mlp)} of a LoopedLM."""
-    return {f"{segment}.{i}": layer.mlp.down_proj.weight.detach()
-            for segment in ("prelude", "core", "coda") for i, layer in enumerate(getattr(model, segment))}
-
-
 def looped_neuron_fractions(model: LoopedLM, *, fold_final_norm: bool = True, center_unembedding: bool = True,
-                                kurtosis_threshold: float = 10.0) -> pd.DataFrame:
+                            kurtosis_threshold: float = 10.0) -> pd.DataFrame:
     """`neuron_fractions` for every layer of a LoopedLM, folding the logit-lens norm weight (see
     `looped_readout`) into W_U when `fold_final_norm`."""
     readout = looped_readout(model)
     g = readout.norm_weight if fold_final_norm else None
-    return stages.neuron_fractions(looped_down_projections(model), readout.unembedding, norm_weight=g,
-                            center_unembedding=center_unembedding, kurtosis_threshold=kurtosis_threshold)
+    return stages.neuron_fractions(down_projections(model), readout.unembedding, norm_weight=g,
+                                   center_unembedding=center_unembedding, kurtosis_threshold=kurtosis_threshold)
 
 
 def model_readout(loaded) -> stages.Readout | None:
     """The logit-lens readout of any loaded model (LoopedLM of any family, or a Hugging Face feedforward LM)."""
-    from loopscope.models.looped import LoopedLM
 
     if isinstance(loaded.model, LoopedLM):
         return looped_readout(loaded.model)
@@ -150,7 +144,6 @@ def model_readout(loaded) -> stages.Readout | None:
 
 def model_neuron_fractions(loaded) -> pd.DataFrame:
     """Prediction / suppression neuron fractions per physical layer, for any loaded model."""
-    from loopscope.models.looped import LoopedLM
 
     if isinstance(loaded.model, LoopedLM):
         return looped_neuron_fractions(loaded.model)
@@ -195,7 +188,6 @@ def prop42_summary(loaded, prompts: list[str], recurrences: int) -> pd.DataFrame
     """Proposition 4.2 on real runs: per block layer, the largest measured/bound ratio over recurrences, prompts
     and heads (LoopedLM only: the check reads the layer's weights and inputs through its hook points)."""
     from loopscope.capture.prompts import encode_prompts
-    from loopscope.models.looped import LoopedLM
 
     if not isinstance(loaded.model, LoopedLM) or recurrences < 2 or not prompts:
         return None
