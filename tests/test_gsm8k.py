@@ -17,7 +17,7 @@ from loopscope.data.system_prompts import HUGINN_PERSONA, SYSTEM_PROMPT_CONDITIO
 from loopscope.data.tokenizer import load_tokenizer
 from loopscope.errors import InputError
 
-needs_gsm8k = pytest.mark.skipif(GSM8K is None, reason="official GSM8K jsonl not found in shared/data/gsm8k")
+needs_gsm8k = pytest.mark.usefixtures("real_gsm8k")  # fails loudly without the official files
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ the tables they came from), resuming, stage caching, summary helpers on hand-mad
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from conftest import write_gsm8k
 from loopscope.cli.main import app
 from loopscope.errors import InputError
 from loopscope.experiments.claims import CLAIM_COLUMNS, CLAIMS, DIFFERS, HOLDS, NOT_MEASURABLE, VERDICTS
@@ -22,22 +22,6 @@ from loopscope.experiments.reproduce import (
 from loopscope.experiments.stage_cache import StageCache
 
 runner = CliRunner()
-
-
-def write_gsm8k(folder: Path, n_test: int = 1319, n_train: int = 300) -> Path:
-    """A GSM8K-format directory (official row count for test, so the fixed subset exists): templated word problems
-    with worked answers ending in `#### N`. Hermetic: the test needs no data outside the repository."""
-    folder.mkdir(parents=True, exist_ok=True)
-    names = ["Tom", "Ana", "Lee", "Sara", "Omar", "Mia"]
-    for split, n in (("test", n_test), ("train", n_train)):
-        rows = []
-        for i in range(n):
-            a, b, who = 3 + i % 17, 2 + (7 * i) % 13, names[i % len(names)]
-            rows.append({"question": f"{who} has {a} apples and buys {b} more. How many apples does {who} have?",
-                         "answer": f"{who} starts with {a} apples. {who} buys {b} more apples, so {who} has "
-                                   f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"})
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
 
 
 @pytest.fixture(scope="module")

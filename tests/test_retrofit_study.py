@@ -108,7 +108,7 @@ def test_task_rows_are_one_digit_sums_with_a_stated_chance():
 
 @pytest.fixture(scope="module")
 def retrofit_run(tmp_path_factory):
-    from test_reproduce import write_gsm8k
+    from conftest import write_gsm8k
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from loopscope.data.tokenizer import load_tokenizer

@@ -148,7 +148,7 @@ def test_greedy_generate_with_cache_matches_recomputing():
     assert greedy_generate(model, prompt, 6, stop_ids={got[2]}) == got[:2]
 
 
-@pytest.mark.skipif(GSM8K is None, reason="official GSM8K jsonl not found in shared/data/gsm8k")
+@pytest.mark.usefixtures("real_gsm8k")  # the official files: fails loudly without them
 def test_cli_trains_on_gsm8k_and_saves_a_loadable_model(tmp_path):
     from typer.testing import CliRunner
 
