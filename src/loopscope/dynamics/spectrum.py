@@ -128,8 +128,9 @@ AGREES = {"stable fixed point": {"fixed_point"}, "marginal rotation": {"orbit"},
 
 def agreement(certificate: pd.DataFrame, behaviour: pd.DataFrame) -> pd.DataFrame:
     """Join the certificate (columns batch, token, predicted, rho) with the detector's labels (`classify`): per
-    token, `agrees` (the prediction admits the label) and the observed step-size rate beside the predicted ρ."""
-    cols = ["batch", "token", "behaviour", "period", "step_rate"]
+    token, `agrees` (the prediction admits the label) and the observed step-size rate beside the predicted ρ
+    (`at_floor`: the token's steps reached the rounding floor, where the measured rate is the floor's, not ρ)."""
+    cols = ["batch", "token", "behaviour", "period", "step_rate", "at_floor"]
     joined = certificate.merge(behaviour[[c for c in cols if c in behaviour.columns]], on=["batch", "token"],
                                how="left", validate="one_to_one")
     joined["agrees"] = [b in AGREES[p] for p, b in zip(joined["predicted"], joined["behaviour"])]

@@ -77,7 +77,11 @@ def add_grid_certificates(report: Report, sec, cert: pd.DataFrame, agreement: pd
     groups = cert.groupby(["norm", "injection"], sort=False)
     colours = plt.get_cmap("tab10")
     for i, ((norm, inj), part) in enumerate(groups):
-        ax.scatter(part["rho"], part["step_rate"], s=14, color=colours(i % 10), label=f"{norm}/{inj}", alpha=0.8)
+        floor = part["at_floor"].astype(bool) if "at_floor" in part else pd.Series(False, index=part.index)
+        ax.scatter(part["rho"][~floor], part["step_rate"][~floor], s=14, color=colours(i % 10),
+                   label=f"{norm}/{inj}", alpha=0.8)
+        ax.scatter(part["rho"][floor], part["step_rate"][floor], s=14, facecolors="none",
+                   edgecolors=colours(i % 10), alpha=0.8)
     finite = cert[["rho", "step_rate"]].replace([float("inf"), -float("inf")], float("nan")).dropna()
     if len(finite):
         lo, hi = float(finite.min().min()), float(finite.max().max())
@@ -89,5 +93,6 @@ def add_grid_certificates(report: Report, sec, cert: pd.DataFrame, agreement: pd
     fig.tight_layout()
     png = figures.save(fig, out, "grid_certificate_rate")
     sec.items.append(Figure(png, "Predicted contraction rate ρ against the observed decay of the successive change "
-                                 "per certified token, coloured by norm/injection: a stable fixed point needs "
-                                 "ρ < 1, and there the two should agree.", [csv]))
+                                 "per certified token, coloured by norm/injection (hollow: the token's steps are at "
+                                 "the rounding floor, so the measured rate is the floor's): a stable fixed point "
+                                 "needs ρ < 1, and there the two should agree.", [csv]))
