@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 ARGS = ["analyze", "--model", "default", "--max-prompts", "4", "--batch-size", "1", "--recurrences", "16",
-        "--attention-recurrences", "4", "--device", "cpu", "--quiet"]
+        "--attention-recurrences", "4", "--certificate-tokens", "4", "--device", "cpu", "--quiet"]
 
 
 def run(cmd: list[str], env: dict) -> None:

@@ -13,7 +13,6 @@ import torch
 from conftest import GSM8K_TEST
 from loopscope.capture import capture
 from loopscope.models.families import BYPASS_INJECTION, load_retrofit, retrofit_from_hf
-from loopscope.models.families.retrofit import load_source_model
 from loopscope.models.load import load_model
 
 pytestmark = [
@@ -24,7 +23,10 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return load_source_model("smollm2")  # ≈15 s: de-quantises the Q4_1 GGUF to fp32
+    from hf_helpers import smollm2 as shared
+
+    loaded = shared()  # ≈15 s once per session: de-quantises the Q4_1 GGUF to fp32
+    return loaded.model, loaded.tokenizer, "SmolLM2-135M-Instruct.Q4_1"
 
 
 @pytest.fixture(scope="module")

@@ -127,7 +127,9 @@ def test_massive_activation_ablation_on_smollm2(tmp_path):
     assert "has massive activations" in (out / "index.html").read_text()
 
 
-def test_cli_refuses_bad_input_in_one_line(tmp_path):
+def test_cli_refuses_bad_input_in_one_line(tmp_path, capsys):
+    from conftest import run_cli
+
     hf_dir = tmp_path / "tiny-llama"
     save_tiny("llama", hf_dir)
     for args, message in [
@@ -140,5 +142,5 @@ def test_cli_refuses_bad_input_in_one_line(tmp_path):
         (("--model", str(hf_dir), "--zero-mlp", "core:0", "-r", "3"), "feedforward model and runs once"),
         (("--model", str(hf_dir), "--zero-mlp", "prelude:0"), "only the 'core' segment"),
     ]:
-        r = cli("intervene", *args, "--max-prompts", "1", "--out", str(tmp_path / "o"), "-q")
-        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        code, _, err = run_cli(["intervene", *args, "--max-prompts", "1", "--out", str(tmp_path / "o"), "-q"], capsys)
+        assert code == 2 and message in err and "Traceback" not in err, (args, err)

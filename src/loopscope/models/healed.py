@@ -104,9 +104,10 @@ def check_base(info: dict[str, Any], base_file: Path, directory: Path) -> None:
 
 
 def load_healed(directory: str | Path, name: str | None = None, base_file: Path | None = None,
-                dtype: torch.dtype = torch.float32) -> LoadedModel:
+                dtype: torch.dtype = torch.float32, source_model=None) -> LoadedModel:
     """Rebuild a healed model from its delta (see the module docstring); eval mode, on the CPU. The delta is merged
-    in float32; the result is cast to `dtype`."""
+    in float32; the result is cast to `dtype`. `source_model`: the base already loaded, as (HF model, tokenizer,
+    name) from `load_source_model` — its weights are copied, never changed (the base file is still checked)."""
     from loopscope.models.families.common import BYPASS_INJECTION
     from loopscope.models.families.retrofit import (
         build_retrofit, load_source_model, parse_layers, retrofit_tensors,
@@ -115,7 +116,7 @@ def load_healed(directory: str | Path, name: str | None = None, base_file: Path 
     info, tensors = read_delta(directory)
     base = Path(base_file) if base_file is not None else source_file(info["base"]["source"])
     check_base(info, base, directory)
-    hf_model, tokenizer, source_name = load_source_model(source_spec(base))
+    hf_model, tokenizer, source_name = source_model or load_source_model(source_spec(base))
     split, retro = info["split"], info["retrofit"]
     n = hf_model.config.num_hidden_layers
     if split["control"]:
