@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from loopscope.experiments import claims
-from loopscope.experiments.claims import CLAIMS, DIFFERS, HOLDS, NOT_MEASURABLE, Thresholds, evaluate_claims
+from loopscope.experiments.claims import CHECKS, CLAIMS, INCONCLUSIVE, DIFFERS, HOLDS, NOT_MEASURABLE, Thresholds, evaluate_claims
 
 TH = Thresholds()
 
@@ -36,7 +36,7 @@ def models(*rows: dict) -> dict[str, pd.DataFrame]:
 
 
 def verdict(claim_id: str, m: dict, th: Thresholds = TH) -> str:
-    rule = next(c.rule for c in CLAIMS if c.id == claim_id)
+    rule = next(c.rule for c in [*CLAIMS, *CHECKS] if c.id == claim_id)
     return rule(m, th).verdict
 
 
@@ -101,9 +101,22 @@ def test_attention_needs_both_bands_and_shrinking():
 
 
 def test_prop42_ratio_above_one_differs():
-    assert verdict("prop-4.2", models(model("a", prop42_max_ratio=1.0), model("b", prop42_max_ratio=0.3))) == HOLDS
-    assert verdict("prop-4.2", models(model("a", prop42_max_ratio=1.01), model("b"))) == DIFFERS
-    assert verdict("prop-4.2", models(model("a", prop42_max_ratio=math.nan))) == NOT_MEASURABLE
+    """The bound is a sanity check (a theorem): it sits in CHECKS, not among the claims."""
+    assert "prop-4.2-bound" in {c.id for c in CHECKS} and "prop-4.2-bound" not in {c.id for c in CLAIMS}
+    assert verdict("prop-4.2-bound", models(model("a", prop42_max_ratio=1.0), model("b", prop42_max_ratio=0.3))) \
+        == HOLDS
+    assert verdict("prop-4.2-bound", models(model("a", prop42_max_ratio=1.01), model("b"))) == DIFFERS
+    assert verdict("prop-4.2-bound", models(model("a", prop42_max_ratio=math.nan))) == NOT_MEASURABLE
+
+
+def test_prop42_claim_is_the_empirical_relation_with_its_interval():
+    row = dict(prop42_spearman=0.9, prop42_spearman_lo=0.85, prop42_spearman_hi=0.94)
+    assert verdict("prop-4.2", models(model("a", **row))) == HOLDS
+    assert verdict("prop-4.2", models(model("a", **row), model("b", prop42_spearman=0.1, prop42_spearman_lo=-0.1,
+                                                                 prop42_spearman_hi=0.3))) == DIFFERS
+    assert verdict("prop-4.2", models(model("a", prop42_spearman=0.55, prop42_spearman_lo=0.4,
+                                            prop42_spearman_hi=0.7))) == INCONCLUSIVE
+    assert verdict("prop-4.2", models(model("a"))) == NOT_MEASURABLE  # no relation measured
 
 
 def test_stage_rules():

@@ -157,3 +157,25 @@ def test_gqa_heads_read_their_own_key_head():
     after = [head_kappas(q, k)[0] for q, k in zip(*head_projections(attn)[:2])]
     ratios = [a / b for a, b in zip(after, before)]
     assert ratios == pytest.approx([1.0, 1.0, 100.0, 100.0], rel=1e-6)  # float32 weights × 100
+
+
+def test_attention_state_relation_is_spearman_with_a_prompt_bootstrap():
+    """Attention change a monotone (convex) function of state change → ρ_s = 1 exactly (Pearson would be < 1);
+    shuffled within the table → near 0, its interval straddling 0; prelude rows are ignored."""
+    import numpy as np
+    import pandas as pd
+
+    from loopscope.stages.prop42 import attention_state_relation
+
+    rng = np.random.default_rng(0)
+    dx = rng.uniform(0.1, 2.0, 200)
+    rows = pd.DataFrame({"segment": "core", "batch": np.repeat(np.arange(10), 20), "input_change": dx,
+                         "measured": dx ** 3})
+    rows = pd.concat([rows, pd.DataFrame({"segment": ["prelude"] * 5, "batch": 0, "input_change": 1.0,
+                                          "measured": [9.0, 0.0, 9.0, 0.0, 9.0]})], ignore_index=True)
+    r = attention_state_relation(rows, n_boot=200)
+    assert r["spearman"] == pytest.approx(1.0) and r["n_checks"] == 200 and r["n_prompts"] == 10
+    assert r["spearman_lo"] == pytest.approx(1.0)
+    shuffled = rows[rows.segment == "core"].assign(measured=rng.permutation(dx))
+    s = attention_state_relation(shuffled, n_boot=200)
+    assert abs(s["spearman"]) < 0.2 and s["spearman_lo"] < 0 < s["spearman_hi"]

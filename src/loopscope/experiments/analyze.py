@@ -30,6 +30,7 @@ from loopscope.dynamics.rule_dynamics import MIN_RECURRENCES
 from loopscope.dynamics.sensitivity import threshold_sweep
 from loopscope.dynamics.similarity import AttentionDistance, ResidualSimilarity
 from loopscope.errors import InputError
+from loopscope.stages.prop42 import attention_state_relation
 from loopscope.experiments.stage_tables import (
     STAGE_METRICS,
     alignment_table,
@@ -171,6 +172,7 @@ class Analysis:
     prop42: pd.DataFrame | None
     runs: dict[str, dict]
     floor: float | None
+    prop42_relation: dict | None = None  # `stages.prop42.attention_state_relation` (the empirical Prop. 4.2)
 
 
 def analyse(loaded: LoadedModel, prompts: list[str], s: AnalyzeSettings, world: World | None = None,
@@ -210,6 +212,7 @@ def analyse(loaded: LoadedModel, prompts: list[str], s: AnalyzeSettings, world: 
         stages=stage_table_from(attn),
         prop42=prop42_table_summary(attn["prop42"]) if "prop42" in attn else None,
         runs=runs, floor=floor,
+        prop42_relation=attention_state_relation(attn["prop42"]) if "prop42" in attn else None,
     )
 
 

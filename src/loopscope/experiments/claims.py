@@ -61,6 +61,8 @@ class Thresholds:
     # patterns have their nearest pattern from another recurrence in the same layer
     attention_shrink: float = 0.5  # and ‖A_{j,R−2} − A_{j,R−1}‖ is at most this fraction of ‖A_{j,0} − A_{j,R−1}‖
     prop42_ratio: float = 1.0  # measured attention change / Prop. 4.2 bound; above 1 the bound is violated
+    tracks: float = 0.5  # "attention change tracks state change": Spearman ρ(‖ΔS‖, ‖ΔX‖) above this (a monotone
+    # relation that orders most check pairs alike; fixed before any run, the paper gives no number)
     aligned: float = 0.5  # a pass "follows the feedforward stages" when its ColSum profile's Pearson r with the
     # control's is at least this (median over passes for a model)
     repeat_error: float = 0.25  # a stage profile "repeats every pass" when the RMS difference of each block
@@ -233,6 +235,25 @@ def rule_prop42(m: Measurements, th: Thresholds) -> Verdict:
     ev = "; ".join(f"{r.model} {fmt(r.prop42_max_ratio)}" for r in rows.itertuples())
     return Verdict(HOLDS if worst <= th.prop42_ratio else DIFFERS,
                    f"largest measured/bound ratio {fmt(worst)} (≤ {fmt(th.prop42_ratio)} required): {ev}", names(rows))
+
+
+def rule_attention_tracks_state(m: Measurements, th: Thresholds) -> Verdict:
+    """The empirical content of Prop. 4.2: per model, Spearman ρ(‖ΔS‖, ‖ΔX‖) with its bootstrap interval over
+    prompts; holds when every model's interval is above `tracks`, differs when one is below, else inconclusive."""
+    if (v := missing(m, "models")) is not None:
+        return v
+    if "prop42_spearman" not in m["models"]:
+        return Verdict(NOT_MEASURABLE, "the attention/state change relation was not measured")
+    rows = m["models"].dropna(subset=["prop42_spearman"])
+    if rows.empty:
+        return Verdict(NOT_MEASURABLE, "no model had ≥ 2 recurrences with attention")
+    above = rows["prop42_spearman_lo"] > th.tracks
+    below = rows["prop42_spearman_hi"] < th.tracks
+    verdict = HOLDS if above.all() else DIFFERS if below.any() else INCONCLUSIVE
+    ev = "; ".join(f"{r.model} ρ_s {fmt(r.prop42_spearman)} [{fmt(r.prop42_spearman_lo)}, "
+                   f"{fmt(r.prop42_spearman_hi)}]" for r in rows.itertuples())
+    return Verdict(verdict, f"Spearman ρ(‖ΔS‖, ‖ΔX‖) over (recurrence, layer, prompt, head), 95 % bootstrap over "
+                   f"prompts; holds when every interval is above {fmt(th.tracks)}: {ev}", names(rows))
 
 
 def rule_stages_align(m: Measurements, th: Thresholds) -> Verdict:
@@ -526,12 +547,10 @@ CLAIMS: list[Claim] = [
           "model converges closer with injection than without.", rule_injection_helps),
     Claim("distinct", "§3.2 (a)/(b)", "Trained looped models' per-layer fixed points are distinct (a cycle), not one "
           "degenerate shared point.", rule_distinct_not_degenerate),
-    Claim("prop-4.1", "§3.2 Prop. 4.1", "Once the block's last layer has converged, every layer has (cyclic "
-          "permutations share the fixed point).", rule_prop41),
     Claim("attention-stabilises", "§4 items 1–2, Figs. 2, 23", "As states converge, each layer's attention pattern "
           "stops changing and matches itself across recurrences (diagonal bands).", rule_attention_stabilises),
-    Claim("prop-4.2", "§3.2 Prop. 4.2, App. A", "Attention change is bounded by L_sm·(2Bκ/√d)·‖ΔX‖ with L_sm = 1/2 "
-          "(measured/bound ≤ 1).", rule_prop42),
+    Claim("prop-4.2", "§3.2 Prop. 4.2, App. A", "Attention change tracks state change and shrinks with it "
+          "(the empirical content of the Lipschitz bound).", rule_attention_tracks_state),
     Claim("stages-repeat", "§5 item 1, Figs. 7, 34", "The block re-enacts the same stage profile on every recurrence "
           "after a short transient.", rule_stages_repeat),
     Claim("stages-align", "§6.3, Fig. 10", "Looped models trained from scratch self-organise into feedforward-like "
@@ -578,11 +597,29 @@ from loopscope.experiments.retrofit_claims import RETROFIT_CLAIMS  # noqa: E402 
 CLAIMS += RETROFIT_CLAIMS
 
 
+# Sanity checks: rows that can fail only if the code (or the model's arithmetic) is wrong — a theorem checked
+# numerically, or an implication nearly guaranteed by any deterministic recurrence. Reported apart from the claims.
+CHECKS: list[Claim] = [
+    Claim("prop-4.1", "§3.2 Prop. 4.1", "Once the block's last layer has converged (every token), every layer has "
+          "(cyclic permutations share the fixed point).", rule_prop41),
+    Claim("prop-4.2-bound", "§3.2 Prop. 4.2, App. A", "Attention change is bounded by L_sm·(2Bκ/√d)·‖ΔX‖ with "
+          "L_sm = 1/2 (measured/bound ≤ 1).", rule_prop42),
+]
+
+
+def evaluate_checks(m: Measurements, th: Thresholds | None = None) -> pd.DataFrame:
+    """The sanity checks (`CHECKS`), in the claims table's columns."""
+    return _evaluate(CHECKS, m, th or Thresholds())
+
+
 def evaluate_claims(m: Measurements, th: Thresholds | None = None) -> pd.DataFrame:
     """One row per claim (in `CLAIMS` order): id, source, claim, verdict, evidence, measured_on."""
-    th = th or Thresholds()
+    return _evaluate(CLAIMS, m, th or Thresholds())
+
+
+def _evaluate(claims: list[Claim], m: Measurements, th: Thresholds) -> pd.DataFrame:
     rows = []
-    for c in CLAIMS:
+    for c in claims:
         v = c.rule(m, th)
         if v.verdict not in VERDICTS:
             raise ValueError(f"rule {c.id} returned {v.verdict!r}")

@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 
 from loopscope.errors import InputError
-from loopscope.experiments.claims import Thresholds, evaluate_claims, thresholds_table
+from loopscope.experiments.claims import Thresholds, evaluate_checks, evaluate_claims, thresholds_table
 from loopscope.experiments.retrofit_study import RetrofitPlan
 from loopscope.experiments.stage_cache import StageCache
 from loopscope.models.device import Precision
@@ -378,6 +378,7 @@ def analyse_model(name: str, spec: str, prompts: list[str], control_stages: pd.D
     tables["stages"] = result.stages
     tables["alignment"] = alignment_table(tables["stages"], control_stages)
     tables["prop42"] = result.prop42
+    tables["prop42_relation"] = pd.DataFrame([result.prop42_relation or {}])
     tables["neurons"] = model_neuron_fractions(loaded)
     tables["summary"] = pd.DataFrame([model_summary(name, loaded.model.cfg, plan.recurrences, tables)])
     return tables
@@ -411,6 +412,9 @@ def model_summary(name: str, cfg, recurrences: int, t: dict[str, pd.DataFrame]) 
         "attention_self_match": attention_self_match(t["attention_distance"]),
         "attention_shrink": attention_shrink(t["attention_to_fixed_point"]),
         "prop42_max_ratio": float(prop42["max_ratio"].max()) if prop42 is not None and len(prop42) else math.nan,
+        **{f"prop42_{k}": float(t["prop42_relation"][k].iloc[0])
+           if "prop42_relation" in t and k in t["prop42_relation"] else math.nan
+           for k in ("spearman", "spearman_lo", "spearman_hi")},
         "stage_repeat_error": stage_repeat_error(t["stages"], "colsum_concentration_mean"),
         **colsum_alignment(t["alignment"]),
         "massive_ratio": float(t["stages"]["massive_activation_ratio_mean"].max()),
@@ -561,8 +565,9 @@ def write_report(p: Pipeline, results: dict) -> Path:
     # no page meta: the claims table is the first table of the page; the run settings follow it
     report = Report("loopscope reproduce — Blayney et al. (2026), A Mechanistic Analysis of Looped Reasoning "
                     "Language Models", s.out)
+    checks = None if s.retrofit_only else evaluate_checks(m, plan.thresholds)
     add_claims_section(report, claims, m.get("models", pd.DataFrame()), thresholds_table(plan.thresholds), timings,
-                       run)
+                       run, checks)
     if results.get("retrofit"):
         from loopscope.report.retrofit_section import add_retrofit_section
 

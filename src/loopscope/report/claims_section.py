@@ -12,7 +12,8 @@ from loopscope.report.document import Figure, Report, save_csv
 
 
 def add_claims_section(report: Report, claims: pd.DataFrame, models: pd.DataFrame, thresholds: pd.DataFrame,
-                       timings: pd.DataFrame, run: dict[str, object] | None = None) -> None:
+                       timings: pd.DataFrame, run: dict[str, object] | None = None,
+                       checks: pd.DataFrame | None = None) -> None:
     """The claims table (one line per claim: verdict and the numbers behind it), then what it was computed from."""
     counts = claims["verdict"].value_counts()
     sec = report.section(
@@ -27,6 +28,10 @@ def add_claims_section(report: Report, claims: pd.DataFrame, models: pd.DataFram
     )
     report.table(sec, claims, "claims", "Claims (id, where the paper makes it, the claim), verdict, evidence (the "
                  "rule's numbers) and the models it was measured on.", max_rows=200, text=True)
+    if checks is not None and len(checks):
+        report.table(sec, checks, "checks", "Sanity checks, apart from the claims: a theorem checked numerically "
+                     "(the Prop. 4.2 bound) and an implication any deterministic recurrence nearly guarantees "
+                     "(Prop. 4.1). They fail only if the code or the arithmetic is wrong.", max_rows=20, text=True)
     if run:
         report.table(sec, pd.DataFrame({"setting": list(run), "value": [str(v) for v in run.values()]}), "run",
                      "This run.", text=True)

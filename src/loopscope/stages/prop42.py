@@ -147,3 +147,42 @@ class Prop42Check(Accumulator):
             raise InputError("no attention was captured for the Prop. 4.2 check; capture with attention")
         out = pd.concat(frames, ignore_index=True)
         return out.sort_values(["depth", "batch", "head"], kind="stable").reset_index(drop=True)
+
+
+def attention_state_relation(checks: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
+    """The empirical content of Prop. 4.2 (Blayney et al. 2026 §3.2): attention change tracks state change.
+
+        ρ_s = Spearman( ‖S(X_t) − S(X_{t−1})‖_F , ‖X_t − X_{t−1}‖_F )
+
+    over every block-layer check row (recurrence t ≥ 1, layer, prompt, head) of `Prop42Check`, with a 95 %
+    percentile bootstrap interval that resamples prompts (rows of one prompt share its context). Unlike the bound
+    (measured/bound ≤ 1 is the theorem itself), ρ_s can come out either way: near 0 if attention moved
+    independently of the state. Returns {"spearman", "spearman_lo", "spearman_hi", "n_checks", "n_prompts"}."""
+    import numpy as np
+
+    core = checks[(checks["segment"] == "core")].dropna(subset=["measured", "input_change"])
+    if len(core) < 3 or core["measured"].nunique() < 2 or core["input_change"].nunique() < 2:
+        return {"spearman": math.nan, "spearman_lo": math.nan, "spearman_hi": math.nan, "n_checks": len(core),
+                "n_prompts": int(core["batch"].nunique()) if len(core) else 0}
+
+    x, y = core["measured"].to_numpy(float), core["input_change"].to_numpy(float)
+
+    def ranks(v: np.ndarray) -> np.ndarray:  # average ranks for ties (as pandas' rank), in numpy: fast enough for
+        _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)  # 2000 replicates
+        return (np.cumsum(counts) - (counts - 1) / 2)[inverse]
+
+    def rho(idx: np.ndarray) -> float:
+        a, b = ranks(x[idx]), ranks(y[idx])
+        if a.std() == 0 or b.std() == 0:
+            return math.nan
+        return float(np.corrcoef(a, b)[0, 1])
+
+    batch = core["batch"].to_numpy()
+    prompts = np.unique(batch)
+    rows = [np.flatnonzero(batch == b) for b in prompts]
+    rng = np.random.default_rng(seed)
+    reps = [rho(np.concatenate([rows[i] for i in rng.integers(0, len(prompts), len(prompts))]))
+            for _ in range(n_boot)]
+    lo, hi = np.nanquantile(reps, [0.025, 0.975])
+    return {"spearman": rho(np.arange(len(core))), "spearman_lo": float(lo), "spearman_hi": float(hi),
+            "n_checks": len(core), "n_prompts": len(prompts)}
