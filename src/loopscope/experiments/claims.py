@@ -71,6 +71,8 @@ class Thresholds:
     # largest R at most this (= settled) …
     alignment_drift: float = 0.1  # … and |alignment_corr(R_max) − alignment_corr(R_train)| at most this
     loss_drift: float = 0.1  # held-out loss at R_max at most this many nats above the loss at R_train
+    loop_gain: float = 0.05  # a healed retrofit "uses its loop" when its loss at the training R is surely this many
+    # nats below its own loss at R = 1 (the target issue 11 set before healing)
     stages_kept: float = 0.6  # an ablation "removes the stages" when the mean sink rate and the mean ColSum
     # concentration over all states both fall to at most this fraction of their unchanged value
     massive: float = 100.0  # a model "has massive activations" when its largest peak/median |x| reaches this
@@ -499,6 +501,13 @@ def rule_persona(m: Measurements, th: Thresholds) -> Verdict:
     return Verdict(HOLDS if ok else DIFFERS, f"non-fixed-point tokens: {ev}")
 
 
+def stages_removed(row, th: Thresholds) -> bool:
+    """An ablation row "removes the stages": every measured kept-fraction (sink rate, ColSum concentration; NaN
+    where the metric was 0 before) is at most `stages_kept`."""
+    kept = [k for k in (row.sink_rate_kept, row.colsum_concentration_kept) if not math.isnan(k)]
+    return bool(kept) and max(kept) <= th.stages_kept
+
+
 def rule_massive_causal(m: Measurements, th: Thresholds) -> Verdict:
     """Judged on looped models with massive activations; without any, not measurable, with the looped control and
     the feedforward reference (SmolLM2) as evidence of what the ablation does where they exist."""
@@ -507,16 +516,12 @@ def rule_massive_causal(m: Measurements, th: Thresholds) -> Verdict:
     t = m["massive_ablation"]
     massive = t["massive_ratio_before"] >= th.massive
 
-    def removed(r) -> bool:
-        kept = [k for k in (r.sink_rate_kept, r.colsum_concentration_kept) if not math.isnan(k)]
-        return bool(kept) and max(kept) <= th.stages_kept
-
     def describe(r) -> str:
         return (f"{r.model} ({r.kind}): peak/median |x| {fmt(r.massive_ratio_before)} → {fmt(r.massive_ratio_after)} "
                 f"after zeroing {r.segment} layer {r.layer}'s MLP; sink rate "
                 + ("0 before (no sinks)" if math.isnan(r.sink_rate_kept) else f"×{fmt(r.sink_rate_kept)}") + ", ColSum "
                 f"concentration ×{fmt(r.colsum_concentration_kept)}, KL {fmt(r.mean_kl)} nats: stages "
-                + ("removed" if removed(r) else "kept"))
+                + ("removed" if stages_removed(r, th) else "kept"))
 
     judged = t[massive & (t["kind"] == "looped")]
     if judged.empty:
@@ -526,7 +531,7 @@ def rule_massive_causal(m: Measurements, th: Thresholds) -> Verdict:
                + f" < {fmt(th.massive)})" if len(looped) else "no looped model was ablated")
         evidence = "; ".join(describe(r) for r in t.itertuples())
         return Verdict(NOT_MEASURABLE, f"{why}; {evidence}", names(t))
-    ok = all(removed(r) for r in judged.itertuples())
+    ok = all(stages_removed(r, th) for r in judged.itertuples())
     return Verdict(HOLDS if ok else DIFFERS, "; ".join(describe(r) for r in t.itertuples()), names(judged))
 
 

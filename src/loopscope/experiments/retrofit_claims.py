@@ -19,7 +19,7 @@ import math
 import pandas as pd
 
 from loopscope.experiments.claims import DIFFERS, HOLDS, INCONCLUSIVE, NOT_MEASURABLE, Claim, Measurements, \
-    Thresholds, Verdict, fmt, missing
+    Thresholds, Verdict, fmt, missing, stages_removed
 
 
 
@@ -82,8 +82,7 @@ def rule_massive_causal(m: Measurements, th: Thresholds) -> Verdict:
     if r.massive_ratio_before < th.massive:
         return Verdict(NOT_MEASURABLE, f"peak/median |x| {fmt(r.massive_ratio_before)} < {fmt(th.massive)}: no "
                        "massive activations to remove", str(r.model))
-    kept = [k for k in (r.sink_rate_kept, r.colsum_concentration_kept) if not math.isnan(k)]
-    removed = bool(kept) and max(kept) <= th.stages_kept
+    removed = stages_removed(r, th)
     return Verdict(HOLDS if removed else DIFFERS,
                    f"zeroing {r.segment} layer {r.layer}'s MLP at every pass: peak/median |x| "
                    f"{fmt(r.massive_ratio_before)} → {fmt(r.massive_ratio_after)}, sink rate ×{fmt(r.sink_rate_kept)}, "
@@ -99,31 +98,34 @@ def looped_rows(m: Measurements) -> pd.DataFrame | None:
     return rows if len(rows) >= 2 else None
 
 
+def trained_row(rows: pd.DataFrame) -> tuple[int, pd.Series | None]:
+    """(the model's training R, its row in the R grid, or None when the grid lacks it)."""
+    trained = int(rows["trained_recurrences"].iloc[0])
+    at = rows[rows["recurrences"] == trained]
+    return trained, (None if at.empty else at.iloc[0])
+
+
 def rule_loop_used(m: Measurements, th: Thresholds) -> Verdict:
     rows = looped_rows(m)
     if rows is None:
         return Verdict(NOT_MEASURABLE, "no extrapolation table for the looped model")
-    trained = int(rows["trained_recurrences"].iloc[0])
-    at = rows[rows["recurrences"] == trained]
-    if at.empty:
+    trained, r = trained_row(rows)
+    if r is None:
         return Verdict(NOT_MEASURABLE, f"the training R = {trained} is not in the R grid")
-    r = at.iloc[0]
-    verdict = side(r.loss_minus_r1_lo, r.loss_minus_r1_hi, -0.05, above_holds=False)
+    verdict = side(r.loss_minus_r1_lo, r.loss_minus_r1_hi, -th.loop_gain, above_holds=False)
     return Verdict(verdict, f"held-out loss at the training R = {trained} minus at R = 1: "
                    f"{ci(r.loss_minus_r1, r.loss_minus_r1_lo, r.loss_minus_r1_hi)} nats (paired bootstrap over "
-                   f"{int(r.texts)} texts; holds below −0.05)", str(r.model))
+                   f"{int(r.texts)} texts; holds below −{fmt(th.loop_gain)})", str(r.model))
 
 
 def rule_extrapolation(m: Measurements, th: Thresholds) -> Verdict:
     rows = looped_rows(m)
     if rows is None:
         return Verdict(NOT_MEASURABLE, "no extrapolation table for the looped model")
-    trained = int(rows["trained_recurrences"].iloc[0])
+    trained, r = trained_row(rows)
     far = rows.iloc[-1]
-    at = rows[rows["recurrences"] == trained]
-    if at.empty or far.recurrences < 8 * trained:
+    if r is None or far.recurrences < 8 * trained:
         return Verdict(NOT_MEASURABLE, f"the R grid must hold the training R = {trained} and reach 8× it")
-    r = at.iloc[0]
     verdict = side(far.loss_minus_trained_lo, far.loss_minus_trained_hi, th.loss_drift, above_holds=False)
     return Verdict(verdict, f"held-out loss R = {trained}: {ci(r.loss, r.loss_lo, r.loss_hi)}, R = "
                    f"{int(far.recurrences)}: {ci(far.loss, far.loss_lo, far.loss_hi)} nats, rise "
