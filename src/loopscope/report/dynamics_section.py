@@ -158,7 +158,9 @@ def add_certificate_section(report: Report, t: dict[str, pd.DataFrame]) -> None:
     sec = report.section(
         "Stability certificate: the block's Jacobian at each token's long-run state",
         "Why does a token settle? The leading eigenvalues of J = ∂F/∂s of one recurrence of the block at the state "
-        "after the last recurrence (the injected input held fixed; causal attention makes token i's block J_ii), "
+        "after the last recurrence (the injected input held fixed). Causal attention makes the Jacobian block "
+        "lower-triangular over tokens, so token i's ρ is the largest |λ| of its prefix's diagonal blocks J_jj, j ≤ i "
+        "(its own block's is `rho_own` in the table): an earlier token's slow mode drives token i too. It is "
         "estimated by Arnoldi iteration on vector-Jacobian products, never forming J. ρ = |λ₁| < 1 predicts a "
         "stable fixed point approached at rate ρ per recurrence; ρ ≈ 1 with a complex λ₁ an orbit of period "
         "2π/|arg λ₁|; ρ > 1 divergence. Beside it, what the detector saw on the trajectory, and its measured "
@@ -172,5 +174,7 @@ def add_certificate_section(report: Report, t: dict[str, pd.DataFrame]) -> None:
                                    title="Predicted contraction ρ = |λ₁| against the measured step-size rate",
                                    xlabel="ρ = |λ₁| of the block's Jacobian", ylabel="measured step rate e^b")
     sec.items.append(Figure(png, "One point per token. On the diagonal, the linearisation explains the measured "
-                                 "convergence; tokens at the numerical floor have no measurable rate of their own.",
+                                 "convergence; tokens at the numerical floor have no measurable rate of their own. "
+                                 "The measured rate is a fit over the tail window, so a token whose steps reach the "
+                                 "rounding floor inside that window gets a flattened fit that lies above ρ.",
                             [csv]))
