@@ -130,9 +130,10 @@ class AttentionMetrics(PromptRows):
         for b, pos in enumerate(self.positions):
             a = self.ctx.prompt_pattern(x, b).to(device="cpu", dtype=torch.float64)  # (H, T_b, T_b)
             metrics = head_metrics(a, **self.settings)
-            for h in range(a.shape[0]):
+            per_head = torch.stack(list(metrics.values()), dim=1).tolist()  # (H, metrics): one copy, not H·6
+            for h, values in enumerate(per_head):
                 self.rows.append({**ids, "batch": self.ctx.first_prompt + b, "head": h, "n_tokens": len(pos),
-                                  **{k: float(v[h]) for k, v in metrics.items()}})
+                                  **dict(zip(metrics, values))})
 
     def end(self) -> Part:
         if not self.rows:
