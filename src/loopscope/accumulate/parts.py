@@ -9,7 +9,6 @@ same values bit for bit, the same column order and nullable integer columns.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from loopscope.errors import InputError
+from loopscope.resume import write_atomic
 
 FORMAT = "loopscope-part/1"
 
@@ -96,13 +96,9 @@ def decode_part(blob: bytes) -> dict[str, Any]:
 
 
 def write_part(path: Path, part: dict[str, Any]) -> Path:
-    """Write atomically (tmp file + rename): a kill mid-write never leaves a truncated batch result."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(encode_part(part))
-    os.replace(tmp, path)
-    return path
+    """Write atomically (`loopscope.resume.write_atomic`): a kill mid-write never leaves a truncated batch result."""
+    write_atomic(path, encode_part(part))
+    return Path(path)
 
 
 def read_part(path: Path) -> dict[str, Any]:

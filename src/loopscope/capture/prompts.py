@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -12,6 +10,7 @@ from tqdm.auto import tqdm
 from loopscope.capture.record import capture
 from loopscope.capture.trajectory import Trajectory
 from loopscope.errors import InputError
+from loopscope.resume import run_key
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor, list[list[str]]]:
@@ -31,15 +30,27 @@ def encode_prompts(tokenizer, prompts: list[str], max_len: int) -> tuple[torch.T
                 f"prompt {i} is {len(ids)} tokens, longer than the model's context of {max_len}; shorten it"
             )
         rows.append(ids)
+    ids, mask = pad_right(rows, pad_id(tokenizer))
+    tokens = [tokenizer.convert_ids_to_tokens(r) for r in rows]
+    return ids, mask, tokens
+
+
+def pad_id(tokenizer) -> int:
+    """The tokenizer's pad id, or 0 when it has none (right padding is never attended to, so any id works)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def pad_right(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists → right-padded ids (B, T) and the real-token mask (B, T), T = the longest row."""
+    if not rows or not all(rows):
+        raise InputError("pad_right needs at least one row and no empty row")
     T = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.full((len(rows), T), pad, dtype=torch.long)
     mask = torch.zeros(len(rows), T, dtype=torch.bool)
     for b, r in enumerate(rows):
         ids[b, : len(r)] = torch.tensor(r)
         mask[b, : len(r)] = True
-    tokens = [tokenizer.convert_ids_to_tokens(r) for r in rows]
-    return ids, mask, tokens
+    return ids, mask
 
 
 def capture_prompts(
@@ -82,5 +93,4 @@ def capture_prompts(
 
 
 def batch_key(name: str, batch: list[str], recurrences: int, attention: bool, sites=None) -> str:
-    payload = json.dumps([name, batch, recurrences, attention, None if sites is None else repr(sites)])
-    return hashlib.sha1(payload.encode()).hexdigest()[:12]
+    return run_key([name, batch, recurrences, attention, None if sites is None else repr(sites)])

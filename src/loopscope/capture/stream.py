@@ -23,8 +23,6 @@ accumulators.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,10 +37,15 @@ from loopscope.accumulate.memory import release_free_memory
 from loopscope.accumulate.parts import decode_part, encode_part
 from loopscope.accumulate.replay import context_from_trajectory, replay
 from loopscope.capture.prompts import encode_prompts
+from loopscope import resume
 from loopscope.capture.record import capture
 from loopscope.errors import InputError
+from loopscope.resume import write_atomic
 from loopscope.models.hooks import HookPoint, Step
 from loopscope.models.looped import LoopedLM
+
+
+CACHE_VERSION = 2  # raised when what a Part holds changes (2: the table dialect's layout), so old parts are not read
 
 
 class StreamRecorder:
@@ -211,13 +214,12 @@ def compute_dtype_of(model: LoopedLM) -> torch.dtype:
 def run_key(loaded, prompts: list[str], accumulators: list[Accumulator], s: StreamSettings) -> str:
     model = loaded.model
     cfg = getattr(model, "cfg", None)
-    payload = json.dumps({
-        "model": loaded.name, "config": cfg.to_dict() if cfg is not None else str(type(model)),
+    return resume.run_key({
+        "cache_version": CACHE_VERSION, "model": loaded.name, "config": cfg.to_dict() if cfg is not None else str(type(model)),
         "dtype": str(next(model.parameters()).dtype), "stream": str(compute_dtype_of(model)) if cfg else "",
         "prompts": prompts, "R": s.recurrences, "attention": s.attention, "batch_size": s.batch_size,
         "seed": s.state_seed, "accumulators": [signature(a) for a in accumulators],
-    }, sort_keys=True, default=str)
-    return hashlib.sha1(payload.encode()).hexdigest()[:16]
+    })
 
 
 def stream_prompts(loaded, prompts: list[str], accumulators: list[Accumulator], s: StreamSettings
@@ -251,10 +253,7 @@ def stream_prompts(loaded, prompts: list[str], accumulators: list[Accumulator], 
         parts, record = run_batch(loaded, batches[i], i, i * s.batch_size, accumulators, s)
         local[i] = {**parts, "__record__": record}
         if path is not None:  # written atomically: a kill mid-write leaves no half part
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(encode_part(local[i]))
-            tmp.replace(path)
+            write_atomic(path, encode_part(local[i]))
         records[i] = {**record, "cached": False}
         release_free_memory()
     decoded = gather_parts(local, len(batches), world)

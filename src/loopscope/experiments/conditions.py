@@ -24,8 +24,6 @@ Each condition's per-token labels are cached under OUT/cache/conditions, so an i
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -35,6 +33,7 @@ from tqdm.auto import tqdm
 
 from loopscope import dynamics
 from loopscope.capture import capture
+from loopscope.capture.prompts import pad_id, pad_right
 from loopscope.data.gsm8k import gsm8k_test_subset
 from loopscope.data.system_prompts import SYSTEM_PROMPT_CONDITIONS, apply_condition, get_condition, system_token_ids
 from loopscope.dynamics.behaviour import METHODS
@@ -44,6 +43,7 @@ from loopscope.models.device import Precision
 from loopscope.models.load import LoadedModel
 from loopscope.report import Report
 from loopscope.report.conditions_section import add_conditions_section
+from loopscope.resume import cached_table, run_key
 
 BATCH_SIZE = 4  # questions per capture: R=64, K=4, T≈300, D=128 is ≈ 40 MB per question in fp32
 
@@ -78,14 +78,8 @@ def condition_labels(loaded: LoadedModel, questions: list[str], condition: str, 
     """Per real token of every question: batch, token, question (bool: a question token), method, behaviour."""
     ids, start = encode(loaded, questions, condition)
     parts = []
-    pad = loaded.tokenizer.pad_token_id or 0
     for b0 in range(0, len(ids), BATCH_SIZE):
-        rows = ids[b0: b0 + BATCH_SIZE]
-        T = max(len(r) for r in rows)
-        x = torch.full((len(rows), T), pad, dtype=torch.long)
-        mask = torch.zeros(len(rows), T, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            x[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), True
+        x, mask = pad_right(ids[b0: b0 + BATCH_SIZE], pad_id(loaded.tokenizer))
         with torch.inference_mode():
             traj = capture(loaded.model, x, recurrences=recurrences, mask=mask)  # states only, right-padded
         for method in METHODS:
@@ -99,19 +93,19 @@ def condition_labels(loaded: LoadedModel, questions: list[str], condition: str, 
 
 
 def behaviour_fractions(labels: pd.DataFrame) -> pd.DataFrame:
-    """One row per method: n_tokens and the fraction of tokens per behaviour (rows sum to 1)."""
+    """One row per method: n (tokens) and the fraction of tokens per behaviour (rows sum to 1)."""
     counts = pd.crosstab(labels["method"], labels["behaviour"]).reindex(columns=list(dynamics.BEHAVIOURS),
                                                                         fill_value=0)
     n = counts.sum(axis=1)
     frac = counts.div(n, axis=0)
-    frac.insert(0, "n_tokens", n)
+    frac.insert(0, "n", n)
     return frac.reset_index()
 
 
 def run_conditions(model: str, out: Path, data: str | None = None, questions: int = 16, recurrences: int = 64,
                    conditions: list[str] | None = None, progress: bool = True,
                    precision: Precision | None = None) -> pd.DataFrame:
-    """One row per (condition, method): condition, method, reconstructed, n_tokens, fixed_point, orbit, slider,
+    """One row per (condition, method): condition, method, reconstructed, n (question tokens), fixed_point, orbit, slider,
     divergent, unknown (fractions of question tokens). `table.attrs["all_tokens"]` is the same over every real
     token. Writes OUT/index.html, figures, tables."""
     start = time.perf_counter()
@@ -128,9 +122,7 @@ def run_conditions(model: str, out: Path, data: str | None = None, questions: in
                          "uses 128)")
     subset = gsm8k_test_subset(data)
     loaded = (precision or Precision()).load(model)
-    from loopscope.models.looped import LoopedLM
-
-    if not isinstance(loaded.model, LoopedLM):
+    if not loaded.is_looped:
         raise InputError(f"model {model!r} is a {loaded.kind} model; conditions needs a looped model")
     rows, skipped = fitting_questions(loaded, subset, names, questions)
     out = Path(out)
@@ -138,13 +130,9 @@ def run_conditions(model: str, out: Path, data: str | None = None, questions: in
     cache.mkdir(parents=True, exist_ok=True)
     tables = {"question": [], "all": []}
     for name in tqdm(names, desc=f"conditions R={recurrences}", disable=not progress, unit="condition"):
-        key = hashlib.sha1(json.dumps([model, [r["index"] for r in rows], recurrences, name]).encode()).hexdigest()[:12]
-        path = cache / f"{name}-{key}.csv"
-        if path.exists():
-            labels = pd.read_csv(path)
-        else:
-            labels = condition_labels(loaded, [r["question"] for r in rows], name, recurrences)
-            labels.to_csv(path, index=False)
+        key = run_key([model, [r["index"] for r in rows], recurrences, name])
+        labels = cached_table(cache / f"{name}-{key}.csv",
+                              lambda: condition_labels(loaded, [r["question"] for r in rows], name, recurrences))
         cond = get_condition(name)
         for scope, part in (("question", labels[labels["question"]]), ("all", labels)):
             frac = behaviour_fractions(part)

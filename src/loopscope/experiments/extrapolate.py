@@ -25,7 +25,6 @@ OUT/cache/extrapolate, keyed by everything that changes it, so an interrupted ru
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from loopscope.models.device import Precision
 from loopscope.models.load import LoadedModel
 from loopscope.report import Report
 from loopscope.report.extrapolate_section import add_extrapolate_section
+from loopscope.resume import cached_table, run_key, write_atomic
 
 HELDOUT_SEQ_LEN = 256  # packed held-out rows, the length `loopscope train` evaluates with (TrainSettings.seq_len)
 BEHAVIOUR_MIN_R = MIN_RECURRENCES  # the dynamics detector reads a tail window of at least this many recurrences
@@ -130,9 +130,7 @@ def say(msg: str, progress: bool) -> None:
 
 # --- per-model pieces --------------------------------------------------------------------------------------------
 def require_looped(loaded: LoadedModel, spec: str):
-    from loopscope.models.looped import LoopedLM
-
-    if not isinstance(loaded.model, LoopedLM):
+    if not loaded.is_looped:
         raise InputError(f"model {spec!r} is a {loaded.kind} model; extrapolate needs a looped model "
                          "(pass a feedforward model as --control instead)")
     return loaded.model
@@ -155,7 +153,7 @@ def dynamics_columns(states: Trajectory, R: int) -> dict[str, float]:
     sliced = first_recurrences(states, R)
     if R >= 2:
         change = dynamics.successive_change(sliced)
-        out["successive_change"] = float(change[(change.layer == K - 1) & (change.recurrence == R - 1)]["relative"].iloc[0])
+        out["successive_change"] = float(change[(change.layer == K - 1) & (change.recurrence == R - 1)]["relative_mean"].iloc[0])
     fractions = dict.fromkeys(dynamics.BEHAVIOURS, float("nan"))
     if R >= BEHAVIOUR_MIN_R:
         labels = dynamics.classify(sliced, layer=-1, method="dynamics")["behaviour"]
@@ -172,9 +170,8 @@ def alignment_at(loaded: LoadedModel, prompts: list[str], R: int, control_stage:
 
 
 def row_key(spec: str, R: int, r_max: int, s: ExtrapolateSettings) -> str:
-    payload = json.dumps([CACHE_VERSION, str(spec), R, r_max, s.control, s.loss_questions, s.accuracy_questions,
-                          s.dynamics_prompts, s.max_new_tokens, str(s.data)])
-    return hashlib.sha1(payload.encode()).hexdigest()[:12]
+    return run_key([CACHE_VERSION, str(spec), R, r_max, s.control, s.loss_questions, s.accuracy_questions,
+                    s.dynamics_prompts, s.max_new_tokens, str(s.data)])
 
 
 class LazyStates:
@@ -226,15 +223,23 @@ def control_stage_table(s: ExtrapolateSettings, prompts: list[str]) -> tuple[str
     if s.control is None:
         return None
     ff = s.precision.load(s.control)
-    path = s.out / "cache" / "extrapolate" / f"control-{row_key(s.control, 1, 1, s)}.csv"
-    if path.exists():
-        return ff.name, pd.read_csv(path)
-    with torch.inference_mode():
-        traj = capture_prompts(ff, prompts, 1, attention=True, batch_size=s.batch_size, progress=False)
-    table = stage_table(traj, model_readout(ff))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(path, index=False)
-    return ff.name, pd.read_csv(path)  # the same dtypes as a cached rerun
+
+    def compute() -> pd.DataFrame:
+        with torch.inference_mode():
+            traj = capture_prompts(ff, prompts, 1, attention=True, batch_size=s.batch_size, progress=False)
+        return stage_table(traj, model_readout(ff))
+
+    return ff.name, cached_table(s.out / "cache" / "extrapolate" / f"control-{row_key(s.control, 1, 1, s)}.csv",
+                                 compute)
+
+
+def last_pass_alignment(aligned: pd.DataFrame) -> pd.DataFrame:
+    """Pearson r of the last pass's stage profile with the control: one row per (model, R), one column per metric."""
+    if aligned.empty:
+        return pd.DataFrame()
+    last = aligned[aligned.recurrence == aligned.recurrences - 1]
+    pivot = last.pivot_table(index=["model", "recurrences"], columns="metric", values="pearson")
+    return pivot.reset_index().rename_axis(columns=None)
 
 
 def run_extrapolate(s: ExtrapolateSettings) -> dict[str, pd.DataFrame]:
@@ -280,12 +285,13 @@ def run_extrapolate(s: ExtrapolateSettings) -> dict[str, pd.DataFrame]:
         states, heldout = lazy[spec]
         row, aligned = compute_row(loaded, spec, R, states, heldout, subset, prompts,
                                    None if control is None else control[1], s)
-        path.write_text(json.dumps({"row": row, "alignment": aligned.to_dict(orient="list")}, default=float))
+        write_atomic(path, json.dumps({"row": row, "alignment": aligned.to_dict(orient="list")}, default=float).encode())
         per_r.append(row)
         aligned_parts.append(aligned)
     tables = {"per_r": pd.DataFrame(per_r)}
     aligned_parts = [a for a in aligned_parts if not a.empty]
     tables["alignment"] = pd.concat(aligned_parts, ignore_index=True) if aligned_parts else pd.DataFrame()
+    tables["alignment_last_pass"] = last_pass_alignment(tables["alignment"])
     report = Report(title="loopscope extrapolation — " + ", ".join(m.name for m in loaded_models.values()),
                     out_dir=s.out, meta={
                         "models": ", ".join(f"{m.name} (trained R = {m.recurrences})" for m in loaded_models.values()),
