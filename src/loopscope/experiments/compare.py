@@ -44,12 +44,11 @@ class CompareSettings:
 
 def stream_stages(loaded, prompts: list[str], recurrences: int, s: CompareSettings, label: str):
     """(stage table, Prop. 4.2 checks or None) of one model, streamed with attention."""
-    from loopscope.models.looped import LoopedLM
     from loopscope.models.weights import attention_projections
     from loopscope.stages.prop42 import Prop42Check
 
     accs = stage_accumulators(model_readout(loaded))
-    if isinstance(loaded.model, LoopedLM) and recurrences >= 2:
+    if loaded.is_looped and recurrences >= 2:
         accs.append(Prop42Check(attention_projections(loaded.model)))
     with torch.inference_mode():
         tables, _ = stream_prompts(loaded, prompts, accs, StreamSettings(

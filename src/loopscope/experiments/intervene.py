@@ -27,8 +27,8 @@ from loopscope.experiments.stage_tables import (
     profile_summary,
     stage_table,
 )
-from loopscope.interventions import Intervention, ZeroSublayer, describe, intervene, next_token_kl, summarize_kl
-from loopscope.interventions.run import check_recurrences
+from loopscope.interventions import Intervention, ZeroSublayer, describe, next_token_kl, summarize_kl
+from loopscope.interventions.run import capture_under, check_recurrences
 from loopscope.models.device import Precision
 from loopscope.models.load import LoadedModel
 from loopscope.report import Report
@@ -61,7 +61,7 @@ class InterveneSettings:
 
 
 def run_recurrences(loaded: LoadedModel, requested: int | None) -> int:
-    if loaded.kind != "looped":
+    if not loaded.is_looped:
         if requested not in (None, 1):
             raise InputError(f"--recurrences {requested}: {loaded.name} is a feedforward model and runs once; "
                              "leave --recurrences out")
@@ -114,20 +114,18 @@ def capture_before_after(loaded: LoadedModel, prompts: list[str], R: int, specs:
                          batch_size: int = 8, progress: bool = True) -> BeforeAfter:
     """Capture the unchanged model, then the model under `specs`; specs=None zeroes the MLP of the
     massive-activation onset layer found in the first capture (`massive_ablation_specs`)."""
-    def run() -> Trajectory:
-        # no cache_dir: the capture cache is keyed by model and prompts, not by interventions
-        return capture_prompts(loaded, prompts, R, attention=True, batch_size=batch_size, progress=progress)
+    def run(under: list[Intervention]) -> Trajectory:
+        return capture_under(loaded, prompts, under, R, attention=True, batch_size=batch_size, progress=progress)
 
     if specs is not None:
         check_recurrences(specs, R)  # before the first capture: a bad spec fails at once
     with torch.inference_mode():
-        before = run()
+        before = run([])
         norms_before = stages.residual_norms(before, include_embed=True)
         found = None
         if specs is None:
             specs, found = massive_ablation_specs(norms_before)
-        with intervene(loaded.model, specs):
-            after = run()
+        after = run(specs)
     return BeforeAfter(before, after, specs, found, norms_before, stages.residual_norms(after, include_embed=True))
 
 
@@ -152,7 +150,7 @@ def ablation_summary(name: str, found: dict, ratio_after: float, before: pd.Data
         b, a = row[f"{short}_before"], row[f"{short}_after"]
         row[f"{short}_kept"] = a / b if b > 0 else float("nan")
     k = kl_summary.iloc[0]
-    row.update(mean_kl=float(k["mean_kl"]), top1_agreement=float(k["top1_agreement"]), n_tokens=int(k["n_tokens"]))
+    row.update(mean_kl=float(k["mean_kl"]), top1_agreement=float(k["top1_agreement"]), n_tokens=int(k["n"]))
     return row
 
 

@@ -172,7 +172,7 @@ def initial_model(s: TrainSettings) -> LoopedLM:
     if s.init_from is None:
         return precision.place(LoopedLM(preset_config(s.preset, seed=s.seed)))
     loaded = precision.load(s.init_from)
-    if not isinstance(loaded.model, LoopedLM):
+    if not loaded.is_looped:
         raise InputError(f"--from-retrofit {s.init_from}: a {loaded.kind} model cannot be trained here; give a looped "
                          "checkpoint (e.g. the output of `loopscope retrofit`)")
     return loaded.model

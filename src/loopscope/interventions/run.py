@@ -1,4 +1,5 @@
-"""`run_intervention`: baseline and intervened captures of the same inputs, and the KL between them."""
+"""`capture_under`: the one capture of inputs with interventions in place; `run_intervention`: baseline and
+intervened captures of the same inputs, and the KL between them."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
-from loopscope.capture.prompts import encode_prompts
+from loopscope.capture.prompts import capture_prompts
 from loopscope.capture.record import capture
 from loopscope.capture.trajectory import Trajectory
 from loopscope.errors import InputError
@@ -25,6 +26,25 @@ def check_recurrences(specs: Sequence[Intervention], recurrences: int) -> None:
                              "--recurrences")
 
 
+def capture_under(loaded, prompts_or_ids: Sequence[str] | torch.Tensor, specs: Sequence[Intervention],
+                  recurrences: int, *, attention: bool = False, batch_size: int | None = None,
+                  progress: bool = False) -> Trajectory:
+    """Capture `prompts_or_ids` (prompts, batched by `batch_size`, all at once by default; or token ids (B, T))
+    while `specs` are in place (none: the unchanged model). The Trajectory's metadata lists the specs under
+    "interventions". Every before/after comparison captures through here, so both sides are captured alike."""
+    check_recurrences(specs, recurrences)
+    with intervene(loaded.model, specs):
+        if isinstance(prompts_or_ids, torch.Tensor):
+            traj = capture(loaded.model, prompts_or_ids, recurrences=recurrences, attention=attention)
+        else:
+            prompts = list(prompts_or_ids)
+            # no cache_dir: the capture cache is keyed by model and prompts, not by interventions
+            traj = capture_prompts(loaded, prompts, recurrences, attention=attention,
+                                   batch_size=batch_size or max(len(prompts), 1), progress=progress)
+    traj.metadata["interventions"] = [describe(s) for s in specs]
+    return traj
+
+
 def run_intervention(
     loaded,
     prompts_or_ids: Sequence[str] | torch.Tensor,
@@ -39,14 +59,7 @@ def run_intervention(
     model). The intervened Trajectory's metadata lists the specs under "interventions".
     """
     R = loaded.recurrences if recurrences is None else int(recurrences)
-    check_recurrences(specs, R)
-    if isinstance(prompts_or_ids, torch.Tensor):
-        ids, mask, tokens = prompts_or_ids, None, None
-    else:
-        ids, mask, tokens = encode_prompts(loaded.tokenizer, list(prompts_or_ids), loaded.max_seq_len)
-    run = dict(recurrences=R, attention=attention, mask=mask, tokens=tokens)
-    baseline = capture(loaded.model, ids, **run)
-    with intervene(loaded.model, specs):
-        intervened = capture(loaded.model, ids, **run)
-    intervened.metadata["interventions"] = [describe(s) for s in specs]
+    check_recurrences(specs, R)  # before the first capture: a bad spec fails at once
+    baseline = capture_under(loaded, prompts_or_ids, [], R, attention=attention)
+    intervened = capture_under(loaded, prompts_or_ids, specs, R, attention=attention)
     return baseline, intervened, next_token_kl(baseline, intervened)

@@ -26,8 +26,19 @@ class LoadedModel:
     model: nn.Module
     tokenizer: Any
     name: str
-    kind: str  # "looped" (LoopedLM, any family) or "feedforward-hf"
+    kind: str  # "looped" (LoopedLM, any family) or "feedforward-hf": how the model is described
     recurrences: int  # the number of recurrences it was built/trained with (1 for feedforward)
+
+    def __post_init__(self) -> None:
+        if (self.kind == "looped") != self.is_looped:
+            raise CheckpointError(f"loader bug: {self.name} is a {type(self.model).__name__} labelled {self.kind!r}")
+
+    @property
+    def is_looped(self) -> bool:
+        """The one question "is it looped?": a LoopedLM (any family) runs a recurrent block; anything else runs once."""
+        from loopscope.models.looped import LoopedLM
+
+        return isinstance(self.model, LoopedLM)
 
     @property
     def max_seq_len(self) -> int:
