@@ -38,7 +38,7 @@ def test_tables_agree_with_the_run(report_dir):
     tables = report_dir / "tables"
     dist = pd.read_csv(tables / "distance_to_fixed_point.csv")
     assert dist["recurrence"].max() == 11 and sorted(dist["layer"].unique()) == [0, 1, 2, 3]
-    assert (dist[dist.recurrence == 11]["l2"] == 0).all()  # X* is the last state itself
+    assert (dist[dist.recurrence == 11]["l2_mean"] == 0).all()  # X* is the last state itself
     counts = pd.read_csv(tables / "behaviour_counts.csv", index_col=0)
     per_token = pd.read_csv(tables / "behaviour_per_token_dynamics.csv")
     assert counts["dynamics detector"].sum() == counts["paper heuristic"].sum() == len(per_token)

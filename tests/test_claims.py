@@ -224,7 +224,7 @@ def test_extrapolation_rules():
 
 
 def conditions(rates: dict[str, float], method: str = "paper") -> dict[str, pd.DataFrame]:
-    rows = [dict(condition=c, method=method, reconstructed=False, n_tokens=1000, fixed_point=1 - r, orbit=r,
+    rows = [dict(condition=c, method=method, reconstructed=False, n=1000, fixed_point=1 - r, orbit=r,
                  slider=0.0, divergent=0.0, unknown=0.0) for c, r in rates.items()]
     other = [dict(r, method="dynamics", fixed_point=0.0, orbit=1.0) for r in rows]  # must be ignored
     return {"conditions": pd.DataFrame(rows + other)}

@@ -32,22 +32,26 @@ def tiny() -> Trajectory:
 
 def test_successive_change_hand_computed():
     df = successive_change(tiny())
-    assert list(df.columns)[:9] == ["recurrence", "layer", "l2", "l2_std", "relative", "relative_std", "cosine",
-                                    "cosine_std", "n_tokens"]
+    # the table dialect (loopscope.tables): state columns, v_mean / v_std (sample std) / n, as the stages tables
+    assert list(df.columns)[:12] == ["segment", "recurrence", "layer", "depth", "relative_depth", "l2_mean", "l2_std",
+                                     "relative_mean", "relative_std", "cosine_mean", "cosine_std", "n"]
+    # one block layer, no prelude or coda, R = 3: recurrence t is at depth t + 1 of 3
+    assert df["depth"].tolist() == [2, 3] and df["relative_depth"].tolist() == pytest.approx([2 / 3, 1.0])
     # token quantiles from log-histograms (±1.2 %): l2 at t=1 is [1, 2, 0] → median 1, at t=2 [√2, 0, 10] → √2
     assert df["l2_median"].tolist() == pytest.approx([1.0, math.sqrt(2)], rel=0.012)
     assert df["cosine_distance_median"].iloc[1] == pytest.approx(0.0, abs=1e-12)  # 1 − cos over [1, 1, −1]
     assert df["l2_q90"].iloc[1] == pytest.approx(10.0, rel=0.012)
-    assert df["recurrence"].tolist() == [1, 2] and df["n_tokens"].tolist() == [3, 3]
+    assert df["recurrence"].tolist() == [1, 2] and df["n"].tolist() == [3, 3]
     r1, r2 = df.iloc[0], df.iloc[1]
     # tokens (b0t0, b1t0, b1t1): l2 at t=1 = [1, 2, 0], at t=2 = [√2, 0, 10]
-    assert r1["l2"] == pytest.approx(1.0) and r1["l2_std"] == pytest.approx(math.sqrt(2 / 3))
-    assert r2["l2"] == pytest.approx((math.sqrt(2) + 10) / 3)
-    assert r1["relative"] == pytest.approx(1.0)  # [1/1, 2/1, 0/5]
-    assert r2["relative"] == pytest.approx(1.0)  # [√2/√2, 0/3, 10/5]
-    assert r1["cosine"] == pytest.approx((1 / math.sqrt(2) + 1 + 1) / 3)
-    assert r2["cosine"] == pytest.approx(1 / 3)  # [1, 1, -1]
-    assert r2["cosine_std"] == pytest.approx(np.std([1, 1, -1]))
+    # sample std (ddof = 1): of [1, 2, 0] it is 1 (the population std would be √(2/3))
+    assert r1["l2_mean"] == pytest.approx(1.0) and r1["l2_std"] == pytest.approx(1.0)
+    assert r2["l2_mean"] == pytest.approx((math.sqrt(2) + 10) / 3)
+    assert r1["relative_mean"] == pytest.approx(1.0)  # [1/1, 2/1, 0/5]
+    assert r2["relative_mean"] == pytest.approx(1.0)  # [√2/√2, 0/3, 10/5]
+    assert r1["cosine_mean"] == pytest.approx((1 / math.sqrt(2) + 1 + 1) / 3)
+    assert r2["cosine_mean"] == pytest.approx(1 / 3)  # [1, 1, -1]
+    assert r2["cosine_std"] == pytest.approx(np.std([1, 1, -1], ddof=1))
 
 
 def test_successive_change_per_token_excludes_padding():
@@ -64,10 +68,10 @@ def test_nonfinite_states_propagate_or_are_skipped():
     traj = tiny()
     traj.core[2, 0, 1, 1] = float("inf")
     df = successive_change(traj)
-    assert not np.isfinite(df.iloc[1]["l2"])  # divergence is not hidden by default
+    assert not np.isfinite(df.iloc[1]["l2_mean"])  # divergence is not hidden by default
     kept = successive_change(traj, finite_only=True)
-    assert kept.iloc[1]["n_tokens"] == 2 and kept.iloc[1]["l2"] == pytest.approx(math.sqrt(2) / 2)
-    assert kept.iloc[0]["n_tokens"] == 3  # t=1 is untouched
+    assert kept.iloc[1]["n"] == 2 and kept.iloc[1]["l2_mean"] == pytest.approx(math.sqrt(2) / 2)
+    assert kept.iloc[0]["n"] == 3  # t=1 is untouched
 
 
 def test_distance_to_fixed_point_hand_computed():
@@ -78,11 +82,13 @@ def test_distance_to_fixed_point_hand_computed():
     assert tok["cosine"].tolist() == pytest.approx([1 / math.sqrt(2), 1.0, 1.0])
     assert df["attention_frobenius"].isna().all()  # no attention captured
     agg = distance_to_fixed_point(tiny())
-    assert list(agg.columns)[:7] == ["recurrence", "layer", "l2", "l2_std", "cosine", "cosine_std", "n_tokens"]
-    assert list(agg.columns)[-1] == "attention_frobenius"
+    assert list(agg.columns)[:10] == ["segment", "recurrence", "layer", "depth", "relative_depth", "l2_mean", "l2_std",
+                                      "cosine_mean", "cosine_std", "n"]
+    assert list(agg.columns)[-2:] == ["attention_frobenius_mean", "attention_frobenius_std"]
     # t=0: token distances [√5, ‖(0,1)-(0,3)‖=2, ‖(3,4)-(-3,-4)‖=10]
-    assert agg.iloc[0]["l2"] == pytest.approx((math.sqrt(5) + 2 + 10) / 3)
-    assert agg.iloc[2]["l2"] == 0.0 and agg.iloc[2]["cosine"] == pytest.approx(1.0)
+    assert agg.iloc[0]["l2_mean"] == pytest.approx((math.sqrt(5) + 2 + 10) / 3)
+    assert agg.iloc[0]["l2_std"] == pytest.approx(np.std([math.sqrt(5), 2, 10], ddof=1))
+    assert agg.iloc[2]["l2_mean"] == 0.0 and agg.iloc[2]["cosine_mean"] == pytest.approx(1.0)
 
 
 def test_distance_to_fixed_point_attention_against_loops():
@@ -100,14 +106,15 @@ def test_distance_to_fixed_point_attention_against_loops():
                 n = int(mask[b].sum())
                 a = attn[t, j, b, :, :n, :n].mean(0) - attn[R - 1, j, b, :, :n, :n].mean(0)
                 per_prompt.append(math.sqrt(sum(float(v) ** 2 for v in a.flatten())))
-            value = df[(df.recurrence == t) & (df.layer == j)]["attention_frobenius"].item()
-            assert value == pytest.approx(sum(per_prompt) / B)
+            cell = df[(df.recurrence == t) & (df.layer == j)]
+            assert cell["attention_frobenius_mean"].item() == pytest.approx(sum(per_prompt) / B)
+            assert cell["attention_frobenius_std"].item() == pytest.approx(float(np.std(per_prompt, ddof=1)))
     stacked = distance_to_fixed_point(traj, head_reduction="stack")
     a = attn[0, 1, 0, :, :2, :2] - attn[R - 1, 1, 0, :, :2, :2]
     b = attn[0, 1, 1] - attn[R - 1, 1, 1]
     expect = (a.norm() + b.norm()).item() / 2
     cell = stacked[(stacked.recurrence == 0) & (stacked.layer == 1)]
-    assert cell["attention_frobenius"].item() == pytest.approx(expect)
+    assert cell["attention_frobenius_mean"].item() == pytest.approx(expect)
 
 
 def test_needs_two_recurrences():
@@ -181,10 +188,10 @@ def test_stacked_heads_combine_by_root_sum_of_squares():
     attn[0, 0, 0, 1, 1, 1] = 4.0  # head 1: another entry differs by 4
     traj = Trajectory(core=torch.randn(R, 1, 1, T, 4, dtype=torch.float64), core_attention=attn)
     stack = distance_to_fixed_point(traj, head_reduction="stack")
-    first = stack[stack.recurrence == 0]["attention_frobenius"].item()
+    first = stack[stack.recurrence == 0]["attention_frobenius_mean"].item()
     assert first == pytest.approx(5.0)
     avg = distance_to_fixed_point(traj, head_reduction="average")
-    assert avg[avg.recurrence == 0]["attention_frobenius"].item() == pytest.approx(2.5)  # ‖(3e₀₀ + 4e₁₁)/2‖
+    assert avg[avg.recurrence == 0]["attention_frobenius_mean"].item() == pytest.approx(2.5)  # ‖(3e₀₀ + 4e₁₁)/2‖
 
 
 def test_cyclic_check_reports_the_worst_token_not_the_mean():

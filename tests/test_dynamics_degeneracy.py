@@ -67,11 +67,11 @@ def test_summary_counts_and_majority():
     mixed = Trajectory(core=torch.cat([a.core, b.core[:, :, :, :1]], dim=3))  # 4 distinct + 1 rotating
     s = degeneracy_summary(mixed)
     assert list(s.columns) == ["min_cosine_to_first_mean", "min_cosine_to_first_min", "fraction_distinct_cyclic",
-                               "fraction_degenerate", "fraction_no_fixed_point", "verdict", "n_tokens"]
+                               "fraction_degenerate", "fraction_no_fixed_point", "verdict", "n"]
     row = s.iloc[0]
     assert (row["fraction_distinct_cyclic"], row["fraction_degenerate"], row["fraction_no_fixed_point"]) == \
         pytest.approx((0.8, 0.0, 0.2))
-    assert row["verdict"] == "distinct cyclic fixed point" and row["n_tokens"] == 5
+    assert row["verdict"] == "distinct cyclic fixed point" and row["n"] == 5
     per = degeneracy(mixed)["min_cosine_to_first"]
     assert row["min_cosine_to_first_min"] == pytest.approx(per.min())
     assert degeneracy_summary(run(shared_point())).iloc[0]["verdict"] == "degenerate fixed point"

@@ -74,7 +74,7 @@ def test_attention_average_agrees_with_distance_to_fixed_point():
     df = distance_to_fixed_point(traj)
     for t in range(R):
         for j in range(K):
-            value = df[(df.recurrence == t) & (df.layer == j)]["attention_frobenius"].item()
+            value = df[(df.recurrence == t) & (df.layer == j)]["attention_frobenius_mean"].item()
             assert value == pytest.approx(A.loc[(t, j), (R - 1, j)], abs=1e-10)
 
 

@@ -119,7 +119,7 @@ def test_interrupted_run_resumes_from_cached_rows(tmp_path, micro_dir, monkeypat
 def test_condition_rows_are_fractions_of_the_same_question_tokens(tmp_path, micro_dir, gsm8k_dir):
     table = run_conditions(str(micro_dir), tmp_path, data=str(gsm8k_dir), questions=2, recurrences=8,
                            conditions=["none", "long-persona-padded"], progress=False)
-    assert list(table.columns) == ["condition", "method", "reconstructed", "n_tokens", "fixed_point", "orbit",
+    assert list(table.columns) == ["condition", "method", "reconstructed", "n", "fixed_point", "orbit",
                                    "slider", "divergent", "unknown"]
     assert len(table) == 4 and set(table["method"]) == {"dynamics", "paper"}
     sums = table[["fixed_point", "orbit", "slider", "divergent", "unknown"]].sum(axis=1)
@@ -127,8 +127,8 @@ def test_condition_rows_are_fractions_of_the_same_question_tokens(tmp_path, micr
     tokenizer = load_tokenizer()
     questions = [r["question"] for r in ex.gsm8k_test_subset(gsm8k_dir)[:2]]
     n_question = sum(len(tokenizer(q, add_special_tokens=False)["input_ids"]) for q in questions)
-    assert set(table["n_tokens"]) == {n_question}  # question tokens only, whatever precedes them
-    every = table.attrs["all_tokens"].set_index(["condition", "method"])["n_tokens"]
+    assert set(table["n"]) == {n_question}  # question tokens only, whatever precedes them
+    every = table.attrs["all_tokens"].set_index(["condition", "method"])["n"]
     assert every[("long-persona-padded", "paper")] > every[("none", "paper")] == n_question + 2  # + BOS each
     assert (tmp_path / "figures" / "conditions_paper.png").exists()
 

@@ -168,7 +168,7 @@ def test_kl_by_hand_and_summary():
     assert not kl["top1_agrees"][0]
     assert next_token_kl(b, a)["kl"][0] == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5), abs=1e-7)
     s = summarize_kl(pd.concat([kl, next_token_kl(a, a)]))
-    assert len(s) == 1 and s["n_tokens"][0] == 2 and s["mean_kl"][0] == pytest.approx(kl["kl"][0] / 2)
+    assert len(s) == 1 and s["n"][0] == 2 and s["mean_kl"][0] == pytest.approx(kl["kl"][0] / 2)
     assert s["top1_agreement"][0] == 0.5
 
 

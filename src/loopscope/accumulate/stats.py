@@ -21,6 +21,8 @@ import math
 
 import torch
 
+from loopscope.tables import sample_std
+
 
 class Moments:
     """Per-cell moments of observations; cells are the leading dims of what `add` receives."""
@@ -75,9 +77,10 @@ class Moments:
         self._merge(other.n, other.mean, other.m2)
 
     def result(self, finite_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(mean, population std, count): over finite observations (`finite_only`), else over all of them —
-        a cell holding a non-finite observation then has a non-finite mean and a NaN std."""
-        std = (self.m2 / self.n.clamp(min=1).double()).sqrt()
+        """(mean, sample std (ddof = 1, NaN for fewer than two; `loopscope.tables`), count): over finite observations
+        (`finite_only`), else over all of them — a cell holding a non-finite observation then has a non-finite mean
+        and a NaN std."""
+        std = sample_std(self.m2, self.n)
         nan = torch.tensor(float("nan"), dtype=torch.float64)
         if finite_only:
             return torch.where(self.n > 0, self.mean, nan), torch.where(self.n > 0, std, nan), self.n

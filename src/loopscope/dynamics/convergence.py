@@ -20,23 +20,25 @@ from loopscope.capture.trajectory import Trajectory
 from loopscope.dynamics._tokens import batch_tokens, cosine_from_distance, need_recurrences, norm
 from loopscope.errors import InputError
 from loopscope.labels import Step
+from loopscope.tables import COUNT, block_state_columns, mean_column, sample_std, std_column
 
 QUANTILES = {"q10": 0.1, "q25": 0.25, "median": 0.5, "q75": 0.75, "q90": 0.9}
 
 
 def cell_frame(recurrence: torch.Tensor, K: int, moments: dict[str, Moments], quantiles: dict[str, torch.Tensor],
-               finite_only: bool) -> pd.DataFrame:
-    """One row per (recurrence, layer): [recurrence, layer, m, m_std for each metric, n_tokens, then the quantile
-    columns `h_q10, h_q25, h_median, h_q75, h_q90` of each histogrammed quantity h]."""
+               finite_only: bool, layout: dict[str, int]) -> pd.DataFrame:
+    """One row per (recurrence, layer), in the table dialect (`loopscope.tables`): [STATE_COLUMNS, m_mean, m_std for
+    each metric, n (tokens), then the quantile columns `h_q10, h_q25, h_median, h_q75, h_q90` of each histogrammed
+    quantity h]. `layout`: n_prelude, block_size, recurrences, n_coda of the run (for the depth columns)."""
     Rp = recurrence.numel()
-    data = {"recurrence": recurrence[:, None].expand(Rp, K).reshape(-1).numpy(),
-            "layer": torch.arange(K)[None, :].expand(Rp, K).reshape(-1).numpy()}
+    data = block_state_columns(recurrence[:, None].expand(Rp, K).reshape(-1),
+                               torch.arange(K)[None, :].expand(Rp, K).reshape(-1), **layout)
     count = None
     for name, m in moments.items():
         mean, std, count = m.result(finite_only)
-        data[name] = mean.reshape(-1).numpy()
-        data[f"{name}_std"] = std.reshape(-1).numpy()
-    data["n_tokens"] = count.reshape(-1).numpy().astype("int64")
+        data[mean_column(name)] = mean.reshape(-1).numpy()
+        data[std_column(name)] = std.reshape(-1).numpy()
+    data[COUNT] = count.reshape(-1).numpy().astype("int64")
     for name, q in quantiles.items():  # [Q, Rp, K]
         for i, label in enumerate(QUANTILES):
             data[f"{name}_{label}"] = q[i].reshape(-1).numpy()
@@ -105,8 +107,10 @@ class CellMetric(Accumulator):
             self.bins[hname][i, j] = self.hist.bin_index(1.0 - v if source.startswith("1-") else v)
 
     def end(self) -> Part:
+        c = self.ctx
         part = {"moments": {k: m.state() for k, m in self.moments.items()}, "bins": self.bins,
-                "batch": self.b + self.ctx.first_prompt, "token": self.t}
+                "batch": self.b + c.first_prompt, "token": self.t,
+                "layout": torch.tensor([c.n_prelude, c.block_size, c.recurrences, c.n_coda])}
         if self.per_token:
             part["values"] = self.values
         return part
@@ -125,7 +129,8 @@ class CellMetric(Accumulator):
                 h.add_bins(p["bins"][hname])
             quantiles[hname] = h.quantiles(list(QUANTILES.values()))
             del h
-        return cell_frame(recurrence, K, moments, quantiles, self.finite_only)
+        layout = dict(zip(("n_prelude", "block_size", "recurrences", "n_coda"), parts[0]["layout"].tolist()))
+        return cell_frame(recurrence, K, moments, quantiles, self.finite_only, layout)
 
 
 class SuccessiveChange(CellMetric):
@@ -222,7 +227,10 @@ class DistanceToFixedPoint(CellMetric):
     def combine(self, parts: list[Part]) -> pd.DataFrame:
         frame = super().combine(parts)
         if not all(p["has_attention"] for p in parts):
-            frame["attention_frobenius"] = float("nan")
+            if self.per_token:
+                frame["attention_frobenius"] = float("nan")
+            else:
+                frame["attention_frobenius_mean"] = frame["attention_frobenius_std"] = float("nan")
             return frame
         att = torch.cat([p["attention"] for p in parts], dim=-1)  # [R, K, B_total]
         if self.per_token:
@@ -230,8 +238,16 @@ class DistanceToFixedPoint(CellMetric):
                                                frame["batch"].to_numpy()].numpy()
             return frame
         has = torch.cat([p["prompt_has_tokens"] for p in parts])
-        mean = att.nanmean(dim=-1) if self.finite_only else att[..., has].mean(-1)
-        frame["attention_frobenius"] = mean.reshape(-1).numpy()
+        values = att[..., has]  # [R, K, prompts]: the attention distance is one value per prompt
+        keep = torch.isfinite(values) if self.finite_only else torch.ones_like(values, dtype=torch.bool)
+        n = keep.sum(-1)
+        zero = torch.zeros((), dtype=torch.float64)
+        nan = torch.tensor(float("nan"), dtype=torch.float64)
+        mean = torch.where(n > 0, torch.where(keep, values, zero).sum(-1) / n.clamp(min=1), nan) \
+            if self.finite_only else values.mean(-1)
+        m2 = torch.where(keep, (values - mean[..., None]) ** 2, zero).sum(-1)
+        frame["attention_frobenius_mean"] = mean.reshape(-1).numpy()
+        frame["attention_frobenius_std"] = sample_std(m2, n).reshape(-1).numpy()  # over prompts
         return frame
 
 

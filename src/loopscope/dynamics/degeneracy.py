@@ -87,7 +87,7 @@ def degeneracy_summary(traj: Trajectory | pd.DataFrame, tol: float = SAME_POINT_
     [min_cosine_to_first_mean, min_cosine_to_first_min (NaN-skipping, over tokens), fraction_distinct_cyclic,
     fraction_degenerate, fraction_no_fixed_point (fractions of tokens, summing to 1), verdict (the most
     frequent per-token verdict; ties go to the first of "no fixed point", "degenerate fixed point",
-    "distinct cyclic fixed point", the most conservative first), n_tokens].
+    "distinct cyclic fixed point", the most conservative first), n (tokens)].
     """
     per = traj if isinstance(traj, pd.DataFrame) else degeneracy(traj, tol=tol, converge_tol=converge_tol)
     frac = per["verdict"].value_counts(normalize=True)
@@ -100,5 +100,5 @@ def degeneracy_summary(traj: Trajectory | pd.DataFrame, tol: float = SAME_POINT_
         "fraction_degenerate": float(frac.get(DEGENERATE, 0.0)),
         "fraction_no_fixed_point": float(frac.get(NO_FIXED_POINT, 0.0)),
         "verdict": majority,
-        "n_tokens": len(per),
+        "n": len(per),  # tokens (the table dialect's count column, `loopscope.tables`)
     }])

@@ -42,11 +42,11 @@ def next_token_kl(baseline: Trajectory, intervened: Trajectory) -> pd.DataFrame:
 
 
 def summarize_kl(kl: pd.DataFrame) -> pd.DataFrame:
-    """One row: n_tokens, mean/median/max KL (nats), top-1 agreement rate, mean entropies (bits)."""
+    """One row: n (tokens), mean/median/max KL (nats), top-1 agreement rate, mean entropies (bits)."""
     if kl.empty:
         raise InputError("the KL table is empty: no real tokens were compared")
     return pd.DataFrame([{
-        "n_tokens": len(kl), "mean_kl": kl["kl"].mean(), "median_kl": kl["kl"].median(), "max_kl": kl["kl"].max(),
+        "n": len(kl), "mean_kl": kl["kl"].mean(), "median_kl": kl["kl"].median(), "max_kl": kl["kl"].max(),
         "top1_agreement": kl["top1_agrees"].mean(),
         "mean_base_entropy_bits": kl["base_entropy_bits"].mean(),
         "mean_intervened_entropy_bits": kl["intervened_entropy_bits"].mean(),

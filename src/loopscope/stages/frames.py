@@ -18,7 +18,7 @@ from loopscope.capture.trajectory import Trajectory
 from loopscope.errors import InputError
 from loopscope.labels import Step
 
-STATE_COLUMNS = ["segment", "recurrence", "layer", "depth", "relative_depth"]
+from loopscope.tables import STATE_COLUMNS, std_column  # noqa: F401  (the dialect lives in loopscope.tables)
 
 
 def state_at(traj: Trajectory, segment: str, recurrence: int, layer: int) -> torch.Tensor:
@@ -83,11 +83,6 @@ def require_prefix_mask(traj_mask: torch.Tensor) -> None:
                          "with padding_side='right'")
 
 
-def std_column(value: str) -> str:
-    """`x_mean` → `x_std`; `x` → `x_std`."""
-    return (value[: -len("_mean")] if value.endswith("_mean") else value) + "_std"
-
-
 def summarise(observations: pd.DataFrame, values: Sequence[str], over: Sequence[str]) -> pd.DataFrame:
     """Collapse the `over` columns (e.g. ("batch", "head")): for every value v give `v_mean`, `v_std`
     (sample std, ddof=1; NaN when n = 1), and `n` = observations per group. NaN observations are skipped by
@@ -112,7 +107,8 @@ def summarise(observations: pd.DataFrame, values: Sequence[str], over: Sequence[
 
 def xlogx(p: torch.Tensor) -> torch.Tensor:
     """p log p with 0 log 0 = 0 (entropies of attention rows, column masses, Gram spectra)."""
-    return torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p))
+    p = p.clamp_min(0)  # p ≤ 0 contributes 0, as 0 log 0 does
+    return torch.special.xlogy(p, p)  # one kernel, and xlogy(0, 0) = 0 by definition
 
 
 class PromptRows(Accumulator):
