@@ -47,3 +47,28 @@ def test_the_check_sees_a_forbidden_import(tmp_path):
     fake.write_text("from loopscope.dynamics.spectrum import agreement_table\nimport loopscope.stages\n")
     assert imports(fake) == {"loopscope.dynamics.spectrum", "loopscope.stages"}
     assert {m.split(".")[1] for m in imports(fake)} <= FORBIDDEN["report"]
+
+
+# Reductions that turn measurements into new numbers: the report draws and writes what it is given, so none of these
+# is called in `report/` (grouping to draw one line per series is drawing, and stays allowed).
+REDUCTIONS = {"mean", "median", "std", "var", "sum", "quantile", "value_counts", "pivot_table", "crosstab", "agg",
+              "aggregate", "nanmean", "nanmedian", "corr", "describe"}
+
+
+def reductions_called(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in REDUCTIONS:
+            found.append(f"{path.name}:{node.lineno} .{node.func.attr}()")
+    return found
+
+
+def test_the_report_never_computes():
+    bad = [hit for path in sorted((ROOT / "report").glob("*.py")) for hit in reductions_called(path)]
+    assert not bad, "the report computes (move it to the experiment that builds the table):\n" + "\n".join(bad)
+
+
+def test_the_reduction_check_sees_a_mean(tmp_path):
+    fake = tmp_path / "section.py"
+    fake.write_text("def f(t):\n    return t.groupby('layer')['l2'].mean()\n")
+    assert reductions_called(fake) == ["section.py:2 .mean()"]

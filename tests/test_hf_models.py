@@ -10,7 +10,7 @@ from hf_helpers import build_tiny, gsm8k_questions, save_tiny, smollm2
 
 from loopscope.capture import capture, encode_prompts
 from loopscope.errors import CheckpointError, InputError
-from loopscope.models import hf, load_model
+from loopscope.models import hf, hf_parts, load_model
 from loopscope.models.builtin import build_default
 from loopscope.models.checkpoint import save_model
 
@@ -34,7 +34,7 @@ def check_matches_hf(model, traj, ref) -> dict[str, float]:
     diffs = {
         "embed": max_abs(traj.embed, hs[0]),
         "core[:-1]": max(max_abs(traj.core[0, j], hs[j + 1]) for j in range(L - 1)),
-        "final_norm(core[-1])": max_abs(hf.hf_final_norm(model)(traj.core[0, -1]), hs[-1]),
+        "final_norm(core[-1])": max_abs(hf_parts.hf_final_norm(model)(traj.core[0, -1]), hs[-1]),
         "attention": max(max_abs(traj.core_attention[0, j], ref.attentions[j]) for j in range(L)),
         "logits": max_abs(traj.logits, ref.logits),
     }
@@ -68,7 +68,7 @@ def test_smollm2_predicts_and_its_readout_is_the_logit_lens():
     ids = loaded.tokenizer("The capital of France is", return_tensors="pt").input_ids
     traj = capture(loaded.model, ids)
     assert loaded.tokenizer.decode(traj.logits[0, -1].argmax()) == " Paris"  # real weights, dequantised right
-    r = hf.hf_readout(loaded.model)
+    r = hf_parts.hf_readout(loaded.model)
     assert r["norm_kind"] == "rms" and r["norm_bias"] is None and r["unembedding"].shape == (49152, 576)
     x = traj.core[0, -1]  # rms lens from the formula, by hand: x / sqrt(mean x² + ε) · w, then W_U
     lens = (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + r["norm_eps"]) * r["norm_weight"]) @ r["unembedding"].T
@@ -115,7 +115,7 @@ def test_readout_dict_reproduces_logits_by_formula(kind):
     model = build_tiny(kind)
     ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
     traj = capture(model, ids)
-    r = hf.hf_readout(model)
+    r = hf_parts.hf_readout(model)
     x = traj.core[0, -1]
     if kind == "gpt2":  # layer norm: (x − μ)/sqrt(σ² + ε)·w + b
         assert r["norm_kind"] == "layer" and r["norm_bias"].shape == (32,)
@@ -131,10 +131,10 @@ def test_readout_dict_reproduces_logits_by_formula(kind):
 def test_mlp_down_weights_map_neurons_to_the_stream(kind):
     """W_out (D, d_mlp) · (neuron activations) (+ bias) = the MLP's output, for every layer."""
     model = build_tiny(kind)
-    down = hf.hf_mlp_down_weights(model)
+    down = hf_parts.hf_mlp_down_weights(model)
     seen = {}
     handles = []
-    for i, layer in enumerate(hf.hf_layers(model)):
+    for i, layer in enumerate(hf_parts.hf_layers(model)):
         proj = layer.mlp.c_proj if kind == "gpt2" else layer.mlp.down_proj
         handles.append(proj.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(("acts", i), a[0])))
         handles.append(layer.mlp.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(("out", i), o)))
@@ -160,7 +160,7 @@ def test_attention_weights_reproduce_gpt2_patterns():
     T, d = ids.shape[1], 8
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     for layer in (0, 3):
-        wq, wk = hf.hf_attention_weights(model, layer)
+        wq, wk = hf_parts.hf_attention_weights(model, layer)
         assert wq.shape == wk.shape == (4, 32, d)
         block = model.transformer.h[layer]
         x = block.ln_1(ref.hidden_states[layer])[0]  # (T, D)
@@ -181,7 +181,7 @@ def test_attention_weights_reproduce_llama_gqa_patterns():
     T, d = ids.shape[1], 8
     cos, sin = model.model.rotary_emb(ref.hidden_states[0], torch.arange(T)[None])
     causal = torch.ones(T, T, dtype=torch.bool).tril()
-    wq, wk = hf.hf_attention_weights(model, 2)
+    wq, wk = hf_parts.hf_attention_weights(model, 2)
     assert wq.shape == wk.shape == (4, 32, d)
     assert torch.equal(wk[0], wk[1]) and not torch.equal(wk[1], wk[2])  # heads 0,1 share kv head 0
     x = model.model.layers[2].input_layernorm(ref.hidden_states[2])  # (1, T, D)
@@ -191,7 +191,7 @@ def test_attention_weights_reproduce_llama_gqa_patterns():
     probs = ((q @ k.transpose(-1, -2)) / math.sqrt(d)).masked_fill(~causal, float("-inf")).softmax(-1)
     assert max_abs(probs, ref.attentions[2]) < 1e-5
     with pytest.raises(InputError, match="out of range"):
-        hf.hf_attention_weights(model, 4)
+        hf_parts.hf_attention_weights(model, 4)
 
 
 # --- loader refusals and recognition ------------------------------------------------------------------------

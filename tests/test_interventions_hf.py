@@ -9,7 +9,7 @@ from hf_helpers import build_tiny, gsm8k_questions, renumbered, smollm2, tiny_co
 from loopscope.capture import capture, encode_prompts
 from loopscope.errors import InputError
 from loopscope.interventions import DeleteLayer, SwapLayers, ZeroSublayer, intervene, next_token_kl, summarize_kl
-from loopscope.models import hf
+from loopscope.models import hf_parts
 
 IDS = torch.tensor([[1, 17, 300, 4, 99, 23, 8, 512], [5, 5, 60, 700, 12, 3, 1, 2]])
 PREFIX = {"llama": "model.layers.", "qwen2": "model.layers.", "olmo2": "model.layers.", "gpt2": "transformer.h."}
@@ -81,11 +81,11 @@ def test_zeroing_hf_sublayers(kind):
 def test_hf_context_manager_restores_and_refuses_bad_specs():
     model = build_tiny("qwen2")
     before = capture(model, IDS, attention=True)
-    layers, types = hf.hf_layers(model), list(model.config.layer_types)
+    layers, types = hf_parts.hf_layers(model), list(model.config.layer_types)
     with intervene(model, [DeleteLayer("core", 0), SwapLayers("core", 1), ZeroSublayer("core", 0, "attn")]):
-        assert model.config.use_cache is False and len(hf.hf_layers(model)) == 3
+        assert model.config.use_cache is False and len(hf_parts.hf_layers(model)) == 3
         assert model.config.layer_types == [types[1], types[3], types[2]]
-    assert hf.hf_layers(model) is layers and model.config.layer_types == types and model.config.use_cache
+    assert hf_parts.hf_layers(model) is layers and model.config.layer_types == types and model.config.use_cache
     assert all(not m._forward_hooks for m in model.modules())
     after = capture(model, IDS, attention=True)
     assert torch.equal(after.core, before.core) and torch.equal(after.logits, before.logits)
@@ -95,7 +95,7 @@ def test_hf_context_manager_restores_and_refuses_bad_specs():
     with pytest.raises(InputError, match="runs once"):
         with intervene(model, [ZeroSublayer("core", 0, "mlp", recurrences=[1])]):
             pass
-    assert hf.hf_layers(model) is layers
+    assert hf_parts.hf_layers(model) is layers
 
 
 @pytest.mark.slow
@@ -112,4 +112,4 @@ def test_smollm2_first_layer_matters_more_than_a_middle_one():
     print({k: v[["mean_kl", "top1_agreement"]].round(3).to_dict() for k, v in summaries.items()})
     assert summaries[0]["mean_kl"] > 10 * summaries[15]["mean_kl"] > 0
     assert summaries[15]["top1_agreement"] > 0.5 > summaries[0]["top1_agreement"]
-    assert len(hf.hf_layers(loaded.model)) == 30
+    assert len(hf_parts.hf_layers(loaded.model)) == 30

@@ -16,9 +16,10 @@ from loopscope.cli.main import app
 from loopscope.errors import InputError
 from loopscope.experiments.claims import CLAIM_COLUMNS, CLAIMS, DIFFERS, HOLDS, NOT_MEASURABLE, VERDICTS
 from loopscope.experiments.grid import PAPER_VERDICTS
-from loopscope.experiments.reproduce import (
-    ReproduceSettings, attention_self_match, attention_shrink, colsum_alignment, run_reproduce, stage_repeat_error,
-)
+from loopscope.dynamics.attention_stability import attention_self_match, attention_shrink
+from loopscope.experiments.reproduce import ReproduceSettings, run_reproduce
+from loopscope.stages.alignment import colsum_alignment
+from loopscope.stages.repetition import stage_repeat_error
 from loopscope.experiments.stage_cache import StageCache
 
 runner = CliRunner()
@@ -225,7 +226,7 @@ def test_attention_self_match_and_shrink_by_hand():
     swapped = np.where(layer[:, None] == layer[None, :], 1.0, 0.1)  # every pattern nearest to the other layer
     assert attention_self_match(pd.DataFrame(swapped, index=index, columns=index)) == 0.0
     to_last = pd.DataFrame({"recurrence": [0, 0, 1, 1, 2, 2], "layer": [0, 1] * 3,
-                            "attention_frobenius": [2.0, 4.0, 0.3, 0.3, 0.0, 0.0]})
+                            "attention_frobenius_mean": [2.0, 4.0, 0.3, 0.3, 0.0, 0.0]})
     assert attention_shrink(to_last) == pytest.approx(0.1)
     assert math.isnan(attention_shrink(to_last[to_last.recurrence < 2]))
 

@@ -1,6 +1,6 @@
 """Capture of a Hugging Face feedforward causal LM (Llama family, GPT-2, SmolLM2): one forward → a `Trajectory`
 with R = 1, the decoder layers as one pass of the "core", registered as the capture adapter for HF models. Lives in
-`capture` because recording is capture's job; `models.hf` only says how to find a HF model's parts."""
+`capture` because recording is capture's job; `models.hf_parts` only says where a HF model keeps its parts."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import nn
 from loopscope.capture.record import register_capture_adapter
 from loopscope.capture.trajectory import Trajectory
 from loopscope.errors import InputError
-from loopscope.models.hf import _get, hf_layers, hf_layout, is_hf_model
+from loopscope.models.hf_parts import _get, hf_layers, hf_layout, is_hf_model
 
 
 def _store(store: dict[int, torch.Tensor], index: int, what: str, value: torch.Tensor, dtype: torch.dtype) -> None:

@@ -227,3 +227,13 @@ def classify(traj: Trajectory, layer: int = -1, method: str = "dynamics", **thre
     thresholds_for(method, thresholds)
     j = resolve_layer(traj, layer)
     return collect(traj, [j], (method,), **thresholds).frame(j, method, **thresholds)
+
+
+def behaviour_counts(labels: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Tokens per behaviour for each detector: `labels` maps a detector's name to its per-token table (column
+    `behaviour`); one row per behaviour that occurs (in BEHAVIOURS order, index name `behaviour`), one integer column
+    per detector."""
+    counts = pd.DataFrame({name: frame["behaviour"].value_counts() for name, frame in labels.items()})
+    counts = counts.reindex([b for b in BEHAVIOURS if b in counts.index]).fillna(0).astype(int)
+    counts.index.name = "behaviour"
+    return counts

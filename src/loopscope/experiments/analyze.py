@@ -20,7 +20,7 @@ import torch
 from loopscope.accumulate.distributed import World, init_distributed, shutdown_distributed
 from loopscope.capture.stream import StreamSettings, stream_prompts
 from loopscope.data.prompts import load_prompts
-from loopscope.dynamics.behaviour import Behaviour
+from loopscope.dynamics.behaviour import Behaviour, behaviour_counts
 from loopscope.dynamics.convergence import CyclicFixedPointCheck, DistanceToFixedPoint, SuccessiveChange
 from loopscope.dynamics.cooccurrence import cooccurrence_from
 from loopscope.dynamics.degeneracy import Degeneracy, degeneracy_summary
@@ -105,13 +105,12 @@ def dynamics_accumulators(s: AnalyzeSettings, n_prompts: int) -> list:
 
 def attention_accumulators(loaded: LoadedModel, s: AnalyzeSettings) -> list:
     """The stage metrics, attention stabilisation, similarity maps and Prop. 4.2, from the run with attention."""
-    from loopscope.models.looped import LoopedLM
     from loopscope.models.weights import attention_projections
     from loopscope.stages.attention_change import AttentionChange
     from loopscope.stages.prop42 import Prop42Check
 
     accs = stage_accumulators(model_readout(loaded), attention=True)
-    if isinstance(loaded.model, LoopedLM):
+    if loaded.is_looped:
         att = DistanceToFixedPoint()
         att.name = "attention_to_fixed_point"
         r = s.similarity_recurrences
@@ -137,6 +136,9 @@ def dynamics_tables(states: dict, attn: dict, s: AnalyzeSettings) -> dict[str, p
         stats = states["behaviour"]
         t["behaviour_dynamics"] = stats.frame(-1, "dynamics")
         t["behaviour_paper"] = stats.frame(-1, "paper")
+        t["behaviour_counts"] = behaviour_counts({"dynamics detector": t["behaviour_dynamics"],
+                                                  "paper heuristic": t["behaviour_paper"]})
+        t["behaviour_non_fixed"] = t["behaviour_dynamics"][t["behaviour_dynamics"]["behaviour"] != "fixed_point"]
         t["cooccurrence"] = cooccurrence_from(stats, s.classify_method)
         t["sensitivity"] = threshold_sweep(stats)
     for prompt, token in s.keep_states:
@@ -155,11 +157,8 @@ def add_certificate(tables: dict, loaded: LoadedModel, prompts: list[str], s: An
     joined = agreement(cert, tables["behaviour_dynamics"])
     tables["certificate"] = joined
     tables["certificate_agreement"] = agreement_table(joined)
-
-
-def is_feedforward(loaded: LoadedModel) -> bool:
-    """A model that runs once (a Hugging Face feedforward LM): no recurrences, so no dynamics."""
-    return loaded.kind != "looped"
+    tables["certificate_timing"] = pd.DataFrame([{"tokens": len(joined),
+                                                  "seconds_per_token": float(joined["seconds_per_token"].mean())}])
 
 
 @dataclass
@@ -184,7 +183,7 @@ def analyse(loaded: LoadedModel, prompts: list[str], s: AnalyzeSettings, world: 
     runs: dict[str, dict] = {}
     states = None
     with torch.inference_mode():
-        if is_feedforward(loaded):
+        if not loaded.is_looped:
             say(f"[1/3] streaming {len(prompts)} prompts once with attention ({loaded.name} is feedforward)", progress)
             attn, runs["attention"] = stream_prompts(loaded, prompts, attention_accumulators(loaded, s),
                                                      StreamSettings(1, attention=True, label="attention", **stream))

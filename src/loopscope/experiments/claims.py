@@ -21,7 +21,7 @@ need it "not measurable here"):
     grid_cells   `experiments.grid.run_grid` cells; grid_verdicts: `experiments.grid.verdict_table`
     extrapolate  `run_extrapolate(...)["per_r"]`: model, trained_recurrences, recurrences, loss, accuracy,
                  fixed_point_distance, successive_change, fixed_point, …, alignment_corr
-    conditions   `run_conditions(...)`: condition, method, n_tokens, fixed_point, orbit, slider, divergent, unknown
+    conditions   `run_conditions(...)`: condition, method, n, fixed_point, orbit, slider, divergent, unknown
     massive_ablation  one row per ablated model, `experiments.intervene.massive_ablation_tables`: model, kind
                  ("looped" | "feedforward-hf"), segment, layer (the MLP zeroed), massive_ratio_before/after,
                  sink_rate_kept, colsum_concentration_kept (mean after / mean before), mean_kl, …
@@ -631,6 +631,12 @@ def _evaluate(claims: list[Claim], m: Measurements, th: Thresholds) -> pd.DataFr
         rows.append({"id": c.id, "source": c.source, "claim": c.text, "verdict": v.verdict, "evidence": v.evidence,
                      "measured_on": v.measured_on})
     return pd.DataFrame(rows, columns=CLAIM_COLUMNS)
+
+
+def verdict_counts(claims: pd.DataFrame) -> dict[str, int]:
+    """How many claims got each verdict (every verdict named, zero when none did)."""
+    counts = claims["verdict"].value_counts()
+    return {v: int(counts.get(v, 0)) for v in ("holds", "differs", "inconclusive", "not measurable here")}
 
 
 def thresholds_table(th: Thresholds | None = None) -> pd.DataFrame:

@@ -106,10 +106,10 @@ def run_cell(cfg: LoopedConfig, ids: torch.Tensor, mask: torch.Tensor, recurrenc
     summary = dynamics.degeneracy_summary(traj, converge_tol=converge_tol).iloc[0]
     check = dynamics.cyclic_fixed_point_check(traj)
     change = dynamics.successive_change(traj, finite_only=True)
-    last = change[change.layer == cfg.n_block - 1][["recurrence", "l2", "relative", "cosine"]]
+    last = change[change.layer == cfg.n_block - 1][["recurrence", "l2_mean", "relative_mean", "cosine_mean"]]
     labels = dynamics.classify(traj)
     behaviour = labels["behaviour"].value_counts(normalize=True)
-    last_cos_distance = float(1 - last["cosine"].iloc[-1])
+    last_cos_distance = float(1 - last["cosine_mean"].iloc[-1])
     degenerate = summary["min_cosine_to_first_mean"] >= SAME_POINT_COSINE
     verdict = cell_verdict(float(summary["fraction_no_fixed_point"]), degenerate, last_cos_distance, direction_tol)
     row = {
@@ -229,6 +229,30 @@ def verdict_table(cells: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def change_curves(curves: pd.DataFrame) -> pd.DataFrame:
+    """The last block layer's change per (norm, injection, block size, recurrence), mean over seeds and tokens."""
+    return curves.groupby(["norm", "injection", "block_size", "recurrence"], as_index=False)[
+        ["l2_mean", "cosine_mean"]].mean()
+
+
+def min_cosine_matrix(cells: pd.DataFrame) -> pd.DataFrame:
+    """The degeneracy test per norm/injection (rows "norm/injection") and block size (columns "k=…"): the min cosine
+    between layer 0's fixed point and any other layer's, mean over seeds (the paper's Fig. 6, right)."""
+    table = cells.groupby(["norm", "injection", "block_size"], as_index=False)["min_cosine_to_first_mean"].mean()
+    pivot = table.pivot_table(index=["norm", "injection"], columns="block_size", values="min_cosine_to_first_mean")
+    pivot.columns = [f"k={c}" for c in pivot.columns]
+    pivot.index = [f"{n}/{i}" for n, i in pivot.index]
+    return pivot
+
+
+def grid_views(cells: pd.DataFrame, curves: pd.DataFrame, certificates: pd.DataFrame | None = None) -> dict:
+    """Everything the grid section draws, as `add_grid_section` takes it (the report computes nothing)."""
+    cert = certificates if certificates is not None else pd.DataFrame()
+    return {"cells": cells, "change_curves": change_curves(curves), "min_cosine": min_cosine_matrix(cells),
+            "verdicts": verdict_table(cells), "certificates": cert,
+            "certificate_agreement": certificate_agreement(cert) if len(cert) else pd.DataFrame()}
+
+
 def run_grid_report(s: GridSettings) -> Path:
     """Run the grid and write OUT/index.html."""
     from loopscope.report import Report
@@ -243,7 +267,6 @@ def run_grid_report(s: GridSettings) -> Path:
         "init": (f"weights N(0, {s.init_std}²)" if s.init_std else "weights N(0, 2/(5D)) (Huginn's rule)")
         + ", embeddings × √D, start state TruncNormal(0, 2/5) with injection, the embedding without",
     })
-    cert = read_certificates(s)
-    add_grid_section(report, cells, curves, verdict_table(cells), cert, certificate_agreement(cert))
+    add_grid_section(report, **grid_views(cells, curves, read_certificates(s)))
     report.meta["wall time"] = f"{time.perf_counter() - start:.1f} s"
     return report.write()

@@ -23,26 +23,38 @@ Resuming: training resumes from OUT/runs/<preset>/checkpoint; the grid from its 
 writes its tables to OUT/stages/<name>/ (`StageCache`) and is skipped once complete; captures in progress are
 cached batch by batch (extrapolation and conditions per model and R / per condition), and those caches are
 deleted once their stage is complete. Rerunning the same command after a kill loses nothing that finished.
+
+This module holds the settings, the plan and the stage runner; what each stage runs is in `reproduce_stages`, the
+report in `reproduce_report`.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
 from loopscope.errors import InputError
-from loopscope.experiments.claims import Thresholds, evaluate_checks, evaluate_claims, thresholds_table
+from loopscope.experiments.claims import Thresholds
 from loopscope.experiments.retrofit_study import RetrofitPlan
 from loopscope.experiments.stage_cache import StageCache
 from loopscope.models.device import Precision
+from loopscope.experiments.reproduce_report import write_report
+from loopscope.experiments.reproduce_stages import (
+    ABLATION_REFERENCE,
+    ablation_models,
+    ablation_stage,
+    analyse_model,
+    control_tables,
+    grid_tables,
+    train_stage,
+    training_id,
+)
 
 FULL_MINUTES = 4.5  # default training budget per model in full mode (6 models: 27 min of the 60-minute budget)
 
@@ -306,307 +318,10 @@ def optional_module(name: str):
 
 # ---------------------------------------------------------------------------------------------- training
 
-def train_stage(p: Pipeline, preset: str) -> dict[str, pd.DataFrame]:
-    from loopscope.experiments.train import TrainSettings, train
-
-    settings = TrainSettings(preset=preset, data=p.s.data, threads=p.s.threads, **p.plan.train)
-    run_dir = p.s.out / "runs" / preset
-
-    def compute() -> dict[str, pd.DataFrame]:
-        from loopscope.data.tokenizer import load_tokenizer
-        from loopscope.experiments.train import build_data
-
-        tokenizer = load_tokenizer()
-        if p.train_data is None:  # every preset shares tokenizer, corpus, seed and sequence length
-            p.train_data = build_data(settings, tokenizer)
-        metrics = train(settings, run_dir, data=p.train_data, tokenizer=tokenizer, progress=p.s.progress)
-        return training_tables(run_dir, metrics)
-
-    return p.stage(f"train-{preset}", settings.to_dict(), compute)
-
-
-def training_tables(run_dir: Path, metrics: dict) -> dict[str, pd.DataFrame]:
-    """history (loss per step), eval (held-out loss per evaluation), metrics (one row of scalars)."""
-    row = {
-        "preset": metrics["preset"], "signature": metrics["signature"], "parameters": metrics["parameters"],
-        "steps": metrics["steps"], "train_minutes": metrics["train_wall_s"] / 60,
-        "tokens_seen": metrics["tokens_seen"], "train_loss_last20": metrics["train_loss_last20"],
-        "heldout_loss": metrics["heldout"]["loss"], "heldout_bits_per_token": metrics["heldout"]["bits_per_token"],
-        "heldout_loss_untrained": metrics["heldout_untrained"]["loss"], "heldout": metrics["heldout_name"],
-    }
-    history = pd.read_csv(run_dir / "history.csv")
-    history["loss_mean10"] = history["loss"].rolling(10, min_periods=1).mean()
-    return {"history": history, "eval": pd.read_csv(run_dir / "eval.csv"), "metrics": pd.DataFrame([row])}
-
-
-def training_id(tables: dict[str, pd.DataFrame] | None) -> str | None:
-    """What a downstream stage depends on: the trained model's steps and final held-out loss."""
-    if tables is None:
-        return None
-    m = tables["metrics"].iloc[0]
-    return f"{m['preset']}@{int(m['steps'])}:{m['heldout_loss']:.6f}"
-
 
 # ---------------------------------------------------------------------------------------------- analyses
-
-def control_tables(spec: str, prompts: list[str], work: Path, progress: bool, precision: Precision,
-                   ) -> dict[str, pd.DataFrame]:
-    from loopscope.capture.stream import StreamSettings, stream_prompts
-    from loopscope.experiments.stage_tables import (
-        model_neuron_fractions, model_readout, stage_accumulators, stage_table_from,
-    )
-
-    loaded = precision.load(spec)
-    with torch.inference_mode():
-        tables, _ = stream_prompts(loaded, prompts, stage_accumulators(model_readout(loaded)),
-                                   StreamSettings(1, attention=True, batch_size=8, cache_dir=work, progress=progress,
-                                                  label="control"))
-    return {"stages": stage_table_from(tables), "neurons": model_neuron_fractions(loaded)}
-
-
-def analyse_model(name: str, spec: str, prompts: list[str], control_stages: pd.DataFrame, plan: StudyPlan, work: Path,
-                  progress: bool, precision: Precision) -> dict[str, pd.DataFrame]:
-    """Everything `loopscope analyze --feedforward` computes for one model, plus its one-row summary."""
-    from loopscope.experiments.analyze import AnalyzeSettings, analyse
-    from loopscope.experiments.stage_tables import alignment_table, model_neuron_fractions
-    loaded = precision.load(spec)
-    a = AnalyzeSettings(model=spec, out=work, recurrences=plan.recurrences,
-                        attention_recurrences=plan.attention_recurrences, progress=progress,
-                        certificate_tokens=getattr(plan, "certificate_tokens", 16))
-    result = analyse(loaded, prompts, a)
-    tables = dict(result.dynamics)
-    tables["stages"] = result.stages
-    tables["alignment"] = alignment_table(tables["stages"], control_stages)
-    tables["prop42"] = result.prop42
-    tables["prop42_relation"] = pd.DataFrame([result.prop42_relation or {}])
-    tables["neurons"] = model_neuron_fractions(loaded)
-    tables["summary"] = pd.DataFrame([model_summary(name, loaded.model.cfg, plan.recurrences, tables)])
-    return tables
-
-
-def model_summary(name: str, cfg, recurrences: int, t: dict[str, pd.DataFrame]) -> dict:
-    """The one row per model that the claims read (column meanings in `experiments.claims`); `name` is the
-    model's name in this study (its preset, or a builtin's name), base/variant come from its preset."""
-    preset = cfg.extra.get("preset", cfg.name) if cfg.extra else cfg.name
-    base, _, variant = preset.partition("+")
-    check = t["cyclic_fixed_point_check"]
-    deg = t["degeneracy_summary"].iloc[0]
-    behaviour = t["behaviour_dynamics"]["behaviour"].value_counts(normalize=True)
-    co = t["cooccurrence"]
-    prop42 = t.get("prop42")
-    return {
-        "model": name, "preset": preset, "base": base, "variant": variant, "norm": cfg.norm, "injection": cfg.injection,
-        "n_prelude": cfg.n_prelude, "block_size": cfg.n_block, "trained_recurrences": cfg.recurrences,
-        "recurrences": recurrences,
-        "last_layer_relative_change": float(check["final_relative_change"].iloc[-1]),
-        "max_final_relative_change": float(check["final_relative_change"].max()),
-        "last_layer_worst_token_change": float(check["max_relative_change"].iloc[-1]),
-        "worst_token_change": float(check["max_relative_change"].max()),
-        "fraction_distinct": float(deg["fraction_distinct_cyclic"]),
-        "fraction_degenerate": float(deg["fraction_degenerate"]),
-        "fraction_no_fixed_point": float(deg["fraction_no_fixed_point"]),
-        "min_cosine_to_first": float(deg["min_cosine_to_first_mean"]),
-        **{f"fraction_{b}": float(behaviour.get(b, 0.0)) for b in ("fixed_point", "orbit", "slider", "divergent",
-                                                                  "unknown")},
-        "orbit_slider_cooccurrence": int(co.loc["orbit", "slider"]) if "orbit" in co.index else 0,
-        "attention_self_match": attention_self_match(t["attention_distance"]),
-        "attention_shrink": attention_shrink(t["attention_to_fixed_point"]),
-        "prop42_max_ratio": float(prop42["max_ratio"].max()) if prop42 is not None and len(prop42) else math.nan,
-        **{f"prop42_{k}": float(t["prop42_relation"][k].iloc[0])
-           if "prop42_relation" in t and k in t["prop42_relation"] else math.nan
-           for k in ("spearman", "spearman_lo", "spearman_hi")},
-        "stage_repeat_error": stage_repeat_error(t["stages"], "colsum_concentration_mean"),
-        **colsum_alignment(t["alignment"]),
-        "massive_ratio": float(t["stages"]["massive_activation_ratio_mean"].max()),
-    }
-
-
-def attention_self_match(distance: pd.DataFrame) -> float:
-    """Fraction of block-layer attention patterns (recurrence t, layer j) whose nearest pattern among the other
-    recurrences' (t' ≠ t, any layer) belongs to the same layer j: 1 = the diagonal bands of the paper's Fig. 2.
-    `distance` is `dynamics.attention_distance` (square, indexed by (recurrence, layer)); NaN for a one-layer
-    block or a single recurrence (nothing to match)."""
-    rec = distance.index.get_level_values("recurrence").to_numpy()
-    layer = distance.index.get_level_values("layer").to_numpy()
-    if len(set(rec)) < 2 or len(set(layer)) < 2:
-        return math.nan
-    d = distance.to_numpy(dtype=float)
-    hits = []
-    for i in range(len(rec)):
-        others = np.where(rec != rec[i])[0]
-        nearest = others[np.nanargmin(d[i, others])]
-        hits.append(layer[nearest] == layer[i])
-    return float(np.mean(hits))
-
-
-def attention_shrink(to_last: pd.DataFrame) -> float:
-    """mean_j ‖A_{j,R−2} − A_{j,R−1}‖_F / mean_j ‖A_{j,0} − A_{j,R−1}‖_F on the capture with attention: how much
-    of the first recurrence's distance to the final pattern is left one step before the end (NaN if R < 3)."""
-    r = to_last["recurrence"].max()
-    if r < 2:
-        return math.nan
-    late = to_last.loc[to_last["recurrence"] == r - 1, "attention_frobenius"].mean()
-    early = to_last.loc[to_last["recurrence"] == 0, "attention_frobenius"].mean()
-    return float(late / early) if early > 0 else math.nan
-
-
-def stage_repeat_error(stages: pd.DataFrame, value: str) -> float:
-    """How far the block's stage profile is from repeating every pass: sqrt(mean over passes 1 ≤ t < R−1 and block
-    layers j of (v_{t,j} − v_{R−1,j})²) / std of v over every state (prelude, all passes, coda). 0 = every pass
-    after the first repeats the last exactly; NaN with fewer than 3 passes or a constant metric."""
-    core = stages[stages["segment"] == "core"].pivot_table(index="recurrence", columns="layer", values=value)
-    if len(core) < 3:
-        return math.nan
-    last = core.iloc[-1].to_numpy()
-    middle = core.iloc[1:-1].to_numpy()
-    scale = float(stages[value].std(ddof=0))
-    if not scale > 0:
-        return math.nan
-    return float(np.sqrt(np.nanmean((middle - last) ** 2)) / scale)
-
-
-def colsum_alignment(alignment: pd.DataFrame) -> dict[str, float]:
-    """Median, last-pass and mean earlier-pass Pearson r of the ColSum profile against the control."""
-    if alignment is None or alignment.empty:
-        return {"colsum_pearson_median": math.nan, "colsum_pearson_last": math.nan, "colsum_pearson_early": math.nan}
-    a = alignment[alignment["metric"] == "colsum_concentration"].sort_values("recurrence")
-    return {"colsum_pearson_median": float(a["pearson"].median()),
-            "colsum_pearson_last": float(a["pearson"].iloc[-1]),
-            "colsum_pearson_early": float(a["pearson"].iloc[:-1].mean()) if len(a) > 1 else math.nan}
-
-
-ABLATION_REFERENCE = "smollm2"  # feedforward, real weights: the massive activations the looped models may lack
-
-
-def ablation_models(analyses: dict[str, dict[str, pd.DataFrame]], plan: StudyPlan) -> list[str]:
-    """The pre-norm model (trained here) with the largest massive-activation ratio, then the reference."""
-    rows = pd.concat([t["summary"] for t in analyses.values()], ignore_index=True)
-    pre = rows[(rows["norm"] == "pre") & rows["model"].isin(plan.looped)].dropna(subset=["massive_ratio"])
-    chosen = [str(pre.loc[pre["massive_ratio"].idxmax(), "model"])] if len(pre) else []
-    return [*chosen, ABLATION_REFERENCE]
-
-
-def ablation_stage(name: str, spec: str, prompts: list[str], attention_recurrences: int,
-                   progress: bool, precision: Precision) -> dict[str, pd.DataFrame]:
-    from loopscope.experiments.intervene import massive_ablation_tables
-
-    loaded = precision.load(spec)
-    R = attention_recurrences if loaded.kind == "looped" else 1
-    return massive_ablation_tables(loaded, name, prompts, R, progress=progress)
-
-
-def grid_tables(plan: StudyPlan, out: Path, progress: bool, precision: Precision) -> dict[str, pd.DataFrame]:
-    from loopscope.experiments.grid import GridSettings, certificate_agreement, read_certificates, run_grid, \
-        verdict_table
-
-    settings = GridSettings(out=out, progress=progress, precision=precision, **plan.grid)
-    cells, curves = run_grid(settings)
-    cert = read_certificates(settings)
-    return {"cells": cells, "curves": curves, "verdicts": verdict_table(cells), "certificates": cert,
-            "certificate_agreement": certificate_agreement(cert)}
 
 
 # ---------------------------------------------------------------------------------------------- report
 
-def measurements(results: dict) -> dict[str, pd.DataFrame]:
-    """The tables the claims read (see `experiments.claims`)."""
-    m = {"models": pd.concat([a["summary"] for a in results["analyses"].values()], ignore_index=True)} \
-        if results["analyses"] else {}
-    if results.get("retrofit"):
-        from loopscope.experiments.retrofit_study import retrofit_measurements
 
-        m.update(retrofit_measurements(results["retrofit"]))
-    if results.get("ablation"):
-        m["massive_ablation"] = pd.concat([t["summary"] for t in results["ablation"].values()], ignore_index=True)
-    if "grid" in results:
-        m["grid_cells"], m["grid_verdicts"] = results["grid"]["cells"], results["grid"]["verdicts"]
-    if "extrapolate" in results:
-        m["extrapolate"] = results["extrapolate"]["per_r"]
-    if "conditions" in results:
-        m["conditions"] = results["conditions"]["conditions"]
-    return m
-
-
-def write_report(p: Pipeline, results: dict) -> Path:
-    from loopscope.experiments.stage_tables import STAGE_METRICS
-    from loopscope.report import Report
-    from loopscope.report.claims_section import add_claims_section, add_training_section
-    from loopscope.report.dynamics_section import add_dynamics_sections
-    from loopscope.report.grid_section import add_grid_section
-    from loopscope.report.stages_section import add_stages_section
-
-    s, plan = p.s, p.plan
-    m = measurements(results)
-    claims = evaluate_claims(m, plan.thresholds)
-    if s.retrofit_only:
-        claims = claims[claims["id"].str.startswith("retrofit-")].reset_index(drop=True)
-    timings = pd.DataFrame(p.timings)
-    if s.retrofit_only:
-        run = {"mode": "retrofit only (the healed SmolLM2 retrofit against SmolLM2; no training, no grid)",
-               "data": f"GSM8K from {s.data}; analyses on the first {plan.retrofit.prompts} questions of the fixed "
-                       "256-question test subset",
-               "recurrences": f"{plan.retrofit.recurrences} for dynamics, {plan.retrofit.attention_recurrences} with "
-                              "attention",
-               "wall time": f"{results['wall_s']:.0f} s before the report in this invocation"}
-    else:
-        run = {
-            "mode": "quick (micro models, a dozen training steps: checks the pipeline, not the paper)" if s.quick
-            else "full",
-            "data": f"GSM8K from {s.data}; analyses on the first {plan.prompts} questions of the fixed 256-question "
-                    "test subset",
-            "trained here": ", ".join(f"{k} {v['metrics'].iloc[0]['signature']}, {int(v['metrics'].iloc[0]['steps'])} "
-                                      "steps" for k, v in results["training"].items()),
-            "also analysed": ", ".join(plan.builtin) + " (builtin, trained earlier by `loopscope train`)",
-            "recurrences": f"{plan.recurrences} for dynamics, {plan.attention_recurrences} with attention",
-            "training budget": (f"{plan.train['minutes']} min per model" if plan.train.get("minutes")
-                                else f"{plan.train['steps']} steps per model"),
-            "wall time": f"{results['wall_s']:.0f} s before the report in this invocation",
-        }
-    # no page meta: the claims table is the first table of the page; the run settings follow it
-    report = Report("loopscope reproduce — Blayney et al. (2026), A Mechanistic Analysis of Looped Reasoning "
-                    "Language Models", s.out)
-    checks = None if s.retrofit_only else evaluate_checks(m, plan.thresholds)
-    add_claims_section(report, claims, m.get("models", pd.DataFrame()), thresholds_table(plan.thresholds), timings,
-                       run, checks)
-    if results.get("retrofit"):
-        from loopscope.report.retrofit_section import add_retrofit_section
-
-        add_retrofit_section(report, {k: v for k, v in m.items() if k.startswith("retrofit")}, results["retrofit"])
-        t = results["retrofit"]["analysis"]
-        child = report.child("models/smollm2-looped")
-        add_dynamics_sections(child, t, plan.retrofit.recurrences)
-        add_stages_section(child, t["stages"], STAGE_METRICS, model_name="smollm2-looped",
-                           feedforward=results["retrofit"]["base"]["stages"], ff_name="SmolLM2-135M (base)",
-                           alignment=t.get("alignment"), prop42=t.get("prop42"), neurons=t.get("neurons"))
-        report.adopt(child, "smollm2-looped")
-    if s.retrofit_only:
-        return report.write()
-    add_training_section(report, {k: v["history"] for k, v in results["training"].items()},
-                         {k: v["eval"] for k, v in results["training"].items()},
-                         pd.concat([v["metrics"] for v in results["training"].values()], ignore_index=True))
-    control_name = f"{plan.control} (control)"
-    metrics = {k: v for k, v in STAGE_METRICS.items() if plan.stage_metrics is None or k in plan.stage_metrics}
-    for name, t in results["analyses"].items():
-        child = report.child(f"models/{name}")
-        add_dynamics_sections(child, t, plan.recurrences)
-        add_stages_section(child, t["stages"], metrics, model_name=name, feedforward=results["control"]["stages"],
-                           ff_name=control_name, alignment=t.get("alignment"), prop42=t.get("prop42"),
-                           neurons=t.get("neurons"))
-        report.adopt(child, name)
-    if results.get("ablation"):
-        from loopscope.report.intervene_section import add_ablation_section
-
-        add_ablation_section(report, m["massive_ablation"], {k: v["states"] for k, v in results["ablation"].items()})
-    if "grid" in results:
-        g = results["grid"]
-        add_grid_section(report, g["cells"], g["curves"], g["verdicts"], g.get("certificates"),
-                         g.get("certificate_agreement"))
-    if "extrapolate" in results:
-        from loopscope.experiments.extrapolate import add_extrapolate_section
-
-        add_extrapolate_section(report, results["extrapolate"])
-    if "conditions" in results:
-        from loopscope.experiments.conditions import add_conditions_section
-
-        add_conditions_section(report, results["conditions"]["conditions"])
-    return report.write()

@@ -125,7 +125,7 @@ def extrapolation_tables(plan: RetrofitPlan, data: str | None, progress: bool, p
     for name, rs in ((plan.base, (1,)), (plan.model, plan.extrapolate)):
         loaded = precision.load(name)
         trained[name] = int(getattr(getattr(loaded.model, "cfg", None), "recurrences", 1) or 1) \
-            if loaded.kind == "looped" else 1
+            if loaded.is_looped else 1
         texts = encode_texts(heldout_texts(data), loaded.tokenizer)
         for R in tqdm(rs, desc=f"{name}: loss and accuracy per R", disable=not progress):
             per = text_losses(_Logits(loaded.model), texts, R)
@@ -220,7 +220,7 @@ def model_id(spec: str) -> str:
 
 def retrofit_stages(p, questions: list[str], data: str | None, plan: RetrofitPlan) -> dict[str, dict]:
     """Run (or load) the four retrofit stages through `p.stage` (a `reproduce.Pipeline`)."""
-    from loopscope.experiments.reproduce import ablation_stage, analyse_model, control_tables
+    from loopscope.experiments.reproduce_stages import ablation_stage, analyse_model, control_tables
 
     s = p.s
     prompts = questions[: plan.prompts]

@@ -135,9 +135,9 @@ def looped_neuron_fractions(model: LoopedLM, *, fold_final_norm: bool = True, ce
 def model_readout(loaded) -> stages.Readout | None:
     """The logit-lens readout of any loaded model (LoopedLM of any family, or a Hugging Face feedforward LM)."""
 
-    if isinstance(loaded.model, LoopedLM):
+    if loaded.is_looped:
         return looped_readout(loaded.model)
-    from loopscope.models import hf
+    from loopscope.models import hf_parts as hf
 
     return stages.Readout(**hf.hf_readout(loaded.model))
 
@@ -145,9 +145,9 @@ def model_readout(loaded) -> stages.Readout | None:
 def model_neuron_fractions(loaded) -> pd.DataFrame:
     """Prediction / suppression neuron fractions per physical layer, for any loaded model."""
 
-    if isinstance(loaded.model, LoopedLM):
+    if loaded.is_looped:
         return looped_neuron_fractions(loaded.model)
-    from loopscope.models import hf
+    from loopscope.models import hf_parts as hf
 
     readout = model_readout(loaded)
     downs = {f"core.{i}": w for i, w in hf.hf_mlp_down_weights(loaded.model).items()}
@@ -189,7 +189,7 @@ def prop42_summary(loaded, prompts: list[str], recurrences: int) -> pd.DataFrame
     and heads (LoopedLM only: the check reads the layer's weights and inputs through its hook points)."""
     from loopscope.capture.prompts import encode_prompts
 
-    if not isinstance(loaded.model, LoopedLM) or recurrences < 2 or not prompts:
+    if not loaded.is_looped or recurrences < 2 or not prompts:
         return None
     ids, mask, _ = encode_prompts(loaded.tokenizer, prompts, loaded.max_seq_len)
     return prop42_table_summary(attention_lipschitz_check(loaded.model, ids.to(model_device(loaded)), recurrences,

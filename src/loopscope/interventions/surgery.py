@@ -66,7 +66,7 @@ class HFSurgeon:
     """The decoder layers of a Hugging Face feedforward model, filed as the "core" segment (R = 1)."""
 
     def __init__(self, model: nn.Module) -> None:
-        from loopscope.models import hf
+        from loopscope.models import hf_parts as hf
 
         self.hf, self.model = hf, model
         self.saved_list = hf.hf_layers(model)
@@ -106,7 +106,7 @@ class HFSurgeon:
 def surgeon_for(model: nn.Module) -> LoopedSurgeon | HFSurgeon:
     if isinstance(model, LoopedLM):
         return LoopedSurgeon(model)
-    from loopscope.models.hf import is_hf_model
+    from loopscope.models.hf_parts import is_hf_model
 
     if is_hf_model(model):
         return HFSurgeon(model)

@@ -13,9 +13,11 @@ from loopscope.report.document import Figure, Report, save_csv
 
 def add_claims_section(report: Report, claims: pd.DataFrame, models: pd.DataFrame, thresholds: pd.DataFrame,
                        timings: pd.DataFrame, run: dict[str, object] | None = None,
-                       checks: pd.DataFrame | None = None) -> None:
-    """The claims table (one line per claim: verdict and the numbers behind it), then what it was computed from."""
-    counts = claims["verdict"].value_counts()
+                       checks: pd.DataFrame | None = None, verdict_counts: dict[str, int] | None = None) -> None:
+    """The claims table (one line per claim: verdict and the numbers behind it), then what it was computed from.
+    `verdict_counts`: claims per verdict (`experiments.claims.verdict_counts`)."""
+    verdict_counts = verdict_counts or {}
+    counts = verdict_counts
     sec = report.section(
         "The paper's claims against this run",
         "Each claim of Blayney et al. (2026) in one line, with a verdict computed by an explicit rule "

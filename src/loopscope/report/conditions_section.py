@@ -28,7 +28,7 @@ def add_conditions_section(report: Report, table: pd.DataFrame) -> None:
         png = figures.grouped_bars(bars.round(3), out, f"conditions_{method}",
                                    title=f"non-fixed-point behaviours per condition ({method} classifier)",
                                    ylabel="% of question tokens")
-        n = int(part["n_tokens"].min())
+        n = int(part["n"].min())
         sec.items.append(Figure(png, f"Percent of question tokens per non-fixed-point behaviour, per system-prompt "
                                      f"condition ({method} classifier); the rest are fixed points. {n} question "
                                      f"tokens per condition: one token is {100 / n:.2g}%.", [csv]))

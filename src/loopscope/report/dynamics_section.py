@@ -64,9 +64,9 @@ def add_dynamics_sections(report: Report, t: dict[str, pd.DataFrame], recurrence
                    "block size mean each layer's heads repeat their pattern every recurrence.")
         sec.items.append(Figure(png, caption, [csv]))
     att = t["attention_to_fixed_point"]
-    if att["attention_frobenius"].notna().any():
+    if att["attention_frobenius_mean"].notna().any():
         csv = save_csv(att, out, "attention_to_fixed_point")
-        png = figures.line_panels(att, "recurrence", [("attention_frobenius", "‖Aℓ,t − Aℓ,R‖_F")], "layer", out,
+        png = figures.line_panels(att, "recurrence", [("attention_frobenius_mean", "‖Aℓ,t − Aℓ,R‖_F")], "layer", out,
                                   "attention_to_fixed_point", title="Attention distance to the last recurrence",
                                   logy=(True,), series_label="layer")
         sec.items.append(Figure(png, "Head-averaged attention pattern of each block layer against its pattern at the "
@@ -120,13 +120,7 @@ def add_behaviour_section(report: Report, t: dict[str, pd.DataFrame]) -> None:
         "contraction slower than 0.1 % per recurrence, or any trend within 3 standard errors of flat, counts as "
         "steady.",
     )
-    counts = pd.DataFrame({
-        "dynamics detector": t["behaviour_dynamics"]["behaviour"].value_counts(),
-        "paper heuristic": t["behaviour_paper"]["behaviour"].value_counts(),
-    }).fillna(0).astype(int)
-    order = [b for b in ("fixed_point", "orbit", "slider", "divergent", "unknown") if b in counts.index]
-    counts = counts.loc[order]
-    counts.index.name = "behaviour"
+    counts = t["behaviour_counts"]
     csv = save_csv(counts, out, "behaviour_counts")
     png = figures.grouped_bars(counts, out, "behaviour_counts", title="Tokens per behaviour (block's last layer)",
                                ylabel="tokens")
@@ -134,7 +128,7 @@ def add_behaviour_section(report: Report, t: dict[str, pd.DataFrame]) -> None:
                                  "slide, diverge, or fit none of these, by each detector.", [csv]))
     save_csv(t["behaviour_dynamics"], out, "behaviour_per_token_dynamics")
     save_csv(t["behaviour_paper"], out, "behaviour_per_token_paper")
-    non_fixed = t["behaviour_dynamics"][t["behaviour_dynamics"]["behaviour"] != "fixed_point"]
+    non_fixed = t["behaviour_non_fixed"]
     if len(non_fixed):
         report.table(sec, non_fixed, "behaviour_non_fixed_tokens", "Tokens that are not at a fixed point.", 20)
     if "sensitivity" in t and len(t["sensitivity"]):
@@ -155,6 +149,7 @@ def add_certificate_section(report: Report, t: dict[str, pd.DataFrame]) -> None:
     """The stability certificate beside what the detector saw."""
     out = report.out_dir
     cert = t["certificate"]
+    timing = t["certificate_timing"].iloc[0]
     sec = report.section(
         "Stability certificate: the block's Jacobian at each token's long-run state",
         "Why does a token settle? The leading eigenvalues of J = ∂F/∂s of one recurrence of the block at the state "
@@ -164,7 +159,7 @@ def add_certificate_section(report: Report, t: dict[str, pd.DataFrame]) -> None:
         "estimated by Arnoldi iteration on vector-Jacobian products, never forming J. ρ = |λ₁| < 1 predicts a "
         "stable fixed point approached at rate ρ per recurrence; ρ ≈ 1 with a complex λ₁ an orbit of period "
         "2π/|arg λ₁|; ρ > 1 divergence. Beside it, what the detector saw on the trajectory, and its measured "
-        f"step-size rate. {len(cert)} tokens, {cert['seconds_per_token'].mean():.2f} s per token.",
+        f"step-size rate. {int(timing['tokens'])} tokens, {timing['seconds_per_token']:.2f} s per token.",
     )
     report.table(sec, t["certificate_agreement"], "certificate_agreement",
                  "Predicted behaviour (rows) against the detector's label (columns); `agree`: the fraction of tokens "

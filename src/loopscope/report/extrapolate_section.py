@@ -51,9 +51,7 @@ def add_extrapolate_section(report: Report, tables: dict[str, pd.DataFrame]) -> 
                  "One row per (model, R); timings in seconds (of the run that computed the row).", max_rows=80)
     aligned = tables.get("alignment")
     if aligned is not None and not aligned.empty:
-        last = aligned[aligned.recurrence == aligned.recurrences - 1]
-        pivot = last.pivot_table(index=["model", "recurrences"], columns="metric", values="pearson")
-        report.table(sec, pivot.reset_index(), "extrapolate_alignment_last_pass",
+        report.table(sec, tables["alignment_last_pass"], "extrapolate_alignment_last_pass",
                      "Pearson correlation of the last pass's profile with the control, per stage metric and R.",
                      max_rows=80)
         save_csv(aligned, out, "extrapolate_alignment_all_passes")

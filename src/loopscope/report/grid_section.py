@@ -9,9 +9,11 @@ from loopscope.report import figures
 from loopscope.report.document import Figure, Report, save_csv
 
 
-def add_grid_section(report: Report, cells: pd.DataFrame, curves: pd.DataFrame, verdicts: pd.DataFrame,
-                     certificates: pd.DataFrame | None = None, certificate_agreement: pd.DataFrame | None = None
-                     ) -> None:
+def add_grid_section(report: Report, cells: pd.DataFrame, change_curves: pd.DataFrame, min_cosine: pd.DataFrame,
+                     verdicts: pd.DataFrame, certificates: pd.DataFrame | None = None,
+                     certificate_agreement: pd.DataFrame | None = None) -> None:
+    """Draws `experiments.grid.grid_views`: the verdicts, the change curves (mean over seeds), the min-cosine matrix,
+    every cell, and the certificates."""
     out = report.out_dir
     sec = report.section(
         "Architecture grid at random initialisation",
@@ -24,10 +26,10 @@ def add_grid_section(report: Report, cells: pd.DataFrame, curves: pd.DataFrame, 
                  "paper's, per norm and injection.")
     norms = list(dict.fromkeys(cells["norm"]))
     injections = list(dict.fromkeys(cells["injection"]))
-    mean = curves.groupby(["norm", "injection", "block_size", "recurrence"], as_index=False)[["l2", "cosine"]].mean()
+    mean = change_curves
     csv = save_csv(mean, out, "grid_change_curves")
-    for column, label, name in (("l2", "‖X_t − X_{t−1}‖ (last block layer)", "grid_change"),
-                                ("cosine", "cos(X_t, X_{t−1}) (last block layer)", "grid_cosine")):
+    for column, label, name in (("l2_mean", "‖X_t − X_{t−1}‖ (last block layer)", "grid_change"),
+                                ("cosine_mean", "cos(X_t, X_{t−1}) (last block layer)", "grid_cosine")):
         fig, axes = plt.subplots(len(injections), len(norms), figsize=(4.2 * len(norms), 3.2 * len(injections)),
                                  squeeze=False, sharex=True)
         blocks = sorted(mean["block_size"].unique())
@@ -38,7 +40,7 @@ def add_grid_section(report: Report, cells: pd.DataFrame, curves: pd.DataFrame, 
                 for k, colour in zip(blocks, colours):
                     part = mean[(mean.norm == norm) & (mean.injection == inj) & (mean.block_size == k)]
                     ax.plot(part["recurrence"], part[column], color=colour, label=f"k={k}")
-                if column == "l2":
+                if column == "l2_mean":
                     ax.set_yscale("log")
                 ax.set_title(f"{norm} norm, injection {inj}", fontsize=9)
                 ax.grid(alpha=0.3)
@@ -51,10 +53,7 @@ def add_grid_section(report: Report, cells: pd.DataFrame, curves: pd.DataFrame, 
         png = figures.save(fig, out, name)
         sec.items.append(Figure(png, f"{label} against recurrence, mean over seeds and tokens, one line per block size "
                                      "(the paper's Figs. 29/30).", [csv]))
-    table = cells.groupby(["norm", "injection", "block_size"], as_index=False)["min_cosine_to_first_mean"].mean()
-    pivot = table.pivot_table(index=["norm", "injection"], columns="block_size", values="min_cosine_to_first_mean")
-    pivot.columns = [f"k={c}" for c in pivot.columns]
-    pivot.index = [f"{n}/{i}" for n, i in pivot.index]
+    pivot = min_cosine
     csv = save_csv(pivot, out, "grid_min_cosine")
     png = figures.matrix_plot(pivot, out, "grid_min_cosine", title="Min cosine between layer 0's fixed point and any "
                               "other layer's (1 = degenerate)", cbar="cosine", fmt="{:.3f}")
@@ -74,7 +73,7 @@ def add_grid_certificates(report: Report, sec, cert: pd.DataFrame, agreement: pd
                  "cell's certified tokens: the behaviour the leading Jacobian eigenvalue predicts (rows) against "
                  "the dynamics detector's label (columns); 'agree' is the fraction the prediction admits.")
     fig, ax = plt.subplots(figsize=(5.2, 4.4))
-    groups = cert.groupby(["norm", "injection"], sort=False)
+    groups = cert.groupby(["norm", "injection"], sort=False)  # one colour per norm/injection: drawing, not computing
     colours = plt.get_cmap("tab10")
     for i, ((norm, inj), part) in enumerate(groups):
         floor = part["at_floor"].astype(bool) if "at_floor" in part else pd.Series(False, index=part.index)

@@ -10,10 +10,13 @@ coda, percentage-scaled) with a feedforward model's profile. We turn that into n
     nrmse         = rmse / (max g − min g)  (scale-free distance; NaN for a flat feedforward profile).
 
 Identical profiles give pearson = spearman = 1, rmse = 0; a reversed linear profile gives −1. Correlations
-are NaN when either resampled profile is constant.
+are NaN when either resampled profile is constant. `colsum_alignment` reads the ColSum rows of such a table as
+three numbers (median, last pass, mean of the earlier passes).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pandas as pd
@@ -66,3 +69,13 @@ def alignment(looped_df: pd.DataFrame, feedforward_df: pd.DataFrame, value: str,
         rows.append({"recurrence": int(t), "pearson": pearson(f, g), "spearman": spearman(f, g), "rmse": rmse,
                      "nrmse": rmse / spread if spread > 0 else float("nan"), "n_points": grid})
     return pd.DataFrame(rows)
+
+
+def colsum_alignment(alignment: pd.DataFrame) -> dict[str, float]:
+    """Median, last-pass and mean earlier-pass Pearson r of the ColSum profile against the control."""
+    if alignment is None or alignment.empty:
+        return {"colsum_pearson_median": math.nan, "colsum_pearson_last": math.nan, "colsum_pearson_early": math.nan}
+    a = alignment[alignment["metric"] == "colsum_concentration"].sort_values("recurrence")
+    return {"colsum_pearson_median": float(a["pearson"].median()),
+            "colsum_pearson_last": float(a["pearson"].iloc[-1]),
+            "colsum_pearson_early": float(a["pearson"].iloc[:-1].mean()) if len(a) > 1 else math.nan}
