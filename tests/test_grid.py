@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
+from loopscope.errors import InputError
 from loopscope.experiments import grid
 from loopscope.experiments.grid import GridSettings, agreement, cell_verdict, run_grid, verdict_table
 
@@ -25,7 +27,7 @@ def test_agreement_with_paper():
 def test_verdict_table_majority_and_paper_column():
     cells = pd.DataFrame({
         "norm": ["pre"] * 3 + ["ouro"] * 2, "injection": ["concat"] * 3 + ["none"] * 2,
-        "block_size": [4, 4, 12, 4, 12], "seed": [0, 1, 0, 0, 0],
+        "block_size": [4, 4, 12, 4, 12], "seed": [0, 1, 0, 0, 0], "d_model": 64, "injected_rms": 0.6325,
         "verdict": ["stable", "stable", "not stable", "not stable", "not stable"],
         "min_cosine_to_first_mean": [0.9, 0.8, 0.7, 0.5, 0.6], "final_relative_change_last_layer": [0.0] * 5,
     })
@@ -56,3 +58,43 @@ def test_grid_runs_known_cells_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(grid, "run_cell", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
     again, _ = run_grid(s)
     pd.testing.assert_frame_equal(again, cells)
+
+
+def test_a_cell_whose_verdict_flips_with_the_injected_signal_scale(tmp_path):
+    """Sandwich norm + concat injection, k = 4, seed 0, D = 64: with the injected embedding at Huginn's RMS √(2/5)
+    the last layer still moves 7.5 % per recurrence at R = 96 (not stable); at RMS 1 (a normed prelude output) it
+    settles (relative change ~2e-5). The paper's verdict for this cell ("stable") holds only at the second setting,
+    and the claims row says so."""
+    from loopscope.experiments.claims import DIFFERS, HOLDS, rule_grid
+
+    s = GridSettings(out=tmp_path, norms=("sandwich",), injections=("concat",), block_sizes=(4,), seeds=(0,),
+                     injected_rms=(grid.DEFAULT_SETTING["injected_rms"], 1.0), recurrences=96, n_prompts=2,
+                     max_tokens=16, certificate_tokens=0, progress=False)
+    cells, curves = run_grid(s)
+    by_rms = cells.set_index("injected_rms")
+    assert by_rms.loc[0.6325, "verdict"] == "not stable" and by_rms.loc[0.6325, "final_relative_change_last_layer"] > 1e-2
+    assert by_rms.loc[1.0, "verdict"] == "stable" and by_rms.loc[1.0, "final_relative_change_last_layer"] < 1e-3
+    table = verdict_table(cells)
+    assert table["default"].tolist() == [True, False] and table["agreement"].tolist() == ["differs", "holds"]
+    verdict = rule_grid(injection_on=True)({"grid_verdicts": table}, None)
+    assert verdict.verdict == DIFFERS  # the default setting decides the row …
+    assert "D=64, injected RMS 1: 1/1 norms as the paper" in verdict.evidence  # … and the row names where it holds
+    flipped = table.assign(default=[False, True])  # were RMS 1 the default, the same tables would say holds
+    assert rule_grid(injection_on=True)({"grid_verdicts": flipped}, None).verdict == HOLDS
+    # the report draws the default setting's curves; the min-cosine matrix has one row per setting
+    views = grid.grid_views(cells, curves)
+    assert views["shown_setting"] == (64, 0.6325) and len(views["min_cosine"]) == 2
+
+
+def test_the_default_injected_rms_is_huginns_rule_exactly():
+    """The default cells are the models they were before the RMS was an axis: embeddings × √D."""
+    cfg = grid.grid_config("pre", "concat", 4, 0, 64)
+    assert cfg.embed_scale == 8.0
+    assert grid.grid_config("pre", "concat", 4, 0, 64, None, 1.0).embed_scale == pytest.approx(1.0 / (2 / 320) ** 0.5)
+
+
+def test_an_old_grid_folder_is_refused_in_one_line(tmp_path):
+    pd.DataFrame([{"norm": "pre", "injection": "none", "block_size": 4, "seed": 0, "verdict": "stable"}]).to_csv(
+        tmp_path / "grid_cells.csv", index=False)
+    with pytest.raises(InputError, match="older grid .*d_model, injected_rms.*new --out"):
+        run_grid(GridSettings(out=tmp_path, progress=False))

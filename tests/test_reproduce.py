@@ -62,10 +62,12 @@ def test_quick_report_opens_with_the_claims_table(quick_run):
 def test_quick_grid_verdicts_follow_the_grid_table(quick_run):
     """The grid rows, recomputed independently from the per-cell CSV and the paper's verdicts."""
     out, _, _ = quick_run
-    cells = pd.read_csv(out / "tables" / "grid_cells.csv")
-    assert len(cells) == 6  # 3 norms × 2 injections × block 4 × seed 0
+    every = pd.read_csv(out / "tables" / "grid_cells.csv")
+    assert len(every) == 12  # 3 norms × 2 injections × block 4 × seed 0 × injected RMS {0.6325 (default), 1}
+    cells = every[every["injected_rms"] == 0.6325]  # the verdict is the default setting's
     claims = read_claims(out)
     for claim_id, injected in (("grid-injection", True), ("grid-no-injection", False)):
+        assert "D=64, injected RMS 1:" in claim(claims, claim_id)["evidence"]  # the other setting is reported
         part = cells[(cells["injection"] != "none") == injected]
         agree = [part[(part.norm == n) & (part.injection == i)]["verdict"].mode()[0] == PAPER_VERDICTS[(n, i)]
                  for n, i in part[["norm", "injection"]].drop_duplicates().itertuples(index=False)]

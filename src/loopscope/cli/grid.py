@@ -6,7 +6,14 @@ from pathlib import Path
 
 import typer
 
-from loopscope.cli.common import device_option, dtype_option, parse_int_list, precision, state_dtype_option
+from loopscope.cli.common import (
+    device_option,
+    dtype_option,
+    parse_float_list,
+    parse_int_list,
+    precision,
+    state_dtype_option,
+)
 
 
 def _words(text: str) -> tuple[str, ...]:
@@ -21,6 +28,11 @@ def register(app: typer.Typer) -> None:
         injections: str = typer.Option("none,concat", "--injections", help="Comma-separated: none, add, concat."),
         blocks: str = typer.Option("4,12,16", "--blocks", help="Comma-separated block sizes k."),
         seeds: str = typer.Option("0,1,2", "--seeds", help="Comma-separated initialisation seeds."),
+        widths: str = typer.Option("64", "--widths", help="Comma-separated widths D (the paper does not publish its "
+                                   "own; each is an axis of the grid)."),
+        injected_rms: str = typer.Option("0.6325", "--injected-rms", help="Comma-separated per-element RMS of the "
+                                         "injected embedding (default: Huginn's rule, √(2/5); 1 = a normed prelude "
+                                         "output). An axis of the grid."),
         recurrences: int = typer.Option(128, "--recurrences", "-r", help="Recurrences per model (paper: 128)."),
         init_std: float = typer.Option(None, "--init-std", help="Weight init std (default: Huginn's sqrt(2/(5D)); "
                                        "the paper does not publish its own)."),
@@ -33,7 +45,8 @@ def register(app: typer.Typer) -> None:
         """Which norm / injection / block-size combinations reach a stable cyclic fixed point at random init?
 
         **What it does.** Builds one randomly initialised `(0, k⊗R, 0)` looped model per cell of norm ×
-        injection × block size × seed (Blayney et al. §4.2), runs the bundled prompts through `--recurrences`
+        injection × block size × seed × width × injected RMS (Blayney et al. §4.2; the last two are settings the
+        paper leaves open, and they flip verdicts), runs the bundled prompts through `--recurrences`
         recurrences, and judges each: stable or not (does the last layer stop changing?), and if stable,
         distinct or degenerate (do all layers share one fixed point?).
 
@@ -44,8 +57,12 @@ def register(app: typer.Typer) -> None:
         """
         from loopscope.experiments.grid import GridSettings, run_grid_report
 
-        s = GridSettings(out=out, norms=_words(norms), injections=_words(injections), block_sizes=tuple(parse_int_list(blocks, '--blocks', minimum=1)),
-                         seeds=tuple(parse_int_list(seeds, '--seeds', minimum=0)), recurrences=recurrences, init_std=init_std, progress=not quiet,
+        s = GridSettings(out=out, norms=_words(norms), injections=_words(injections),
+                         block_sizes=tuple(parse_int_list(blocks, "--blocks", minimum=1)),
+                         seeds=tuple(parse_int_list(seeds, "--seeds", minimum=0)),
+                         widths=tuple(parse_int_list(widths, "--widths", minimum=8)),
+                         injected_rms=tuple(parse_float_list(injected_rms, "--injected-rms", minimum=1e-6)),
+                         recurrences=recurrences, init_std=init_std, progress=not quiet,
                          precision=precision(device, dtype, state_dtype))
         if quick:
             s.block_sizes, s.seeds, s.recurrences = (4,), (0,), 64

@@ -13,6 +13,13 @@ Each cell also certifies `certificate_tokens` tokens of its first prompt (`exper
 eigenvalues of the block map's Jacobian at the state after R recurrences) and joins the prediction with the
 detector's label and observed step-size rate: OUT/grid_certificates.csv, one row per (cell, token). That is the
 paper's open "why": whether injection and norm placement make the block a contraction (ρ < 1) or not.
+
+Two settings the paper does not publish decide some verdicts, so they are axes of the grid: the width D
+(`widths`) and the RMS of the injected signal (`injected_rms`: the per-element RMS of the scaled embedding the
+block is injected with). The defaults, fixed before any grid was run, are the settings of the first grid: D = 64 and
+Huginn's rule (weights N(0, 2/(5D)), embeddings × √D, so RMS √(2/5) ≈ 0.632 at every width) — the one published
+initialisation of a looped model of this kind. A normed prelude output (what Huginn actually injects) has RMS 1;
+`injected_rms=1.0` gives that. The verdict table has one row per (norm, injection, width, RMS).
 """
 
 from __future__ import annotations
@@ -44,7 +51,10 @@ PAPER_VERDICTS = {
     ("sandwich", "none"): "not stable",
     ("ouro", "none"): "not stable",
 }
-CELL_COLUMNS = ["norm", "injection", "block_size", "seed"]
+HUGINN_RMS = (2 / 5) ** 0.5  # per-element RMS of Huginn's scaled embedding: σ·√D with σ = √(2/(5D))
+DEFAULT_SETTING = {"d_model": 64, "injected_rms": round(HUGINN_RMS, 4)}  # chosen before any grid ran (module doc)
+SETTING_COLUMNS = ["d_model", "injected_rms"]
+CELL_COLUMNS = ["norm", "injection", "block_size", "seed", *SETTING_COLUMNS]
 
 
 @dataclass
@@ -55,7 +65,8 @@ class GridSettings:
     block_sizes: tuple[int, ...] = (4, 12, 16)
     seeds: tuple[int, ...] = (0, 1, 2)
     recurrences: int = 128
-    d_model: int = 64
+    widths: tuple[int, ...] = (DEFAULT_SETTING["d_model"],)  # D, an axis (the paper does not publish its width)
+    injected_rms: tuple[float, ...] = (DEFAULT_SETTING["injected_rms"],)  # RMS of the injected embedding, an axis
     n_prompts: int = 4
     max_tokens: int = 48  # prompts truncated to this many tokens (dynamics are per token)
     converge_tol: float = 1e-3  # last layer's relative change at the last recurrence below this = converged
@@ -68,18 +79,26 @@ class GridSettings:
 
 
 def grid_config(norm: str, injection: str, block: int, seed: int, d_model: int,
-                init_std: float | None = None) -> LoopedConfig:
-    """A (0, k⊗R, 0) model with Huginn's scales: weights N(0, 2/(5D)), embeddings × √D, start state
-    TruncNormal(0, 2/5) with injection (Huginn's s_0 = σ·√D), the embedding itself without (it must).
+                init_std: float | None = None, injected_rms: float = HUGINN_RMS) -> LoopedConfig:
+    """A (0, k⊗R, 0) model with Huginn's scales: weights N(0, 2/(5D)), start state TruncNormal(0, 2/5) with
+    injection (Huginn's s_0 = σ·√D), the embedding itself without (it must); embeddings scaled so that the
+    injected signal has per-element RMS `injected_rms` (embed_scale = injected_rms / σ; Huginn's √D when
+    injected_rms = √(2/5) and σ is Huginn's).
 
-    Without a prelude the injected signal is the scaled embedding; unscaled (‖e‖ ≈ 0.6 against a normalised
-    state of norm √D = 8) injection would carry almost nothing and every cell would run autonomously.
+    Without a prelude the injected signal is the scaled embedding; unscaled (RMS σ ≈ 0.08 at D = 64, against a
+    normalised state of RMS 1) injection would carry almost nothing and every cell would run autonomously.
     """
+    if injected_rms <= 0:
+        raise InputError(f"--injected-rms {injected_rms}: give a positive RMS (e.g. 0.632 for Huginn's rule, 1.0)")
+    std = init_std or (2 / (5 * d_model)) ** 0.5
+    # the default's key is rounded to 4 digits; its scale is Huginn's exact √D, so the default cells are the same
+    # models as before the RMS was an axis
+    scale = d_model ** 0.5 if init_std is None and round(injected_rms, 4) == round(HUGINN_RMS, 4) else injected_rms / std
     return LoopedConfig(
-        name=f"{norm}-{injection}-k{block}-s{seed}", vocab_size=1024, d_model=d_model, n_heads=4,
-        d_mlp=int(8 * d_model / 3), n_prelude=0, n_block=block, n_coda=0, recurrences=8, norm=norm,
+        name=f"{norm}-{injection}-k{block}-s{seed}-d{d_model}-e{injected_rms:g}", vocab_size=1024, d_model=d_model,
+        n_heads=4, d_mlp=int(8 * d_model / 3), n_prelude=0, n_block=block, n_coda=0, recurrences=8, norm=norm,
         injection=injection, state_init="random" if injection != "none" else "embedding", seed=seed,
-        init_std=init_std or (2 / (5 * d_model)) ** 0.5, embed_scale=d_model ** 0.5, state_init_std=0.4 ** 0.5,
+        init_std=std, embed_scale=scale, state_init_std=0.4 ** 0.5,
     )
 
 
@@ -156,16 +175,17 @@ def run_grid(s: GridSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
         raise InputError(f"--recurrences {s.recurrences}: the fixed-point test needs at least 4 (the paper uses 128)")
     s.out.mkdir(parents=True, exist_ok=True)
     cells_csv, curves_csv, cert_csv = s.out / "grid_cells.csv", s.out / "grid_curves.csv", certificates_csv(s.out)
-    done = pd.read_csv(cells_csv) if cells_csv.exists() else pd.DataFrame(columns=CELL_COLUMNS)
+    done = read_cells(cells_csv)
     curves = [pd.read_csv(curves_csv)] if curves_csv.exists() else []
     finished = {tuple(r) for r in done[CELL_COLUMNS].itertuples(index=False)}
     ids, mask = grid_inputs(s)
-    todo = [c for c in itertools.product(s.norms, s.injections, s.block_sizes, s.seeds) if c not in finished]
-    for norm, injection, block, seed in tqdm(todo, desc="grid", disable=not s.progress, unit="model"):
+    todo = [c for c in wanted_cells(s) if c not in finished]
+    for norm, injection, block, seed, width, rms in tqdm(todo, desc="grid", disable=not s.progress, unit="model"):
         start = time.perf_counter()
-        row, last, cert = run_cell(grid_config(norm, injection, block, seed, s.d_model, s.init_std), ids, mask,
-                                   s.recurrences, s.converge_tol, s.direction_tol, s.precision, s.certificate_tokens)
-        key = dict(zip(CELL_COLUMNS, (norm, injection, block, seed)))
+        cfg = grid_config(norm, injection, block, seed, width, s.init_std, rms)
+        row, last, cert = run_cell(cfg, ids, mask, s.recurrences, s.converge_tol, s.direction_tol, s.precision,
+                                   s.certificate_tokens)
+        key = dict(zip(CELL_COLUMNS, (norm, injection, block, seed, width, rms)))
         if cert is not None:  # before the cell's row: a cell in grid_cells.csv has its certificates written
             cert = cert.assign(**key)[[*CELL_COLUMNS, *cert.columns]]
             cert.to_csv(cert_csv, mode="a", header=not cert_csv.exists(), index=False)
@@ -174,9 +194,26 @@ def run_grid(s: GridSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
         last = last.assign(**key)
         last.to_csv(curves_csv, mode="a", header=not curves_csv.exists(), index=False)
         curves.append(last)
-    cells = pd.read_csv(cells_csv)
-    wanted = cells.set_index(CELL_COLUMNS).index.isin(list(itertools.product(s.norms, s.injections, s.block_sizes, s.seeds)))
+    cells = read_cells(cells_csv)
+    wanted = cells.set_index(CELL_COLUMNS).index.isin(wanted_cells(s))
     return cells[wanted].reset_index(drop=True), pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
+
+
+def wanted_cells(s: GridSettings) -> list[tuple]:
+    """Every (norm, injection, block size, seed, width, injected RMS) cell `s` asks for."""
+    return list(itertools.product(s.norms, s.injections, s.block_sizes, s.seeds, s.widths,
+                                  [round(float(r), 4) for r in s.injected_rms]))
+
+
+def read_cells(path: Path) -> pd.DataFrame:
+    """The finished cells of a grid folder; a folder written before width and RMS were axes is refused."""
+    if not path.exists():
+        return pd.DataFrame(columns=CELL_COLUMNS)
+    cells = pd.read_csv(path)
+    lacking = [c for c in CELL_COLUMNS if c not in cells.columns]
+    if lacking:
+        raise InputError(f"{path} was written by an older grid (no {', '.join(lacking)} column); give a new --out")
+    return cells
 
 
 def certificates_csv(out: Path) -> Path:
@@ -189,8 +226,7 @@ def read_certificates(s: GridSettings) -> pd.DataFrame:
     if not path.exists():
         return pd.DataFrame()
     cert = pd.read_csv(path).drop_duplicates(subset=[*CELL_COLUMNS, "token"], keep="last")
-    wanted = cert.set_index(CELL_COLUMNS).index.isin(list(itertools.product(s.norms, s.injections, s.block_sizes,
-                                                                            s.seeds)))
+    wanted = cert.set_index(CELL_COLUMNS).index.isin(wanted_cells(s))
     return cert[wanted].reset_index(drop=True)
 
 
@@ -211,16 +247,24 @@ def agreement(measured: str, paper: str) -> str:
     return "differs"
 
 
+def is_default(d_model, injected_rms) -> bool:
+    """Whether a (width, injected RMS) setting is the grid's default (DEFAULT_SETTING)."""
+    return int(d_model) == DEFAULT_SETTING["d_model"] and round(float(injected_rms), 4) == \
+        DEFAULT_SETTING["injected_rms"]
+
+
 def verdict_table(cells: pd.DataFrame) -> pd.DataFrame:
-    """One row per (norm, injection): our majority verdict over block sizes and seeds, beside the paper's."""
+    """One row per (norm, injection, width, injected RMS): our majority verdict over block sizes and seeds, beside
+    the paper's; `default` marks the setting chosen before any run (DEFAULT_SETTING)."""
     rows = []
-    for (norm, injection), part in cells.groupby(["norm", "injection"], sort=False):
+    for (norm, injection, width, rms), part in cells.groupby(["norm", "injection", *SETTING_COLUMNS], sort=False):
         counts = part["verdict"].value_counts()
         ours = counts.index[0]
         paper = PAPER_VERDICTS.get((norm, injection), "—")
         by_block = {f"k={k}": p["verdict"].value_counts().index[0] for k, p in part.groupby("block_size")}
         rows.append({
-            "norm": norm, "injection": injection, "paper": paper, "measured": ours,
+            "norm": norm, "injection": injection, "d_model": int(width), "injected_rms": float(rms),
+            "default": is_default(width, rms), "paper": paper, "measured": ours,
             "agreement": agreement(ours, paper), **by_block,
             "cells": f"{counts.iloc[0]}/{len(part)}",
             "min_cosine_to_first": part["min_cosine_to_first_mean"].mean(),
@@ -229,27 +273,39 @@ def verdict_table(cells: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def change_curves(curves: pd.DataFrame) -> pd.DataFrame:
-    """The last block layer's change per (norm, injection, block size, recurrence), mean over seeds and tokens."""
-    return curves.groupby(["norm", "injection", "block_size", "recurrence"], as_index=False)[
+def shown_setting(cells: pd.DataFrame) -> tuple[int, float]:
+    """The (width, injected RMS) whose curves the report draws: the default when the grid ran it, else the first."""
+    settings = list(dict.fromkeys(zip(cells["d_model"].astype(int), cells["injected_rms"].astype(float))))
+    return next((x for x in settings if is_default(*x)), settings[0])
+
+
+def change_curves(curves: pd.DataFrame, setting: tuple[int, float]) -> pd.DataFrame:
+    """The last block layer's change per (norm, injection, block size, recurrence) at one (width, injected RMS)
+    setting, mean over seeds and tokens."""
+    at = curves[(curves["d_model"] == setting[0]) & (curves["injected_rms"].round(4) == round(setting[1], 4))]
+    return at.groupby(["norm", "injection", "block_size", "recurrence"], as_index=False)[
         ["l2_mean", "cosine_mean"]].mean()
 
 
 def min_cosine_matrix(cells: pd.DataFrame) -> pd.DataFrame:
-    """The degeneracy test per norm/injection (rows "norm/injection") and block size (columns "k=…"): the min cosine
-    between layer 0's fixed point and any other layer's, mean over seeds (the paper's Fig. 6, right)."""
-    table = cells.groupby(["norm", "injection", "block_size"], as_index=False)["min_cosine_to_first_mean"].mean()
-    pivot = table.pivot_table(index=["norm", "injection"], columns="block_size", values="min_cosine_to_first_mean")
+    """The degeneracy test per norm/injection (rows "norm/injection", with " D=…, rms=…" when the grid ran more than
+    one setting) and block size (columns "k=…"): the min cosine between layer 0's fixed point and any other layer's,
+    mean over seeds (the paper's Fig. 6, right)."""
+    keys = ["norm", "injection", *SETTING_COLUMNS]
+    table = cells.groupby([*keys, "block_size"], as_index=False)["min_cosine_to_first_mean"].mean()
+    pivot = table.pivot_table(index=keys, columns="block_size", values="min_cosine_to_first_mean", sort=False)
     pivot.columns = [f"k={c}" for c in pivot.columns]
-    pivot.index = [f"{n}/{i}" for n, i in pivot.index]
+    several = cells[SETTING_COLUMNS].drop_duplicates().shape[0] > 1
+    pivot.index = [f"{n}/{i}" + (f" D={d}, rms={r:g}" if several else "") for n, i, d, r in pivot.index]
     return pivot
 
 
 def grid_views(cells: pd.DataFrame, curves: pd.DataFrame, certificates: pd.DataFrame | None = None) -> dict:
     """Everything the grid section draws, as `add_grid_section` takes it (the report computes nothing)."""
     cert = certificates if certificates is not None else pd.DataFrame()
-    return {"cells": cells, "change_curves": change_curves(curves), "min_cosine": min_cosine_matrix(cells),
-            "verdicts": verdict_table(cells), "certificates": cert,
+    setting = shown_setting(cells)
+    return {"cells": cells, "change_curves": change_curves(curves, setting), "min_cosine": min_cosine_matrix(cells),
+            "verdicts": verdict_table(cells), "certificates": cert, "shown_setting": setting,
             "certificate_agreement": certificate_agreement(cert) if len(cert) else pd.DataFrame()}
 
 
@@ -263,9 +319,12 @@ def run_grid_report(s: GridSettings) -> Path:
     report = Report("loopscope grid — fixed points at random initialisation", s.out, meta={
         "norms": ", ".join(s.norms), "injections": ", ".join(s.injections),
         "block sizes": ", ".join(map(str, s.block_sizes)), "seeds": ", ".join(map(str, s.seeds)),
-        "recurrences": s.recurrences, "width": s.d_model,
+        "recurrences": s.recurrences, "widths": ", ".join(map(str, s.widths)),
+        "injected RMS": ", ".join(f"{r:g}" for r in s.injected_rms) + f" (default {DEFAULT_SETTING['injected_rms']}: "
+        "Huginn's rule)",
         "init": (f"weights N(0, {s.init_std}²)" if s.init_std else "weights N(0, 2/(5D)) (Huginn's rule)")
-        + ", embeddings × √D, start state TruncNormal(0, 2/5) with injection, the embedding without",
+        + ", embeddings scaled to the injected RMS, start state TruncNormal(0, 2/5) with injection, the embedding "
+        "without",
     })
     add_grid_section(report, **grid_views(cells, curves, read_certificates(s)))
     report.meta["wall time"] = f"{time.perf_counter() - start:.1f} s"

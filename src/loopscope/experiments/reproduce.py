@@ -113,7 +113,8 @@ def _study_plan(s: ReproduceSettings) -> StudyPlan:
         return StudyPlan(
             looped=["micro", "micro+inject", "micro+noprelude"], control="micro-feedforward", builtin=["default"],
             train=train, prompts=4, recurrences=24, attention_recurrences=4,
-            grid=dict(block_sizes=(4,), seeds=(0,), recurrences=48, n_prompts=2, max_tokens=24),
+            grid=dict(block_sizes=(4,), seeds=(0,), recurrences=48, n_prompts=2, max_tokens=24,
+                      injected_rms=(0.6325, 1.0)),
             extrapolate=dict(recurrences=[1, 2, 4, 8], loss_questions=8, accuracy_questions=0, dynamics_prompts=2),
             conditions_model="micro+inject", conditions=dict(questions=2, recurrences=16),
             stage_metrics=["colsum_concentration_mean", "massive_activation_ratio_mean"], certificate_tokens=4,
@@ -124,7 +125,9 @@ def _study_plan(s: ReproduceSettings) -> StudyPlan:
         control="feedforward-12", builtin=["default"],
         train=dict(minutes=minutes, accuracy_questions=0),
         prompts=16, recurrences=64, attention_recurrences=8,
-        grid=dict(block_sizes=(4, 12, 16), seeds=(0, 1, 2), recurrences=128),
+        # the paper's grid, at the default setting and at the two settings it leaves open that flip verdicts
+        grid=dict(block_sizes=(4, 12, 16), seeds=(0, 1, 2), recurrences=128, widths=(64, 256),
+                  injected_rms=(0.6325, 1.0)),
         extrapolate=dict(recurrences=[1, 2, 4, 8, 16, 32], loss_questions=64, accuracy_questions=1,
                          dynamics_prompts=4),
         conditions_model="looped-4+inject", conditions=dict(questions=16, recurrences=64),

@@ -11,7 +11,8 @@ from loopscope.report.document import Figure, Report, save_csv
 
 def add_grid_section(report: Report, cells: pd.DataFrame, change_curves: pd.DataFrame, min_cosine: pd.DataFrame,
                      verdicts: pd.DataFrame, certificates: pd.DataFrame | None = None,
-                     certificate_agreement: pd.DataFrame | None = None) -> None:
+                     certificate_agreement: pd.DataFrame | None = None,
+                     shown_setting: tuple[int, float] | None = None) -> None:
     """Draws `experiments.grid.grid_views`: the verdicts, the change curves (mean over seeds), the min-cosine matrix,
     every cell, and the certificates."""
     out = report.out_dir
@@ -20,10 +21,14 @@ def add_grid_section(report: Report, cells: pd.DataFrame, change_curves: pd.Data
         "Blayney et al. §4.2 (Fig. 6, Figs. 29–31): blocks of 4/12/16 layers without prelude or coda, three norm "
         "placements with and without concat input injection, several seeds. A cell is 'stable' when most tokens "
         "reach a fixed point (last layer's relative change at the last recurrence below tolerance), 'degenerate' "
-        "when all layers share it (min cosine between layer 0's fixed point and the others ≥ 0.99).",
+        "when all layers share it (min cosine between layer 0's fixed point and the others ≥ 0.99). The paper "
+        "publishes neither its width D nor the scale of the injected signal, so both are axes here: one verdict "
+        "row per (norm, injection, D, injected RMS); `default` marks the setting fixed before any run (D = 64, "
+        "Huginn's initialisation rule, RMS 0.632).",
     )
     report.table(sec, verdicts, "grid_verdicts", "Measured verdict (majority over block sizes and seeds) beside the "
-                 "paper's, per norm and injection.")
+                 "paper's, per norm, injection and (width, injected RMS) setting.", max_rows=80)
+    at = "" if shown_setting is None else f" (D = {shown_setting[0]}, injected RMS {shown_setting[1]:g})"
     norms = list(dict.fromkeys(cells["norm"]))
     injections = list(dict.fromkeys(cells["injection"]))
     mean = change_curves
@@ -51,14 +56,14 @@ def add_grid_section(report: Report, cells: pd.DataFrame, change_curves: pd.Data
         axes[0, 0].legend(fontsize=7)
         fig.tight_layout()
         png = figures.save(fig, out, name)
-        sec.items.append(Figure(png, f"{label} against recurrence, mean over seeds and tokens, one line per block size "
-                                     "(the paper's Figs. 29/30).", [csv]))
+        sec.items.append(Figure(png, f"{label} against recurrence{at}, mean over seeds and tokens, one line per block "
+                                     "size (the paper's Figs. 29/30).", [csv]))
     pivot = min_cosine
     csv = save_csv(pivot, out, "grid_min_cosine")
     png = figures.matrix_plot(pivot, out, "grid_min_cosine", title="Min cosine between layer 0's fixed point and any "
                               "other layer's (1 = degenerate)", cbar="cosine", fmt="{:.3f}")
-    sec.items.append(Figure(png, "The paper's degeneracy test (Fig. 6, right) per norm/injection and block size, mean "
-                                 "over seeds.", [csv]))
+    sec.items.append(Figure(png, "The paper's degeneracy test (Fig. 6, right) per norm/injection (and setting) and "
+                                 "block size, mean over seeds.", [csv]))
     report.table(sec, cells, "grid_cells", "Every cell: convergence, degeneracy and behaviour fractions.", max_rows=60)
     if certificates is not None and not certificates.empty:
         add_grid_certificates(report, sec, certificates, certificate_agreement)
