@@ -72,3 +72,26 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     assert r.returncode == 2 and "empty" in r.stderr
     r = run("analyze", "--help")
     assert r.returncode == 0 and "Resuming" in r.stdout
+
+
+@pytest.mark.parametrize("recurrences", [2, 6])
+def test_small_recurrences_analyse_what_they_can_and_say_what_needs_more(tmp_path, recurrences):
+    """R = 2..6 is below the behaviour detectors' tail window (8): the run still writes convergence, similarity,
+    degeneracy and stages, and the behaviour section says it was skipped and how many recurrences it needs —
+    instead of failing inside the classifier."""
+    from loopscope.dynamics.rule_dynamics import MIN_RECURRENCES
+
+    assert recurrences < MIN_RECURRENCES
+    out = tmp_path / f"r{recurrences}"
+    run_analyze(AnalyzeSettings(out=out, recurrences=recurrences, attention_recurrences=2, max_prompts=2,
+                                batch_size=2, certificate_tokens=4, progress=False))
+    tables = out / "tables"
+    change = pd.read_csv(tables / "successive_change.csv")
+    assert sorted(change["recurrence"].unique()) == list(range(1, recurrences))
+    assert (tables / "degeneracy_summary.csv").exists() and (tables / "distance_to_fixed_point.csv").exists()
+    assert not (tables / "behaviour_counts.csv").exists() and not (tables / "certificate.csv").exists()
+    titles = [s["title"] for s in json.loads((out / "report.json").read_text())["sections"]]
+    skipped = [t for t in titles if t.startswith("Per-token behaviour (skipped)")]
+    assert skipped, titles
+    html = (out / "index.html").read_text()
+    assert f"this run has {recurrences}" in html and f"at least {MIN_RECURRENCES}" in html
