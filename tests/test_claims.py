@@ -62,11 +62,27 @@ def test_injection_cyclic_reads_only_injection_models():
     assert verdict("cyclic-fixed-point", models(model("l4"))) == NOT_MEASURABLE
 
 
-def test_injection_helps_compares_with_its_own_base():
-    m = models(model("l4", last_layer_relative_change=1e-2), model("l4+inject", last_layer_relative_change=1e-6))
-    assert verdict("injection-helps", m) == HOLDS
-    m = models(model("l4", last_layer_relative_change=1e-6), model("l4+inject", last_layer_relative_change=1e-2))
-    assert verdict("injection-helps", m) == DIFFERS
+def seeded(name: str, values: list[dict]) -> list[dict]:
+    """One row per seed of the same preset, the i-th with columns values[i]."""
+    return [model(name, seed=i, **kw) for i, kw in enumerate(values)]
+
+
+def test_injection_helps_compares_with_its_own_base_seed_by_seed():
+    base = seeded("l4", [dict(last_layer_relative_change=1e-2)] * 3)
+    better = seeded("l4+inject", [dict(last_layer_relative_change=x) for x in (1e-6, 1e-5, 1e-6)])
+    rule = next(c.rule for c in CLAIMS if c.id == "injection-helps")
+    v = rule(models(*base, *better), TH)
+    assert v.verdict == HOLDS
+    assert v.effect == pytest.approx((4 + 3 + 4) / 3) and v.ci_low > 0  # orders of magnitude, t-interval over seeds
+    worse = seeded("l4+inject", [dict(last_layer_relative_change=x) for x in (1e-1, 2e-1, 1e-1)])
+    assert verdict("injection-helps", models(*base, *worse)) == DIFFERS
+    mixed = seeded("l4+inject", [dict(last_layer_relative_change=x) for x in (1e-6, 1e-1, 1e-2)])
+    assert verdict("injection-helps", models(*base, *mixed)) == INCONCLUSIVE  # the interval straddles 0
+    one = models(model("l4", seed=0, last_layer_relative_change=1e-2), model("l4+inject", seed=0,
+                                                                             last_layer_relative_change=1e-6))
+    assert verdict("injection-helps", one) == INCONCLUSIVE  # one seed: no interval, however large the effect
+    crossed = models(*base[:1], *better[1:2])  # seed 0 base against seed 1 variant: not a matched pair
+    assert verdict("injection-helps", crossed) == NOT_MEASURABLE
     m = models(model("l8", last_layer_relative_change=1e-2), model("l4+inject"))  # no l4 to compare with
     assert verdict("injection-helps", m) == NOT_MEASURABLE
 
@@ -131,35 +147,44 @@ def test_stage_rules():
 
 
 def test_injection_final_pass_needs_both_halves():
-    base = model("l4", colsum_pearson_last=0.5, colsum_pearson_early=0.5)
-    good = model("l4+inject", colsum_pearson_last=0.7, colsum_pearson_early=0.2)
-    assert verdict("inject-final-pass", models(base, good)) == HOLDS
-    better_everywhere = model("l4+inject", colsum_pearson_last=0.7, colsum_pearson_early=0.7)
-    assert verdict("inject-final-pass", models(base, better_everywhere)) == DIFFERS
-    worse_last = model("l4+inject", colsum_pearson_last=0.4, colsum_pearson_early=0.2)
-    assert verdict("inject-final-pass", models(base, worse_last)) == DIFFERS
+    base = seeded("l4", [dict(colsum_pearson_last=0.5, colsum_pearson_early=0.5)] * 3)
+    good = seeded("l4+inject", [dict(colsum_pearson_last=x, colsum_pearson_early=0.2) for x in (0.7, 0.75, 0.8)])
+    assert verdict("inject-final-pass", models(*base, *good)) == HOLDS
+    better_everywhere = seeded("l4+inject", [dict(colsum_pearson_last=0.7, colsum_pearson_early=x)
+                                             for x in (0.7, 0.75, 0.8)])
+    assert verdict("inject-final-pass", models(*base, *better_everywhere)) == DIFFERS
+    worse_last = seeded("l4+inject", [dict(colsum_pearson_last=x, colsum_pearson_early=0.2) for x in (0.4, 0.42, 0.38)])
+    assert verdict("inject-final-pass", models(*base, *worse_last)) == DIFFERS
 
 
 def test_noprelude_and_best_fit():
-    base, inj = model("l4", colsum_pearson_median=0.7), model("l4+inject", colsum_pearson_median=0.5)
-    nop = model("l4+noprelude", colsum_pearson_median=0.6)
-    assert verdict("noprelude-worse", models(base, nop)) == HOLDS
-    assert verdict("best-fit", models(base, inj, nop)) == HOLDS
-    nop_best = model("l4+noprelude", colsum_pearson_median=0.9)
-    assert verdict("noprelude-worse", models(base, nop_best)) == DIFFERS
-    assert verdict("best-fit", models(base, inj, nop_best)) == DIFFERS
-    assert verdict("best-fit", models(base)) == NOT_MEASURABLE
+    base = seeded("l4", [dict(colsum_pearson_median=x) for x in (0.7, 0.72, 0.68)])
+    inj = seeded("l4+inject", [dict(colsum_pearson_median=0.5)] * 3)
+    nop = seeded("l4+noprelude", [dict(colsum_pearson_median=x) for x in (0.6, 0.61, 0.62)])
+    assert verdict("noprelude-worse", models(*base, *nop)) == HOLDS
+    assert verdict("best-fit", models(*base, *inj, *nop)) == HOLDS
+    nop_best = seeded("l4+noprelude", [dict(colsum_pearson_median=x) for x in (0.9, 0.85, 0.95)])
+    assert verdict("noprelude-worse", models(*base, *nop_best)) == DIFFERS
+    assert verdict("best-fit", models(*base, *inj, *nop_best)) == DIFFERS
+    assert verdict("best-fit", models(*base[:1], *inj[:1], *nop[:1])) == INCONCLUSIVE  # one seed
+    assert verdict("best-fit", models(*base)) == NOT_MEASURABLE
 
 
-def test_sandwich_and_massive_activations():
-    pre = model("l4", colsum_pearson_median=0.8, massive_ratio=500.0)
-    sandwich = model("l4+inject+sandwich", norm="sandwich", colsum_pearson_median=0.1, massive_ratio=8.0)
-    assert verdict("sandwich-no-stages", models(pre, sandwich)) == HOLDS
-    assert verdict("massive-activations", models(pre, sandwich)) == HOLDS
-    swapped = model("l4+inject+sandwich", norm="sandwich", colsum_pearson_median=0.9, massive_ratio=900.0)
-    assert verdict("sandwich-no-stages", models(pre, swapped)) == DIFFERS
-    assert verdict("massive-activations", models(pre, swapped)) == DIFFERS
-    assert verdict("massive-activations", models(pre)) == NOT_MEASURABLE
+def test_sandwich_and_massive_activations_compare_matched_models():
+    pre = seeded("l4", [dict(colsum_pearson_median=0.8, massive_ratio=x) for x in (500.0, 400.0, 600.0)])
+    sandwich = seeded("l4+sandwich", [dict(norm="sandwich", colsum_pearson_median=x, massive_ratio=8.0)
+                                      for x in (0.1, 0.2, 0.15)])
+    assert verdict("sandwich-no-stages", models(*pre, *sandwich)) == HOLDS
+    assert verdict("massive-activations", models(*pre, *sandwich)) == HOLDS
+    swapped = seeded("l4+sandwich", [dict(norm="sandwich", colsum_pearson_median=x, massive_ratio=900.0)
+                                     for x in (0.9, 0.95, 0.92)])
+    assert verdict("sandwich-no-stages", models(*pre, *swapped)) == DIFFERS
+    assert verdict("massive-activations", models(*pre, *swapped)) == DIFFERS
+    # a sandwich model that differs in more than the norm (the builtin default: injection, width, recipe) is no
+    # matched comparison: the rules do not read it
+    unmatched = model("default", norm="sandwich", colsum_pearson_median=0.1)
+    assert verdict("sandwich-no-stages", models(*pre, unmatched)) == NOT_MEASURABLE
+    assert verdict("massive-activations", models(*pre)) == NOT_MEASURABLE
 
 
 def test_cooccurrence_needs_orbits_and_sliders():

@@ -78,8 +78,24 @@ def test_quick_grid_verdicts_follow_the_grid_table(quick_run):
 def test_quick_model_verdicts_follow_the_per_model_tables(quick_run):
     out, _, _ = quick_run
     models = pd.read_csv(out / "tables" / "claims_models.csv", keep_default_na=False, na_values=[""])
-    assert set(models["model"]) == {"micro", "micro+inject", "micro+noprelude", "default"}
+    presets = ["micro", "micro+inject", "micro+noprelude", "micro+sandwich"]
+    assert set(models["model"]) == {f"{p}-s{seed}" for p in presets for seed in (0, 1)} | {"default"}
+    assert models.set_index("model").loc["micro+inject-s1", "seed"] == 1 and pd.isna(
+        models.set_index("model").loc["default", "seed"])
     claims = read_claims(out)
+    # the paired rules, recomputed from the per-model columns: one effect per seed, a t-interval over the 2 seeds
+    from loopscope.evidence import seed_interval
+
+    by = models.set_index("model")
+    for claim_id, variant, effect in (
+            ("noprelude-worse", "noprelude", lambda b, v: b["colsum_pearson_median"] - v["colsum_pearson_median"]),
+            ("sandwich-no-stages", "sandwich", lambda b, v: b["colsum_pearson_median"] - v["colsum_pearson_median"])):
+        values = [effect(by.loc[f"micro-s{seed}"], by.loc[f"micro+{variant}-s{seed}"]) for seed in (0, 1)]
+        mean, lo, hi = seed_interval(values)
+        row = claim(claims, claim_id)
+        assert float(row["effect"]) == pytest.approx(mean) and float(row["ci_low"]) == pytest.approx(lo)
+        assert row["verdict"] == (HOLDS if lo > 0 else DIFFERS if hi < 0 else "inconclusive")
+        assert row["figure"]  # every row says where the report shows it
     # Prop. 4.2's bound is a theorem: measured/bound ≤ 1 in every model, and the checks table says so
     assert models["prop42_max_ratio"].notna().all() and (models["prop42_max_ratio"] <= 1).all()
     checks = pd.read_csv(out / "tables" / "checks.csv", keep_default_na=False)
@@ -108,7 +124,8 @@ def test_quick_extrapolation_and_condition_verdicts_follow_their_tables(quick_ru
     out, _, _ = quick_run
     claims = read_claims(out)
     per_r = pd.read_csv(out / "tables" / "extrapolate_per_r.csv")
-    assert set(per_r["model"]) == {"micro", "micro+inject", "micro+noprelude", "default"}
+    # extrapolation runs the first seed's models (and the builtin)
+    assert set(per_r["model"]) == {"micro-s0", "micro+inject-s0", "micro+noprelude-s0", "micro+sandwich-s0", "default"}
     assert set(per_r["recurrences"]) == {1, 2, 4, 8}
     at_max = per_r[per_r["recurrences"] == 8].set_index("model")
     converging = at_max.index[at_max["fixed_point"] > 0.5]
@@ -148,10 +165,14 @@ def test_quick_massive_ablation_follows_its_tables(quick_run):
 def test_quick_training_section(quick_run):
     out, _, _ = quick_run
     metrics = pd.read_csv(out / "tables" / "training_metrics.csv")
-    assert list(metrics["preset"]) == ["micro", "micro+inject", "micro+noprelude", "micro-feedforward"]
+    presets = ["micro", "micro+inject", "micro+noprelude", "micro+sandwich", "micro-feedforward"]
+    assert list(metrics["preset"]) == presets * 2  # every preset once per seed
     assert (metrics["steps"] == 12).all()
     assert (out / "figures" / "training_loss.png").stat().st_size > 1000
-    assert (out / "runs" / "micro" / "model" / "config.json").exists()
+    for seed in (0, 1):
+        assert (out / "runs" / f"micro-s{seed}" / "model" / "config.json").exists()
+    # the seeds are different models: same preset, different initialisation and batch order
+    assert metrics["heldout_loss"].iloc[0] != metrics["heldout_loss"].iloc[len(presets)]
 
 
 def test_quick_resume_loads_finished_stages(quick_run):
@@ -167,7 +188,7 @@ def test_quick_resume_loads_finished_stages(quick_run):
     assert timings.loc["grid", "this_run"] == "ran"
     ran = timings[timings["this_run"] == "ran"].index.tolist()
     assert ran == ["grid"], ran
-    assert timings.loc["train-micro", "this_run"] == "cached"
+    assert timings.loc["train-micro-s1", "this_run"] == "cached"
     assert len(pd.read_csv(out / "stages" / "grid" / "cells" / "grid_cells.csv")) == len(cells_before)
     pd.testing.assert_frame_equal(read_claims(out), before)
     with pytest.raises(InputError, match="other settings"):  # a finished stage is never mixed with new settings

@@ -39,3 +39,24 @@ def bootstrap_mean(values: np.ndarray, n_boot: int = N_BOOT, seed: int = 0, leve
     """(mean, lower, upper) of per-unit values, resampling units."""
     values = np.asarray(values, dtype=np.float64)
     return bootstrap_ratio(values, np.ones_like(values), n_boot, seed, level)
+
+
+# Student's t 97.5 % quantiles for 1..30 degrees of freedom (the two-sided 95 % interval over few seeds)
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def seed_interval(values) -> tuple[float, float, float]:
+    """(mean, lower, upper) of one effect measured once per seed: the 95 % Student-t interval
+    mean ± t₀.₉₇₅(n−1) · s / √n (s the sample std; seeds are the independent units, and with 3–5 of them a
+    bootstrap would only reshuffle the same few values). NaN bounds with fewer than two finite values."""
+    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
+    if len(x) == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = float(x.mean())
+    if len(x) < 2:
+        return mean, float("nan"), float("nan")
+    df = len(x) - 1
+    t = T975[df - 1] if df <= len(T975) else 1.96 + 2.4 / df
+    half = t * float(x.std(ddof=1)) / np.sqrt(len(x))
+    return mean, mean - half, mean + half

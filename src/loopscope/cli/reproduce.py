@@ -24,7 +24,9 @@ come from explicit rules with fixed thresholds (`loopscope.experiments.claims`),
 **STAGES**
 
 1. Train from scratch on GSM8K: `looped-4`, `looped-8`, `looped-12` ((2, k⊗4, 2), pre-norm, 4 recurrences),
-`looped-4+inject`, `looped-4+noprelude`, and the `feedforward-12` control, each for `--minutes-per-model`.
+`looped-4+inject`, `looped-4+noprelude`, `looped-4+sandwich` (the same model with Huginn's sandwich norm: the
+matched norm comparison) and the `feedforward-12` control, each once per seed (`--seeds`, 3 by default) for
+`--minutes-per-model`. Every comparison of two variants is judged seed by seed, with a 95 % interval over seeds.
 
 2. Analyse every trained looped model and the builtin `default` ((2, 4⊗4, 2)_I, sandwich norm): convergence
 and Prop. 4.1, distinct vs degenerate fixed points, per-token behaviours, attention stabilisation and the
@@ -43,15 +45,17 @@ orbit/slider rates under system-prompt conditions on `looped-4+inject`.
 
 **MODES**
 
-Full (default): about 45 minutes on 2 shared CPU cores with the default 4.5 minutes per model (27 of
-them training; the extrapolation stage, greedy decoding at up to 32 recurrences, is the next largest).
+Full (default): 7 presets × 3 seeds trained for 2 minutes each (42 minutes of training), then 19 analyses, the
+grid over two widths and two injected-signal scales, extrapolation and conditions on the first seed's models;
+about 2 hours on 2 shared CPU cores, plus ~40 minutes for the retrofit rows (`--no-retrofit` skips them).
+`--seeds N` and `--minutes-per-model M` scale it up where there is more compute.
 
-`--quick`: `micro` models trained for 12 steps, a 6-cell grid, a few prompts; under 3 minutes. It checks that
+`--quick`: `micro` models trained for 12 steps with 2 seeds, a 12-cell grid, a few prompts; a few minutes. It checks that
 the pipeline runs; its verdicts say nothing about the paper.
 
 **RESUMING**
 
-Every stage is saved when it finishes (OUT/runs/PRESET for training checkpoints, OUT/stages/NAME for the
+Every stage is saved when it finishes (OUT/runs/PRESET-sSEED for training checkpoints, OUT/stages/NAME for the
 tables of every other stage). After a kill, run the same command again: finished stages are loaded, training
 continues from its last checkpoint, the grid from its last cell. Changing an option that a finished stage
 depends on stops with an error; use a new --out.
@@ -59,8 +63,8 @@ depends on stops with an error; use a new --out.
 **FILES** (in OUT)
 
 `index.html` (self-contained report), `tables/claims.csv` (the claims table), `tables/*.csv` and `figures/*.png`
-(every number plotted), `models/NAME/` (per-model figures and tables), `runs/PRESET/model` (the trained
-checkpoints: `--model OUT/runs/looped-4/model` in other commands), `stages/` (resumable stage results).
+(every number plotted), `models/NAME/` (per-model figures and tables), `runs/PRESET-sSEED/model` (the trained
+checkpoints: `--model OUT/runs/looped-4-s0/model` in other commands), `stages/` (resumable stage results).
 
 **EXAMPLES**
 
@@ -83,7 +87,9 @@ def register(app: typer.Typer) -> None:
         quick: bool = typer.Option(False, "--quick", help="micro models, 12 training steps, small grid: checks "
                                    "the pipeline in under 3 minutes"),
         minutes_per_model: float | None = typer.Option(None, "--minutes-per-model", help="training wall time per "
-                                                       "model (default 4.5 in full mode; quick mode trains 12 steps)"),
+                                                       "model (default 2 in full mode; quick mode trains 12 steps)"),
+        seeds: int | None = typer.Option(None, "--seeds", help="training seeds per preset (default 3 in full mode, "
+                                         "2 in quick mode); comparisons of variants get intervals over seeds"),
         threads: int = typer.Option(1, "--threads", help="torch CPU threads (1 is fastest on a shared machine)"),
         retrofit: bool | None = typer.Option(None, "--retrofit/--no-retrofit", help="measure the retrofit claims on "
                                              "the healed SmolLM2 (smollm2-looped); default: in full mode only"),
@@ -96,7 +102,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from loopscope.experiments.reproduce import ReproduceSettings, run_reproduce
 
-        s = ReproduceSettings(out=out, data=data, quick=quick, minutes_per_model=minutes_per_model, threads=threads,
+        s = ReproduceSettings(out=out, data=data, quick=quick, minutes_per_model=minutes_per_model, seeds=seeds,
+                              threads=threads,
                               retrofit=retrofit, retrofit_only=retrofit_only, progress=not quiet, precision=precision(device, dtype, state_dtype))
         try:
             index = run_reproduce(s)

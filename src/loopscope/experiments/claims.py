@@ -41,7 +41,10 @@ import pandas as pd
 
 HOLDS, DIFFERS, NOT_MEASURABLE, INCONCLUSIVE = "holds", "differs", "not measurable here", "inconclusive"
 VERDICTS = (HOLDS, DIFFERS, NOT_MEASURABLE, INCONCLUSIVE)  # inconclusive: the interval straddles the threshold
-CLAIM_COLUMNS = ["id", "source", "claim", "verdict", "evidence", "measured_on"]
+# effect, ci_low, ci_high: the number a verdict rests on and its 95 % interval (NaN where a rule has none);
+# figure: where in the report the reader sees it
+CLAIM_COLUMNS = ["id", "source", "claim", "verdict", "effect", "ci_low", "ci_high", "evidence", "measured_on",
+                 "figure"]
 
 Measurements = dict[str, pd.DataFrame]
 
@@ -87,6 +90,9 @@ class Verdict:
     verdict: str
     evidence: str
     measured_on: str = ""
+    effect: float = math.nan  # the effect the verdict rests on (its sign convention: > 0 is the paper's direction)
+    ci_low: float = math.nan  # its 95 % interval (over seeds or prompts; NaN: none)
+    ci_high: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,7 @@ class Claim:
     source: str  # where the paper makes it (sections of the reference summary; figures)
     text: str  # the claim in one line
     rule: Callable[[Measurements, Thresholds], Verdict]
+    figure: str = ""  # where the report shows what the row measured
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -129,15 +136,45 @@ def names(rows: pd.DataFrame) -> str:
     return ", ".join(rows["model"])
 
 
+def same_seed(rows: pd.DataFrame, seed) -> pd.Series:
+    """Rows trained with `seed` (a table without a seed column, or a NaN seed, matches itself only)."""
+    if "seed" not in rows or pd.isna(seed):
+        return rows.get("seed", pd.Series(math.nan, index=rows.index)).isna()
+    return rows["seed"] == seed
+
+
 def pair(m: Measurements, variant: str) -> list[tuple[pd.Series, pd.Series]]:
-    """(base model row, variant row) for every base that was also trained with exactly `variant`."""
+    """(base model row, variant row) for every base trained with exactly `variant` as well, seed by seed: the
+    variant of seed s is compared with the base of seed s (same data order and initialisation seed)."""
     models = m["models"]
     out = []
     for _, v in models[models["variant"] == variant].iterrows():
-        base = models[(models["base"] == v["base"]) & (models["variant"] == "")]
+        base = models[(models["base"] == v["base"]) & (models["variant"] == "") & same_seed(models, v.get("seed"))]
         if len(base):
             out.append((base.iloc[0], v))
     return out
+
+
+def interval_verdict(name: str, values: list[float], unit: str = "") -> tuple[str, str, tuple[float, float, float]]:
+    """(verdict, evidence, (mean, lo, hi)) for one effect measured once per seed, > 0 being the paper's direction:
+    holds when the 95 % interval over seeds is above 0, differs when below, inconclusive when it straddles 0 or
+    when there is a single seed (no interval: one sample cannot say how large the seed-to-seed spread is)."""
+    from loopscope.evidence import seed_interval
+
+    mean, lo, hi = seed_interval(values)
+    per_seed = ", ".join(fmt(v) for v in values)
+    if len(values) < 2:
+        return INCONCLUSIVE, f"{name} {fmt(mean)}{unit} (one seed: no interval)", (mean, lo, hi)
+    verdict = HOLDS if lo > 0 else DIFFERS if hi < 0 else INCONCLUSIVE
+    return verdict, (f"{name} {fmt(mean)}{unit} [{fmt(lo)}, {fmt(hi)}] over {len(values)} seeds "
+                     f"(per seed {per_seed})"), (mean, lo, hi)
+
+
+def combine_verdicts(verdicts: list[str]) -> str:
+    """Several effects that must all point the paper's way: holds when all hold, differs when one differs."""
+    if all(v == HOLDS for v in verdicts):
+        return HOLDS
+    return DIFFERS if DIFFERS in verdicts else INCONCLUSIVE
 
 
 # ---------------------------------------------------------------------------------------------- rules
@@ -161,33 +198,41 @@ def rule_injection_cyclic(m: Measurements, th: Thresholds) -> Verdict:
                    names(rows))
 
 
-def judge_pairs(m: Measurements, variant: str, what: str, columns: list[str],
-                better: Callable[[pd.Series, pd.Series], bool],
-                describe: Callable[[pd.Series, pd.Series], str]) -> Verdict:
-    """A claim about a variant against its own base: holds when `better(base, variant)` for every pair trained
-    both ways (`pair`); not measurable without such a pair or when a pair lacks one of `columns`."""
+def judge_pairs(m: Measurements, variant: str, what: str, effects: dict[str, Callable[[pd.Series, pd.Series], float]],
+                unit: str = "") -> Verdict:
+    """A claim about a variant against its own base, trained with the same seeds: every effect (> 0 = the paper's
+    direction) is measured once per seed pair (`pair`) and judged by its interval over seeds (`interval_verdict`);
+    not measurable without a pair or when an effect is NaN."""
     if (v := missing(m, "models")) is not None:
         return v
     pairs = pair(m, variant)
     if not pairs:
-        return Verdict(NOT_MEASURABLE, f"no model trained both with and without {what}")
-    parts, ok = [], []
-    for base, var in pairs:
-        if any(pd.isna(row[c]) for row in (base, var) for c in columns):
-            return Verdict(NOT_MEASURABLE, f"{', '.join(columns)} missing for {base['model']} or {var['model']}")
-        ok.append(bool(better(base, var)))
-        parts.append(describe(base, var))
-    return Verdict(HOLDS if all(ok) else DIFFERS, "; ".join(parts),
-                   ", ".join(f"{b['model']} vs {v['model']}" for b, v in pairs))
+        return Verdict(NOT_MEASURABLE, f"no model trained both with and without {what} (same base, same seed)")
+    verdicts, parts, first = [], [], None
+    for name, effect in effects.items():
+        values = [float(effect(base, var)) for base, var in pairs]
+        if any(math.isnan(x) for x in values):
+            return Verdict(NOT_MEASURABLE, f"{name} is NaN for a pair ({', '.join(b['model'] for b, _ in pairs)})")
+        verdict, ev, stats = interval_verdict(name, values, unit)
+        verdicts.append(verdict)
+        parts.append(ev)
+        first = first or stats
+    return Verdict(combine_verdicts(verdicts), "; ".join(parts),
+                   ", ".join(f"{b['model']} vs {v['model']}" for b, v in pairs), *first)
+
+
+def log10_ratio(a: float, b: float, floor: float = 1e-12) -> float:
+    """log10(a / b), both floored at `floor` (a change of exactly 0 is the rounding floor, not −∞)."""
+    return math.log10(max(float(a), floor)) - math.log10(max(float(b), floor))
 
 
 def rule_injection_helps(m: Measurements, th: Thresholds) -> Verdict:
-    return judge_pairs(
-        m, "inject", "injection", ["last_layer_relative_change"],
-        lambda base, inj: inj["last_layer_relative_change"] <= base["last_layer_relative_change"],
-        lambda base, inj: f"last-layer relative change {inj['model']} {fmt(inj['last_layer_relative_change'])} vs "
-                          f"{base['model']} {fmt(base['last_layer_relative_change'])}; tokens at a fixed point "
-                          f"{fmt(1 - inj['fraction_no_fixed_point'])} vs {fmt(1 - base['fraction_no_fixed_point'])}")
+    """Effect: log10(base's last-layer relative change / the injected variant's), per seed: how many orders of
+    magnitude closer to its fixed point injection brings the same model."""
+    return judge_pairs(m, "inject", "injection", {
+        "log10(change without / with injection)":
+            lambda base, inj: log10_ratio(base["last_layer_relative_change"], inj["last_layer_relative_change"]),
+    })
 
 
 def rule_distinct_not_degenerate(m: Measurements, th: Thresholds) -> Verdict:
@@ -254,8 +299,11 @@ def rule_attention_tracks_state(m: Measurements, th: Thresholds) -> Verdict:
     verdict = HOLDS if above.all() else DIFFERS if below.any() else INCONCLUSIVE
     ev = "; ".join(f"{r.model} ρ_s {fmt(r.prop42_spearman)} [{fmt(r.prop42_spearman_lo)}, "
                    f"{fmt(r.prop42_spearman_hi)}]" for r in rows.itertuples())
+    worst = rows.loc[rows["prop42_spearman"].idxmin()]  # the row's effect: the weakest model's ρ and interval
     return Verdict(verdict, f"Spearman ρ(‖ΔS‖, ‖ΔX‖) over (recurrence, layer, prompt, head), 95 % bootstrap over "
-                   f"prompts; holds when every interval is above {fmt(th.tracks)}: {ev}", names(rows))
+                   f"prompts; holds when every interval is above {fmt(th.tracks)}: {ev}", names(rows),
+                   float(worst["prop42_spearman"]), float(worst["prop42_spearman_lo"]),
+                   float(worst["prop42_spearman_hi"]))
 
 
 def rule_stages_align(m: Measurements, th: Thresholds) -> Verdict:
@@ -280,69 +328,56 @@ def rule_stages_repeat(m: Measurements, th: Thresholds) -> Verdict:
 
 
 def rule_injection_final_pass(m: Measurements, th: Thresholds) -> Verdict:
+    """Two effects per seed, both > 0 for the claim: the last pass's ColSum Pearson r rises with injection, and the
+    earlier passes' mean r falls (the expense)."""
     last, early = "colsum_pearson_last", "colsum_pearson_early"
-    return judge_pairs(
-        m, "inject", "injection", [last, early],
-        lambda base, inj: inj[last] > base[last] and inj[early] < base[early],
-        lambda base, inj: f"last pass r {inj['model']} {fmt(inj[last])} vs {base['model']} {fmt(base[last])}; "
-                          f"earlier passes {fmt(inj[early])} vs {fmt(base[early])}")
+    return judge_pairs(m, "inject", "injection", {
+        "last-pass r gain": lambda base, inj: inj[last] - base[last],
+        "earlier-pass r loss": lambda base, inj: base[early] - inj[early],
+    })
 
 
 def rule_noprelude_worse(m: Measurements, th: Thresholds) -> Verdict:
+    """Effect: the base's median ColSum r minus the prelude-less variant's, per seed."""
     median = "colsum_pearson_median"
-    return judge_pairs(
-        m, "noprelude", "prelude/coda", [median],
-        lambda base, nop: nop[median] < base[median],
-        lambda base, nop: f"median r {nop['model']} {fmt(nop[median])} vs {base['model']} {fmt(base[median])}")
+    return judge_pairs(m, "noprelude", "prelude/coda", {"median r lost without prelude/coda":
+                                                         lambda base, nop: base[median] - nop[median]})
 
 
 def rule_best_fit(m: Measurements, th: Thresholds) -> Verdict:
-    if (v := missing(m, "models")) is not None:
-        return v
-    models = m["models"]
-    parts, ok = [], []
-    for base_name, group in models.groupby("base", sort=False):
-        group = group[group["variant"].isin(["", "inject", "noprelude"])].dropna(subset=["colsum_pearson_median"])
-        if len(group) < 2 or "" not in set(group["variant"]):
-            continue
-        best = group.loc[group["colsum_pearson_median"].idxmax()]
-        ok.append(best["variant"] == "")
-        parts.append(f"best {best['model']} among " + ", ".join(
-            f"{r.model} {fmt(r.colsum_pearson_median)}" for r in group.itertuples()))
-    if not ok:
-        return Verdict(NOT_MEASURABLE, "no base model aligned beside its +inject / +noprelude variants")
-    return Verdict(HOLDS if all(ok) else DIFFERS, "; ".join(parts))
-
-
-def rule_sandwich_no_stages(m: Measurements, th: Thresholds) -> Verdict:
+    """Effect per (base, seed): the plain model's median ColSum r minus the best of its +inject / +noprelude
+    variants' (> 0: the plain model fits best), judged over seeds."""
     if (v := missing(m, "models")) is not None:
         return v
     models = m["models"].dropna(subset=["colsum_pearson_median"])
-    sandwich = models[models["norm"] == "sandwich"]
-    pre = models[(models["norm"] == "pre") & (models["variant"] == "")]
-    if sandwich.empty or pre.empty:
-        return Verdict(NOT_MEASURABLE, "needs aligned models with sandwich norm and with pre-norm")
-    ok = sandwich["colsum_pearson_median"].max() < pre["colsum_pearson_median"].median()
-    return Verdict(HOLDS if ok else DIFFERS,
-                   "median ColSum r, sandwich: " + ", ".join(f"{r.model} {fmt(r.colsum_pearson_median)}"
-                                                             for r in sandwich.itertuples())
-                   + f" vs pre-norm base models' median {fmt(pre['colsum_pearson_median'].median())}",
-                   names(pd.concat([sandwich, pre])))
+    models = models[models["variant"].isin(["", "inject", "noprelude"])]
+    keys = ["base", "seed"] if "seed" in models else ["base"]
+    values, where = [], []
+    for key, group in models.groupby(keys, sort=False, dropna=False):
+        plain, others = group[group["variant"] == ""], group[group["variant"] != ""]
+        if plain.empty or others.empty:
+            continue
+        values.append(float(plain["colsum_pearson_median"].iloc[0] - others["colsum_pearson_median"].max()))
+        where.append(", ".join(group["model"]))
+    if not values:
+        return Verdict(NOT_MEASURABLE, "no base model aligned beside its +inject / +noprelude variants")
+    verdict, ev, stats = interval_verdict("plain model's median r minus its best variant's", values)
+    return Verdict(verdict, ev, "; ".join(where), *stats)
+
+
+def rule_sandwich_no_stages(m: Measurements, th: Thresholds) -> Verdict:
+    """Matched: each pre-norm base against the same base trained with a sandwich norm (`+sandwich`: same size,
+    data, steps and seed). Effect: pre-norm median ColSum r minus sandwich's, per seed."""
+    median = "colsum_pearson_median"
+    return judge_pairs(m, "sandwich", "a sandwich norm", {"median r lost with a sandwich norm":
+                                                          lambda pre, sw: pre[median] - sw[median]})
 
 
 def rule_massive(m: Measurements, th: Thresholds) -> Verdict:
-    if (v := missing(m, "models")) is not None:
-        return v
-    models = m["models"].dropna(subset=["massive_ratio"])
-    sandwich, pre = models[models["norm"] == "sandwich"], models[models["norm"] == "pre"]
-    if sandwich.empty or pre.empty:
-        return Verdict(NOT_MEASURABLE, "needs models with sandwich norm and with pre-norm")
-    ok = pre["massive_ratio"].min() > sandwich["massive_ratio"].max()
-    return Verdict(HOLDS if ok else DIFFERS,
-                   "largest max/median |activation| over states, pre-norm: "
-                   + ", ".join(f"{r.model} {fmt(r.massive_ratio)}" for r in pre.itertuples())
-                   + "; sandwich: " + ", ".join(f"{r.model} {fmt(r.massive_ratio)}" for r in sandwich.itertuples()),
-                   names(models))
+    """Matched as `rule_sandwich_no_stages`. Effect: log10(pre-norm's largest peak/median |x| / sandwich's)."""
+    return judge_pairs(m, "sandwich", "a sandwich norm", {"log10(massive ratio pre-norm / sandwich)":
+                                                          lambda pre, sw: log10_ratio(pre["massive_ratio"],
+                                                                                      sw["massive_ratio"])})
 
 
 def rule_cooccurrence(m: Measurements, th: Thresholds) -> Verdict:
@@ -568,51 +603,74 @@ PRETRAINED = ("needs the published checkpoints, which this offline pipeline does
 
 CLAIMS: list[Claim] = [
     Claim("settle", "§4.1, Fig. 3; headline 1", "In every looped model the per-layer residuals barely change between "
-          "recurrences after a few passes.", rule_settle),
+          "recurrences after a few passes.", rule_settle,
+          figure='models/<model>: "Convergence of each block layer" (successive_change)'),
     Claim("cyclic-fixed-point", "§3.2 Prop. 4.1, Fig. 4; headline 2", "Looped models with input injection reach a "
-          "cyclic fixed point: every block layer its own, distinct, fixed point.", rule_injection_cyclic),
+          "cyclic fixed point: every block layer its own, distinct, fixed point.", rule_injection_cyclic,
+          figure='models/<model>: "Cyclic or degenerate fixed point" (degeneracy_summary)'),
     Claim("injection-helps", "§4.3 (Bansal, Anil)", "Input injection encourages fixed-point convergence: the same "
-          "model converges closer with injection than without.", rule_injection_helps),
+          "model converges closer with injection than without.", rule_injection_helps,
+          figure='claims_models table: last_layer_relative_change; models/<model>: successive_change'),
     Claim("distinct", "§3.2 (a)/(b)", "Trained looped models' per-layer fixed points are distinct (a cycle), not one "
-          "degenerate shared point.", rule_distinct_not_degenerate),
+          "degenerate shared point.", rule_distinct_not_degenerate,
+          figure='models/<model>: "Cyclic or degenerate fixed point"'),
     Claim("attention-stabilises", "§4 items 1–2, Figs. 2, 23", "As states converge, each layer's attention pattern "
-          "stops changing and matches itself across recurrences (diagonal bands).", rule_attention_stabilises),
+          "stops changing and matches itself across recurrences (diagonal bands).", rule_attention_stabilises,
+          figure='models/<model>: attention_distance and attention_to_fixed_point figures'),
     Claim("prop-4.2", "§3.2 Prop. 4.2, App. A", "Attention change tracks state change and shrinks with it "
-          "(the empirical content of the Lipschitz bound).", rule_attention_tracks_state),
+          "(the empirical content of the Lipschitz bound).", rule_attention_tracks_state,
+          figure='models/<model>: Prop. 4.2 section (prop42 relation)'),
     Claim("stages-repeat", "§5 item 1, Figs. 7, 34", "The block re-enacts the same stage profile on every recurrence "
-          "after a short transient.", rule_stages_repeat),
+          "after a short transient.", rule_stages_repeat,
+          figure='models/<model>: stage profiles by recurrence (colsum_concentration)'),
     Claim("stages-align", "§6.3, Fig. 10", "Looped models trained from scratch self-organise into feedforward-like "
-          "mixing stages within each recurrence (vs the depth-12 control).", rule_stages_align),
+          "mixing stages within each recurrence (vs the depth-12 control).", rule_stages_align,
+          figure='models/<model>: stage alignment with the control (alignment)'),
     Claim("inject-final-pass", "§6.3, Figs. 57–59", "Adding input injection makes the final recurrence follow "
-          "feedforward stages more closely, at the expense of earlier recurrences.", rule_injection_final_pass),
+          "feedforward stages more closely, at the expense of earlier recurrences.", rule_injection_final_pass,
+          figure='models/<model>: stage alignment per pass (alignment)'),
     Claim("noprelude-worse", "§6.3, Figs. 60–62", "Removing prelude/coda fits feedforward stages less well.",
-          rule_noprelude_worse),
+          rule_noprelude_worse,
+          figure='models/<model>: stage alignment (alignment)'),
     Claim("best-fit", "§6.3", "The closest replication of feedforward stages comes from no input injection plus "
-          "prelude/coda.", rule_best_fit),
+          "prelude/coda.", rule_best_fit,
+          figure='claims_models table: colsum_pearson_median'),
     Claim("sandwich-no-stages", "§5 items 2–3, Fig. 36", "Normalising the residual inside every block (Huginn "
-          "sandwich norm) suppresses feedforward-like stages.", rule_sandwich_no_stages),
+          "sandwich norm) suppresses feedforward-like stages.", rule_sandwich_no_stages,
+          figure='models/looped-4+sandwich-s<seed> beside models/looped-4-s<seed>: stage profiles'),
     Claim("massive-activations", "§5 item 3, Fig. 9", "Residual magnitudes and massive activations grow in pre-norm "
-          "looped models; a sandwich norm on the residual keeps them down.", rule_massive),
+          "looped models; a sandwich norm on the residual keeps them down.", rule_massive,
+          figure='models/<model>: residual norms / massive activations (stage profiles)'),
     Claim("massive-causal", "§5 item 4, Fig. 41", "Zeroing the MLP that creates massive activations removes the "
-          "stages (massive activations are required).", rule_massive_causal),
+          "stages (massive activations are required).", rule_massive_causal,
+          figure='"Massive-activation ablation" section'),
     Claim("grid-injection", "§4.2, §6.1, Fig. 6", "Random init, with input injection: a stable fixed point for every "
-          "norm except Ouro's.", rule_grid(True)),
+          "norm except Ouro's.", rule_grid(True),
+          figure='"Architecture grid at random initialisation": grid_verdicts'),
     Claim("grid-no-injection", "§4.2, §6.1, Fig. 6", "Random init, without injection: only pre-norm reaches a stable "
-          "fixed point, and it is degenerate.", rule_grid(False)),
+          "fixed point, and it is degenerate.", rule_grid(False),
+          figure='"Architecture grid at random initialisation": grid_verdicts'),
     Claim("grid-block-size", "§6.1, Fig. 31", "Blocks of 4 and 16 layers behave qualitatively as 12 layers.",
-          rule_grid_block_size),
+          rule_grid_block_size,
+          figure='"Architecture grid at random initialisation": grid_cells, grid_min_cosine'),
     Claim("extrapolation-stable", "§6.2, Figs. 11, 47–49", "Models that converge to a fixed point keep enacting the "
-          "same (stable) stages at test-time recurrences far beyond training.", rule_extrapolation_stable),
+          "same (stable) stages at test-time recurrences far beyond training.", rule_extrapolation_stable,
+          figure='"Extrapolation" section: extrapolate_metrics'),
     Claim("extrapolation-unstable", "§6.2, Figs. 12, 50–52", "A model that does not converge (Ouro) has unstable "
-          "stages when extrapolated.", rule_extrapolation_unstable),
+          "stages when extrapolated.", rule_extrapolation_unstable,
+          figure='"Extrapolation" section: extrapolate_metrics'),
     Claim("extrapolation-performance", "§6.2 (cited, not measured)", "Task performance under extrapolation tracks "
-          "convergence: converging models keep their performance.", rule_extrapolation_performance),
+          "convergence: converging models keep their performance.", rule_extrapolation_performance,
+          figure='"Extrapolation" section: extrapolate_table'),
     Claim("rare-non-fixed", "App. C.1, §7", "Without a system prompt, tokens that do not reach a fixed point are rare "
-          "(≈ 0.02 %).", rule_rare),
+          "(≈ 0.02 %).", rule_rare,
+          figure='"System-prompt conditions" section'),
     Claim("persona", "App. C.1, §7", "A long persona system prompt raises orbit/slider rates, more than a "
-          "same-length padding prompt.", rule_persona),
+          "same-length padding prompt.", rule_persona,
+          figure='"System-prompt conditions" section'),
     Claim("cooccurrence", "App. C.2, Fig. 14", "Orbits and sliders never co-occur across the block layers of one "
-          "token.", rule_cooccurrence),
+          "token.", rule_cooccurrence,
+          figure='models/<model>: cooccurrence matrix'),
     Claim("pretrained-fixed-points", "§4 item 3, Fig. 4", "Huginn-0125 and Retrofitted Llama reach distinct per-layer "
           "fixed points; Ouro 1.4B does not.", not_here(PRETRAINED)),
     Claim("pretrained-stages", "§5 item 2, Figs. 8, 36, 40", "Ouro mirrors Llama's stages; retrofitted models follow "
@@ -629,9 +687,11 @@ CLAIMS += RETROFIT_CLAIMS
 # numerically, or an implication nearly guaranteed by any deterministic recurrence. Reported apart from the claims.
 CHECKS: list[Claim] = [
     Claim("prop-4.1", "§3.2 Prop. 4.1", "Once the block's last layer has converged (every token), every layer has "
-          "(cyclic permutations share the fixed point).", rule_prop41),
+          "(cyclic permutations share the fixed point).", rule_prop41,
+          figure='models/<model>: cyclic_fixed_point_check table'),
     Claim("prop-4.2-bound", "§3.2 Prop. 4.2, App. A", "Attention change is bounded by L_sm·(2Bκ/√d)·‖ΔX‖ with "
-          "L_sm = 1/2 (measured/bound ≤ 1).", rule_prop42),
+          "L_sm = 1/2 (measured/bound ≤ 1).", rule_prop42,
+          figure='models/<model>: Prop. 4.2 section (prop42 table)'),
 ]
 
 
@@ -651,8 +711,9 @@ def _evaluate(claims: list[Claim], m: Measurements, th: Thresholds) -> pd.DataFr
         v = c.rule(m, th)
         if v.verdict not in VERDICTS:
             raise ValueError(f"rule {c.id} returned {v.verdict!r}")
-        rows.append({"id": c.id, "source": c.source, "claim": c.text, "verdict": v.verdict, "evidence": v.evidence,
-                     "measured_on": v.measured_on})
+        rows.append({"id": c.id, "source": c.source, "claim": c.text, "verdict": v.verdict, "effect": v.effect,
+                     "ci_low": v.ci_low, "ci_high": v.ci_high, "evidence": v.evidence, "measured_on": v.measured_on,
+                     "figure": c.figure})
     return pd.DataFrame(rows, columns=CLAIM_COLUMNS)
 
 

@@ -56,7 +56,8 @@ from loopscope.experiments.reproduce_stages import (
     training_id,
 )
 
-FULL_MINUTES = 4.5  # default training budget per model in full mode (6 models: 27 min of the 60-minute budget)
+FULL_MINUTES = 2.0  # default training budget per model in full mode (7 presets × 3 seeds: 42 min of training)
+FULL_SEEDS, QUICK_SEEDS = 3, 2  # training seeds per preset: every comparison of variants is judged over seeds
 
 
 @dataclass
@@ -65,6 +66,7 @@ class ReproduceSettings:
     data: str | None = None  # GSM8K directory (train.jsonl, test.jsonl); required
     quick: bool = False  # micro models, a dozen training steps, a small grid, few prompts (≤ 3 minutes)
     minutes_per_model: float | None = None  # training wall time per model; None: FULL_MINUTES (full), steps (quick)
+    seeds: int | None = None  # training seeds per preset (0, 1, …); None: FULL_SEEDS (full), QUICK_SEEDS (quick)
     threads: int = 1  # torch CPU threads (1 is fastest on a shared 2-core machine)
     retrofit: bool | None = None  # the retrofit claims on smollm2-looped (None: in full mode, not in quick mode)
     retrofit_only: bool = False  # only the retrofit stages and their claims (no training, no grid)
@@ -77,7 +79,7 @@ class ReproduceSettings:
 class StudyPlan:
     """Every size the study uses, fixed from the settings (`study_plan`)."""
 
-    looped: list[str]  # presets trained and analysed
+    looped: list[str]  # presets trained and analysed, each once per seed
     control: str  # the feedforward control preset
     builtin: list[str]  # builtin looped models analysed as well (not trained here)
     train: dict  # TrainSettings fields shared by every training run
@@ -92,6 +94,11 @@ class StudyPlan:
     certificate_tokens: int = 16  # tokens certified per analysed model (the stability certificate)
     thresholds: Thresholds = field(default_factory=Thresholds)
     retrofit: RetrofitPlan | None = None  # the retrofit stages' sizes (None: not run)
+    seeds: list[int] = field(default_factory=lambda: [0])  # training seeds; extrapolation and conditions use the first
+
+    def name(self, preset: str, seed: int) -> str:
+        """A trained model's name in the study (its run directory, stage names, report page): preset and seed."""
+        return f"{preset}-s{seed}"
 
 
 def study_plan(s: ReproduceSettings) -> StudyPlan:
@@ -111,7 +118,8 @@ def _study_plan(s: ReproduceSettings) -> StudyPlan:
         if s.minutes_per_model is not None:
             train.update(steps=None, minutes=s.minutes_per_model)
         return StudyPlan(
-            looped=["micro", "micro+inject", "micro+noprelude"], control="micro-feedforward", builtin=["default"],
+            looped=["micro", "micro+inject", "micro+noprelude", "micro+sandwich"], control="micro-feedforward",
+            builtin=["default"], seeds=list(range(s.seeds or QUICK_SEEDS)),
             train=train, prompts=4, recurrences=24, attention_recurrences=4,
             grid=dict(block_sizes=(4,), seeds=(0,), recurrences=48, n_prompts=2, max_tokens=24,
                       injected_rms=(0.6325, 1.0)),
@@ -121,8 +129,9 @@ def _study_plan(s: ReproduceSettings) -> StudyPlan:
         )
     minutes = s.minutes_per_model if s.minutes_per_model is not None else FULL_MINUTES
     return StudyPlan(
-        looped=["looped-4", "looped-8", "looped-12", "looped-4+inject", "looped-4+noprelude"],
-        control="feedforward-12", builtin=["default"],
+        # looped-4+sandwich differs from looped-4 only in norm placement: the matched norm comparison
+        looped=["looped-4", "looped-8", "looped-12", "looped-4+inject", "looped-4+noprelude", "looped-4+sandwich"],
+        control="feedforward-12", builtin=["default"], seeds=list(range(s.seeds or FULL_SEEDS)),
         train=dict(minutes=minutes, accuracy_questions=0),
         prompts=16, recurrences=64, attention_recurrences=8,
         # the paper's grid, at the default setting and at the two settings it leaves open that flip verdicts
@@ -142,11 +151,13 @@ class Pipeline:
         self.plan = study_plan(s)
         self.cache = StageCache(s.out / "stages")
         self.timings: list[dict] = []
-        self.n_stages = 2 * len(self.plan.looped) + len(self.plan.builtin) + 2 + 4 + 2  # + 2 ablations
+        seeds = len(self.plan.seeds)  # per seed: train and analyse every preset, train the control and its profile
+        self.n_stages = seeds * (2 * len(self.plan.looped) + 2) + len(self.plan.builtin) + 3 + 2  # + 2 ablations
         if self.plan.retrofit is not None:
             self.n_stages = 4 + (0 if s.retrofit_only else self.n_stages)
         self.done = 0
-        self.train_data = None  # the tokenized GSM8K rows, built once for every training run
+        self.train_data = None  # the tokenized GSM8K rows, built once per seed for every training run
+        self.train_data_seed: int | None = None
 
     def say(self, msg: str) -> None:
         if self.s.progress:
@@ -211,6 +222,8 @@ def check_settings(s: ReproduceSettings) -> None:
         raise InputError(f"--minutes-per-model {s.minutes_per_model}: give a positive number of minutes")
     if s.threads < 1:
         raise InputError(f"--threads {s.threads}: give at least 1")
+    if s.seeds is not None and s.seeds < 1:
+        raise InputError(f"--seeds {s.seeds}: give at least 1 (3 or more for intervals over seeds)")
 
 
 def run_stages(p: Pipeline) -> dict:
@@ -224,29 +237,39 @@ def run_stages(p: Pipeline) -> dict:
         retrofit_part(p, questions, results)
         return results
 
-    # 1. training (looped models and the feedforward control)
-    for preset in [*plan.looped, plan.control]:
-        results["training"][preset] = train_stage(p, preset)
-    model_dir = {preset: str(out / "runs" / preset / "model") for preset in [*plan.looped, plan.control]}
-    model_dir.update({name: name for name in plan.builtin})
+    # 1. training (looped models and the feedforward control), every preset once per seed
+    model_dir = {name: name for name in plan.builtin}
+    for seed in plan.seeds:
+        for preset in [*plan.looped, plan.control]:
+            name = plan.name(preset, seed)
+            results["training"][name] = train_stage(p, preset, seed, name)
+            model_dir[name] = str(out / "runs" / name / "model")
 
-    # 2. the control's stage profile, then every looped model's analysis against it
+    # 2. each seed's control profile, then every looped model's analysis against the control of its own seed
     prompts = questions[: plan.prompts]
-    control = p.stage("control", {"model": plan.control, "prompts": plan.prompts,
-                                  "trained": training_id(results["training"][plan.control])},
-                      lambda: control_tables(model_dir[plan.control], prompts, p.cache.dir("control") / "work",
-                                             s.progress, s.precision),
-                      scratch=p.cache.dir("control") / "work")
-    for name in [*plan.looped, *plan.builtin]:
+    controls = {}
+    for seed in plan.seeds:
+        ff = plan.name(plan.control, seed)
+        controls[seed] = p.stage(f"control-{ff}", {"model": ff, "prompts": plan.prompts,
+                                                   "trained": training_id(results["training"][ff])},
+                                 lambda ff=ff: control_tables(model_dir[ff], prompts, p.cache.dir(f"control-{ff}") /
+                                                              "work", s.progress, s.precision),
+                                 scratch=p.cache.dir(f"control-{ff}") / "work")
+    analysed = [(plan.name(preset, seed), seed) for seed in plan.seeds for preset in plan.looped]
+    analysed += [(name, None) for name in plan.builtin]
+    for name, seed in analysed:
+        ff = plan.name(plan.control, plan.seeds[0] if seed is None else seed)
         params = {"model": name, "prompts": plan.prompts, "recurrences": plan.recurrences,
                   "attention_recurrences": plan.attention_recurrences,
-                  "trained": training_id(results["training"].get(name)), "control": plan.control}
+                  "trained": training_id(results["training"].get(name)), "control": ff}
         work = p.cache.dir(f"analyze-{name}") / "work"
+        control_stages = controls[plan.seeds[0] if seed is None else seed]["stages"]
         results["analyses"][name] = p.stage(
             f"analyze-{name}", params,
-            lambda name=name, work=work: analyse_model(name, model_dir[name], prompts, control["stages"], plan, work,
-                                                       s.progress, s.precision),
+            lambda name=name, work=work, seed=seed, cs=control_stages: analyse_model(
+                name, model_dir[name], prompts, cs, plan, work, s.progress, s.precision, seed=seed),
             scratch=work)
+    control = controls[plan.seeds[0]]
 
     # 3. the massive-activation ablation (§5 item 4, Fig. 41) on the pre-norm looped model with the largest
     #    massive-activation ratio, and on SmolLM2 (real weights, where massive activations certainly exist)
@@ -270,22 +293,25 @@ def run_stages(p: Pipeline) -> dict:
 
     # 5. extrapolation and system-prompt conditions (built on branch `extrapolate`; skipped if absent)
     extrapolate = optional_module("loopscope.experiments.extrapolate")
-    looped_dirs = [model_dir[n] for n in [*plan.looped, *plan.builtin]]
+    first = [plan.name(preset, plan.seeds[0]) for preset in plan.looped]  # extrapolation: the first seed's models
+    looped_dirs = [model_dir[n] for n in [*first, *plan.builtin]]
     if extrapolate is None:
         p.skipped("extrapolate", "loopscope.experiments.extrapolate is not in this build")
     else:
-        params = {**plan.extrapolate, "models": [*plan.looped, *plan.builtin], "control": plan.control,
-                  "trained": [training_id(results["training"].get(n)) for n in plan.looped]}
+        params = {**plan.extrapolate, "models": [*first, *plan.builtin], "control": plan.name(plan.control,
+                                                                                                plan.seeds[0]),
+                  "trained": [training_id(results["training"].get(n)) for n in first]}
         results["extrapolate"] = p.stage("extrapolate", params, lambda: extrapolate.run_extrapolate(
             extrapolate.ExtrapolateSettings(models=looped_dirs, out=p.cache.dir("extrapolate") / "run",
-                                            control=model_dir[plan.control], data=s.data, progress=s.progress,
+                                            control=model_dir[plan.name(plan.control, plan.seeds[0])], data=s.data,
+                                            progress=s.progress,
                                             precision=s.precision, **plan.extrapolate)),
             scratch=p.cache.dir("extrapolate") / "run" / "cache")  # its per-(model, R) resume cache and captures
     conditions = optional_module("loopscope.experiments.conditions")
     if conditions is None:
         p.skipped("conditions", "loopscope.experiments.conditions is not in this build")
     else:
-        name = plan.conditions_model
+        name = plan.name(plan.conditions_model, plan.seeds[0])
         params = {**plan.conditions, "model": name, "trained": training_id(results["training"].get(name))}
         results["conditions"] = p.stage("conditions", params, lambda: {"conditions": conditions.run_conditions(
             model_dir[name], p.cache.dir("conditions") / "run", data=s.data, progress=s.progress,

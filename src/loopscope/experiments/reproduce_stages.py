@@ -23,23 +23,25 @@ if TYPE_CHECKING:  # the stage runner and the plan are `experiments.reproduce`'s
     from loopscope.experiments.reproduce import Pipeline, StudyPlan
 
 
-def train_stage(p: Pipeline, preset: str) -> dict[str, pd.DataFrame]:
+def train_stage(p: Pipeline, preset: str, seed: int, name: str) -> dict[str, pd.DataFrame]:
+    """Train `preset` with `seed` (weights, document shuffle, batch order) into OUT/runs/<name>."""
     from loopscope.experiments.train import TrainSettings, train
 
-    settings = TrainSettings(preset=preset, data=p.s.data, threads=p.s.threads, **p.plan.train)
-    run_dir = p.s.out / "runs" / preset
+    settings = TrainSettings(preset=preset, seed=seed, data=p.s.data, threads=p.s.threads, **p.plan.train)
+    run_dir = p.s.out / "runs" / name
 
     def compute() -> dict[str, pd.DataFrame]:
         from loopscope.data.tokenizer import load_tokenizer
         from loopscope.experiments.train import build_data
 
         tokenizer = load_tokenizer()
-        if p.train_data is None:  # every preset shares tokenizer, corpus, seed and sequence length
-            p.train_data = build_data(settings, tokenizer)
+        if p.train_data is None or p.train_data_seed != seed:  # shared by the presets of one seed (the corpus
+            p.train_data = build_data(settings, tokenizer)         # shuffle follows the seed)
+            p.train_data_seed = seed
         metrics = train(settings, run_dir, data=p.train_data, tokenizer=tokenizer, progress=p.s.progress)
         return training_tables(run_dir, metrics)
 
-    return p.stage(f"train-{preset}", settings.to_dict(), compute)
+    return p.stage(f"train-{name}", settings.to_dict(), compute)
 
 
 def training_tables(run_dir: Path, metrics: dict) -> dict[str, pd.DataFrame]:
@@ -80,7 +82,7 @@ def control_tables(spec: str, prompts: list[str], work: Path, progress: bool, pr
 
 
 def analyse_model(name: str, spec: str, prompts: list[str], control_stages: pd.DataFrame, plan: StudyPlan, work: Path,
-                  progress: bool, precision: Precision) -> dict[str, pd.DataFrame]:
+                  progress: bool, precision: Precision, seed: int | None = None) -> dict[str, pd.DataFrame]:
     """Everything `loopscope analyze --feedforward` computes for one model, plus its one-row summary."""
     from loopscope.experiments.analyze import AnalyzeSettings, analyse
     from loopscope.experiments.stage_tables import alignment_table, model_neuron_fractions
@@ -95,13 +97,14 @@ def analyse_model(name: str, spec: str, prompts: list[str], control_stages: pd.D
     tables["prop42"] = result.prop42
     tables["prop42_relation"] = pd.DataFrame([result.prop42_relation or {}])
     tables["neurons"] = model_neuron_fractions(loaded)
-    tables["summary"] = pd.DataFrame([model_summary(name, loaded.model.cfg, plan.recurrences, tables)])
+    tables["summary"] = pd.DataFrame([model_summary(name, loaded.model.cfg, plan.recurrences, tables, seed)])
     return tables
 
 
-def model_summary(name: str, cfg, recurrences: int, t: dict[str, pd.DataFrame]) -> dict:
+def model_summary(name: str, cfg, recurrences: int, t: dict[str, pd.DataFrame], seed: int | None = None) -> dict:
     """The one row per model that the claims read (column meanings in `experiments.claims`); `name` is the
-    model's name in this study (its preset, or a builtin's name), base/variant come from its preset."""
+    model's name in this study (preset and seed, or a builtin's name), base/variant come from its preset; `seed`
+    the training seed (None, stored as NaN, for a builtin trained elsewhere)."""
     preset = cfg.extra.get("preset", cfg.name) if cfg.extra else cfg.name
     base, _, variant = preset.partition("+")
     check = t["cyclic_fixed_point_check"]
@@ -110,7 +113,8 @@ def model_summary(name: str, cfg, recurrences: int, t: dict[str, pd.DataFrame]) 
     co = t["cooccurrence"]
     prop42 = t.get("prop42")
     return {
-        "model": name, "preset": preset, "base": base, "variant": variant, "norm": cfg.norm, "injection": cfg.injection,
+        "model": name, "preset": preset, "seed": math.nan if seed is None else seed, "base": base, "variant": variant,
+        "norm": cfg.norm, "injection": cfg.injection,
         "n_prelude": cfg.n_prelude, "block_size": cfg.n_block, "trained_recurrences": cfg.recurrences,
         "recurrences": recurrences,
         "last_layer_relative_change": float(check["final_relative_change"].iloc[-1]),

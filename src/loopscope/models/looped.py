@@ -158,7 +158,7 @@ class Attention(nn.Module):
             # kernel's, so capturing attention never changes the states. A hook that returns a different pattern
             # (an intervention on attention) makes the layer use that pattern instead.
             scores = (at_least_float32(q) @ at_least_float32(k).transpose(-1, -2)) / math.sqrt(d)  # (B, H, T, S)
-            probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+            probs = scores.masked_fill_(~causal, float("-inf")).softmax(dim=-1)  # in place: scores is ours
             seen = self.hook_pattern(probs, step=step)
             if seen is not probs:
                 y = (seen.to(v.dtype) @ v).to(x.dtype)

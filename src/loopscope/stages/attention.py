@@ -63,21 +63,21 @@ def row_entropy(a: torch.Tensor) -> torch.Tensor:
     return -xlogx(a).sum(-1)
 
 
-def mixing_entropy(a: torch.Tensor) -> torch.Tensor:
-    """Mean row entropy (1/T) Σ_i H(A_i,:) in nats. a: (..., T, T) → (...)."""
-    return row_entropy(a).mean(-1)
+def mixing_entropy(a: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean row entropy (1/T) Σ_i H(A_i,:) in nats. a: (..., T, T) → (...); `h`: `row_entropy(a)` if known."""
+    return (row_entropy(a) if h is None else h).mean(-1)
 
 
-def mixing_entropy_normalised(a: torch.Tensor, causal: bool = True) -> torch.Tensor:
+def mixing_entropy_normalised(a: torch.Tensor, causal: bool = True, h: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over rows with support > 1 of H(A_i,:) / log(support_i); support_i = i + 1 (causal) or T.
 
-    a: (..., T, T) → (...); NaN for T = 1.
+    a: (..., T, T) → (...); NaN for T = 1. `h`: `row_entropy(a)` if already computed.
     """
     T = a.shape[-1]
     if T < 2:
         return torch.full(a.shape[:-2], float("nan"), dtype=a.dtype)
     support = torch.arange(1, T + 1, dtype=a.dtype) if causal else torch.full((T,), float(T), dtype=a.dtype)
-    h = row_entropy(a)
+    h = row_entropy(a) if h is None else h
     keep = support > 1
     return (h[..., keep] / torch.log(support[keep])).mean(-1)
 
@@ -102,12 +102,13 @@ def head_metrics(a: torch.Tensor, *, sink_position: int = 0, sink_threshold: flo
                  window: int = 5) -> dict[str, torch.Tensor]:
     """Every metric of this module for a stack of heads a: (H, T, T) of one prompt's real tokens → (H,) each."""
     score = sink_score(a, sink_position)
+    h = row_entropy(a)  # once, for both mixing scores
     return {
         "colsum_concentration": colsum_concentration(a),
         "sink_score": score,
         "sink_rate": torch.where(torch.isnan(score), score, (score >= sink_threshold).to(a.dtype)),
-        "mixing_entropy": mixing_entropy(a),
-        "mixing_entropy_normalised": mixing_entropy_normalised(a),
+        "mixing_entropy": mixing_entropy(a, h),
+        "mixing_entropy_normalised": mixing_entropy_normalised(a, h=h),
         "previous_window": previous_window(a, window),
     }
 
