@@ -124,8 +124,8 @@ def test_quick_extrapolation_and_condition_verdicts_follow_their_tables(quick_ru
     out, _, _ = quick_run
     claims = read_claims(out)
     per_r = pd.read_csv(out / "tables" / "extrapolate_per_r.csv")
-    # extrapolation runs the first seed's models (and the builtin)
-    assert set(per_r["model"]) == {"micro-s0", "micro+inject-s0", "micro+noprelude-s0", "micro+sandwich-s0", "default"}
+    # extrapolation runs the first seed's models (named by their checkpoints' preset) and the builtin
+    assert set(per_r["model"]) == {"micro", "micro+inject", "micro+noprelude", "micro+sandwich", "default"}
     assert set(per_r["recurrences"]) == {1, 2, 4, 8}
     at_max = per_r[per_r["recurrences"] == 8].set_index("model")
     converging = at_max.index[at_max["fixed_point"] > 0.5]

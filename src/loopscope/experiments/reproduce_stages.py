@@ -146,7 +146,8 @@ ABLATION_REFERENCE = "smollm2"  # feedforward, real weights: the massive activat
 def ablation_models(analyses: dict[str, dict[str, pd.DataFrame]], plan: StudyPlan) -> list[str]:
     """The pre-norm model (trained here) with the largest massive-activation ratio, then the reference."""
     rows = pd.concat([t["summary"] for t in analyses.values()], ignore_index=True)
-    pre = rows[(rows["norm"] == "pre") & rows["model"].isin(plan.looped)].dropna(subset=["massive_ratio"])
+    trained = {plan.name(preset, seed) for preset in plan.looped for seed in plan.seeds}
+    pre = rows[(rows["norm"] == "pre") & rows["model"].isin(trained)].dropna(subset=["massive_ratio"])
     chosen = [str(pre.loc[pre["massive_ratio"].idxmax(), "model"])] if len(pre) else []
     return [*chosen, ABLATION_REFERENCE]
 
