@@ -3,6 +3,7 @@ computed right on hand examples, and the RoPE-safe κ is needed."""
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 
@@ -179,3 +180,25 @@ def test_attention_state_relation_is_spearman_with_a_prompt_bootstrap():
     shuffled = rows[rows.segment == "core"].assign(measured=rng.permutation(dx))
     s = attention_state_relation(shuffled, n_boot=200)
     assert abs(s["spearman"]) < 0.2 and s["spearman_lo"] < 0 < s["spearman_hi"]
+
+
+def test_weighted_spearman_is_the_spearman_of_the_expanded_sample():
+    """The bootstrap's replicate ρ without building the replicate: ranks of a multiset (row i counted w_i times,
+    ties averaged) and their w-weighted Pearson equal pandas' Spearman of the sample with each row repeated w_i
+    times. Ties, zero weights and repeats all occur; a version that ignored the weights in the ranks, or ranked
+    ties by order, would differ."""
+    import numpy as np
+
+    from loopscope.stages.prop42 import weighted_spearman
+
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 6, 40).astype(float)  # many ties
+    y = x + rng.normal(0, 2, 40)
+    y[::7] = y[0]  # ties in y too
+    w = rng.integers(0, 4, (5, 40)).astype(float)
+    got = weighted_spearman(x, y, w)
+    for r in range(5):
+        reps = w[r].astype(int)
+        ex, ey = pd.Series(np.repeat(x, reps)), pd.Series(np.repeat(y, reps))
+        assert got[r] == pytest.approx(ex.rank().corr(ey.rank()), abs=1e-12)  # Spearman = Pearson of ranks
+    assert np.isnan(weighted_spearman(np.ones(4), np.arange(4.0), np.ones((1, 4))))[0]  # constant ranks: NaN

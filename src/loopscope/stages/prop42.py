@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -158,7 +159,6 @@ def attention_state_relation(checks: pd.DataFrame, n_boot: int = 2000, seed: int
     percentile bootstrap interval that resamples prompts (rows of one prompt share its context). Unlike the bound
     (measured/bound ≤ 1 is the theorem itself), ρ_s can come out either way: near 0 if attention moved
     independently of the state. Returns {"spearman", "spearman_lo", "spearman_hi", "n_checks", "n_prompts"}."""
-    import numpy as np
 
     core = checks[(checks["segment"] == "core")].dropna(subset=["measured", "input_change"])
     if len(core) < 3 or core["measured"].nunique() < 2 or core["input_change"].nunique() < 2:
@@ -166,23 +166,41 @@ def attention_state_relation(checks: pd.DataFrame, n_boot: int = 2000, seed: int
                 "n_prompts": int(core["batch"].nunique()) if len(core) else 0}
 
     x, y = core["measured"].to_numpy(float), core["input_change"].to_numpy(float)
-
-    def ranks(v: np.ndarray) -> np.ndarray:  # average ranks for ties (as pandas' rank), in numpy: fast enough for
-        _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)  # 2000 replicates
-        return (np.cumsum(counts) - (counts - 1) / 2)[inverse]
-
-    def rho(idx: np.ndarray) -> float:
-        a, b = ranks(x[idx]), ranks(y[idx])
-        if a.std() == 0 or b.std() == 0:
-            return math.nan
-        return float(np.corrcoef(a, b)[0, 1])
-
-    batch = core["batch"].to_numpy()
-    prompts = np.unique(batch)
-    rows = [np.flatnonzero(batch == b) for b in prompts]
+    _, prompt_of = np.unique(core["batch"].to_numpy(), return_inverse=True)
+    n_prompts = int(prompt_of.max()) + 1
     rng = np.random.default_rng(seed)
-    reps = [rho(np.concatenate([rows[i] for i in rng.integers(0, len(prompts), len(prompts))]))
-            for _ in range(n_boot)]
+    counts = np.stack([np.bincount(rng.integers(0, n_prompts, n_prompts), minlength=n_prompts)
+                       for _ in range(n_boot)]).astype(np.float64)  # [n_boot, prompts]: how often each is drawn
+    chunk = max(1, 4_000_000 // len(x))  # replicates per step: [chunk, rows] arrays stay ~32 MB at any scale
+    reps = np.concatenate([weighted_spearman(x, y, counts[i: i + chunk, prompt_of]) for i in range(0, n_boot, chunk)])
     lo, hi = np.nanquantile(reps, [0.025, 0.975])
-    return {"spearman": rho(np.arange(len(core))), "spearman_lo": float(lo), "spearman_hi": float(hi),
-            "n_checks": len(core), "n_prompts": len(prompts)}
+    point = float(weighted_spearman(x, y, np.ones((1, len(x))))[0])
+    return {"spearman": point, "spearman_lo": float(lo), "spearman_hi": float(hi), "n_checks": len(core),
+            "n_prompts": n_prompts}
+
+
+def weighted_ranks(v: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Average ranks (1-based, ties share their mean rank, as pandas' `rank`) of the multiset in which row i of `v`
+    appears w[r, i] times, for every replicate r: rank_i = W(< v_i) + (W(= v_i) + 1) / 2. v [n], w [reps, n]."""
+    order = np.argsort(v, kind="stable")
+    values, starts = np.unique(v[order], return_index=True)
+    per_value = np.add.reduceat(w[:, order], starts, axis=1)  # [reps, unique values]
+    below = np.cumsum(per_value, axis=1) - per_value
+    rank_of_value = below + (per_value + 1) / 2
+    which = np.searchsorted(values, v)
+    return rank_of_value[:, which]
+
+
+def weighted_spearman(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Spearman ρ of (x, y) over the multiset with multiplicities w [reps, n], one per replicate: the Pearson
+    correlation of the multiset's average ranks, weighted by w — exactly `np.corrcoef` of the ranks of the
+    expanded sample (a bootstrap replicate that draws a prompt twice holds its rows twice). NaN where a replicate's
+    ranks are constant."""
+    a, b = weighted_ranks(x, w), weighted_ranks(y, w)
+    total = w.sum(1, keepdims=True)
+    a = a - (w * a).sum(1, keepdims=True) / total
+    b = b - (w * b).sum(1, keepdims=True) / total
+    cov, va, vb = (w * a * b).sum(1), (w * a * a).sum(1), (w * b * b).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = cov / np.sqrt(va * vb)
+    return np.where((va > 0) & (vb > 0), rho, np.nan)
