@@ -98,3 +98,14 @@ def test_an_old_grid_folder_is_refused_in_one_line(tmp_path):
         tmp_path / "grid_cells.csv", index=False)
     with pytest.raises(InputError, match="older grid .*d_model, injected_rms.*new --out"):
         run_grid(GridSettings(out=tmp_path, progress=False))
+
+
+def test_an_unknown_norm_is_refused_before_any_cell_runs(tmp_path, monkeypatch, capsys):
+    from conftest import run_cli
+
+    monkeypatch.setattr(grid, "run_cell", lambda *a, **k: (_ for _ in ()).throw(AssertionError("a cell ran")))
+    with pytest.raises(InputError, match="norm 'foo' is not one of pre, sandwich, ouro"):
+        run_grid(GridSettings(out=tmp_path, norms=("pre", "foo"), progress=False))
+    code, out, err = run_cli(["grid", "--norms", "pre,foo", "--out", tmp_path / "cli"], capsys)
+    assert code == 2 and "'foo' is not one of pre, sandwich, ouro" in err and "Traceback" not in err + out
+    assert len(err.strip().splitlines()) == 1

@@ -11,13 +11,10 @@ from loopscope.cli.common import (
     dtype_option,
     parse_float_list,
     parse_int_list,
+    parse_word_list,
     precision,
     state_dtype_option,
 )
-
-
-def _words(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
 def register(app: typer.Typer) -> None:
@@ -57,7 +54,10 @@ def register(app: typer.Typer) -> None:
         """
         from loopscope.experiments.grid import GridSettings, run_grid_report
 
-        s = GridSettings(out=out, norms=_words(norms), injections=_words(injections),
+        from loopscope.models.config import INJECTION_KINDS, NORM_KINDS
+
+        s = GridSettings(out=out, norms=tuple(parse_word_list(norms, "--norms", NORM_KINDS)),
+                         injections=tuple(parse_word_list(injections, "--injections", INJECTION_KINDS)),
                          block_sizes=tuple(parse_int_list(blocks, "--blocks", minimum=1)),
                          seeds=tuple(parse_int_list(seeds, "--seeds", minimum=0)),
                          widths=tuple(parse_int_list(widths, "--widths", minimum=8)),

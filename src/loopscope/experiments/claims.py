@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass
 
 import pandas as pd
 
+from loopscope.dynamics.degeneracy import SAME_POINT_COSINE
+
 HOLDS, DIFFERS, NOT_MEASURABLE, INCONCLUSIVE = "holds", "differs", "not measurable here", "inconclusive"
 VERDICTS = (HOLDS, DIFFERS, NOT_MEASURABLE, INCONCLUSIVE)  # inconclusive: the interval straddles the threshold
 # effect, ci_low, ci_high: the number a verdict rests on and its 95 % interval (NaN where a rule has none);
@@ -56,8 +58,8 @@ class Thresholds:
     fixed_point: float = 1e-3  # a layer is at its fixed point below this relative change (= dynamics.degeneracy's
     # converge_tol, so the per-token verdicts and these rules agree)
     majority: float = 0.5  # "reaches a distinct cyclic fixed point" = more than this fraction of tokens do
-    degenerate_cosine: float = 0.99  # layers' fixed points are one point when min cos(X*_0, X*_j) ≥ this
-    # (dynamics.degeneracy's tol)
+    degenerate_cosine: float = SAME_POINT_COSINE  # layers' fixed points are one point when min cos(X*_0, X*_j) ≥
+    # this (dynamics.degeneracy's tol, the one place the 0.99 is written)
     prop41_factor: float = 10.0  # Prop. 4.1: once the last layer changes < fixed_point, every layer changes
     # < prop41_factor · fixed_point (a Lipschitz block spreads the residual change by a bounded factor)
     diagonal_band: float = 0.9  # attention "diagonal bands": at least this fraction of (layer, recurrence)

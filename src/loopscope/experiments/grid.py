@@ -173,6 +173,11 @@ def run_grid(s: GridSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
     s.precision.device  # a bad --device fails here, in one line, before any cell runs
     if s.recurrences < 4:
         raise InputError(f"--recurrences {s.recurrences}: the fixed-point test needs at least 4 (the paper uses 128)")
+    from loopscope.models.config import INJECTION_KINDS, NORM_KINDS
+
+    for what, given, known in (("norm", s.norms, NORM_KINDS), ("injection", s.injections, INJECTION_KINDS)):
+        if bad := [x for x in given if x not in known]:  # before any cell runs, not when the grid reaches it
+            raise InputError(f"{what} {bad[0]!r} is not one of {', '.join(known)}")
     s.out.mkdir(parents=True, exist_ok=True)
     cells_csv, curves_csv, cert_csv = s.out / "grid_cells.csv", s.out / "grid_curves.csv", certificates_csv(s.out)
     done = read_cells(cells_csv)
@@ -306,6 +311,7 @@ def grid_views(cells: pd.DataFrame, curves: pd.DataFrame, certificates: pd.DataF
     setting = shown_setting(cells)
     return {"cells": cells, "change_curves": change_curves(curves, setting), "min_cosine": min_cosine_matrix(cells),
             "verdicts": verdict_table(cells), "certificates": cert, "shown_setting": setting,
+            "same_point_cosine": SAME_POINT_COSINE,
             "certificate_agreement": certificate_agreement(cert) if len(cert) else pd.DataFrame()}
 
 

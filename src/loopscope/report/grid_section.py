@@ -12,7 +12,7 @@ from loopscope.report.document import Figure, Report, save_csv
 def add_grid_section(report: Report, cells: pd.DataFrame, change_curves: pd.DataFrame, min_cosine: pd.DataFrame,
                      verdicts: pd.DataFrame, certificates: pd.DataFrame | None = None,
                      certificate_agreement: pd.DataFrame | None = None,
-                     shown_setting: tuple[int, float] | None = None) -> None:
+                     *, same_point_cosine: float, shown_setting: tuple[int, float] | None = None) -> None:
     """Draws `experiments.grid.grid_views`: the verdicts, the change curves (mean over seeds), the min-cosine matrix,
     every cell, and the certificates."""
     out = report.out_dir
@@ -21,7 +21,8 @@ def add_grid_section(report: Report, cells: pd.DataFrame, change_curves: pd.Data
         "Blayney et al. §4.2 (Fig. 6, Figs. 29–31): blocks of 4/12/16 layers without prelude or coda, three norm "
         "placements with and without concat input injection, several seeds. A cell is 'stable' when most tokens "
         "reach a fixed point (last layer's relative change at the last recurrence below tolerance), 'degenerate' "
-        "when all layers share it (min cosine between layer 0's fixed point and the others ≥ 0.99). The paper "
+        f"when all layers share it (min cosine between layer 0's fixed point and the others ≥ {same_point_cosine:g}). "
+        "The paper "
         "publishes neither its width D nor the scale of the injected signal, so both are axes here: one verdict "
         "row per (norm, injection, D, injected RMS); `default` marks the setting fixed before any run (D = 64, "
         "Huginn's initialisation rule, RMS 0.632).",
