@@ -271,12 +271,38 @@ def test_condition_rules_use_the_paper_classifier():
     assert verdict("rare-non-fixed", conditions({"short-math": 0.0})) == NOT_MEASURABLE
 
 
+def test_rare_non_fixed_reads_its_interval_over_questions():
+    def with_interval(rate, lo, hi):
+        m = conditions({"none": rate})
+        m["conditions"]["non_fixed_low"], m["conditions"]["non_fixed_high"] = lo, hi
+        return m
+
+    assert verdict("rare-non-fixed", with_interval(0.004, 0.001, 0.008)) == HOLDS  # surely below 1 %
+    assert verdict("rare-non-fixed", with_interval(0.02, 0.012, 0.03)) == DIFFERS  # surely above
+    assert verdict("rare-non-fixed", with_interval(0.008, 0.002, 0.015)) == INCONCLUSIVE  # straddles 1 %
+
+
+def test_the_non_fixed_interval_resamples_questions():
+    """One question holds every non-fixed token: the interval over questions reaches 0 (resamples without it) and
+    twice the rate (resamples it twice), which an interval over tokens would not."""
+    from loopscope.experiments.conditions import behaviour_fractions
+
+    labels = pd.DataFrame({"batch": [0] * 10 + [1] * 10, "token": list(range(10)) * 2, "method": "paper",
+                           "behaviour": ["orbit"] * 4 + ["fixed_point"] * 16})
+    row = behaviour_fractions(labels).iloc[0]
+    assert row["n"] == 20 and row["orbit"] == pytest.approx(0.2)
+    assert row["non_fixed_low"] == 0.0 and row["non_fixed_high"] == pytest.approx(0.4)
+
+
 def test_thresholds_are_parameters():
     strict = Thresholds(settled=1e-6)
     assert verdict("settle", models(model("a")), strict) == DIFFERS
     assert verdict("settle", models(model("a")), TH) == HOLDS
     table = claims.thresholds_table(TH)
     assert dict(zip(table.threshold, table.value))["prop42_ratio"] == 1.0
+    # every threshold has its reason, source and when it was fixed; the one fixed after seeing data says so
+    assert set(claims.THRESHOLD_REASONS) == set(table.threshold) and table[["reason", "source", "fixed"]].all().all()
+    assert table.set_index("threshold").loc["stages_kept", "fixed"].startswith("after seeing data")
 
 
 @pytest.mark.parametrize("claim", CLAIMS, ids=lambda c: c.id)

@@ -120,7 +120,9 @@ def test_condition_rows_are_fractions_of_the_same_question_tokens(tmp_path, micr
     table = run_conditions(str(micro_dir), tmp_path, data=str(gsm8k_dir), questions=2, recurrences=8,
                            conditions=["none", "long-persona-padded"], progress=False)
     assert list(table.columns) == ["condition", "method", "reconstructed", "n", "fixed_point", "orbit",
-                                   "slider", "divergent", "unknown"]
+                                   "slider", "divergent", "unknown", "non_fixed_low", "non_fixed_high"]
+    assert ((table["non_fixed_low"] <= 1 - table["fixed_point"] + 1e-12)
+            & (1 - table["fixed_point"] <= table["non_fixed_high"] + 1e-12)).all()
     assert len(table) == 4 and set(table["method"]) == {"dynamics", "paper"}
     sums = table[["fixed_point", "orbit", "slider", "divergent", "unknown"]].sum(axis=1)
     assert sums.to_numpy() == pytest.approx(1.0)

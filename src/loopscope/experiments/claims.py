@@ -542,9 +542,14 @@ def rule_rare(m: Measurements, th: Thresholds) -> Verdict:
     rates = condition_rates(m, th)
     if "none" not in rates:
         return Verdict(NOT_MEASURABLE, "the no-system-prompt condition was not run")
-    return Verdict(HOLDS if rates["none"] < th.rare else DIFFERS,
-                   f"non-fixed-point tokens without a system prompt {rates['none']:.2%} (< {th.rare:.0%} required; "
-                   f"paper 0.02%), {th.condition_method} classifier")
+    c = m["conditions"]
+    row = c[(c["method"] == th.condition_method) & (c["condition"] == "none")].iloc[0]
+    lo, hi = (float(row["non_fixed_low"]), float(row["non_fixed_high"])) if "non_fixed_low" in row else \
+        (rates["none"], rates["none"])  # a table without the interval: the point is its own interval
+    verdict = HOLDS if hi < th.rare else DIFFERS if lo >= th.rare else INCONCLUSIVE
+    return Verdict(verdict, f"non-fixed-point tokens without a system prompt {rates['none']:.2%} [{lo:.2%}, {hi:.2%}] "
+                   f"(95 % bootstrap over questions; rare = below {th.rare:.0%}, the paper measured 0.02 %), "
+                   f"{th.condition_method} classifier", effect=rates["none"], ci_low=lo, ci_high=hi)
 
 
 def rule_persona(m: Measurements, th: Thresholds) -> Verdict:
@@ -725,6 +730,51 @@ def verdict_counts(claims: pd.DataFrame) -> dict[str, int]:
     return {v: int(counts.get(v, 0)) for v in ("holds", "differs", "inconclusive", "not measurable here")}
 
 
+# Why each threshold has its value, where it comes from, and when it was fixed: "a priori" = before any run of the
+# rule it serves; "after seeing data" says so (such a row is no blind test). One entry per `Thresholds` field.
+THRESHOLD_REASONS: dict[str, tuple[str, str, str]] = {
+    "settled": ("a change below 1 % of the state's norm is 'barely changing'", "ours (the paper gives no number)",
+                "a priori"),
+    "fixed_point": ("a layer at its fixed point moves < 0.1 % per recurrence", "= dynamics.degeneracy converge_tol",
+                    "a priori"),
+    "majority": ("'reach a cyclic fixed point' read as: more than half of the tokens do", "ours", "a priori"),
+    "degenerate_cosine": ("two layers' fixed points at cosine ≥ 0.99 are one point", "the paper's Fig. 6 test; "
+                          "dynamics.degeneracy.SAME_POINT_COSINE", "a priori"),
+    "prop41_factor": ("a Lipschitz block spreads a residual change by a bounded factor; 10× of fixed_point",
+                      "ours (Prop. 4.1 gives no constant)", "a priori"),
+    "diagonal_band": ("'diagonal bands': 90 % of patterns nearest their own layer", "ours (Fig. 2 is read by eye)",
+                      "a priori"),
+    "attention_shrink": ("attention change at least halves from the first to the last recurrence", "ours (Fig. 23)",
+                         "a priori"),
+    "prop42_ratio": ("the bound itself: measured/bound ≤ 1", "Prop. 4.2 (a theorem: a check, not a claim)",
+                     "a priori"),
+    "tracks": ("a monotone relation ordering most check pairs alike: Spearman ρ > 0.5", "ours (no number in the "
+               "paper)", "a priori"),
+    "aligned": ("a pass follows the feedforward stages at Pearson r ≥ 0.5", "ours (Fig. 10 is read by eye)",
+                "a priori"),
+    "repeat_error": ("a profile repeats when passes differ by ≤ 25 % of the metric's spread", "ours (Fig. 7)",
+                     "a priori"),
+    "extrapolation_change": ("still settled at the largest R: the same 1 % as `settled`", "ours", "a priori"),
+    "alignment_drift": ("stages 'stable' under extrapolation: |Δr| ≤ 0.1", "ours (Figs. 47–49 by eye)", "a priori"),
+    "loss_drift": ("performance kept: held-out loss at most 0.1 nats worse", "ours", "a priori"),
+    "loop_gain": ("a healed retrofit uses its loop: R = 8 surely 0.05 nats better than R = 1", "issue 11's target",
+                  "a priori (before healing)"),
+    "stages_kept": ("an ablation removes the stages when sink rate and ColSum fall to ≤ 60 %", "ours",
+                    "after seeing data (SmolLM2's ablation: sink ×0.27, ColSum ×0.52); no blind test"),
+    "massive": ("massive activations: peak/median |x| ≥ 100", "Sun et al. 2024 (10³–10⁴); stages.massive",
+                "a priori"),
+    "rare": ("'rare' non-fixed-point tokens: below 1 %", "paper: 0.02 % (no system prompt), 0.14 % (long persona); "
+             "1 % leaves 50× headroom for a small model and the reconstructed heuristic", "a priori; looser than "
+             "the paper's number"),
+    "condition_method": ("the App. C claims use the paper's own heuristic (τ = 0.05, ρ = 0.9 at R = 128)",
+                         "paper App. C", "a priori"),
+}
+
+
 def thresholds_table(th: Thresholds | None = None) -> pd.DataFrame:
-    """The thresholds used, one row each (for the report)."""
-    return pd.DataFrame([{"threshold": k, "value": v} for k, v in asdict(th or Thresholds()).items()])
+    """The thresholds used, one row each (for the report): threshold, value, reason, source, fixed (when)."""
+    rows = []
+    for k, v in asdict(th or Thresholds()).items():
+        reason, source, when = THRESHOLD_REASONS[k]
+        rows.append({"threshold": k, "value": v, "reason": reason, "source": source, "fixed": when})
+    return pd.DataFrame(rows)

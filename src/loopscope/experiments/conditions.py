@@ -93,12 +93,23 @@ def condition_labels(loaded: LoadedModel, questions: list[str], condition: str, 
 
 
 def behaviour_fractions(labels: pd.DataFrame) -> pd.DataFrame:
-    """One row per method: n (tokens) and the fraction of tokens per behaviour (rows sum to 1)."""
+    """One row per method: n (tokens), the fraction of tokens per behaviour (these sum to 1), and the non-fixed-point
+    rate's 95 % bootstrap interval over questions (`non_fixed_low`, `non_fixed_high`: the tokens of one question
+    share its context, so questions are the units; `evidence.bootstrap_ratio`)."""
+    from loopscope.evidence import bootstrap_ratio
+
     counts = pd.crosstab(labels["method"], labels["behaviour"]).reindex(columns=list(dynamics.BEHAVIOURS),
                                                                         fill_value=0)
     n = counts.sum(axis=1)
     frac = counts.div(n, axis=0)
     frac.insert(0, "n", n)
+    bounds = {}
+    for method, part in labels.groupby("method"):
+        per_q = part.assign(non_fixed=part["behaviour"] != "fixed_point").groupby("batch")["non_fixed"]
+        _, lo, hi = bootstrap_ratio(per_q.sum().to_numpy(float), per_q.size().to_numpy(float))
+        bounds[method] = (float(lo), float(hi))
+    frac["non_fixed_low"] = [bounds[m][0] for m in frac.index]
+    frac["non_fixed_high"] = [bounds[m][1] for m in frac.index]
     return frac.reset_index()
 
 

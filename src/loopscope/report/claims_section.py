@@ -39,7 +39,8 @@ def add_claims_section(report: Report, claims: pd.DataFrame, models: pd.DataFram
                      "This run.", text=True)
     report.table(sec, models, "claims_models", "Per analysed looped model, the numbers the claims read (definitions "
                  "in loopscope.experiments.claims and experiments.reproduce.model_summary).", max_rows=50)
-    report.table(sec, thresholds, "claims_thresholds", "Thresholds of the rules (fixed before the run).", max_rows=50)
+    report.table(sec, thresholds, "claims_thresholds", "Thresholds of the rules: value, reason, source, and when each was fixed (one, "
+                 "stages_kept, after seeing data: that row is no blind test).", max_rows=50, text=True)
     report.table(sec, timings, "stage_timings", "Pipeline stages: wall time in seconds when each ran (a cached stage "
                  "keeps the time of the run that computed it).", max_rows=100)
 
