@@ -264,7 +264,7 @@ def matrix_plot(table: pd.DataFrame, out_dir: Path, name: str, *, title: str, cb
     ax.set_yticks(range(values.shape[0]), [str(i) for i in table.index])
     for (i, j), v in np.ndenumerate(values):
         ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8,
-                color="white" if v > values.max() / 2 else "black")
+                color="white" if im.norm(v) > 0.5 else "black")  # dark cells of the colour scale, whatever its range
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return save(fig, out_dir, name)
