@@ -48,16 +48,33 @@ def test_every_claim_not_measurable_without_tables():
     assert len(set(table["id"])) == len(table)
 
 
-def test_settle_threshold_edge():
-    assert verdict("settle", models(model("a", max_final_relative_change=TH.settled))) == HOLDS
-    assert verdict("settle", models(model("a"), model("b", max_final_relative_change=TH.settled * 1.01))) == DIFFERS
+def trained(name: str, column: str, values: list[float], **kw) -> list[dict]:
+    """One row per seed of preset `name` (its `preset` column set), column = values[seed]."""
+    return [model(name, preset=name, seed=i, **{column: v}, **kw) for i, v in enumerate(values)]
+
+
+def test_settle_is_judged_per_preset_over_seeds():
+    col = "max_final_relative_change"
+    good = trained("a", col, [1e-5, 2e-5, 1e-5])
+    assert verdict("settle", models(*good)) == HOLDS
+    bad = trained("b", col, [0.05, 0.08, 0.06])
+    assert verdict("settle", models(*good, *bad)) == DIFFERS  # one preset surely above 1 %
+    edge = trained("c", col, [1e-3, 0.2, 1e-2])  # the seeds disagree: the interval straddles the threshold
+    assert verdict("settle", models(*good, *edge)) == INCONCLUSIVE
+    assert verdict("settle", models(model("a", max_final_relative_change=1e-5))) == INCONCLUSIVE  # one model
+    # a builtin (no seed) beside trained presets is listed, not judged
+    v = next(c.rule for c in CLAIMS if c.id == "settle")(models(*good, model("default", seed=math.nan,
+                                                                             max_final_relative_change=0.5)), TH)
+    assert v.verdict == HOLDS and "not judged (one model, no seeds): default 0.5" in v.evidence
+    assert v.effect == pytest.approx((3 + (3 - math.log10(2)) + 3) / 3)  # mean of log10(1e-2 / change) over seeds
     assert verdict("settle", models(model("a", max_final_relative_change=math.nan))) == NOT_MEASURABLE
 
 
 def test_injection_cyclic_reads_only_injection_models():
-    m = models(model("l4", fraction_distinct=0.0), model("l4+inject", fraction_distinct=0.6))
+    m = models(*trained("l4", "fraction_distinct", [0.0, 0.0, 0.0]),
+               *trained("l4+inject", "fraction_distinct", [0.6, 0.62, 0.61]))
     assert verdict("cyclic-fixed-point", m) == HOLDS  # the no-injection model is not judged
-    m = models(model("l4+inject", fraction_distinct=0.5))  # "more than half" is strict
+    m = models(*trained("l4+inject", "fraction_distinct", [0.45, 0.44, 0.46]))  # surely not more than half
     assert verdict("cyclic-fixed-point", m) == DIFFERS
     assert verdict("cyclic-fixed-point", models(model("l4"))) == NOT_MEASURABLE
 
@@ -88,8 +105,8 @@ def test_injection_helps_compares_with_its_own_base_seed_by_seed():
 
 
 def test_distinct_and_degenerate():
-    assert verdict("distinct", models(model("a", min_cosine_to_first=0.98))) == HOLDS
-    assert verdict("distinct", models(model("a", min_cosine_to_first=TH.degenerate_cosine))) == DIFFERS
+    assert verdict("distinct", models(*trained("a", "min_cosine_to_first", [0.98, 0.97, 0.975]))) == HOLDS
+    assert verdict("distinct", models(*trained("a", "min_cosine_to_first", [0.995, 0.999, 0.997]))) == DIFFERS
 
 
 def test_prop41_only_judges_converged_models():
@@ -136,8 +153,9 @@ def test_prop42_claim_is_the_empirical_relation_with_its_interval():
 
 
 def test_stage_rules():
-    assert verdict("stages-repeat", models(model("a", stage_repeat_error=0.3))) == DIFFERS
-    assert verdict("stages-repeat", models(model("a", stage_repeat_error=0.2))) == HOLDS
+    assert verdict("stages-repeat", models(*trained("a", "stage_repeat_error", [0.3, 0.32, 0.31]))) == DIFFERS
+    assert verdict("stages-repeat", models(*trained("a", "stage_repeat_error", [0.2, 0.21, 0.19]))) == HOLDS
+    assert verdict("stages-repeat", models(model("a", stage_repeat_error=0.2))) == INCONCLUSIVE  # one model
     # a majority of base models (variant "") must align; variants are not counted
     m = models(model("l4", colsum_pearson_median=0.6), model("l8", colsum_pearson_median=0.6),
                model("l12", colsum_pearson_median=0.1), model("l4+inject", colsum_pearson_median=-1.0))
@@ -296,8 +314,9 @@ def test_the_non_fixed_interval_resamples_questions():
 
 def test_thresholds_are_parameters():
     strict = Thresholds(settled=1e-6)
-    assert verdict("settle", models(model("a")), strict) == DIFFERS
-    assert verdict("settle", models(model("a")), TH) == HOLDS
+    rows = models(*trained("a", "max_final_relative_change", [2e-5, 3e-5, 2e-5]))
+    assert verdict("settle", rows, strict) == DIFFERS
+    assert verdict("settle", rows, TH) == HOLDS
     table = claims.thresholds_table(TH)
     assert dict(zip(table.threshold, table.value))["prop42_ratio"] == 1.0
     # every threshold has its reason, source and when it was fixed; the one fixed after seeing data says so

@@ -134,6 +134,32 @@ def each_model(rows: pd.DataFrame, column: str, ok: Callable[[float], bool]) -> 
     return verdict, f"{sum(passed)}/{len(passed)} models: {evidence}"
 
 
+def each_preset(rows: pd.DataFrame, column: str, margin: Callable[[float], float], what: str
+                ) -> tuple[str, str, tuple[float, float, float]]:
+    """(verdict, evidence, worst preset's (mean, lo, hi)) for "every model satisfies the threshold", with `margin(x)`
+    > 0 meaning x satisfies it: per preset trained here, the margin once per seed, judged by its 95 % interval over
+    seeds (`interval_verdict`: one seed is inconclusive); the row holds when every preset holds and differs when one
+    differs. Models not trained here (no seed: a builtin) are listed but not judged; a table without seeds is judged
+    model by model, each one sample (inconclusive). NaN values are skipped; not measurable when all are NaN."""
+    values = rows.dropna(subset=[column])
+    if values.empty:
+        return NOT_MEASURABLE, f"{column} is NaN for every model", (math.nan, math.nan, math.nan)
+    seeded = values["seed"].notna() if "seed" in values else pd.Series(False, index=values.index)
+    judged = values[seeded] if seeded.any() else values
+    key = "preset" if seeded.any() and "preset" in judged else "model"
+    verdicts, parts, worst = [], [], None
+    for name, group in judged.groupby(key, sort=False):
+        verdict, ev, stats = interval_verdict(f"margin {name}", [margin(x) for x in group[column]])
+        verdicts.append(verdict)
+        parts.append(f"{ev}; {what} " + ", ".join(fmt(x) for x in group[column]))
+        if worst is None or not stats[1] > worst[1]:  # the lowest lower bound (NaN: one sample) is the row's effect
+            worst = stats
+    unjudged = values[~seeded] if seeded.any() else values.iloc[0:0]
+    extra = "; not judged (one model, no seeds): " + ", ".join(
+        f"{r.model} {fmt(getattr(r, column))}" for r in unjudged.itertuples()) if len(unjudged) else ""
+    return combine_verdicts(verdicts), " | ".join(parts) + extra, worst
+
+
 def names(rows: pd.DataFrame) -> str:
     return ", ".join(rows["model"])
 
@@ -184,9 +210,10 @@ def combine_verdicts(verdicts: list[str]) -> str:
 def rule_settle(m: Measurements, th: Thresholds) -> Verdict:
     if (v := missing(m, "models")) is not None:
         return v
-    verdict, ev = each_model(m["models"], "max_final_relative_change", lambda x: x <= th.settled)
-    return Verdict(verdict, f"largest per-layer relative change at the last recurrence ≤ {fmt(th.settled)}: {ev}",
-                   names(m["models"]))
+    verdict, ev, stats = each_preset(m["models"], "max_final_relative_change",
+                                     lambda x: log10_ratio(th.settled, x), "change")
+    return Verdict(verdict, f"largest per-layer relative change at the last recurrence ≤ {fmt(th.settled)}; margin = "
+                   f"log10({fmt(th.settled)} / change), 95 % interval over seeds: {ev}", names(m["models"]), *stats)
 
 
 def rule_injection_cyclic(m: Measurements, th: Thresholds) -> Verdict:
@@ -195,9 +222,9 @@ def rule_injection_cyclic(m: Measurements, th: Thresholds) -> Verdict:
     rows = m["models"][m["models"]["injection"] != "none"]
     if rows.empty:
         return Verdict(NOT_MEASURABLE, "no model with input injection was analysed")
-    verdict, ev = each_model(rows, "fraction_distinct", lambda x: x > th.majority)
-    return Verdict(verdict, f"fraction of tokens at a distinct cyclic fixed point > {fmt(th.majority)}: {ev}",
-                   names(rows))
+    verdict, ev, stats = each_preset(rows, "fraction_distinct", lambda x: x - th.majority, "fraction")
+    return Verdict(verdict, f"fraction of tokens at a distinct cyclic fixed point > {fmt(th.majority)}; margin = "
+                   f"fraction − {fmt(th.majority)}, 95 % interval over seeds: {ev}", names(rows), *stats)
 
 
 def judge_pairs(m: Measurements, variant: str, what: str, effects: dict[str, Callable[[pd.Series, pd.Series], float]],
@@ -240,9 +267,10 @@ def rule_injection_helps(m: Measurements, th: Thresholds) -> Verdict:
 def rule_distinct_not_degenerate(m: Measurements, th: Thresholds) -> Verdict:
     if (v := missing(m, "models")) is not None:
         return v
-    verdict, ev = each_model(m["models"], "min_cosine_to_first", lambda x: x < th.degenerate_cosine)
+    verdict, ev, stats = each_preset(m["models"], "min_cosine_to_first", lambda x: th.degenerate_cosine - x, "cos")
     return Verdict(verdict, f"min cos between layer 0's and another layer's fixed point < "
-                            f"{fmt(th.degenerate_cosine)}: {ev}", names(m["models"]))
+                            f"{fmt(th.degenerate_cosine)}; margin = {fmt(th.degenerate_cosine)} − cos, 95 % interval "
+                            f"over seeds: {ev}", names(m["models"]), *stats)
 
 
 def rule_prop41(m: Measurements, th: Thresholds) -> Verdict:
@@ -324,9 +352,10 @@ def rule_stages_align(m: Measurements, th: Thresholds) -> Verdict:
 def rule_stages_repeat(m: Measurements, th: Thresholds) -> Verdict:
     if (v := missing(m, "models")) is not None:
         return v
-    verdict, ev = each_model(m["models"], "stage_repeat_error", lambda x: x <= th.repeat_error)
+    verdict, ev, stats = each_preset(m["models"], "stage_repeat_error", lambda x: th.repeat_error - x, "error")
     return Verdict(verdict, f"ColSum per block layer, pass t ≥ 1 vs last pass, RMS / spread over depth ≤ "
-                            f"{fmt(th.repeat_error)}: {ev}", names(m["models"]))
+                            f"{fmt(th.repeat_error)}; margin = {fmt(th.repeat_error)} − error, 95 % interval over "
+                            f"seeds: {ev}", names(m["models"]), *stats)
 
 
 def rule_injection_final_pass(m: Measurements, th: Thresholds) -> Verdict:
