@@ -127,9 +127,15 @@ def test_prop41_reads_the_worst_token_not_the_mean():
 
 
 def test_attention_needs_both_bands_and_shrinking():
-    assert verdict("attention-stabilises", models(model("a"))) == HOLDS
-    assert verdict("attention-stabilises", models(model("a", attention_self_match=0.8))) == DIFFERS
-    assert verdict("attention-stabilises", models(model("a", attention_shrink=0.9))) == DIFFERS
+    def seeds(**columns):  # three seeds of preset "a", column c = columns[c][seed]
+        return models(*[model("a", preset="a", seed=i, **{c: v[i] for c, v in columns.items()}) for i in range(3)])
+
+    good = dict(attention_self_match=[1.0, 0.95, 0.97], attention_shrink=[0.1, 0.12, 0.08])
+    assert verdict("attention-stabilises", seeds(**good)) == HOLDS
+    assert verdict("attention-stabilises", seeds(**{**good, "attention_self_match": [0.8, 0.82, 0.78]})) == DIFFERS
+    assert verdict("attention-stabilises", seeds(**{**good, "attention_shrink": [0.9, 0.85, 0.95]})) == DIFFERS
+    assert verdict("attention-stabilises", seeds(**{**good, "attention_shrink": [0.1, 0.9, 0.5]})) == INCONCLUSIVE
+    assert verdict("attention-stabilises", models(model("a"))) == INCONCLUSIVE  # one model: no interval
     assert verdict("attention-stabilises", models(model("a", attention_shrink=math.nan))) == NOT_MEASURABLE
 
 
@@ -156,12 +162,15 @@ def test_stage_rules():
     assert verdict("stages-repeat", models(*trained("a", "stage_repeat_error", [0.3, 0.32, 0.31]))) == DIFFERS
     assert verdict("stages-repeat", models(*trained("a", "stage_repeat_error", [0.2, 0.21, 0.19]))) == HOLDS
     assert verdict("stages-repeat", models(model("a", stage_repeat_error=0.2))) == INCONCLUSIVE  # one model
-    # a majority of base models (variant "") must align; variants are not counted
-    m = models(model("l4", colsum_pearson_median=0.6), model("l8", colsum_pearson_median=0.6),
-               model("l12", colsum_pearson_median=0.1), model("l4+inject", colsum_pearson_median=-1.0))
+    # a majority of base presets (variant "") must surely align; variants are not counted
+    r = "colsum_pearson_median"
+    m = models(*trained("l4", r, [0.6, 0.62, 0.61]), *trained("l8", r, [0.7, 0.68, 0.72]),
+               *trained("l12", r, [0.1, 0.12, 0.08]), *trained("l4+inject", r, [-1.0, -0.9, -1.0]))
     assert verdict("stages-align", m) == HOLDS
-    m = models(model("l4", colsum_pearson_median=0.6), model("l8", colsum_pearson_median=0.1))
-    assert verdict("stages-align", m) == DIFFERS  # 1 of 2 is not a majority
+    m = models(*trained("l4", r, [0.6, 0.62, 0.61]), *trained("l8", r, [0.1, 0.12, 0.08]))
+    assert verdict("stages-align", m) == DIFFERS  # 1 of 2 is not a majority, and the other surely does not align
+    m = models(*trained("l4", r, [0.6, 0.62, 0.61]), *trained("l8", r, [0.1, 0.9, 0.5]))
+    assert verdict("stages-align", m) == INCONCLUSIVE  # l8's seeds disagree: no majority either way
 
 
 def test_injection_final_pass_needs_both_halves():

@@ -134,30 +134,41 @@ def each_model(rows: pd.DataFrame, column: str, ok: Callable[[float], bool]) -> 
     return verdict, f"{sum(passed)}/{len(passed)} models: {evidence}"
 
 
-def each_preset(rows: pd.DataFrame, column: str, margin: Callable[[float], float], what: str
-                ) -> tuple[str, str, tuple[float, float, float]]:
-    """(verdict, evidence, worst preset's (mean, lo, hi)) for "every model satisfies the threshold", with `margin(x)`
-    > 0 meaning x satisfies it: per preset trained here, the margin once per seed, judged by its 95 % interval over
-    seeds (`interval_verdict`: one seed is inconclusive); the row holds when every preset holds and differs when one
-    differs. Models not trained here (no seed: a builtin) are listed but not judged; a table without seeds is judged
-    model by model, each one sample (inconclusive). NaN values are skipped; not measurable when all are NaN."""
+def preset_verdicts(rows: pd.DataFrame, column: str, margin: Callable[[float], float], what: str
+                    ) -> tuple[list[tuple[str, str, tuple[float, float, float]]], str]:
+    """Per preset trained here: (preset, verdict, (mean, lo, hi)) of `margin(x)` (> 0 = the threshold is met) over
+    its seeds (`interval_verdict`: one seed is inconclusive), and the evidence string. Models not trained here (no
+    seed: a builtin) are listed but not judged; a table without seeds is judged model by model, each one sample.
+    NaN values are skipped."""
     values = rows.dropna(subset=[column])
-    if values.empty:
-        return NOT_MEASURABLE, f"{column} is NaN for every model", (math.nan, math.nan, math.nan)
     seeded = values["seed"].notna() if "seed" in values else pd.Series(False, index=values.index)
     judged = values[seeded] if seeded.any() else values
     key = "preset" if seeded.any() and "preset" in judged else "model"
-    verdicts, parts, worst = [], [], None
+    out, parts = [], []
     for name, group in judged.groupby(key, sort=False):
         verdict, ev, stats = interval_verdict(f"margin {name}", [margin(x) for x in group[column]])
-        verdicts.append(verdict)
+        out.append((str(name), verdict, stats))
         parts.append(f"{ev}; {what} " + ", ".join(fmt(x) for x in group[column]))
-        if worst is None or not stats[1] > worst[1]:  # the lowest lower bound (NaN: one sample) is the row's effect
-            worst = stats
     unjudged = values[~seeded] if seeded.any() else values.iloc[0:0]
     extra = "; not judged (one model, no seeds): " + ", ".join(
         f"{r.model} {fmt(getattr(r, column))}" for r in unjudged.itertuples()) if len(unjudged) else ""
-    return combine_verdicts(verdicts), " | ".join(parts) + extra, worst
+    return out, " | ".join(parts) + extra
+
+
+def worst_stats(judged: list[tuple[str, str, tuple[float, float, float]]]) -> tuple[float, float, float]:
+    """The row's effect: the preset with the lowest lower bound (NaN lower bounds — one sample — first)."""
+    return min((stats for _, _, stats in judged), key=lambda st: (not math.isnan(st[1]), st[1]))
+
+
+def each_preset(rows: pd.DataFrame, column: str, margin: Callable[[float], float], what: str
+                ) -> tuple[str, str, tuple[float, float, float]]:
+    """(verdict, evidence, worst preset's (mean, lo, hi)) for "every model satisfies the threshold"
+    (`preset_verdicts`): holds when every preset holds, differs when one differs, else inconclusive; not measurable
+    when every value is NaN."""
+    judged, ev = preset_verdicts(rows, column, margin, what)
+    if not judged:
+        return NOT_MEASURABLE, f"{column} is NaN for every model", (math.nan, math.nan, math.nan)
+    return combine_verdicts([v for _, v, _ in judged]), ev, worst_stats(judged)
 
 
 def names(rows: pd.DataFrame) -> str:
@@ -294,12 +305,14 @@ def rule_attention_stabilises(m: Measurements, th: Thresholds) -> Verdict:
     rows = m["models"].dropna(subset=["attention_self_match", "attention_shrink"])
     if rows.empty:
         return Verdict(NOT_MEASURABLE, "no attention captured over ≥ 3 recurrences")
-    ok = (rows["attention_self_match"] >= th.diagonal_band) & (rows["attention_shrink"] <= th.attention_shrink)
-    ev = "; ".join(f"{r.model} self-match {fmt(r.attention_self_match)}, shrink {fmt(r.attention_shrink)}"
-                   for r in rows.itertuples())
-    return Verdict(HOLDS if ok.all() else DIFFERS,
-                   f"{int(ok.sum())}/{len(rows)} models with diagonal bands (self-match ≥ {fmt(th.diagonal_band)}) "
-                   f"and attention change shrinking (late/early ≤ {fmt(th.attention_shrink)}): {ev}", names(rows))
+    bands, ev_bands, st_bands = each_preset(rows, "attention_self_match", lambda x: x - th.diagonal_band,
+                                            "self-match")
+    shrink, ev_shrink, _ = each_preset(rows, "attention_shrink", lambda x: th.attention_shrink - x, "shrink")
+    return Verdict(combine_verdicts([bands, shrink]),
+                   f"diagonal bands (self-match ≥ {fmt(th.diagonal_band)}; margin self-match − "
+                   f"{fmt(th.diagonal_band)}): {ev_bands} || attention change shrinking (late/early ≤ "
+                   f"{fmt(th.attention_shrink)}; margin {fmt(th.attention_shrink)} − shrink): {ev_shrink}",
+                   names(rows), *st_bands)
 
 
 def rule_prop42(m: Measurements, th: Thresholds) -> Verdict:
@@ -342,11 +355,13 @@ def rule_stages_align(m: Measurements, th: Thresholds) -> Verdict:
     rows = m["models"][(m["models"]["variant"] == "")].dropna(subset=["colsum_pearson_median"])
     if rows.empty:
         return Verdict(NOT_MEASURABLE, "no base looped model aligned with a feedforward control")
-    aligned = rows["colsum_pearson_median"] >= th.aligned
-    ev = "; ".join(f"{r.model} r = {fmt(r.colsum_pearson_median)}" for r in rows.itertuples())
-    return Verdict(HOLDS if aligned.sum() > len(rows) / 2 else DIFFERS,
-                   f"{int(aligned.sum())}/{len(rows)} base models with median ColSum Pearson r ≥ {fmt(th.aligned)} "
-                   f"against the control (a majority needed): {ev}", names(rows))
+    judged, ev = preset_verdicts(rows, "colsum_pearson_median", lambda r: r - th.aligned, "r")
+    n_holds, n_differs = sum(v == HOLDS for _, v, _ in judged), sum(v == DIFFERS for _, v, _ in judged)
+    # "self-organise into feedforward-like stages": a majority of base presets surely aligned
+    verdict = HOLDS if n_holds > len(judged) / 2 else DIFFERS if n_differs >= len(judged) / 2 else INCONCLUSIVE
+    return Verdict(verdict, f"{n_holds}/{len(judged)} base presets surely aligned (median ColSum Pearson r ≥ "
+                   f"{fmt(th.aligned)} against the control, 95 % interval over seeds of r − {fmt(th.aligned)}; a "
+                   f"majority needed), {n_differs} surely not: {ev}", names(rows), *worst_stats(judged))
 
 
 def rule_stages_repeat(m: Measurements, th: Thresholds) -> Verdict:
