@@ -34,15 +34,14 @@ from tqdm.auto import tqdm
 from loopscope.accumulate.core import Accumulator, BatchContext, Dispatcher, Finals, Part, signature
 from loopscope.accumulate.distributed import World, gather_parts
 from loopscope.accumulate.memory import release_free_memory
-from loopscope.accumulate.parts import decode_part, encode_part
+from loopscope.accumulate.parts import read_part, write_part
 from loopscope.accumulate.replay import context_from_trajectory, replay
 from loopscope.capture.prompts import encode_prompts
-from loopscope import resume
 from loopscope.capture.record import capture
 from loopscope.errors import InputError
-from loopscope.resume import write_atomic
 from loopscope.models.hooks import HookPoint, Step
 from loopscope.models.looped import LoopedLM
+from loopscope.resume import run_key as key_of
 
 
 CACHE_VERSION = 2  # raised when what a Part holds changes (2: the table dialect's layout), so old parts are not read
@@ -214,7 +213,7 @@ def compute_dtype_of(model: LoopedLM) -> torch.dtype:
 def run_key(loaded, prompts: list[str], accumulators: list[Accumulator], s: StreamSettings) -> str:
     model = loaded.model
     cfg = getattr(model, "cfg", None)
-    return resume.run_key({
+    return key_of({
         "cache_version": CACHE_VERSION, "model": loaded.name, "config": cfg.to_dict() if cfg is not None else str(type(model)),
         "dtype": str(next(model.parameters()).dtype), "stream": str(compute_dtype_of(model)) if cfg else "",
         "prompts": prompts, "R": s.recurrences, "attention": s.attention, "batch_size": s.batch_size,
@@ -247,13 +246,13 @@ def stream_prompts(loaded, prompts: list[str], accumulators: list[Accumulator], 
     for i in bar:
         path = None if folder is None else folder / f"batch{i:05d}.part"
         if path is not None and path.exists():
-            local[i] = decode_part(path.read_bytes())
+            local[i] = read_part(path)
             records[i] = {**local[i]["__record__"], "cached": True}
             continue
         parts, record = run_batch(loaded, batches[i], i, i * s.batch_size, accumulators, s)
         local[i] = {**parts, "__record__": record}
         if path is not None:  # written atomically: a kill mid-write leaves no half part
-            write_atomic(path, encode_part(local[i]))
+            write_part(path, local[i])
         records[i] = {**record, "cached": False}
         release_free_memory()
     decoded = gather_parts(local, len(batches), world)

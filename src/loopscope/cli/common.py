@@ -46,14 +46,11 @@ def parse_int_list(spec: str, what: str, minimum: int | None = None) -> list[int
     return out
 
 
-def parse_word_list(spec: str, what: str, choices) -> list[str]:
-    """'pre,ouro' → ['pre', 'ouro'], each one of `choices`; one error line naming the bad item and the choices."""
+def parse_word_list(spec: str, what: str) -> list[str]:
+    """'pre, ouro' → ['pre', 'ouro']; one error line when the list is empty (the command checks the names)."""
     items = [p.strip() for p in spec.split(",") if p.strip()]
     if not items:
-        raise InputError(f"{what} {spec!r}: give a comma-separated list of {', '.join(choices)}")
-    bad = [i for i in items if i not in choices]
-    if bad:
-        raise InputError(f"{what} {spec!r}: {bad[0]!r} is not one of {', '.join(choices)}")
+        raise InputError(f"{what} {spec!r}: give a comma-separated list, e.g. pre,sandwich")
     return items
 
 

@@ -54,10 +54,8 @@ def register(app: typer.Typer) -> None:
         """
         from loopscope.experiments.grid import GridSettings, run_grid_report
 
-        from loopscope.models.config import INJECTION_KINDS, NORM_KINDS
-
-        s = GridSettings(out=out, norms=tuple(parse_word_list(norms, "--norms", NORM_KINDS)),
-                         injections=tuple(parse_word_list(injections, "--injections", INJECTION_KINDS)),
+        s = GridSettings(out=out, norms=tuple(parse_word_list(norms, "--norms")),  # run_grid checks the names
+                         injections=tuple(parse_word_list(injections, "--injections")),
                          block_sizes=tuple(parse_int_list(blocks, "--blocks", minimum=1)),
                          seeds=tuple(parse_int_list(seeds, "--seeds", minimum=0)),
                          widths=tuple(parse_int_list(widths, "--widths", minimum=8)),

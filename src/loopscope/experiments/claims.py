@@ -194,7 +194,18 @@ def pair(m: Measurements, variant: str) -> list[tuple[pd.Series, pd.Series]]:
     return out
 
 
-def interval_verdict(name: str, values: list[float], unit: str = "") -> tuple[str, str, tuple[float, float, float]]:
+def side(lo: float, hi: float, threshold: float, above_holds: bool = True) -> str:
+    """holds / differs when the interval [lo, hi] lies wholly above (or below) `threshold`, else inconclusive."""
+    if any(math.isnan(x) for x in (lo, hi)):
+        return NOT_MEASURABLE
+    if lo > threshold:
+        return HOLDS if above_holds else DIFFERS
+    if hi < threshold:
+        return DIFFERS if above_holds else HOLDS
+    return INCONCLUSIVE
+
+
+def interval_verdict(name: str, values: list[float]) -> tuple[str, str, tuple[float, float, float]]:
     """(verdict, evidence, (mean, lo, hi)) for one effect measured once per seed, > 0 being the paper's direction:
     holds when the 95 % interval over seeds is above 0, differs when below, inconclusive when it straddles 0 or
     when there is a single seed (no interval: one sample cannot say how large the seed-to-seed spread is)."""
@@ -203,9 +214,9 @@ def interval_verdict(name: str, values: list[float], unit: str = "") -> tuple[st
     mean, lo, hi = seed_interval(values)
     per_seed = ", ".join(fmt(v) for v in values)
     if len(values) < 2:
-        return INCONCLUSIVE, f"{name} {fmt(mean)}{unit} (one seed: no interval)", (mean, lo, hi)
-    verdict = HOLDS if lo > 0 else DIFFERS if hi < 0 else INCONCLUSIVE
-    return verdict, (f"{name} {fmt(mean)}{unit} [{fmt(lo)}, {fmt(hi)}] over {len(values)} seeds "
+        return INCONCLUSIVE, f"{name} {fmt(mean)} (one seed: no interval)", (mean, lo, hi)
+    verdict = INCONCLUSIVE if math.isnan(lo) else side(lo, hi, 0.0)  # NaN bounds: fewer than two finite values
+    return verdict, (f"{name} {fmt(mean)} [{fmt(lo)}, {fmt(hi)}] over {len(values)} seeds "
                      f"(per seed {per_seed})"), (mean, lo, hi)
 
 
@@ -238,8 +249,8 @@ def rule_injection_cyclic(m: Measurements, th: Thresholds) -> Verdict:
                    f"fraction − {fmt(th.majority)}, 95 % interval over seeds: {ev}", names(rows), *stats)
 
 
-def judge_pairs(m: Measurements, variant: str, what: str, effects: dict[str, Callable[[pd.Series, pd.Series], float]],
-                unit: str = "") -> Verdict:
+def judge_pairs(m: Measurements, variant: str, what: str, effects: dict[str, Callable[[pd.Series, pd.Series], float]]
+                ) -> Verdict:
     """A claim about a variant against its own base, trained with the same seeds: every effect (> 0 = the paper's
     direction) is measured once per seed pair (`pair`) and judged by its interval over seeds (`interval_verdict`);
     not measurable without a pair or when an effect is NaN."""
@@ -253,7 +264,7 @@ def judge_pairs(m: Measurements, variant: str, what: str, effects: dict[str, Cal
         values = [float(effect(base, var)) for base, var in pairs]
         if any(math.isnan(x) for x in values):
             return Verdict(NOT_MEASURABLE, f"{name} is NaN for a pair ({', '.join(b['model'] for b, _ in pairs)})")
-        verdict, ev, stats = interval_verdict(name, values, unit)
+        verdict, ev, stats = interval_verdict(name, values)
         verdicts.append(verdict)
         parts.append(ev)
         first = first or stats

@@ -52,7 +52,14 @@ PAPER_VERDICTS = {
     ("ouro", "none"): "not stable",
 }
 HUGINN_RMS = (2 / 5) ** 0.5  # per-element RMS of Huginn's scaled embedding: σ·√D with σ = √(2/(5D))
-DEFAULT_SETTING = {"d_model": 64, "injected_rms": round(HUGINN_RMS, 4)}  # chosen before any grid ran (module doc)
+
+
+def rms_key(rms) -> float:
+    """An injected RMS as cells are keyed and stored: 4 decimals (so 0.6325 read back from a CSV is the same cell)."""
+    return round(float(rms), 4)
+
+
+DEFAULT_SETTING = {"d_model": 64, "injected_rms": rms_key(HUGINN_RMS)}  # chosen before any grid ran (module doc)
 SETTING_COLUMNS = ["d_model", "injected_rms"]
 CELL_COLUMNS = ["norm", "injection", "block_size", "seed", *SETTING_COLUMNS]
 
@@ -93,7 +100,7 @@ def grid_config(norm: str, injection: str, block: int, seed: int, d_model: int,
     std = init_std or (2 / (5 * d_model)) ** 0.5
     # the default's key is rounded to 4 digits; its scale is Huginn's exact √D, so the default cells are the same
     # models as before the RMS was an axis
-    scale = d_model ** 0.5 if init_std is None and round(injected_rms, 4) == round(HUGINN_RMS, 4) else injected_rms / std
+    scale = d_model ** 0.5 if init_std is None and rms_key(injected_rms) == rms_key(HUGINN_RMS) else injected_rms / std
     return LoopedConfig(
         name=f"{norm}-{injection}-k{block}-s{seed}-d{d_model}-e{injected_rms:g}", vocab_size=1024, d_model=d_model,
         n_heads=4, d_mlp=int(8 * d_model / 3), n_prelude=0, n_block=block, n_coda=0, recurrences=8, norm=norm,
@@ -207,7 +214,7 @@ def run_grid(s: GridSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
 def wanted_cells(s: GridSettings) -> list[tuple]:
     """Every (norm, injection, block size, seed, width, injected RMS) cell `s` asks for."""
     return list(itertools.product(s.norms, s.injections, s.block_sizes, s.seeds, s.widths,
-                                  [round(float(r), 4) for r in s.injected_rms]))
+                                  [rms_key(r) for r in s.injected_rms]))
 
 
 def read_cells(path: Path) -> pd.DataFrame:
@@ -254,8 +261,7 @@ def agreement(measured: str, paper: str) -> str:
 
 def is_default(d_model, injected_rms) -> bool:
     """Whether a (width, injected RMS) setting is the grid's default (DEFAULT_SETTING)."""
-    return int(d_model) == DEFAULT_SETTING["d_model"] and round(float(injected_rms), 4) == \
-        DEFAULT_SETTING["injected_rms"]
+    return int(d_model) == DEFAULT_SETTING["d_model"] and rms_key(injected_rms) == DEFAULT_SETTING["injected_rms"]
 
 
 def verdict_table(cells: pd.DataFrame) -> pd.DataFrame:
@@ -287,7 +293,7 @@ def shown_setting(cells: pd.DataFrame) -> tuple[int, float]:
 def change_curves(curves: pd.DataFrame, setting: tuple[int, float]) -> pd.DataFrame:
     """The last block layer's change per (norm, injection, block size, recurrence) at one (width, injected RMS)
     setting, mean over seeds and tokens."""
-    at = curves[(curves["d_model"] == setting[0]) & (curves["injected_rms"].round(4) == round(setting[1], 4))]
+    at = curves[(curves["d_model"] == setting[0]) & (curves["injected_rms"].map(rms_key) == rms_key(setting[1]))]
     return at.groupby(["norm", "injection", "block_size", "recurrence"], as_index=False)[
         ["l2_mean", "cosine_mean"]].mean()
 

@@ -260,12 +260,12 @@ def run_stages(p: Pipeline) -> dict:
     analysed = [(plan.name(preset, seed), seed) for seed in plan.seeds for preset in plan.looped]
     analysed += [(name, None) for name in plan.builtin]
     for name, seed in analysed:
-        ff = plan.name(plan.control, plan.seeds[0] if seed is None else seed)
+        own = plan.seeds[0] if seed is None else seed  # a builtin is aligned with the first seed's control
         params = {"model": name, "prompts": plan.prompts, "recurrences": plan.recurrences,
                   "attention_recurrences": plan.attention_recurrences,
-                  "trained": training_id(results["training"].get(name)), "control": ff}
+                  "trained": training_id(results["training"].get(name)), "control": plan.name(plan.control, own)}
         work = p.cache.dir(f"analyze-{name}") / "work"
-        control_stages = controls[plan.seeds[0] if seed is None else seed]["stages"]
+        control_stages = controls[own]["stages"]
         results["analyses"][name] = p.stage(
             f"analyze-{name}", params,
             lambda name=name, work=work, seed=seed, cs=control_stages: analyse_model(

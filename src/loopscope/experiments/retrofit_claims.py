@@ -18,20 +18,9 @@ import math
 
 import pandas as pd
 
-from loopscope.experiments.claims import DIFFERS, HOLDS, INCONCLUSIVE, NOT_MEASURABLE, Claim, Measurements, \
-    Thresholds, Verdict, fmt, missing, stages_removed
+from loopscope.experiments.claims import DIFFERS, HOLDS, NOT_MEASURABLE, Claim, Measurements, \
+    Thresholds, Verdict, fmt, missing, side, stages_removed
 
-
-
-def side(lo: float, hi: float, threshold: float, above_holds: bool = True) -> str:
-    """holds / differs when the interval [lo, hi] lies wholly above (or below) `threshold`, else inconclusive."""
-    if any(math.isnan(x) for x in (lo, hi)):
-        return NOT_MEASURABLE
-    if lo > threshold:
-        return HOLDS if above_holds else DIFFERS
-    if hi < threshold:
-        return DIFFERS if above_holds else HOLDS
-    return INCONCLUSIVE
 
 
 def ci(x: float, lo: float, hi: float) -> str:
