@@ -221,33 +221,42 @@ def test_cooccurrence_needs_orbits_and_sliders():
     assert verdict("cooccurrence", models(model("a", **both, orbit_slider_cooccurrence=1))) == DIFFERS
 
 
-def grid_verdicts(*rows: tuple[str, str, str, str]) -> dict[str, pd.DataFrame]:
-    frame = pd.DataFrame([dict(norm=n, injection=i, paper=p, measured=m, cells="3/3",
-                               agreement="holds" if p == m else "differs") for n, i, p, m in rows])
-    return {"grid_verdicts": frame}
+def grid_cells(*groups: tuple[str, str, list[str]], block_sizes=(4, 12, 16), **setting) -> list[dict]:
+    """Cells of (norm, injection, verdicts): verdicts[i] goes to the i-th (block size, seed) cell."""
+    keys = [(k, seed) for seed in range(3) for k in block_sizes]
+    return [dict(norm=n, injection=i, block_size=k, seed=seed, verdict=v, **setting)
+            for n, i, verdicts in groups for (k, seed), v in zip(keys, verdicts)]
 
 
-def test_grid_rules_split_by_injection():
-    g = grid_verdicts(("pre", "concat", "stable", "stable"), ("sandwich", "concat", "stable", "stable"),
-                      ("ouro", "concat", "not stable", "not stable"),
-                      ("pre", "none", "stable, degenerate", "not stable"))
-    assert verdict("grid-injection", g) == HOLDS
-    assert verdict("grid-no-injection", g) == DIFFERS
-    g = grid_verdicts(("ouro", "concat", "not stable", "stable"))
-    assert verdict("grid-injection", g) == DIFFERS
-    assert verdict("grid-no-injection", g) == NOT_MEASURABLE
-    partly = pd.DataFrame([dict(norm="pre", injection="none", paper="stable, degenerate", cells="1/1",
-                                measured="direction converges, norm still changing, degenerate", agreement="partly")])
-    assert verdict("grid-no-injection", {"grid_verdicts": partly}) == DIFFERS  # only exact agreement holds
+def test_grid_rules_judge_the_share_of_cells_per_norm():
+    g = lambda *rows: {"grid_cells": pd.DataFrame(grid_cells(*rows))}  # noqa: E731
+    m = g(("pre", "concat", ["stable"] * 9), ("sandwich", "concat", ["stable"] * 8 + ["not stable"]),
+          ("ouro", "concat", ["not stable"] * 9), ("pre", "none", ["not stable"] * 9))
+    assert verdict("grid-injection", m) == HOLDS  # 9/9, 8/9 (exact lower bound 0.52) and 9/9 agree
+    assert verdict("grid-no-injection", m) == DIFFERS  # 0/9: upper bound 0.34 < 0.5
+    # 7 of 9: the exact interval [0.40, 0.97] straddles a majority: not decided by a point estimate of 78 %
+    m = g(("pre", "concat", ["stable"] * 7 + ["not stable"] * 2))
+    assert verdict("grid-injection", m) == INCONCLUSIVE
+    assert verdict("grid-no-injection", m) == NOT_MEASURABLE
+    # only exact agreement counts: "direction converges" is not the paper's stable fixed point
+    partly = g(("pre", "none", ["direction converges, norm still changing, degenerate"] * 9))
+    assert verdict("grid-no-injection", partly) == DIFFERS
+    # the default setting decides; another setting is reported beside it
+    both = pd.DataFrame(grid_cells(("sandwich", "concat", ["not stable"] * 9), d_model=64, injected_rms=0.6325)
+                        + grid_cells(("sandwich", "concat", ["stable"] * 9), d_model=64, injected_rms=1.0))
+    v = next(c.rule for c in CLAIMS if c.id == "grid-injection")({"grid_cells": both}, TH)
+    assert v.verdict == DIFFERS and "D=64, injected RMS 1: holds" in v.evidence
 
 
-def test_grid_block_size():
-    cells = pd.DataFrame([dict(norm="pre", injection="none", block_size=k, seed=s, verdict=v)
-                          for k, v in ((4, "stable"), (12, "stable")) for s in (0, 1)])
-    assert verdict("grid-block-size", {"grid_cells": cells}) == HOLDS
-    cells.loc[cells.block_size == 12, "verdict"] = "not stable"
-    assert verdict("grid-block-size", {"grid_cells": cells}) == DIFFERS
-    assert verdict("grid-block-size", {"grid_cells": cells[cells.block_size == 4]}) == NOT_MEASURABLE
+def test_grid_block_size_compares_each_block_with_twelve():
+    same = pd.DataFrame(grid_cells(("pre", "none", ["stable"] * 9)))
+    assert verdict("grid-block-size", {"grid_cells": same}) == HOLDS  # 6/6 cells at k = 4, 16 as k = 12
+    flipped = same.assign(verdict=["stable" if k == 12 else "not stable" for k in same["block_size"]])
+    assert verdict("grid-block-size", {"grid_cells": flipped}) == DIFFERS  # 0/6
+    one_off = same.copy()
+    one_off.loc[(one_off.block_size == 4) & (one_off.seed == 0), "verdict"] = "not stable"
+    assert verdict("grid-block-size", {"grid_cells": one_off}) == INCONCLUSIVE  # 5/6: [0.36, 1.0]
+    assert verdict("grid-block-size", {"grid_cells": same[same.block_size == 4]}) == NOT_MEASURABLE
 
 
 def per_r(model_name: str, trained: int, values: dict[int, dict]) -> list[dict]:
@@ -257,56 +266,102 @@ def per_r(model_name: str, trained: int, values: dict[int, dict]) -> list[dict]:
             for r, v in values.items()]
 
 
-def test_extrapolation_rules():
+def units(model_name: str, recurrences: int, change: list[float] | None = None, loss: list[float] | None = None
+          ) -> dict[str, list[dict]]:
+    return {"extrapolate_per_prompt": [dict(model=model_name, recurrences=recurrences, prompt=i, successive_change=x)
+                                       for i, x in enumerate(change or [])],
+            "extrapolate_per_text": [dict(model=model_name, recurrences=recurrences, text=i, loss=x)
+                                     for i, x in enumerate(loss or [])]}
+
+
+def extrapolation(per_r_rows: list[dict], *unit_parts: dict[str, list[dict]]) -> dict[str, pd.DataFrame]:
+    m = {"extrapolate": pd.DataFrame(per_r_rows)}
+    for name in ("extrapolate_per_prompt", "extrapolate_per_text"):
+        m[name] = pd.DataFrame([row for part in unit_parts for row in part[name]])
+    return m
+
+
+def test_extrapolation_rules_judge_intervals_over_prompts_and_texts():
+    texts = [3.0, 2.5, 3.5, 2.8, 3.2, 3.1, 2.9, 3.0]
     stable = per_r("a", 4, {4: {}, 32: {"loss": 3.05}})
-    drifting = per_r("b", 4, {4: {}, 32: {"fixed_point": 0.2, "successive_change": 0.1, "alignment_corr": 0.1}})
-    m = {"extrapolate": pd.DataFrame(stable + drifting)}
+    a_units = [units("a", 32, change=[1e-5, 2e-5, 1e-5, 3e-5]), units("a", 4, loss=texts),
+               units("a", 32, loss=[x + 0.05 for x in texts])]
+    drifting = per_r("b", 4, {4: {}, 32: {"fixed_point": 0.2, "successive_change": 0.1}})
+    b_units = [units("b", 32, change=[0.08, 0.12, 0.1, 0.11])]
+    m = extrapolation(stable + drifting, *a_units, *b_units)
     assert verdict("extrapolation-stable", m) == HOLDS
     assert verdict("extrapolation-unstable", m) == HOLDS
-    assert verdict("extrapolation-performance", m) == HOLDS
-    # a converging model whose alignment drifts, and whose loss rises, breaks both claims
-    bad = per_r("a", 4, {4: {}, 32: {"alignment_corr": 0.5, "loss": 3.5}})
-    m = {"extrapolate": pd.DataFrame(bad)}
-    assert verdict("extrapolation-stable", m) == DIFFERS
-    assert verdict("extrapolation-performance", m) == DIFFERS
-    assert verdict("extrapolation-unstable", m) == NOT_MEASURABLE  # every model converges
+    v = next(c.rule for c in CLAIMS if c.id == "extrapolation-performance")(m, TH)
+    # the paired rise is +0.05 on every text: a zero-width interval, well below 0.1 nats (an unpaired bootstrap of
+    # the two losses would straddle 0.1 under this text-to-text spread)
+    assert v.verdict == HOLDS and v.effect == pytest.approx(0.05) and v.ci_high == pytest.approx(0.05)
+    # a rise of 0.2 nats on every text: surely above the 0.1 kept
+    worse = [units("a", 32, change=[1e-5] * 4), units("a", 4, loss=texts), units("a", 32, loss=[x + 0.2 for x in texts])]
+    assert verdict("extrapolation-performance", extrapolation(stable, *worse)) == DIFFERS
+    # one prompt still moving 5 %: the interval over prompts reaches above 1 % → not surely stable
+    one = [units("a", 32, change=[1e-5, 1e-5, 1e-5, 0.05])]
+    assert verdict("extrapolation-stable", extrapolation(stable, *one)) == INCONCLUSIVE
+    moving = [units("a", 32, change=[0.03, 0.05, 0.04, 0.06])]
+    assert verdict("extrapolation-stable", extrapolation(stable, *moving)) == DIFFERS
     # a non-converging model that stays perfectly still contradicts "unstable"
     still = per_r("b", 4, {4: {}, 32: {"fixed_point": 0.2}})
-    assert verdict("extrapolation-unstable", {"extrapolate": pd.DataFrame(still)}) == DIFFERS
+    assert verdict("extrapolation-unstable", extrapolation(still, units("b", 32, change=[1e-5] * 4))) == DIFFERS
+    assert verdict("extrapolation-unstable", extrapolation(stable, *a_units)) == NOT_MEASURABLE  # all converge
+    # without the units there is no interval: inconclusive, never a verdict from the point alone
+    assert verdict("extrapolation-stable", {"extrapolate": pd.DataFrame(stable)}) == INCONCLUSIVE
 
 
-def conditions(rates: dict[str, float], method: str = "paper") -> dict[str, pd.DataFrame]:
-    rows = [dict(condition=c, method=method, reconstructed=False, n=1000, fixed_point=1 - r, orbit=r,
-                 slider=0.0, divergent=0.0, unknown=0.0) for c, r in rates.items()]
-    other = [dict(r, method="dynamics", fixed_point=0.0, orbit=1.0) for r in rows]  # must be ignored
-    return {"conditions": pd.DataFrame(rows + other)}
+def conditions(counts: dict[str, list[int]], n: int = 100, method: str = "paper") -> dict[str, pd.DataFrame]:
+    """Both conditions tables from non-fixed-point counts per question (every question has n tokens), for `method`;
+    the other classifier's rows say every token orbits and must be ignored."""
+    rows, by_q = [], []
+    for c, ks in counts.items():
+        by_q += [dict(condition=c, method=method, question=q, n=n, non_fixed=k) for q, k in enumerate(ks)]
+        rate = sum(ks) / (n * len(ks))
+        rows.append(dict(condition=c, method=method, reconstructed=False, n=n * len(ks), fixed_point=1 - rate,
+                         orbit=rate, slider=0.0, divergent=0.0, unknown=0.0))
+    other = [dict(r, method="dynamics", fixed_point=0.0, orbit=1.0) for r in rows]
+    other_q = [dict(r, method="dynamics", non_fixed=r["n"]) for r in by_q]
+    return {"conditions": pd.DataFrame(rows + other), "conditions_by_question": pd.DataFrame(by_q + other_q)}
 
 
-def test_condition_rules_use_the_paper_classifier():
-    m = conditions({"none": 0.0002, "long-persona": 0.0014, "long-persona-padded": 0.0005, "short-math": 0.0})
+def test_rare_non_fixed_is_judged_at_the_papers_rate_with_an_exact_interval():
+    # 0 of 4,000 question tokens: the exact upper bound 0.092 % is below the paper's 0.14 %
+    assert verdict("rare-non-fixed", conditions({"none": [0] * 40})) == HOLDS
+    # 0 of 1,000: a bootstrap would say [0, 0] ("surely rare"); the exact bound 0.37 % straddles 0.14 %
+    v = next(c.rule for c in CLAIMS if c.id == "rare-non-fixed")(conditions({"none": [0] * 10}), TH)
+    assert v.verdict == INCONCLUSIVE and v.ci_high == pytest.approx(1 - 0.025 ** (1 / 1000))
+    assert verdict("rare-non-fixed", conditions({"none": [3] * 10})) == DIFFERS  # 3 %: surely above
+    # 0.5 % is "rare" under a 1 % rule but not at the paper's 0.14 %
+    assert verdict("rare-non-fixed", conditions({"none": [1, 0] * 50})) == DIFFERS
+    # the bootstrap over questions is wider than the exact interval when one question holds the tokens: it decides
+    m = conditions({"none": [1] + [0] * 79})  # 1 of 8,000: exact upper 0.07 %
     assert verdict("rare-non-fixed", m) == HOLDS
-    assert verdict("persona", m) == HOLDS
-    m = conditions({"none": 0.02, "long-persona": 0.01, "long-persona-padded": 0.03})
-    assert verdict("rare-non-fixed", m) == DIFFERS
-    assert verdict("persona", m) == DIFFERS
-    m = conditions({"none": 0.0002, "long-persona": 0.0014, "long-persona-padded": 0.002})  # length explains it
-    assert verdict("persona", m) == DIFFERS
-    m = conditions({"none": 0.002, "long-persona": 0.0014, "long-persona-padded": 0.0005})  # persona lowers it
-    assert verdict("persona", m) == DIFFERS
-    m = conditions({"none": 0.0, "long-persona": 0.0, "long-persona-padded": 0.0})
-    assert verdict("persona", m) == NOT_MEASURABLE
-    assert verdict("rare-non-fixed", conditions({"short-math": 0.0})) == NOT_MEASURABLE
+    m["conditions"]["non_fixed_low"], m["conditions"]["non_fixed_high"] = 0.0, 0.003
+    assert verdict("rare-non-fixed", m) == INCONCLUSIVE
+    assert verdict("rare-non-fixed", conditions({"short-math": [0]})) == NOT_MEASURABLE
 
 
-def test_rare_non_fixed_reads_its_interval_over_questions():
-    def with_interval(rate, lo, hi):
-        m = conditions({"none": rate})
-        m["conditions"]["non_fixed_low"], m["conditions"]["non_fixed_high"] = lo, hi
-        return m
-
-    assert verdict("rare-non-fixed", with_interval(0.004, 0.001, 0.008)) == HOLDS  # surely below 1 %
-    assert verdict("rare-non-fixed", with_interval(0.02, 0.012, 0.03)) == DIFFERS  # surely above
-    assert verdict("rare-non-fixed", with_interval(0.008, 0.002, 0.015)) == INCONCLUSIVE  # straddles 1 %
+def test_persona_is_a_paired_difference_over_questions():
+    base = [0, 10, 0, 20, 5, 0, 15, 2, 0, 30, 1, 8]  # questions differ a lot in their own rate …
+    plus = [k + 1 for k in base]  # … and the persona adds one non-fixed token to every one of them
+    m = conditions({"none": base, "long-persona": plus, "long-persona-padded": base})
+    v = next(c.rule for c in CLAIMS if c.id == "persona")(m, TH)
+    # paired: every question's difference is +1 %, so the interval is [1 %, 1 %]; an unpaired bootstrap of the two
+    # rates would straddle 0 under this much question-to-question spread
+    assert v.verdict == HOLDS and v.effect == pytest.approx(0.01) and v.ci_low == pytest.approx(0.01)
+    assert verdict("persona", conditions({"none": plus, "long-persona": base, "long-persona-padded": base})) == DIFFERS
+    # padding alone raises it as much: persona − padded is 0 → not above 0
+    assert verdict("persona", conditions({"none": base, "long-persona": plus, "long-persona-padded": plus})) \
+        == INCONCLUSIVE
+    # one question carries the whole rise: the interval over questions reaches 0
+    one = base.copy()
+    one[3] += 12
+    assert verdict("persona", conditions({"none": base, "long-persona": one, "long-persona-padded": base})) \
+        == INCONCLUSIVE
+    assert verdict("persona", conditions({"none": [0] * 5, "long-persona": [0] * 5,
+                                          "long-persona-padded": [0] * 5})) == NOT_MEASURABLE
+    assert verdict("persona", conditions({"none": base, "long-persona": plus})) == NOT_MEASURABLE
 
 
 def test_the_non_fixed_interval_resamples_questions():
@@ -330,7 +385,7 @@ def test_thresholds_are_parameters():
     assert dict(zip(table.threshold, table.value))["prop42_ratio"] == 1.0
     # every threshold has its reason, source and when it was fixed; the one fixed after seeing data says so
     assert set(claims.THRESHOLD_REASONS) == set(table.threshold) and table[["reason", "source", "fixed"]].all().all()
-    assert table.set_index("threshold").loc["stages_kept", "fixed"].startswith("after seeing data")
+    assert (table["fixed"].str.startswith("a priori")).all()  # the one fixed after seeing data became effect only
 
 
 @pytest.mark.parametrize("claim", CLAIMS, ids=lambda c: c.id)
@@ -346,22 +401,20 @@ def ablation(name: str, kind: str = "looped", **kw) -> dict:
     return row
 
 
-def test_massive_causal_judges_looped_models_with_massive_activations():
+def test_massive_causal_reports_its_effect_without_a_verdict():
+    """No threshold for 'removes the stages' was fixed before data were seen: effect only, the largest kept
+    fraction of the two stage metrics over the judged models."""
     m = lambda *rows: {"massive_ablation": pd.DataFrame(list(rows))}  # noqa: E731
+    rule = next(c.rule for c in CLAIMS if c.id == "massive-causal")
     assert verdict("massive-causal", {}) == NOT_MEASURABLE
-    assert verdict("massive-causal", m(ablation("l4"))) == HOLDS
-    # one of the two stage metrics survives the ablation: the stages were not removed
-    assert verdict("massive-causal", m(ablation("l4", colsum_concentration_kept=0.9))) == DIFFERS
-    # the threshold is inclusive and read from Thresholds
-    assert verdict("massive-causal", m(ablation("l4", colsum_concentration_kept=0.6))) == HOLDS
-    assert verdict("massive-causal", m(ablation("l4", colsum_concentration_kept=0.6)),
-                   Thresholds(stages_kept=0.59)) == DIFFERS
-    # a looped model without sinks before the ablation: the ColSum ratio alone decides
-    assert verdict("massive-causal", m(ablation("l4", sink_rate_kept=math.nan))) == HOLDS
+    v = rule(m(ablation("l4"), ablation("l8", colsum_concentration_kept=0.9)), TH)
+    assert v.verdict == claims.EFFECT_ONLY and v.effect == pytest.approx(0.9)  # the max, not the min or the mean
+    # a looped model without sinks before the ablation: the ColSum ratio alone is its kept fraction
+    assert rule(m(ablation("l4", sink_rate_kept=math.nan)), TH).effect == pytest.approx(0.5)
     # no looped model with massive activations: a feedforward reference alone does not judge the looped claim
     below = ablation("l4", massive_ratio_before=30.0, sink_rate_kept=1.0, colsum_concentration_kept=1.0)
     v = next(c.rule for c in CLAIMS if c.id == "massive-causal")(
         m(below, ablation("smollm2", kind="feedforward-hf")), TH)
     assert v.verdict == NOT_MEASURABLE
-    assert "l4 30 < 100" in v.evidence and "smollm2 (feedforward-hf)" in v.evidence and "stages removed" in v.evidence
+    assert "l4 30 < 100" in v.evidence and "smollm2 (feedforward-hf)" in v.evidence and "ColSum concentration ×0.5" in v.evidence
     assert verdict("massive-causal", m(ablation("smollm2", kind="feedforward-hf"))) == NOT_MEASURABLE

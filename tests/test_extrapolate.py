@@ -66,29 +66,42 @@ def zeroed_block(injection: str) -> LoopedLM:
 def test_behaviours_of_models_with_known_dynamics(token_ids):
     # identity block: s_{t+1} = s_t, every token is at its fixed point from the first recurrence
     still = capture(zeroed_block("none"), token_ids, recurrences=16)
-    cols = ex.dynamics_columns(still, 8)
+    cols, per_prompt = ex.dynamics_columns(still, 8)
+    assert per_prompt == [0.0] * token_ids.shape[0]
     assert cols["fixed_point"] == 1.0 and cols["fixed_point_distance"] == 0.0 and cols["successive_change"] == 0.0
     # additive injection around an identity block: s_{t+1} = s_t + e, a straight drift at constant speed
     drift = capture(zeroed_block("add"), token_ids, recurrences=16)
-    cols = ex.dynamics_columns(drift, 8)
+    cols, per_prompt = ex.dynamics_columns(drift, 8)
     assert cols["slider"] == 1.0
+    # every prompt's own mean change, whose token-weighted mean is the row's (equal-length prompts: the plain mean)
+    assert len(per_prompt) == token_ids.shape[0] and min(per_prompt) > 0
+    assert sum(per_prompt) / len(per_prompt) == pytest.approx(cols["successive_change"], rel=1e-6)
     # ‖s_t − s_15‖ / ‖s_15‖ with s_t = s_0 + t·e decreases towards 0 as t → 15
-    dist = [ex.dynamics_columns(drift, R)["fixed_point_distance"] for R in (1, 8, 16)]
+    dist = [ex.dynamics_columns(drift, R)[0]["fixed_point_distance"] for R in (1, 8, 16)]
     assert dist[0] > dist[1] > dist[2] == 0.0
-    assert all(v != v for v in (ex.dynamics_columns(drift, 3)[b] for b in ("fixed_point", "orbit")))  # NaN for R < 4
+    assert all(v != v for v in (ex.dynamics_columns(drift, 3)[0][b] for b in ("fixed_point", "orbit")))  # NaN for R < 4
 
 
 def test_per_r_loss_equals_heldout_loss_at_that_r(tmp_path, micro_dir, gsm8k_dir):
-    tables = ex.run_extrapolate(settings(tmp_path, micro_dir, gsm8k_dir))
+    tables = ex.run_extrapolate(settings(tmp_path, micro_dir, gsm8k_dir, loss_questions=24))
     per_r = tables["per_r"].set_index("recurrences")
     assert list(per_r.index) == [1, 2, 5]
     assert set(per_r["trained_recurrences"]) == {2}
     loaded = load_model(str(micro_dir))
-    heldout = ex.heldout_sequences(loaded, ex.gsm8k_test_subset(gsm8k_dir)[:6])
+    heldout = ex.heldout_sequences(loaded, ex.gsm8k_test_subset(gsm8k_dir)[:24])
+    assert heldout.shape[0] >= 2
     for R in (1, 2, 5):
         assert per_r.loc[R, "loss"] == pytest.approx(heldout_loss(loaded.model, heldout, recurrences=R)["loss"],
                                                      rel=1e-6)
     assert per_r["loss"].nunique() == 3  # R really changes the run
+    # the units of the claims' intervals: one loss per held-out sequence, each that sequence's own loss
+    texts = tables["per_text"].set_index(["recurrences", "text"])["loss"]
+    assert len(texts) == 3 * heldout.shape[0]
+    assert texts.loc[5].mean() == pytest.approx(per_r.loc[5, "loss"], rel=1e-9)
+    assert texts.loc[(5, 1)] == pytest.approx(heldout_loss(loaded.model, heldout[1:2], recurrences=5)["loss"],
+                                              rel=1e-6)
+    prompts = tables["per_prompt"]
+    assert set(prompts["recurrences"]) == {2, 5} and (prompts["successive_change"] > 0).all()  # none at R = 1
     assert per_r.loc[5, "fixed_point_distance"] == 0.0  # the largest R is its own reference
     assert per_r["alignment_corr"].isna().all()  # no control given
     assert (tmp_path / "index.html").exists() and (tmp_path / "figures" / "extrapolate_metrics.png").exists()
@@ -97,13 +110,15 @@ def test_per_r_loss_equals_heldout_loss_at_that_r(tmp_path, micro_dir, gsm8k_dir
 def test_interrupted_run_resumes_from_cached_rows(tmp_path, micro_dir, monkeypatch, gsm8k_dir):
     calls = []
 
+    real = ex.sequence_losses
+
     def flaky(model, sequences, batch_size=16, recurrences=None):
         calls.append(recurrences)
         if recurrences == 5 and len(calls) == 3:
             raise KeyboardInterrupt  # as if the user stopped the run during R = 5
-        return heldout_loss(model, sequences, batch_size, recurrences)
+        return real(model, sequences, batch_size, recurrences)
 
-    monkeypatch.setattr(ex, "heldout_loss", flaky)
+    monkeypatch.setattr(ex, "sequence_losses", flaky)
     with pytest.raises(KeyboardInterrupt):
         ex.run_extrapolate(settings(tmp_path, micro_dir, gsm8k_dir))
     assert calls == [1, 2, 5]
@@ -112,6 +127,7 @@ def test_interrupted_run_resumes_from_cached_rows(tmp_path, micro_dir, monkeypat
     tables = ex.run_extrapolate(settings(tmp_path, micro_dir, gsm8k_dir))
     assert calls == [1, 2, 5, 5]  # only the unfinished R ran again
     assert list(tables["per_r"]["recurrences"]) == [1, 2, 5]
+    assert set(tables["per_text"]["recurrences"]) == {1, 2, 5}  # the cached rows bring their units back
     ex.run_extrapolate(settings(tmp_path, micro_dir, gsm8k_dir, loss_questions=7))  # other settings: nothing reused
     assert calls[4:] == [1, 2, 5]
 

@@ -7,6 +7,7 @@ import pytest
 
 from loopscope.errors import InputError
 from loopscope.experiments import grid
+from loopscope.experiments.claims import Thresholds
 from loopscope.experiments.grid import GridSettings, agreement, cell_verdict, run_grid, verdict_table
 
 
@@ -65,7 +66,7 @@ def test_a_cell_whose_verdict_flips_with_the_injected_signal_scale(tmp_path):
     the last layer still moves 7.5 % per recurrence at R = 96 (not stable); at RMS 1 (a normed prelude output) it
     settles (relative change ~2e-5). The paper's verdict for this cell ("stable") holds only at the second setting,
     and the claims row says so."""
-    from loopscope.experiments.claims import DIFFERS, HOLDS, rule_grid
+    from loopscope.experiments.claims import DIFFERS, HOLDS, INCONCLUSIVE, rule_grid
 
     s = GridSettings(out=tmp_path, norms=("sandwich",), injections=("concat",), block_sizes=(4,), seeds=(0,),
                      injected_rms=(grid.DEFAULT_SETTING["injected_rms"], 1.0), recurrences=96, n_prompts=2,
@@ -76,11 +77,16 @@ def test_a_cell_whose_verdict_flips_with_the_injected_signal_scale(tmp_path):
     assert by_rms.loc[1.0, "verdict"] == "stable" and by_rms.loc[1.0, "final_relative_change_last_layer"] < 1e-3
     table = verdict_table(cells)
     assert table["default"].tolist() == [True, False] and table["agreement"].tolist() == ["differs", "holds"]
-    verdict = rule_grid(injection_on=True)({"grid_verdicts": table}, None)
-    assert verdict.verdict == DIFFERS  # the default setting decides the row …
-    assert "D=64, injected RMS 1: 1/1 norms as the paper" in verdict.evidence  # … and the row names where it holds
-    flipped = table.assign(default=[False, True])  # were RMS 1 the default, the same tables would say holds
-    assert rule_grid(injection_on=True)({"grid_verdicts": flipped}, None).verdict == HOLDS
+    rule = rule_grid(injection_on=True)
+    one = rule({"grid_cells": cells}, Thresholds())
+    assert one.verdict == INCONCLUSIVE  # one cell per setting: its exact interval [0, 0.975] cannot decide
+    assert "D=64, injected RMS 1: inconclusive — sandwich: 1/1 cells" in one.evidence  # the other setting is named
+    # nine independent cells per setting (the seeds × block sizes of the full grid) with these verdicts decide it
+    nine = pd.concat([cells.assign(seed=k) for k in range(9)], ignore_index=True)
+    assert rule({"grid_cells": nine}, Thresholds()).verdict == DIFFERS  # the default setting decides the row …
+    assert "D=64, injected RMS 1: holds" in rule({"grid_cells": nine}, Thresholds()).evidence  # … and where it holds
+    flipped = nine.assign(injected_rms=nine["injected_rms"].map({0.6325: 1.0, 1.0: 0.6325}))
+    assert rule({"grid_cells": flipped}, Thresholds()).verdict == HOLDS  # were RMS 1 the default: holds
     # the report draws the default setting's curves; the min-cosine matrix has one row per setting
     views = grid.grid_views(cells, curves)
     assert views["shown_setting"] == (64, 0.6325) and len(views["min_cosine"]) == 2

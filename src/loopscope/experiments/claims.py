@@ -18,17 +18,24 @@ need it "not measurable here"):
                  fraction_fixed_point, fraction_orbit, fraction_slider, orbit_slider_cooccurrence,
                  attention_self_match, attention_shrink, prop42_max_ratio, stage_repeat_error,
                  colsum_pearson_median, colsum_pearson_last, colsum_pearson_early, massive_ratio
-    grid_cells   `experiments.grid.run_grid` cells; grid_verdicts: `experiments.grid.verdict_table`
+    grid_cells   `experiments.grid.run_grid` cells (norm, injection, block_size, seed, verdict, d_model,
+                 injected_rms, …): the grid rows judge the share of cells per norm; grid_verdicts
+                 (`experiments.grid.verdict_table`) is drawn, not judged
     extrapolate  `run_extrapolate(...)["per_r"]`: model, trained_recurrences, recurrences, loss, accuracy,
-                 fixed_point_distance, successive_change, fixed_point, …, alignment_corr
-    conditions   `run_conditions(...)`: condition, method, n, fixed_point, orbit, slider, divergent, unknown
+                 fixed_point_distance, successive_change, fixed_point, …, alignment_corr; its units
+                 extrapolate_per_text (model, recurrences, text, loss) and extrapolate_per_prompt (model,
+                 recurrences, prompt, successive_change)
+    conditions   `run_conditions(...)`: condition, method, n, fixed_point, orbit, slider, divergent, unknown,
+                 non_fixed_low, non_fixed_high; conditions_by_question: its attrs["by_question"] (condition,
+                 method, question, n, non_fixed: the units of the paired bootstrap between conditions)
     massive_ablation  one row per ablated model, `experiments.intervene.massive_ablation_tables`: model, kind
                  ("looped" | "feedforward-hf"), segment, layer (the MLP zeroed), massive_ratio_before/after,
                  sink_rate_kept, colsum_concentration_kept (mean after / mean before), mean_kl, …
 
 Thresholds live in `Thresholds` (one documented field each); they were fixed before looking at results and
-`reproduce` writes them into the report beside the verdicts — except `stages_kept`, added later with the
-ablation stage after its SmolLM2 run had been seen (sink rate ×0.27, ColSum ×0.52 there), so it is no blind test.
+`reproduce` writes them into the report beside the verdicts (`THRESHOLD_REASONS`: reason, source, when fixed). The
+ablation rows (`massive-causal`) have none: the only candidate was chosen after SmolLM2's ablation had been seen
+(sink rate ×0.27, ColSum ×0.52), so they report the effect and the verdict `effect only`.
 """
 
 from __future__ import annotations
@@ -42,7 +49,8 @@ import pandas as pd
 from loopscope.dynamics.degeneracy import SAME_POINT_COSINE
 
 HOLDS, DIFFERS, NOT_MEASURABLE, INCONCLUSIVE = "holds", "differs", "not measurable here", "inconclusive"
-VERDICTS = (HOLDS, DIFFERS, NOT_MEASURABLE, INCONCLUSIVE)  # inconclusive: the interval straddles the threshold
+EFFECT_ONLY = "effect only"  # no threshold could be fixed before seeing data: the effect is reported, no verdict
+VERDICTS = (HOLDS, DIFFERS, NOT_MEASURABLE, INCONCLUSIVE, EFFECT_ONLY)  # inconclusive: the interval straddles it
 # effect, ci_low, ci_high: the number a verdict rests on and its 95 % interval (NaN where a rule has none);
 # figure: where in the report the reader sees it
 CLAIM_COLUMNS = ["id", "source", "claim", "verdict", "effect", "ci_low", "ci_high", "evidence", "measured_on",
@@ -73,17 +81,14 @@ class Thresholds:
     repeat_error: float = 0.25  # a stage profile "repeats every pass" when the RMS difference of each block
     # layer's ColSum between pass t ≥ 1 and the last pass is at most this fraction of ColSum's spread over depth
     extrapolation_change: float = 1e-2  # stable under extrapolation: last layer's relative change at the
-    # largest R at most this (= settled) …
-    alignment_drift: float = 0.1  # … and |alignment_corr(R_max) − alignment_corr(R_train)| at most this
+    # largest R surely below this (= settled); the stage alignment is shown beside it, not judged (one profile per R)
     loss_drift: float = 0.1  # held-out loss at R_max at most this many nats above the loss at R_train
     loop_gain: float = 0.05  # a healed retrofit "uses its loop" when its loss at the training R is surely this many
     # nats below its own loss at R = 1 (the target issue 11 set before healing)
-    stages_kept: float = 0.6  # an ablation "removes the stages" when the mean sink rate and the mean ColSum
-    # concentration over all states both fall to at most this fraction of their unchanged value
     massive: float = 100.0  # a model "has massive activations" when its largest peak/median |x| reaches this
     # (= stages.massive.MASSIVE_RATIO; Sun et al. 2024 report 10^3–10^4)
-    rare: float = 0.01  # "rare": non-fixed-point tokens below 1 % (the paper reports 0.02 %; 50× headroom for
-    # a small model and a reconstructed App. C heuristic)
+    rare: float = 0.0014  # "rare": non-fixed-point tokens below 0.14 %, the largest rate the paper reports (long
+    # persona) and still calls rare; its no-system-prompt rate is 0.02 % (App. C.1)
     condition_method: str = "paper"  # which classifier's rates the App. C claims use (the paper's heuristic)
 
 
@@ -451,63 +456,111 @@ def rule_cooccurrence(m: Measurements, th: Thresholds) -> Verdict:
                    f"{total}", names(models))
 
 
-def grid_rows(m: Measurements, injection_on: bool) -> pd.DataFrame:
-    g = m["grid_verdicts"]
-    return g[(g["injection"] != "none") == injection_on]
-
-
 def grid_setting_label(d_model, injected_rms) -> str:
     return f"D={int(d_model)}, injected RMS {float(injected_rms):g}"
 
 
+def grid_cells_by_setting(m: Measurements) -> pd.DataFrame:
+    """The grid's cells with their setting columns (a grid run before width and RMS were axes ran the default)
+    and `default` marking the setting fixed before any run (`experiments.grid.DEFAULT_SETTING`)."""
+    from loopscope.experiments.grid import DEFAULT_SETTING, is_default
+
+    cells = m["grid_cells"]
+    if "d_model" not in cells:
+        cells = cells.assign(d_model=DEFAULT_SETTING["d_model"], injected_rms=DEFAULT_SETTING["injected_rms"])
+    return cells.assign(default=[is_default(d, r) for d, r in zip(cells["d_model"], cells["injected_rms"])])
+
+
+def share_verdict(k: int, n: int, th: Thresholds) -> tuple[str, tuple[float, float, float]]:
+    """holds when surely more than `majority` of n independent cells agree (the exact binomial interval of k / n
+    above it), differs when surely fewer, else inconclusive; and (k/n, lo, hi)."""
+    from loopscope.evidence import clopper_pearson
+
+    lo, hi = clopper_pearson(k, n)
+    return side(lo, hi, th.majority), (k / n, lo, hi)
+
+
 def rule_grid(injection_on: bool) -> Callable[[Measurements, Thresholds], Verdict]:
-    """The verdict is the default setting's (fixed before any run: `experiments.grid.DEFAULT_SETTING`); the evidence
-    then says, for every other (width, injected RMS) setting the grid ran, whether the paper's verdict holds there —
-    the paper publishes neither, so a verdict that flips with them is a finding about the setting, not the paper."""
+    """Per norm, the share of its random-init cells (block sizes × seeds, each an independent initialisation) whose
+    verdict is the paper's, with its exact binomial interval (`share_verdict`): the norm holds when surely most cells
+    agree. The row's verdict is the default setting's (fixed before any run: `experiments.grid.DEFAULT_SETTING`); the
+    evidence then gives the same per other (width, injected RMS) setting — the paper publishes neither, so a verdict
+    that flips with them is a finding about the setting, not the paper."""
     def rule(m: Measurements, th: Thresholds) -> Verdict:
-        if (v := missing(m, "grid_verdicts")) is not None:
+        from loopscope.experiments.grid import PAPER_VERDICTS
+
+        if (v := missing(m, "grid_cells")) is not None:
             return v
-        rows = grid_rows(m, injection_on)
-        if rows.empty:
+        cells = grid_cells_by_setting(m)
+        cells = cells[(cells["injection"] != "none") == injection_on]
+        if cells.empty:
             return Verdict(NOT_MEASURABLE, f"the grid had no cells {'with' if injection_on else 'without'} injection")
-        if "default" not in rows:  # a grid table without setting columns: one setting
-            rows = rows.assign(default=True, d_model=math.nan, injected_rms=math.nan)
-        default = rows[rows["default"].astype(bool)]
+
+        def judge(part: pd.DataFrame) -> tuple[str, str, tuple[float, float, float]]:
+            verdicts, stats, parts = [], [], []
+            for (norm, injection), group in part.groupby(["norm", "injection"], sort=False):
+                paper = PAPER_VERDICTS.get((norm, injection), "—")
+                k = int((group["verdict"] == paper).sum())
+                v, st = share_verdict(k, len(group), th)
+                verdicts.append(v)
+                stats.append(st)
+                measured = group["verdict"].value_counts()
+                parts.append(f"{norm}: {k}/{len(group)} cells as the paper's '{paper}' [{fmt(st[1])}, {fmt(st[2])}] "
+                             f"({v}; most often {measured.index[0]})")
+            return combine_verdicts(verdicts), "; ".join(parts), min(stats, key=lambda st: st[1])
+
+        default = cells[cells["default"]]
         if default.empty:
             return Verdict(NOT_MEASURABLE, "the grid did not run the default setting (D=64, injected RMS 0.6325)")
-        ok = default["agreement"] == "holds"
-        ev = "; ".join(f"{r.norm}: {r.measured} ({r.cells}; paper: {r.paper})" for r in default.itertuples())
-        others = []
-        for key, part in rows[~rows["default"].astype(bool)].groupby(["d_model", "injected_rms"], sort=False):
-            agree = part["agreement"] == "holds"
-            flips = ", ".join(f"{r.norm} {r.measured}" for r in part[~agree].itertuples())
-            others.append(f"{grid_setting_label(*key)}: {int(agree.sum())}/{len(part)} norms as the paper"
-                          + (f" (differs: {flips})" if flips else ""))
-        where = (" Other settings — " + "; ".join(others) + ".") if others else ""
-        return Verdict(HOLDS if ok.all() else DIFFERS,
-                       f"default setting: {int(ok.sum())}/{len(default)} norms as the paper: {ev}.{where}",
-                       "random-init grid, " + ("with" if injection_on else "without") + " injection")
+        verdict, ev, worst = judge(default)
+        others = [f"{grid_setting_label(*key)}: {judge(part)[0]} — {judge(part)[1]}"
+                  for key, part in cells[~cells["default"]].groupby(["d_model", "injected_rms"], sort=False)]
+        where = (" Other settings — " + " | ".join(others) + ".") if others else ""
+        return Verdict(verdict, f"default setting (share of cells with the paper's verdict, 95 % exact interval, "
+                       f"holds above {fmt(th.majority)}): {ev}.{where}",
+                       "random-init grid, " + ("with" if injection_on else "without") + " injection", *worst)
     return rule
 
 
 def rule_grid_block_size(m: Measurements, th: Thresholds) -> Verdict:
+    """Per norm × injection at the default setting: the share of its cells at the other block sizes whose verdict is
+    the 12-layer block's most common one (`share_verdict`; the reference is the middle block size when 12 was not
+    run); holds when every group surely agrees, differs when one surely does not. Other settings in the evidence."""
     if (v := missing(m, "grid_cells")) is not None:
         return v
-    cells = m["grid_cells"]
-    if cells["block_size"].nunique() < 2:
-        return Verdict(NOT_MEASURABLE, f"one block size only ({cells['block_size'].iloc[0]})")
-    same, parts = [], []
-    keys = ["norm", "injection", *[c for c in ("d_model", "injected_rms") if c in cells]]
-    for key, part in cells.groupby(keys, sort=False):
-        by_block = {int(k): p["verdict"].value_counts().index[0] for k, p in part.groupby("block_size")}
-        same.append(len(set(by_block.values())) == 1)
-        if not same[-1]:
-            where = "/".join(map(str, key[:2])) + (f" ({grid_setting_label(*key[2:])})" if len(key) > 2 else "")
-            parts.append(f"{where}: " + ", ".join(f"k={k} {v}" for k, v in by_block.items()))
-    ev = (f"{sum(same)}/{len(same)} norm × injection{' × setting' if len(keys) > 2 else ''} cells give the same "
-          "majority verdict at every block size")
-    return Verdict(HOLDS if all(same) else DIFFERS, ev + (": " + "; ".join(parts) if parts else ""),
-                   "block sizes " + ", ".join(map(str, sorted(cells["block_size"].unique()))))
+    cells = grid_cells_by_setting(m)
+    blocks = sorted(cells["block_size"].unique())
+    if len(blocks) < 2:
+        return Verdict(NOT_MEASURABLE, f"one block size only ({blocks[0]})")
+    ref = 12 if 12 in blocks else blocks[len(blocks) // 2]
+
+    def judge(part: pd.DataFrame) -> tuple[str, str, tuple[float, float, float]]:
+        verdicts, stats, parts = [], [], []
+        for (norm, injection), group in part.groupby(["norm", "injection"], sort=False):
+            at_ref = group[group["block_size"] == ref]["verdict"]
+            rest = group[group["block_size"] != ref]
+            if at_ref.empty or rest.empty:
+                continue
+            expected = at_ref.value_counts().index[0]
+            k = int((rest["verdict"] == expected).sum())
+            v, st = share_verdict(k, len(rest), th)
+            verdicts.append(v)
+            stats.append(st)
+            parts.append(f"{norm}/{injection}: {k}/{len(rest)} as k={ref}'s '{expected}' ({v})")
+        if not verdicts:
+            return NOT_MEASURABLE, f"no norm × injection ran k={ref} and another block size", (math.nan,) * 3
+        return combine_verdicts(verdicts), "; ".join(parts), min(stats, key=lambda st: st[1])
+
+    default = cells[cells["default"]]
+    if default.empty:
+        return Verdict(NOT_MEASURABLE, "the grid did not run the default setting (D=64, injected RMS 0.6325)")
+    verdict, ev, worst = judge(default)
+    others = [f"{grid_setting_label(*key)}: {judge(part)[0]}"
+              for key, part in cells[~cells["default"]].groupby(["d_model", "injected_rms"], sort=False)]
+    where = (" Other settings — " + "; ".join(others) + ".") if others else ""
+    return Verdict(verdict, f"share of cells at block sizes ≠ {ref} with the k={ref} verdict (95 % exact interval, "
+                   f"holds above {fmt(th.majority)}), default setting: {ev}.{where}",
+                   "block sizes " + ", ".join(map(str, blocks)), *worst)
 
 
 def extrapolation_rows(m: Measurements, th: Thresholds) -> pd.DataFrame:
@@ -529,13 +582,6 @@ def extrapolation_rows(m: Measurements, th: Thresholds) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def stable_under_extrapolation(r: pd.Series, th: Thresholds) -> bool:
-    still = r["change"] <= th.extrapolation_change
-    if pd.isna(r["align_train"]) or pd.isna(r["align_max"]):
-        return bool(still)
-    return bool(still and abs(r["align_max"] - r["align_train"]) <= th.alignment_drift)
-
-
 def extrapolated(m: Measurements, th: Thresholds, converging: bool) -> pd.DataFrame | Verdict:
     """`extrapolation_rows` of the models that converge (or do not) at the largest R; a not-measurable Verdict
     when the table is missing or no model falls in the group."""
@@ -549,39 +595,88 @@ def extrapolated(m: Measurements, th: Thresholds, converging: bool) -> pd.DataFr
     return group
 
 
+def change_at(m: Measurements, r) -> tuple[float, float, float]:
+    """The last block layer's relative change at the model's largest R: mean over prompts and its 95 % bootstrap
+    over prompts (`extrapolate_per_prompt`); NaN bounds without that table."""
+    from loopscope.evidence import bootstrap_mean
+
+    units = m.get("extrapolate_per_prompt")
+    if units is None or units.empty:
+        return float(r.change), math.nan, math.nan
+    x = units[(units["model"] == r.model) & (units["recurrences"] == r.r_max)]["successive_change"]
+    return bootstrap_mean(x.to_numpy()) if len(x) else (float(r.change), math.nan, math.nan)
+
+
+def loss_rise(m: Measurements, r) -> tuple[float, float, float]:
+    """loss(R_max) − loss(R_train), nats: the mean over held-out sequences of each one's own rise and its paired
+    95 % bootstrap over sequences (`extrapolate_per_text`); NaN bounds without that table."""
+    from loopscope.evidence import bootstrap_mean
+
+    units = m.get("extrapolate_per_text")
+    point = float(r.loss_max - r.loss_train)
+    if units is None or units.empty:
+        return point, math.nan, math.nan
+    own = units[units["model"] == r.model].pivot_table(index="text", columns="recurrences", values="loss")
+    if r.r_max not in own or r.trained not in own:
+        return point, math.nan, math.nan
+    return bootstrap_mean((own[r.r_max] - own[r.trained]).to_numpy())
+
+
+def interval_side(stats: tuple[float, float, float], threshold: float, above_holds: bool) -> str:
+    """`side` of an effect's interval; inconclusive when it has none (a table without its units)."""
+    _, lo, hi = stats
+    return INCONCLUSIVE if math.isnan(lo) or math.isnan(hi) else side(lo, hi, threshold, above_holds)
+
+
+def judged_models(rows: pd.DataFrame, stats: list[tuple[float, float, float]], threshold: float, above_holds: bool,
+                  what: str) -> tuple[str, str, tuple[float, float, float]]:
+    """(verdict, evidence, the worst model's stats) for one effect per model, every model needing its interval on
+    the paper's side of `threshold` (`combine_verdicts`)."""
+    verdicts = [interval_side(st, threshold, above_holds) for st in stats]
+    worst = min(stats, key=lambda st: st[1]) if above_holds else max(stats, key=lambda st: st[2])
+    ev = "; ".join(f"{r.model} R {r.trained}→{r.r_max}: {what} {fmt(st[0])} [{fmt(st[1])}, {fmt(st[2])}] ({v})"
+                   for r, st, v in zip(rows.itertuples(), stats, verdicts))
+    return combine_verdicts(verdicts), ev, worst
+
+
 def rule_extrapolation_stable(m: Measurements, th: Thresholds) -> Verdict:
+    """Per converging model: the last layer's change at the largest R (`change_at`), surely below
+    `extrapolation_change`. The stages' alignment with the control at R_train and R_max is shown, not judged: it is
+    one correlation of prompt-averaged profiles per R, with no interval."""
     conv = extrapolated(m, th, converging=True)
     if isinstance(conv, Verdict):
         return conv
-    ok = [stable_under_extrapolation(r, th) for _, r in conv.iterrows()]
-    ev = "; ".join(f"{r.model} R {r.trained}→{r.r_max}: change {fmt(r.change)}, alignment r {fmt(r.align_train)}→"
-                   f"{fmt(r.align_max)}" for r in conv.itertuples())
-    return Verdict(HOLDS if all(ok) else DIFFERS,
-                   f"{sum(ok)}/{len(ok)} converging models stable (change ≤ {fmt(th.extrapolation_change)}, "
-                   f"|Δ alignment| ≤ {fmt(th.alignment_drift)}): {ev}", names(conv))
+    stats = [change_at(m, r) for r in conv.itertuples()]
+    verdict, ev, worst = judged_models(conv, stats, th.extrapolation_change, False, "change")
+    align = ", ".join(f"{r.model} {fmt(r.align_train)}→{fmt(r.align_max)}" for r in conv.itertuples())
+    return Verdict(verdict, f"relative change of the last block layer at the largest R, 95 % bootstrap over prompts, "
+                   f"stable below {fmt(th.extrapolation_change)}: {ev}. Stage alignment r (shown, not judged): {align}",
+                   names(conv), *worst)
 
 
 def rule_extrapolation_unstable(m: Measurements, th: Thresholds) -> Verdict:
+    """Per non-converging model: its change at the largest R surely above `extrapolation_change`."""
     rest = extrapolated(m, th, converging=False)
     if isinstance(rest, Verdict):
         return rest
-    ok = [not stable_under_extrapolation(r, th) for _, r in rest.iterrows()]
-    ev = "; ".join(f"{r.model}: fixed-point tokens {fmt(r.fixed_point)}, change {fmt(r.change)}, alignment r "
-                   f"{fmt(r.align_train)}→{fmt(r.align_max)}" for r in rest.itertuples())
-    return Verdict(HOLDS if all(ok) else DIFFERS, f"{sum(ok)}/{len(ok)} non-converging models unstable: {ev}",
-                   names(rest))
+    stats = [change_at(m, r) for r in rest.itertuples()]
+    verdict, ev, worst = judged_models(rest, stats, th.extrapolation_change, True, "change")
+    return Verdict(verdict, "non-converging models (fixed-point tokens "
+                   + ", ".join(f"{r.model} {fmt(r.fixed_point)}" for r in rest.itertuples())
+                   + f"), unstable when the change is surely above {fmt(th.extrapolation_change)}: {ev}",
+                   names(rest), *worst)
 
 
 def rule_extrapolation_performance(m: Measurements, th: Thresholds) -> Verdict:
+    """Per converging model: the held-out loss rise from R_train to R_max (`loss_rise`), surely below `loss_drift`."""
     conv = extrapolated(m, th, converging=True)
     if isinstance(conv, Verdict):
         return conv
-    ok = [r.loss_max - r.loss_train <= th.loss_drift for r in conv.itertuples()]
-    ev = "; ".join(f"{r.model} loss {fmt(r.loss_train)}→{fmt(r.loss_max)} nats, exact match {fmt(r.acc_train)}→"
-                   f"{fmt(r.acc_max)}" for r in conv.itertuples())
-    return Verdict(HOLDS if all(ok) else DIFFERS,
-                   f"{sum(ok)}/{len(ok)} converging models keep their held-out loss (rise ≤ {fmt(th.loss_drift)} "
-                   f"nats) at the largest R: {ev}", names(conv))
+    stats = [loss_rise(m, r) for r in conv.itertuples()]
+    verdict, ev, worst = judged_models(conv, stats, th.loss_drift, False, "loss rise (nats)")
+    acc = ", ".join(f"{r.model} {fmt(r.acc_train)}→{fmt(r.acc_max)}" for r in conv.itertuples())
+    return Verdict(verdict, f"held-out loss rise at the largest R, paired 95 % bootstrap over sequences, kept below "
+                   f"{fmt(th.loss_drift)} nats: {ev}. Exact match (shown): {acc}", names(conv), *worst)
 
 
 def condition_rates(m: Measurements, th: Thresholds) -> dict[str, float]:
@@ -591,68 +686,108 @@ def condition_rates(m: Measurements, th: Thresholds) -> dict[str, float]:
     return {row.condition: 1.0 - float(row.fixed_point) for row in c.itertuples()}
 
 
+def non_fixed_interval(row: pd.Series) -> tuple[float, float]:
+    """The no-fixed-point rate's 95 % interval: the wider, at each end, of the bootstrap over questions (tokens of a
+    question share its context) and the exact binomial interval of the pooled count (`evidence.clopper_pearson`;
+    the bootstrap collapses to [0, 0] when no token was seen, which would call any rate 'surely below')."""
+    from loopscope.evidence import clopper_pearson
+
+    n = int(row["n"])
+    k = int(round(n * (1.0 - float(row["fixed_point"]))))
+    cp_lo, cp_hi = clopper_pearson(k, n)
+    boot = (float(row["non_fixed_low"]), float(row["non_fixed_high"])) if "non_fixed_low" in row else (cp_lo, cp_hi)
+    return min(boot[0], cp_lo), max(boot[1], cp_hi)
+
+
 def rule_rare(m: Measurements, th: Thresholds) -> Verdict:
+    """Effect: the non-fixed-point rate without a system prompt; holds when its interval (`non_fixed_interval`) is
+    below `rare` (0.14 %), differs when above, else inconclusive. With no non-fixed token among n, the upper bound is
+    ≈ 3.7 / n: about 2,600 question tokens are needed before 0 of n can say 'rare'."""
     if (v := missing(m, "conditions")) is not None:
         return v
-    rates = condition_rates(m, th)
-    if "none" not in rates:
-        return Verdict(NOT_MEASURABLE, "the no-system-prompt condition was not run")
     c = m["conditions"]
-    row = c[(c["method"] == th.condition_method) & (c["condition"] == "none")].iloc[0]
-    lo, hi = (float(row["non_fixed_low"]), float(row["non_fixed_high"])) if "non_fixed_low" in row else \
-        (rates["none"], rates["none"])  # a table without the interval: the point is its own interval
-    verdict = HOLDS if hi < th.rare else DIFFERS if lo >= th.rare else INCONCLUSIVE
-    return Verdict(verdict, f"non-fixed-point tokens without a system prompt {rates['none']:.2%} [{lo:.2%}, {hi:.2%}] "
-                   f"(95 % bootstrap over questions; rare = below {th.rare:.0%}, the paper measured 0.02 %), "
-                   f"{th.condition_method} classifier", effect=rates["none"], ci_low=lo, ci_high=hi)
+    c = c[(c["method"] == th.condition_method) & (c["condition"] == "none")]
+    if c.empty:
+        return Verdict(NOT_MEASURABLE, "the no-system-prompt condition was not run")
+    row = c.iloc[0]
+    rate = 1.0 - float(row["fixed_point"])
+    lo, hi = non_fixed_interval(row)
+    return Verdict(side(lo, hi, th.rare, above_holds=False),
+                   f"non-fixed-point tokens without a system prompt {rate:.3%} [{lo:.3%}, {hi:.3%}] of {int(row['n'])} "
+                   f"question tokens (95 %: bootstrap over questions widened to the exact binomial interval; rare = "
+                   f"below {th.rare:.2%}, the paper measured 0.02 %), {th.condition_method} classifier",
+                   effect=rate, ci_low=lo, ci_high=hi)
+
+
+def paired_rate_difference(q: pd.DataFrame, a: str, b: str) -> tuple[float, float, float]:
+    """rate(a) − rate(b) of non-fixed-point tokens with the paired bootstrap over the questions run under both
+    (`evidence.bootstrap_ratio_difference`)."""
+    from loopscope.evidence import bootstrap_ratio_difference
+
+    both = q[q["condition"] == a].merge(q[q["condition"] == b], on="question", suffixes=("_a", "_b"))
+    return bootstrap_ratio_difference(both["non_fixed_a"], both["n_a"], both["non_fixed_b"], both["n_b"])
 
 
 def rule_persona(m: Measurements, th: Thresholds) -> Verdict:
-    if (v := missing(m, "conditions")) is not None:
+    """Two effects, each with a paired bootstrap over the same questions: rate(long persona) − rate(none) and
+    rate(long persona) − rate(same-length padding); holds when both intervals are above 0, differs when one is
+    below, else inconclusive. The row's effect is the first."""
+    if (v := missing(m, "conditions", "conditions_by_question")) is not None:
         return v
-    rates = condition_rates(m, th)
+    q = m["conditions_by_question"]
+    q = q[q["method"] == th.condition_method]
     need = ("none", "long-persona", "long-persona-padded")
-    if any(n not in rates for n in need):
-        return Verdict(NOT_MEASURABLE, f"conditions run: {sorted(rates)}; needs {list(need)}")
-    ev = ", ".join(f"{n} {rates[n]:.2%}" for n in need) + f" ({th.condition_method} classifier)"
+    if any(n not in set(q["condition"]) for n in need):
+        return Verdict(NOT_MEASURABLE, f"conditions run: {sorted(set(q['condition']))}; needs {list(need)}")
+    rates = {n: q.loc[q["condition"] == n, "non_fixed"].sum() / q.loc[q["condition"] == n, "n"].sum() for n in need}
+    ev = ", ".join(f"{n} {rates[n]:.3%}" for n in need) + f" ({th.condition_method} classifier)"
     if all(rates[n] == 0 for n in need):
         return Verdict(NOT_MEASURABLE, f"no non-fixed-point tokens under any condition: {ev}")
-    ok = rates["long-persona"] > rates["none"] and rates["long-persona"] > rates["long-persona-padded"]
-    return Verdict(HOLDS if ok else DIFFERS, f"non-fixed-point tokens: {ev}")
+    effects = {f"persona − {b}": paired_rate_difference(q, "long-persona", b) for b in ("none", "long-persona-padded")}
+    verdicts = [side(lo, hi, 0.0) for _, lo, hi in effects.values()]
+    parts = "; ".join(f"{k} {d:+.3%} [{lo:+.3%}, {hi:+.3%}]" for k, (d, lo, hi) in effects.items())
+    first = effects["persona − none"]
+    return Verdict(combine_verdicts(verdicts), f"non-fixed-point tokens: {ev}; {parts} (95 % paired bootstrap over "
+                   f"{q['question'].nunique()} questions)", effect=first[0], ci_low=first[1], ci_high=first[2])
 
 
-def stages_removed(row, th: Thresholds) -> bool:
-    """An ablation row "removes the stages": every measured kept-fraction (sink rate, ColSum concentration; NaN
-    where the metric was 0 before) is at most `stages_kept`."""
+def kept_fraction(row) -> float:
+    """How much of the stages an ablation keeps: the larger of the measured kept fractions (mean sink rate and mean
+    ColSum concentration after / before; NaN where the metric was 0 before). Small = the stages were removed."""
     kept = [k for k in (row.sink_rate_kept, row.colsum_concentration_kept) if not math.isnan(k)]
-    return bool(kept) and max(kept) <= th.stages_kept
+    return max(kept) if kept else math.nan
+
+
+def describe_ablation(r) -> str:
+    return (f"{r.model} ({r.kind}): peak/median |x| {fmt(r.massive_ratio_before)} → {fmt(r.massive_ratio_after)} "
+            f"after zeroing {r.segment} layer {r.layer}'s MLP; sink rate "
+            + ("0 before (no sinks)" if math.isnan(r.sink_rate_kept) else f"×{fmt(r.sink_rate_kept)}") + ", ColSum "
+            f"concentration ×{fmt(r.colsum_concentration_kept)}, KL {fmt(r.mean_kl)} nats")
+
+
+NO_ABLATION_THRESHOLD = ("no threshold for 'removes the stages' was fixed before an ablation was seen (the one "
+                         "considered, ≤ ×0.6, came after SmolLM2's ×0.27 / ×0.52): the effect is reported, no verdict")
 
 
 def rule_massive_causal(m: Measurements, th: Thresholds) -> Verdict:
-    """Judged on looped models with massive activations; without any, not measurable, with the looped control and
-    the feedforward reference (SmolLM2) as evidence of what the ablation does where they exist."""
+    """Measured on looped models with massive activations; effect: the largest `kept_fraction` among them (no
+    interval: means over every state of the prompts), verdict `effect only` (`NO_ABLATION_THRESHOLD`). Without such
+    a model: not measurable, with the looped control and the feedforward reference (SmolLM2) as evidence."""
     if (v := missing(m, "massive_ablation")) is not None:
         return v
     t = m["massive_ablation"]
     massive = t["massive_ratio_before"] >= th.massive
-
-    def describe(r) -> str:
-        return (f"{r.model} ({r.kind}): peak/median |x| {fmt(r.massive_ratio_before)} → {fmt(r.massive_ratio_after)} "
-                f"after zeroing {r.segment} layer {r.layer}'s MLP; sink rate "
-                + ("0 before (no sinks)" if math.isnan(r.sink_rate_kept) else f"×{fmt(r.sink_rate_kept)}") + ", ColSum "
-                f"concentration ×{fmt(r.colsum_concentration_kept)}, KL {fmt(r.mean_kl)} nats: stages "
-                + ("removed" if stages_removed(r, th) else "kept"))
-
     judged = t[massive & (t["kind"] == "looped")]
+    evidence = "; ".join(describe_ablation(r) for r in t.itertuples())
     if judged.empty:
         looped = t[t["kind"] == "looped"]
         why = ("no looped model here has massive activations (largest peak/median |x| "
                + ", ".join(f"{r.model} {fmt(r.massive_ratio_before)}" for r in looped.itertuples())
                + f" < {fmt(th.massive)})" if len(looped) else "no looped model was ablated")
-        evidence = "; ".join(describe(r) for r in t.itertuples())
         return Verdict(NOT_MEASURABLE, f"{why}; {evidence}", names(t))
-    ok = all(stages_removed(r, th) for r in judged.itertuples())
-    return Verdict(HOLDS if ok else DIFFERS, "; ".join(describe(r) for r in t.itertuples()), names(judged))
+    kept = max(kept_fraction(r) for r in judged.itertuples())
+    return Verdict(EFFECT_ONLY, f"largest kept fraction of the stages {fmt(kept)}; {evidence}; "
+                   + NO_ABLATION_THRESHOLD, names(judged), effect=kept)
 
 
 def not_here(reason: str) -> Callable[[Measurements, Thresholds], Verdict]:
@@ -782,7 +917,7 @@ def _evaluate(claims: list[Claim], m: Measurements, th: Thresholds) -> pd.DataFr
 def verdict_counts(claims: pd.DataFrame) -> dict[str, int]:
     """How many claims got each verdict (every verdict named, zero when none did)."""
     counts = claims["verdict"].value_counts()
-    return {v: int(counts.get(v, 0)) for v in ("holds", "differs", "inconclusive", "not measurable here")}
+    return {v: int(counts.get(v, 0)) for v in (HOLDS, DIFFERS, INCONCLUSIVE, NOT_MEASURABLE, EFFECT_ONLY)}
 
 
 # Why each threshold has its value, where it comes from, and when it was fixed: "a priori" = before any run of the
@@ -810,17 +945,13 @@ THRESHOLD_REASONS: dict[str, tuple[str, str, str]] = {
     "repeat_error": ("a profile repeats when passes differ by ≤ 25 % of the metric's spread", "ours (Fig. 7)",
                      "a priori"),
     "extrapolation_change": ("still settled at the largest R: the same 1 % as `settled`", "ours", "a priori"),
-    "alignment_drift": ("stages 'stable' under extrapolation: |Δr| ≤ 0.1", "ours (Figs. 47–49 by eye)", "a priori"),
     "loss_drift": ("performance kept: held-out loss at most 0.1 nats worse", "ours", "a priori"),
     "loop_gain": ("a healed retrofit uses its loop: R = 8 surely 0.05 nats better than R = 1", "issue 11's target",
                   "a priori (before healing)"),
-    "stages_kept": ("an ablation removes the stages when sink rate and ColSum fall to ≤ 60 %", "ours",
-                    "after seeing data (SmolLM2's ablation: sink ×0.27, ColSum ×0.52); no blind test"),
     "massive": ("massive activations: peak/median |x| ≥ 100", "Sun et al. 2024 (10³–10⁴); stages.massive",
                 "a priori"),
-    "rare": ("'rare' non-fixed-point tokens: below 1 %", "paper: 0.02 % (no system prompt), 0.14 % (long persona); "
-             "1 % leaves 50× headroom for a small model and the reconstructed heuristic", "a priori; looser than "
-             "the paper's number"),
+    "rare": ("'rare' non-fixed-point tokens: below 0.14 %, the largest rate the paper itself calls rare",
+             "paper App. C.1: 0.02 % (no system prompt), 0.14 % (long persona)", "a priori (the paper's number)"),
     "condition_method": ("the App. C claims use the paper's own heuristic (τ = 0.05, ρ = 0.9 at R = 128)",
                          "paper App. C", "a priori"),
 }

@@ -113,12 +113,22 @@ def behaviour_fractions(labels: pd.DataFrame) -> pd.DataFrame:
     return frac.reset_index()
 
 
+def question_counts(labels: pd.DataFrame) -> pd.DataFrame:
+    """One row per (method, question): question (its position in the questions passed, the same under every
+    condition), n (its tokens), non_fixed (of them, not at a fixed point) — the units of the paired bootstrap
+    between conditions (`claims.rule_persona`)."""
+    flagged = labels.assign(non_fixed=labels["behaviour"] != "fixed_point")
+    out = flagged.groupby(["method", "batch"])["non_fixed"].agg(n="size", non_fixed="sum").reset_index()
+    return out.rename(columns={"batch": "question"}).astype({"n": int, "non_fixed": int})
+
+
 def run_conditions(model: str, out: Path, data: str | None = None, questions: int = 16, recurrences: int = 64,
                    conditions: list[str] | None = None, progress: bool = True,
                    precision: Precision | None = None) -> pd.DataFrame:
     """One row per (condition, method): condition, method, reconstructed, n (question tokens), fixed_point, orbit, slider,
     divergent, unknown (fractions of question tokens). `table.attrs["all_tokens"]` is the same over every real
-    token. Writes OUT/index.html, figures, tables."""
+    token; `table.attrs["by_question"]` counts the question tokens per (condition, method, question)
+    (`question_counts`). Writes OUT/index.html, figures, tables."""
     start = time.perf_counter()
     (precision or Precision()).device  # a bad --device fails first, in one line
     names = list(SYSTEM_PROMPT_CONDITIONS) if conditions is None else list(conditions)
@@ -139,12 +149,13 @@ def run_conditions(model: str, out: Path, data: str | None = None, questions: in
     out = Path(out)
     cache = out / "cache" / "conditions"
     cache.mkdir(parents=True, exist_ok=True)
-    tables = {"question": [], "all": []}
+    tables: dict[str, list] = {"question": [], "all": [], "by_question": []}
     for name in tqdm(names, desc=f"conditions R={recurrences}", disable=not progress, unit="condition"):
         key = run_key([model, [r["index"] for r in rows], recurrences, name])
         labels = cached_table(cache / f"{name}-{key}.csv",
                               lambda: condition_labels(loaded, [r["question"] for r in rows], name, recurrences))
         cond = get_condition(name)
+        tables["by_question"].append(question_counts(labels[labels["question"]]).assign(condition=name))
         for scope, part in (("question", labels[labels["question"]]), ("all", labels)):
             frac = behaviour_fractions(part)
             frac.insert(0, "condition", name)
@@ -153,6 +164,8 @@ def run_conditions(model: str, out: Path, data: str | None = None, questions: in
     table = pd.concat(tables["question"], ignore_index=True)
     table.columns.name = None
     table.attrs["all_tokens"] = pd.concat(tables["all"], ignore_index=True).rename_axis(columns=None)
+    by_question = pd.concat(tables["by_question"], ignore_index=True)
+    table.attrs["by_question"] = by_question[["condition", "method", "question", "n", "non_fixed"]]
     report = Report(title=f"loopscope system-prompt conditions — {loaded.name}", out_dir=out, meta={
         "model": loaded.name,
         "questions": f"first {len(rows)} of the fixed GSM8K test subset that fit the context under every condition "

@@ -24,20 +24,28 @@ def next_token_loss(model: torch.nn.Module, rows: torch.Tensor, recurrences: int
 
 
 @torch.no_grad()
+def sequence_losses(model: torch.nn.Module, sequences: torch.Tensor, batch_size: int = 16,
+                    recurrences: int | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats) of each row of `sequences` (N, L+1): a float64 tensor (N,) — the units
+    of a bootstrap over held-out sequences (rows have equal length, so their mean is the pooled loss)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, sequences.shape[0], batch_size):
+        rows = sequences[i:i + batch_size].to(device)
+        logits = model(rows[:, :-1], recurrences=recurrences)  # (B, L, V)
+        loss = F.cross_entropy(logits.transpose(1, 2).float(), rows[:, 1:], reduction="none")  # (B, L)
+        out.append(loss.double().mean(dim=1).cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
 def heldout_loss(model: torch.nn.Module, sequences: torch.Tensor, batch_size: int = 16,
                  recurrences: int | None = None) -> dict[str, float]:
     """{"loss": nats per token, "bits_per_token", "tokens"} over all rows of `sequences` (N, L+1)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, sequences.shape[0], batch_size):
-        rows = sequences[i:i + batch_size]
-        n = rows[:, 1:].numel()
-        total += float(next_token_loss(model, rows, recurrences)) * n
-        count += n
-    model.train(was_training)
-    loss = total / count
-    return {"loss": loss, "bits_per_token": loss / math.log(2), "tokens": count}
+    loss = float(sequence_losses(model, sequences, batch_size, recurrences).mean())
+    return {"loss": loss, "bits_per_token": loss / math.log(2), "tokens": sequences[:, 1:].numel()}
 
 
 @torch.no_grad()

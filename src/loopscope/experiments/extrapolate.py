@@ -20,6 +20,10 @@ One capture at the largest R serves every R of the dynamics columns: the state a
 on how many recurrences follow (only the coda and logits do), which `tests/test_extrapolate.py` checks. Loss,
 accuracy and alignment need the coda, so they run at each R. Every finished (model, R) row is cached as JSON under
 OUT/cache/extrapolate, keyed by everything that changes it, so an interrupted run resumes where it stopped.
+
+Units for intervals: tables["per_text"] holds each held-out sequence's loss per (model, R) and
+tables["per_prompt"] each dynamics prompt's successive change, so a claim can take a paired bootstrap over texts
+(loss at R_max − loss at R_train) or a bootstrap over prompts (`experiments.claims`).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from loopscope.capture import Trajectory, capture_prompts
 from loopscope.data.corpus import encode_documents, pack_sequences
 from loopscope.data.gsm8k import document_text, gsm8k_test_subset
 from loopscope.errors import InputError
-from loopscope.experiments.evaluate import gsm8k_exact_match, heldout_loss
+from loopscope.experiments.evaluate import gsm8k_exact_match, sequence_losses
 from loopscope.dynamics.rule_dynamics import MIN_RECURRENCES
 from loopscope.experiments.stage_tables import alignment_table, model_readout, stage_table
 from loopscope.models.device import Precision
@@ -51,7 +55,7 @@ from loopscope.resume import cached_table, run_key, write_atomic
 
 HELDOUT_SEQ_LEN = 256  # packed held-out rows, the length `loopscope train` evaluates with (TrainSettings.seq_len)
 BEHAVIOUR_MIN_R = MIN_RECURRENCES  # the dynamics detector reads a tail window of at least this many recurrences
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: per-text losses and per-prompt changes beside each row
 
 __all__ = ["ExtrapolateSettings", "run_extrapolate", "add_extrapolate_section", "recurrence_grid",
            "first_recurrences"]
@@ -142,8 +146,9 @@ def heldout_sequences(loaded: LoadedModel, rows: list[dict]) -> torch.Tensor:
     return pack_sequences(encode_documents([document_text(r) for r in rows], loaded.tokenizer), seq_len)
 
 
-def dynamics_columns(states: Trajectory, R: int) -> dict[str, float]:
-    """fixed_point_distance, successive_change and behaviour fractions at R, from a capture at R_max ≥ R."""
+def dynamics_columns(states: Trajectory, R: int) -> tuple[dict[str, float], list[float]]:
+    """fixed_point_distance, successive_change and behaviour fractions at R, from a capture at R_max ≥ R; and each
+    prompt's successive change (mean over its real tokens; empty at R = 1)."""
     K = states.block_size
     dist = dynamics.distance_to_fixed_point(states, per_token=True)
     dist = dist[(dist.layer == K - 1) & (dist.recurrence == R - 1)]
@@ -151,14 +156,18 @@ def dynamics_columns(states: Trajectory, R: int) -> dict[str, float]:
     rel = dist["l2"].to_numpy() / star.numpy()[dist["batch"].to_numpy(), dist["token"].to_numpy()]
     out = {"fixed_point_distance": float(np.mean(rel)), "successive_change": float("nan")}
     sliced = first_recurrences(states, R)
+    per_prompt: list[float] = []
     if R >= 2:
         change = dynamics.successive_change(sliced)
         out["successive_change"] = float(change[(change.layer == K - 1) & (change.recurrence == R - 1)]["relative_mean"].iloc[0])
+        tokens = dynamics.successive_change(sliced, per_token=True)
+        tokens = tokens[(tokens.layer == K - 1) & (tokens.recurrence == R - 1)]
+        per_prompt = [float(x) for x in tokens.groupby("batch")["relative"].mean().sort_index()]
     fractions = dict.fromkeys(dynamics.BEHAVIOURS, float("nan"))
     if R >= BEHAVIOUR_MIN_R:
         labels = dynamics.classify(sliced, layer=-1, method="dynamics")["behaviour"]
         fractions = {b: float((labels == b).mean()) for b in dynamics.BEHAVIOURS}
-    return {**out, **fractions}
+    return {**out, **fractions}, per_prompt
 
 
 def alignment_at(loaded: LoadedModel, prompts: list[str], R: int, control_stage: pd.DataFrame,
@@ -191,19 +200,23 @@ class LazyStates:
 
 def compute_row(loaded: LoadedModel, spec: str, R: int, states: LazyStates, heldout: torch.Tensor,
                 rows: list[dict], prompts: list[str], control_stage: pd.DataFrame | None,
-                s: ExtrapolateSettings) -> tuple[dict, pd.DataFrame]:
+                s: ExtrapolateSettings) -> tuple[dict, pd.DataFrame, dict[str, list[float]]]:
+    """The (model, R) row, its alignment rows, and its units: "text_loss" per held-out sequence and
+    "prompt_change" per dynamics prompt."""
     model = loaded.model
     t0 = time.perf_counter()
     row: dict = {"model": loaded.name, "spec": str(spec), "trained_recurrences": loaded.recurrences,
                  "recurrences": R}
-    row["loss"] = heldout_loss(model, heldout, batch_size=16, recurrences=R)["loss"]
+    text_loss = sequence_losses(model, heldout, batch_size=16, recurrences=R)
+    row["loss"] = float(text_loss.mean())
     t1 = time.perf_counter()
     row["accuracy"], row["answered"] = float("nan"), float("nan")
     if s.accuracy_questions:
         acc = gsm8k_exact_match(model, loaded.tokenizer, rows[: s.accuracy_questions], s.max_new_tokens, R)
         row["accuracy"], row["answered"] = acc["accuracy"], acc["answered"]
     t2 = time.perf_counter()
-    row.update(dynamics_columns(states.get(), R))
+    columns, prompt_change = dynamics_columns(states.get(), R)
+    row.update(columns)
     aligned = pd.DataFrame()
     row["alignment_corr"] = row["alignment_corr_all"] = float("nan")
     if control_stage is not None:
@@ -215,7 +228,7 @@ def compute_row(loaded: LoadedModel, spec: str, R: int, states: LazyStates, held
         aligned.insert(0, "model", loaded.name)
     t3 = time.perf_counter()
     row.update({"loss_s": t1 - t0, "accuracy_s": t2 - t1, "dynamics_s": t3 - t2})
-    return row, aligned
+    return row, aligned, {"text_loss": [float(x) for x in text_loss], "prompt_change": prompt_change}
 
 
 def control_stage_table(s: ExtrapolateSettings, prompts: list[str]) -> tuple[str, pd.DataFrame] | None:
@@ -247,7 +260,9 @@ def run_extrapolate(s: ExtrapolateSettings) -> dict[str, pd.DataFrame]:
     model, trained_recurrences, recurrences, loss, accuracy, fixed_point_distance, successive_change,
     fixed_point, orbit, slider, divergent, unknown (fractions of tokens), alignment_corr (mean over stage
     metrics; NaN without control), plus spec, answered, alignment_corr_all (mean over every pass of the run)
-    and the seconds each part took (loss_s, accuracy_s, dynamics_s; those of the run that computed the row)."""
+    and the seconds each part took (loss_s, accuracy_s, dynamics_s; those of the run that computed the row);
+    tables["per_text"]: model, recurrences, text, loss; tables["per_prompt"]: model, recurrences, prompt,
+    successive_change."""
     s.check()
     start = time.perf_counter()
     subset = gsm8k_test_subset(s.data)
@@ -267,7 +282,13 @@ def run_extrapolate(s: ExtrapolateSettings) -> dict[str, pd.DataFrame]:
         plan += [(spec, R, max(grid)) for R in grid]
     cache = s.out / "cache" / "extrapolate"
     cache.mkdir(parents=True, exist_ok=True)
-    per_r, aligned_parts, reused = [], [], 0
+    per_r, aligned_parts, per_text, per_prompt, reused = [], [], [], [], 0
+
+    def keep_units(row: dict, units: dict[str, list[float]]) -> None:
+        key = {"model": row["model"], "recurrences": row["recurrences"]}
+        per_text.extend({**key, "text": i, "loss": x} for i, x in enumerate(units["text_loss"]))
+        per_prompt.extend({**key, "prompt": i, "successive_change": x} for i, x in enumerate(units["prompt_change"]))
+
     lazy: dict[str, tuple[LazyStates, torch.Tensor]] = {}
     bar = tqdm(plan, desc="extrapolate (model, R)", disable=not s.progress, unit="run")
     for spec, R, r_max in bar:
@@ -278,17 +299,22 @@ def run_extrapolate(s: ExtrapolateSettings) -> dict[str, pd.DataFrame]:
             saved = json.loads(path.read_text())
             per_r.append(saved["row"])
             aligned_parts.append(pd.DataFrame(saved["alignment"]))
+            keep_units(saved["row"], saved["units"])
             reused += 1
             continue
         if spec not in lazy:
             lazy[spec] = (LazyStates(loaded, prompts, r_max, s), heldout_sequences(loaded, subset[: s.loss_questions]))
         states, heldout = lazy[spec]
-        row, aligned = compute_row(loaded, spec, R, states, heldout, subset, prompts,
-                                   None if control is None else control[1], s)
-        write_atomic(path, json.dumps({"row": row, "alignment": aligned.to_dict(orient="list")}, default=float).encode())
+        row, aligned, units = compute_row(loaded, spec, R, states, heldout, subset, prompts,
+                                          None if control is None else control[1], s)
+        write_atomic(path, json.dumps({"row": row, "alignment": aligned.to_dict(orient="list"), "units": units},
+                                      default=float).encode())
         per_r.append(row)
+        keep_units(row, units)
         aligned_parts.append(aligned)
-    tables = {"per_r": pd.DataFrame(per_r)}
+    tables = {"per_r": pd.DataFrame(per_r),
+              "per_text": pd.DataFrame(per_text, columns=["model", "recurrences", "text", "loss"]),
+              "per_prompt": pd.DataFrame(per_prompt, columns=["model", "recurrences", "prompt", "successive_change"])}
     aligned_parts = [a for a in aligned_parts if not a.empty]
     tables["alignment"] = pd.concat(aligned_parts, ignore_index=True) if aligned_parts else pd.DataFrame()
     tables["alignment_last_pass"] = last_pass_alignment(tables["alignment"])

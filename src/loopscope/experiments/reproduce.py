@@ -139,9 +139,12 @@ def _study_plan(s: ReproduceSettings) -> StudyPlan:
         # the paper's grid, at the default setting and at the two settings it leaves open that flip verdicts
         grid=dict(block_sizes=(4, 12, 16), seeds=(0, 1, 2), recurrences=128, widths=(64, 256),
                   injected_rms=(0.6325, 1.0)),
+        # 8 dynamics prompts: the units of the bootstrap behind the extrapolation rows' change intervals
         extrapolate=dict(recurrences=[1, 2, 4, 8, 16, 32], loss_questions=64, accuracy_questions=1,
-                         dynamics_prompts=4),
-        conditions_model="looped-4+inject", conditions=dict(questions=16, recurrences=64),
+                         dynamics_prompts=8),
+        # 64 questions: ~4,000 question tokens, enough for 0 non-fixed tokens to fall below the 0.14 % of
+        # `Thresholds.rare` (the exact binomial upper bound of 0 in n is ≈ 3.7 / n)
+        conditions_model="looped-4+inject", conditions=dict(questions=64, recurrences=64),
     )
 
 
@@ -315,9 +318,9 @@ def run_stages(p: Pipeline) -> dict:
     else:
         name = plan.name(plan.conditions_model, plan.seeds[0])
         params = {**plan.conditions, "model": name, "trained": training_id(results["training"].get(name))}
-        results["conditions"] = p.stage("conditions", params, lambda: {"conditions": conditions.run_conditions(
+        results["conditions"] = p.stage("conditions", params, lambda: conditions_tables(conditions.run_conditions(
             model_dir[name], p.cache.dir("conditions") / "run", data=s.data, progress=s.progress,
-            precision=s.precision, **plan.conditions)}, scratch=p.cache.dir("conditions") / "run" / "cache")
+            precision=s.precision, **plan.conditions)), scratch=p.cache.dir("conditions") / "run" / "cache")
     results["control"] = control
     retrofit_part(p, questions, results)
     return results
@@ -336,6 +339,11 @@ def retrofit_part(p: Pipeline, questions: list[str], results: dict) -> None:
     from loopscope.experiments.retrofit_study import retrofit_stages
 
     results["retrofit"] = retrofit_stages(p, questions, p.s.data, p.plan.retrofit)
+
+
+def conditions_tables(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The conditions stage's tables: the rates and the per-question counts the paired bootstrap reads."""
+    return {"conditions": table, "conditions_by_question": table.attrs["by_question"]}
 
 
 def optional_module(name: str):

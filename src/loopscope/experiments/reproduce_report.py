@@ -98,5 +98,6 @@ def write_report(p: Pipeline, results: dict) -> Path:
     if "conditions" in results:
         from loopscope.experiments.conditions import add_conditions_section
 
-        add_conditions_section(report, results["conditions"]["conditions"])
+        add_conditions_section(report, results["conditions"]["conditions"],
+                               results["conditions"].get("conditions_by_question"))
     return report.write()

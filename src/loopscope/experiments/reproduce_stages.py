@@ -186,6 +186,11 @@ def measurements(results: dict) -> dict[str, pd.DataFrame]:
         m["grid_cells"], m["grid_verdicts"] = results["grid"]["cells"], results["grid"]["verdicts"]
     if "extrapolate" in results:
         m["extrapolate"] = results["extrapolate"]["per_r"]
+        for unit in ("per_text", "per_prompt"):  # the units of the extrapolation rows' intervals
+            if unit in results["extrapolate"]:
+                m[f"extrapolate_{unit}"] = results["extrapolate"][unit]
     if "conditions" in results:
         m["conditions"] = results["conditions"]["conditions"]
+        if "conditions_by_question" in results["conditions"]:
+            m["conditions_by_question"] = results["conditions"]["conditions_by_question"]
     return m

@@ -18,8 +18,8 @@ import math
 
 import pandas as pd
 
-from loopscope.experiments.claims import DIFFERS, HOLDS, NOT_MEASURABLE, Claim, Measurements, \
-    Thresholds, Verdict, fmt, missing, side, stages_removed
+from loopscope.experiments.claims import DIFFERS, EFFECT_ONLY, HOLDS, NO_ABLATION_THRESHOLD, NOT_MEASURABLE, Claim, \
+    Measurements, Thresholds, Verdict, fmt, kept_fraction, missing, side
 
 
 
@@ -71,12 +71,11 @@ def rule_massive_causal(m: Measurements, th: Thresholds) -> Verdict:
     if r.massive_ratio_before < th.massive:
         return Verdict(NOT_MEASURABLE, f"peak/median |x| {fmt(r.massive_ratio_before)} < {fmt(th.massive)}: no "
                        "massive activations to remove", str(r.model))
-    removed = stages_removed(r, th)
-    return Verdict(HOLDS if removed else DIFFERS,
-                   f"zeroing {r.segment} layer {r.layer}'s MLP at every pass: peak/median |x| "
+    return Verdict(EFFECT_ONLY, f"zeroing {r.segment} layer {r.layer}'s MLP at every pass: peak/median |x| "
                    f"{fmt(r.massive_ratio_before)} → {fmt(r.massive_ratio_after)}, sink rate ×{fmt(r.sink_rate_kept)}, "
-                   f"ColSum concentration ×{fmt(r.colsum_concentration_kept)}, KL {fmt(r.mean_kl)} nats: stages "
-                   f"{'removed' if removed else 'kept'} (≤ ×{fmt(th.stages_kept)} removes them); one model", str(r.model))
+                   f"ColSum concentration ×{fmt(r.colsum_concentration_kept)}, KL {fmt(r.mean_kl)} nats; kept "
+                   f"fraction of the stages {fmt(kept_fraction(r))}; one model; " + NO_ABLATION_THRESHOLD,
+                   str(r.model), effect=kept_fraction(r))
 
 
 def looped_rows(m: Measurements) -> pd.DataFrame | None:

@@ -21,11 +21,12 @@ def add_claims_section(report: Report, claims: pd.DataFrame, models: pd.DataFram
     sec = report.section(
         "The paper's claims against this run",
         "Each claim of Blayney et al. (2026) in one line, with a verdict computed by an explicit rule "
-        "(loopscope.experiments.claims): holds / differs / not measurable here, and the numbers it used; rows with an "
-        "interval say inconclusive when it straddles the threshold. "
+        "(loopscope.experiments.claims): holds / differs when the effect's 95 % interval lies on one side of a "
+        "threshold fixed before the run, inconclusive when it straddles it, not measurable here, or effect only "
+        "where no threshold could be fixed before seeing data; with the effect, its interval and the numbers used. "
         f"This run: {counts.get('holds', 0)} hold, {counts.get('differs', 0)} differ, "
         f"{counts.get('inconclusive', 0)} inconclusive, "
-        f"{counts.get('not measurable here', 0)} not measurable here. Our models are small and briefly trained on a "
+        f"{counts.get('not measurable here', 0)} not measurable here, {counts.get('effect only', 0)} effect only. Our models are small and briefly trained on a "
         "CPU, so a verdict says what this run shows, not whether the paper is right.",
     )
     report.table(sec, claims, "claims", "Claims (id, where the paper makes it, the claim), verdict, evidence (the "
@@ -39,8 +40,7 @@ def add_claims_section(report: Report, claims: pd.DataFrame, models: pd.DataFram
                      "This run.", text=True)
     report.table(sec, models, "claims_models", "Per analysed looped model, the numbers the claims read (definitions "
                  "in loopscope.experiments.claims and experiments.reproduce.model_summary).", max_rows=50)
-    report.table(sec, thresholds, "claims_thresholds", "Thresholds of the rules: value, reason, source, and when each was fixed (one, "
-                 "stages_kept, after seeing data: that row is no blind test).", max_rows=50, text=True)
+    report.table(sec, thresholds, "claims_thresholds", "Thresholds of the rules: value, reason, source, and when each was fixed.", max_rows=50, text=True)
     report.table(sec, timings, "stage_timings", "Pipeline stages: wall time in seconds when each ran (a cached stage "
                  "keeps the time of the run that computed it).", max_rows=100)
 

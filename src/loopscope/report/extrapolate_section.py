@@ -35,6 +35,9 @@ def add_extrapolate_section(report: Report, tables: dict[str, pd.DataFrame]) -> 
         "control's (Blayney et al. §6.2).",
     )
     csv = save_csv(per_r, out, "extrapolate_per_r")
+    for unit in ("per_text", "per_prompt"):  # the units of the claims' intervals
+        if tables.get(unit) is not None:
+            save_csv(tables[unit], out, f"extrapolate_{unit}")
     panels = [p for p in PANELS if p[0] in per_r and per_r[p[0]].notna().any()]
     png = metric_panels(per_r, panels, out, "extrapolate_metrics")
     sec.items.append(Figure(png, "Every per-R metric against test-time recurrences R (log x axis), one line per "
