@@ -18,8 +18,10 @@ Reproduce Blayney et al. (2026) on this machine: train, analyse, and judge every
 **DESCRIPTION**
 
 Runs the paper's study, scaled to a CPU, and writes one report whose first table lists the paper's claims,
-one line each, with a verdict (holds / differs / not measurable here) and the numbers behind it. The verdicts
-come from explicit rules with fixed thresholds (`loopscope.experiments.claims`), shown in the report.
+one line each, with the effect, its 95 % interval and a verdict: holds / differs when the interval lies on
+one side of a threshold fixed before the run, inconclusive when it straddles it, not measurable here, or
+effect only where no threshold could be fixed before seeing data. The verdicts come from explicit rules
+(`loopscope.experiments.claims`); the thresholds, with their reasons and sources, are shown in the report.
 
 **STAGES**
 
