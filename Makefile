@@ -3,6 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
 OUT    ?= reports/demo
+THREADS ?=
 
 .PHONY: demo test setup clean
 
@@ -16,7 +17,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: setup
-	$(VENV)/bin/loopscope analyze --model default --prompts gsm-symbolic --out $(OUT)
+	$(VENV)/bin/loopscope analyze --model default --prompts gsm-symbolic --out $(OUT) $(if $(THREADS),--threads $(THREADS))
 	@echo "report: $(OUT)/index.html"
 
 test: setup

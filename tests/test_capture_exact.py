@@ -141,3 +141,27 @@ def test_cli_device_cuda_without_cuda_is_one_error_line(command, tmp_path, capsy
     code, _, err = run_cli([*command, "--device", "cuda", "--out", tmp_path / "o"], capsys)
     assert code == 2, err
     assert err.strip().count("\n") == 0 and err.startswith("error: --device cuda: no CUDA device"), err
+
+
+@pytest.mark.parametrize("command", [["analyze"], ["compare", "default", "smollm2"], ["intervene", "--zero-mlp",
+                                     "core:0"], ["grid", "--quick"], ["conditions"], ["extrapolate"]])
+def test_cli_threads_option_is_checked_and_applied(command, tmp_path, capsys):
+    """Every command that runs a model takes --threads; a bad count is one error line, exit 2, before any work."""
+    from conftest import run_cli
+
+    code, _, err = run_cli([*command, "--threads", "0", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and err.strip() == "error: --threads 0: give 1 or more CPU threads", err
+    assert not (tmp_path / "o").exists()
+
+
+def test_apply_threads_sets_torch_threads():
+    from loopscope.cli.common import apply_threads
+
+    before = torch.get_num_threads()
+    try:
+        apply_threads(3)
+        assert torch.get_num_threads() == 3
+        apply_threads(None)  # not given: left as it is
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

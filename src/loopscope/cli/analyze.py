@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from loopscope.cli.common import device_option, dtype_option, parse_token_list, state_dtype_option
+from loopscope.cli.common import apply_threads, device_option, dtype_option, parse_token_list, state_dtype_option, threads_option
 
 
 def register(app: typer.Typer) -> None:
@@ -39,6 +39,7 @@ def register(app: typer.Typer) -> None:
         device: str = device_option(),
         dtype: str = dtype_option(),
         state_dtype: str = state_dtype_option(),
+        threads: int = threads_option(),
         feedforward: str = typer.Option(None, "--feedforward", help="A feedforward model (builtin such as smollm2, "
                                         "HF directory or .gguf) whose stage profile is overlaid on every "
                                         "by-recurrence figure and scored against each recurrence "
@@ -75,6 +76,7 @@ def register(app: typer.Typer) -> None:
 
         **Example.** `loopscope analyze --model default --prompts gsm-symbolic --recurrences 128 --out reports/r128`
         """
+        apply_threads(threads)
         from loopscope.experiments.analyze import AnalyzeSettings, run_analyze
 
         keep = parse_token_list(keep_states) if keep_states else ((pca_prompt, -1),)

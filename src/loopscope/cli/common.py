@@ -23,6 +23,22 @@ def state_dtype_option():
                         "Fixed-point readings depend on it; the report draws the run's numerical floor.")
 
 
+def threads_option():
+    return typer.Option(None, "--threads", help="torch CPU threads (default: torch's, one per core). On a machine "
+                        "where another job keeps a core busy, --threads 1 avoids a stall of several times.")
+
+
+def apply_threads(threads: int | None) -> None:
+    """Set torch's CPU threads when given (≥ 1; a bad value is one clear error)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise InputError(f"--threads {threads}: give 1 or more CPU threads")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def precision(device: str, dtype: str, state_dtype: str):
     from loopscope.models.device import Precision
 

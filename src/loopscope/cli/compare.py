@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from loopscope.cli.common import device_option, dtype_option, precision, state_dtype_option
+from loopscope.cli.common import apply_threads, device_option, dtype_option, precision, state_dtype_option, threads_option
 
 
 def register(app: typer.Typer) -> None:
@@ -22,6 +22,7 @@ def register(app: typer.Typer) -> None:
         device: str = device_option(),
         dtype: str = dtype_option(),
         state_dtype: str = state_dtype_option(),
+        threads: int = threads_option(),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     ) -> None:
         """Lay a looped model's stages of inference over a feedforward model's, and score the match.
@@ -38,6 +39,7 @@ def register(app: typer.Typer) -> None:
 
         **Example.** `loopscope compare default smollm2 --max-prompts 8 --out reports/compare`
         """
+        apply_threads(threads)
         from loopscope.experiments.compare import CompareSettings, run_compare
 
         index = run_compare(CompareSettings(looped=looped, feedforward=feedforward, prompts=prompts, out=out,

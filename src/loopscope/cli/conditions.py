@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from loopscope.cli.common import device_option, dtype_option, precision, state_dtype_option
+from loopscope.cli.common import apply_threads, device_option, dtype_option, precision, state_dtype_option, threads_option
 
 
 def register(app: typer.Typer) -> None:
@@ -24,6 +24,7 @@ def register(app: typer.Typer) -> None:
         device: str = device_option(),
         dtype: str = dtype_option(),
         state_dtype: str = state_dtype_option(),
+        threads: int = threads_option(),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     ) -> None:
         """How often do tokens orbit or slide instead of settling, with and without a system prompt?
@@ -43,6 +44,7 @@ def register(app: typer.Typer) -> None:
         **Example.** `loopscope conditions --model default --data ../shared/data/gsm8k --questions 16 --out
         reports/conditions`
         """
+        apply_threads(threads)
         from loopscope.experiments.conditions import run_conditions
 
         run_conditions(model, out, data=data, questions=questions, recurrences=recurrences,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from loopscope.cli.common import device_option, dtype_option, precision, state_dtype_option
+from loopscope.cli.common import apply_threads, device_option, dtype_option, precision, state_dtype_option, threads_option
 
 
 
@@ -43,6 +43,7 @@ def register(app: typer.Typer) -> None:
         device: str = device_option(),
         dtype: str = dtype_option(),
         state_dtype: str = state_dtype_option(),
+        threads: int = threads_option(),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     ) -> None:
         """Run trained looped models at more (and fewer) recurrences than they were trained with.
@@ -64,6 +65,7 @@ def register(app: typer.Typer) -> None:
         **Example.** `loopscope extrapolate --model default --data ../shared/data/gsm8k --control smollm2
         --accuracy-questions 4 --out reports/extrapolate`
         """
+        apply_threads(threads)
         from loopscope.experiments.extrapolate import ExtrapolateSettings, run_extrapolate
 
         run_extrapolate(ExtrapolateSettings(

@@ -7,12 +7,14 @@ from pathlib import Path
 import typer
 
 from loopscope.cli.common import (
+    apply_threads,
     device_option,
     dtype_option,
     parse_float_list,
     parse_int_list,
     parse_word_list,
     precision,
+    threads_option,
     state_dtype_option,
 )
 
@@ -37,6 +39,7 @@ def register(app: typer.Typer) -> None:
         device: str = device_option(),
         dtype: str = dtype_option(),
         state_dtype: str = state_dtype_option(),
+        threads: int = threads_option(),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     ) -> None:
         """Which norm / injection / block-size combinations reach a stable cyclic fixed point at random init?
@@ -52,6 +55,7 @@ def register(app: typer.Typer) -> None:
         degeneracy matrix; `OUT/grid_cells.csv` (one row per cell, appended as cells finish: an interrupted grid
         resumes where it stopped).
         """
+        apply_threads(threads)
         from loopscope.experiments.grid import GridSettings, run_grid_report
 
         s = GridSettings(out=out, norms=tuple(parse_word_list(norms, "--norms")),  # run_grid checks the names

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from loopscope.cli.common import device_option, dtype_option, precision, state_dtype_option
+from loopscope.cli.common import apply_threads, device_option, dtype_option, precision, state_dtype_option, threads_option
 
 
 def register(app: typer.Typer) -> None:
@@ -42,6 +42,7 @@ def register(app: typer.Typer) -> None:
         device: str = device_option(),
         dtype: str = dtype_option(),
         state_dtype: str = state_dtype_option(),
+        threads: int = threads_option(),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     ) -> None:
         """Change a run of the model and report every stage metric before against after, and the KL.
@@ -64,6 +65,7 @@ def register(app: typer.Typer) -> None:
         **Examples.** `loopscope intervene --model default --zero-mlp core:2 --at-recurrences 0,1`;
         `loopscope intervene --model smollm2 --massive-activation-ablation --prompts gsm8k.jsonl`
         """
+        apply_threads(threads)
         from loopscope.experiments.intervene import InterveneSettings, run_intervene
         from loopscope.interventions.parse import parse_interventions
 
