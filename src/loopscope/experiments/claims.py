@@ -480,6 +480,24 @@ def share_verdict(k: int, n: int, th: Thresholds) -> tuple[str, tuple[float, flo
     return side(lo, hi, th.majority), (k / n, lo, hi)
 
 
+Judged = tuple[str, str, tuple[float, float, float]]  # (verdict, evidence, the worst group's (effect, lo, hi))
+NO_DEFAULT = "the grid did not run the default setting (D=64, injected RMS 0.6325)"
+
+
+def judge_settings(cells: pd.DataFrame, judge: Callable[[pd.DataFrame], Judged]
+                   ) -> tuple[Judged, list[tuple[str, str, str]]] | None:
+    """`judge` at the default setting, and (label, verdict, evidence) at every other setting; None when the grid
+    did not run the default."""
+    default = cells[cells["default"]]
+    if default.empty:
+        return None
+    others = []
+    for key, part in cells[~cells["default"]].groupby(["d_model", "injected_rms"], sort=False):
+        verdict, evidence, _ = judge(part)
+        others.append((grid_setting_label(*key), verdict, evidence))
+    return judge(default), others
+
+
 def rule_grid(injection_on: bool) -> Callable[[Measurements, Thresholds], Verdict]:
     """Per norm, the share of its random-init cells (block sizes × seeds, each an independent initialisation) whose
     verdict is the paper's, with its exact binomial interval (`share_verdict`): the norm holds when surely most cells
@@ -496,7 +514,7 @@ def rule_grid(injection_on: bool) -> Callable[[Measurements, Thresholds], Verdic
         if cells.empty:
             return Verdict(NOT_MEASURABLE, f"the grid had no cells {'with' if injection_on else 'without'} injection")
 
-        def judge(part: pd.DataFrame) -> tuple[str, str, tuple[float, float, float]]:
+        def judge(part: pd.DataFrame) -> Judged:
             verdicts, stats, parts = [], [], []
             for (norm, injection), group in part.groupby(["norm", "injection"], sort=False):
                 paper = PAPER_VERDICTS.get((norm, injection), "—")
@@ -509,13 +527,12 @@ def rule_grid(injection_on: bool) -> Callable[[Measurements, Thresholds], Verdic
                              f"({v}; most often {measured.index[0]})")
             return combine_verdicts(verdicts), "; ".join(parts), min(stats, key=lambda st: st[1])
 
-        default = cells[cells["default"]]
-        if default.empty:
-            return Verdict(NOT_MEASURABLE, "the grid did not run the default setting (D=64, injected RMS 0.6325)")
-        verdict, ev, worst = judge(default)
-        others = [f"{grid_setting_label(*key)}: {judge(part)[0]} — {judge(part)[1]}"
-                  for key, part in cells[~cells["default"]].groupby(["d_model", "injected_rms"], sort=False)]
-        where = (" Other settings — " + " | ".join(others) + ".") if others else ""
+        judged = judge_settings(cells, judge)
+        if judged is None:
+            return Verdict(NOT_MEASURABLE, NO_DEFAULT)
+        (verdict, ev, worst), others = judged
+        where = (" Other settings — " + " | ".join(f"{label}: {v} — {e}" for label, v, e in others) + ".") \
+            if others else ""
         return Verdict(verdict, f"default setting (share of cells with the paper's verdict, 95 % exact interval, "
                        f"holds above {fmt(th.majority)}): {ev}.{where}",
                        "random-init grid, " + ("with" if injection_on else "without") + " injection", *worst)
@@ -534,7 +551,7 @@ def rule_grid_block_size(m: Measurements, th: Thresholds) -> Verdict:
         return Verdict(NOT_MEASURABLE, f"one block size only ({blocks[0]})")
     ref = 12 if 12 in blocks else blocks[len(blocks) // 2]
 
-    def judge(part: pd.DataFrame) -> tuple[str, str, tuple[float, float, float]]:
+    def judge(part: pd.DataFrame) -> Judged:
         verdicts, stats, parts = [], [], []
         for (norm, injection), group in part.groupby(["norm", "injection"], sort=False):
             at_ref = group[group["block_size"] == ref]["verdict"]
@@ -551,13 +568,11 @@ def rule_grid_block_size(m: Measurements, th: Thresholds) -> Verdict:
             return NOT_MEASURABLE, f"no norm × injection ran k={ref} and another block size", (math.nan,) * 3
         return combine_verdicts(verdicts), "; ".join(parts), min(stats, key=lambda st: st[1])
 
-    default = cells[cells["default"]]
-    if default.empty:
-        return Verdict(NOT_MEASURABLE, "the grid did not run the default setting (D=64, injected RMS 0.6325)")
-    verdict, ev, worst = judge(default)
-    others = [f"{grid_setting_label(*key)}: {judge(part)[0]}"
-              for key, part in cells[~cells["default"]].groupby(["d_model", "injected_rms"], sort=False)]
-    where = (" Other settings — " + "; ".join(others) + ".") if others else ""
+    judged = judge_settings(cells, judge)
+    if judged is None:
+        return Verdict(NOT_MEASURABLE, NO_DEFAULT)
+    (verdict, ev, worst), others = judged
+    where = (" Other settings — " + "; ".join(f"{label}: {v}" for label, v, _ in others) + ".") if others else ""
     return Verdict(verdict, f"share of cells at block sizes ≠ {ref} with the k={ref} verdict (95 % exact interval, "
                    f"holds above {fmt(th.majority)}), default setting: {ev}.{where}",
                    "block sizes " + ", ".join(map(str, blocks)), *worst)
