@@ -47,7 +47,16 @@ def test_fixed_point_and_stage_rows_follow_their_intervals():
                                                                     fraction_distinct_hi=0.4)}) == DIFFERS
     assert verdict("retrofit-stages", {"retrofit": summary_row()}) == HOLDS
     assert verdict("retrofit-stages", {"retrofit": summary_row(alignment_lo=0.2, alignment_hi=0.45)}) == DIFFERS
-    assert verdict("retrofit-attention", {"retrofit": summary_row(attention_shrink=0.7)}) == DIFFERS
+    # attention: the share of patterns nearest their own layer, with its exact interval over the patterns counted
+    assert verdict("retrofit-attention", {"retrofit": summary_row(attention_patterns=64)}) == HOLDS  # [0.94, 1]
+    assert verdict("retrofit-attention", {"retrofit": summary_row(attention_patterns=32)}) == INCONCLUSIVE  # [0.89, 1]
+    assert verdict("retrofit-attention", {"retrofit": summary_row(attention_patterns=64, attention_self_match=0.5)}) \
+        == DIFFERS
+    assert verdict("retrofit-attention", {"retrofit": summary_row()}) == INCONCLUSIVE  # no count: no interval
+    # every row with an interval carries it in the effect columns
+    rule = next(c.rule for c in RETROFIT_CLAIMS if c.id == "retrofit-fixed-points")
+    v = rule({"retrofit": summary_row()}, Thresholds())
+    assert (v.effect, v.ci_low, v.ci_high) == (0.8, 0.7, 0.9)
     assert verdict("retrofit-fixed-points", {}) == NOT_MEASURABLE
 
 

@@ -257,5 +257,7 @@ def retrofit_measurements(r: dict[str, dict]) -> dict[str, pd.DataFrame]:
            **{k: float(summary[k]) for k in ("stage_repeat_error", "attention_self_match", "attention_shrink",
                                              "massive_ratio")}}
     row["model"] = str(summary["model"])
+    distances = r["analysis"].get("attention_distance")  # one row per (layer, recurrence) pattern compared
+    row["attention_patterns"] = len(distances) if distances is not None else float("nan")
     return {"retrofit": pd.DataFrame([row]), "retrofit_ablation": r["ablation"]["summary"],
             "retrofit_extrapolate": r["extrapolate"]["summary"]}
