@@ -453,7 +453,8 @@ def rule_cooccurrence(m: Measurements, th: Thresholds) -> Verdict:
                                        f"{bool(orbits)}, slider tokens: {bool(sliders)})")
     total = int(models["orbit_slider_cooccurrence"].sum())
     return Verdict(HOLDS if total == 0 else DIFFERS, f"tokens that orbit at one block layer and slide at another: "
-                   f"{total}", names(models))
+                   f"{total} (a count, no interval: 'never' is contradicted by one token)", names(models),
+                   effect=float(total))
 
 
 def grid_setting_label(d_model, injected_rms) -> str:
