@@ -143,3 +143,29 @@ def test_spearman_is_rank_correlation_not_pearson():
     assert spearman(cubed, x) == pytest.approx(1.0)
     assert pearson(cubed, x) == pytest.approx(154 / 170)  # by hand: Σ(x−2)(x³−20) = 154, √(10·2890) = 170
     assert spearman(np.array([1.0, 1.0, 2.0]), np.array([1.0, 2.0, 3.0])) == pytest.approx(0.8660, abs=1e-3)  # average ranks for ties
+
+
+def test_line_panels_names_every_model_when_the_series_are_names(tmp_path, monkeypatch):
+    """21 trained models (7 presets × 3 seeds) as series: a legend naming each one in its own colour; a colour scale
+    (right for 17+ layers or recurrences) cannot stand for names, and failed on them."""
+    from loopscope.report import figures
+
+    names = [f"preset{p}-s{s}" for p in range(7) for s in range(3)]
+    df = pd.DataFrame([{"step": t, "loss": 5.0 - t / 10 + i / 100, "model": n}
+                       for i, n in enumerate(names) for t in range(3)])
+    seen = {}
+
+    def keep(fig, out, name):
+        seen["fig"] = fig
+        return out / f"{name}.png"
+
+    monkeypatch.setattr(figures, "save", keep)
+    figures.line_panels(df, "step", [("loss", "loss")], "model", tmp_path, "loss", title="t", series_label="")
+    ax = seen["fig"].axes[0]
+    legend = [t.get_text().strip() for t in ax.get_legend().get_texts()]
+    assert legend == sorted(names)
+    assert len({tuple(line.get_color()) for line in ax.get_lines()}) == 20  # tab20: distinct colours (then it cycles)
+    # numeric series keep the colour scale beyond 16 values
+    layers = pd.DataFrame([{"step": t, "loss": 1.0, "layer": k} for k in range(20) for t in range(2)])
+    figures.line_panels(layers, "step", [("loss", "loss")], "layer", tmp_path, "l", title="t")
+    assert seen["fig"].axes[0].get_legend() is None

@@ -50,13 +50,15 @@ def line_panels(
     """One panel per (column, axis label) in `panels`; one line per value of `series`; ±std band when a
     `<column>_std` column exists. `overlay` (same x and columns, no series) is drawn as a dashed black line."""
     keys = sorted(df[series].dropna().unique())
-    colours = series_colours(len(keys), cmap)
+    numeric = all(isinstance(k, (int, float, np.number)) for k in keys)
+    # ordered series (layers, recurrences) on a sequential scale; named ones (models) in distinct colours
+    colours = series_colours(len(keys), cmap) if numeric else [plt.get_cmap("tab20")(i % 20) for i in range(len(keys))]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
     for p, (column, label) in enumerate(panels):
         ax = axes[0, p]
         for key, colour in zip(keys, colours):
             part = df[df[series] == key].sort_values(x)
-            ax.plot(part[x], part[column], color=colour, lw=1.4, label=f"{series_label or series} {key}")
+            ax.plot(part[x], part[column], color=colour, lw=1.4, label=f"{series if series_label is None else series_label} {key}".strip())
             if f"{column}_std" in part:
                 lo, hi = part[column] - part[f"{column}_std"], part[column] + part[f"{column}_std"]
                 ax.fill_between(part[x], lo, hi, color=colour, alpha=0.12, lw=0)
@@ -69,12 +71,15 @@ def line_panels(
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    if len(keys) <= 16 or overlay is not None:
+    if numeric and len(keys) > 16 and overlay is None:  # many layers or recurrences: a colour scale reads better
+        add_colourbar(fig, axes[0, -1], cmap, keys, series_label or series)
+    elif numeric:
         step = max(1, len(keys) // 12)
         keep = [i for i in range(len(labels)) if i % step == 0 or labels[i] == overlay_label]
         axes[0, -1].legend([handles[i] for i in keep], [labels[i] for i in keep], fontsize=7, loc="best")
-    else:
-        add_colourbar(fig, axes[0, -1], cmap, keys, series_label or series)
+    else:  # named series (models): every name, since no scale can stand in for them
+        axes[0, -1].legend(handles, labels, fontsize=6 if len(labels) > 12 else 7, loc="best",
+                           ncol=2 if len(labels) > 12 else 1)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return save(fig, out_dir, name)
@@ -116,7 +121,7 @@ def quantile_panels(
             ax.fill_between(part[x], clip(part[f"{stem}_{band[0]}"]), clip(part[f"{stem}_{band[1]}"]),
                             color=colour, alpha=0.18, lw=0)
             ax.plot(part[x], clip(part[f"{stem}_median"]), color=colour, lw=1.4,
-                    label=f"{series_label or series} {key}")
+                    label=f"{series if series_label is None else series_label} {key}".strip())
         if floor is not None:
             ax.axhline(floor, color="0.2", ls=":", lw=1.2, label=floor_label)
         ax.set_yscale("log")
