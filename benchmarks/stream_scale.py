@@ -203,6 +203,7 @@ def main() -> None:
     ap.add_argument("--child", nargs=4, metavar=("MODE", "R", "PROMPTS", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-paper-shape", action="store_true")
+    ap.add_argument("--skip-memory", action="store_true", help="only the time ratios (and the paper-shaped run)")
     a = ap.parse_args()
     if a.child:
         if a.child[0] == "paper":
@@ -212,16 +213,17 @@ def main() -> None:
         return
     import pandas as pd
 
-    with tempfile.TemporaryDirectory() as tmp:
-        mem = pd.DataFrame(memory_table(Path(tmp)))
-    r16 = float(mem.loc[mem.setting == "R=16", "stream_peak_mb"].iloc[0])
-    r64 = float(mem.loc[mem.setting == "R=64", "stream_peak_mb"].iloc[0])
-    mem["stream_vs_R16"] = (mem["stream_peak_mb"] / r16).round(3)
-    print("peak RSS (MB), fresh process per setting:")
-    print(mem.to_string(index=False))
-    r256 = float(mem.loc[mem.setting == "R=256", "stream_peak_mb"].iloc[0])
-    p64 = float(mem.loc[mem.setting == "64 prompts, R=64", "stream_peak_mb"].iloc[0])
-    print(f"R=256 / R=16 peak: {r256 / r16:.3f} (target ≤ 1.2); 64 / 16 prompts peak: {p64 / r64:.3f} (target ≤ 1.2)")
+    if not a.skip_memory:
+        with tempfile.TemporaryDirectory() as tmp:
+            mem = pd.DataFrame(memory_table(Path(tmp)))
+        r16 = float(mem.loc[mem.setting == "R=16", "stream_peak_mb"].iloc[0])
+        r64 = float(mem.loc[mem.setting == "R=64", "stream_peak_mb"].iloc[0])
+        mem["stream_vs_R16"] = (mem["stream_peak_mb"] / r16).round(3)
+        print("peak RSS (MB), fresh process per setting:")
+        print(mem.to_string(index=False))
+        r256 = float(mem.loc[mem.setting == "R=256", "stream_peak_mb"].iloc[0])
+        p64 = float(mem.loc[mem.setting == "64 prompts, R=64", "stream_peak_mb"].iloc[0])
+        print(f"R=256 / R=16 peak: {r256 / r16:.3f} (target ≤ 1.2); 64 / 16 prompts peak: {p64 / r64:.3f} (target ≤ 1.2)")
     t = timing(a.threads)
     print(f"\ntime, default model, 16 prompts, R=64 states + R=8 attention, {a.threads} thread(s):")
     print(f"  plain forwards, one pass per run: {t['plain_one_pass_s']:.2f} s; two passes (what the exact distances "

@@ -77,9 +77,12 @@ def line_panels(
         step = max(1, len(keys) // 12)
         keep = [i for i in range(len(labels)) if i % step == 0 or labels[i] == overlay_label]
         axes[0, -1].legend([handles[i] for i in keep], [labels[i] for i in keep], fontsize=7, loc="best")
-    else:  # named series (models): every name, since no scale can stand in for them
-        axes[0, -1].legend(handles, labels, fontsize=6 if len(labels) > 12 else 7, loc="best",
-                           ncol=2 if len(labels) > 12 else 1)
+    elif len(labels) > 12:  # many named series (models): every name, beside the panels so no curve is hidden
+        axes[0, -1].legend(handles, labels, fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0,
+                           ncol=2 if len(labels) > 24 else 1)
+        fig.set_figwidth(fig.get_figwidth() + 1.8)
+    else:  # named series: every name (no scale can stand in for them)
+        axes[0, -1].legend(handles, labels, fontsize=7, loc="best")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return save(fig, out_dir, name)
