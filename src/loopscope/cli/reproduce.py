@@ -49,7 +49,8 @@ orbit/slider rates under system-prompt conditions on `looped-4+inject`.
 
 Full (default): 7 presets × 3 seeds trained for 2 minutes each (42 minutes of training), then 19 analyses, the
 grid over two widths and two injected-signal scales, extrapolation and conditions on the first seed's models;
-about 2 hours on 2 shared CPU cores, plus ~40 minutes for the retrofit rows (`--no-retrofit` skips them).
+measured at 2 h 24 min on 2 shared CPU cores (grid 53 min, training 50 min), plus 35 minutes for the retrofit
+rows (`--no-retrofit` skips them).
 `--seeds N` and `--minutes-per-model M` scale it up where there is more compute.
 
 `--quick`: `micro` models trained for 12 steps with 2 seeds, a 12-cell grid, a few prompts; a few minutes. It checks that
