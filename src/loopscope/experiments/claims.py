@@ -210,6 +210,12 @@ def side(lo: float, hi: float, threshold: float, above_holds: bool = True) -> st
     return INCONCLUSIVE
 
 
+def interval_side(stats: tuple[float, float, float], threshold: float, above_holds: bool) -> str:
+    """`side` of an effect's interval; inconclusive when it has none (a table without its units, fewer than two seeds)."""
+    _, lo, hi = stats
+    return INCONCLUSIVE if math.isnan(lo) or math.isnan(hi) else side(lo, hi, threshold, above_holds)
+
+
 def interval_verdict(name: str, values: list[float]) -> tuple[str, str, tuple[float, float, float]]:
     """(verdict, evidence, (mean, lo, hi)) for one effect measured once per seed, > 0 being the paper's direction:
     holds when the 95 % interval over seeds is above 0, differs when below, inconclusive when it straddles 0 or
@@ -220,7 +226,7 @@ def interval_verdict(name: str, values: list[float]) -> tuple[str, str, tuple[fl
     per_seed = ", ".join(fmt(v) for v in values)
     if len(values) < 2:
         return INCONCLUSIVE, f"{name} {fmt(mean)} (one seed: no interval)", (mean, lo, hi)
-    verdict = INCONCLUSIVE if math.isnan(lo) else side(lo, hi, 0.0)  # NaN bounds: fewer than two finite values
+    verdict = interval_side((mean, lo, hi), 0.0, above_holds=True)  # NaN bounds: fewer than two finite values
     return verdict, (f"{name} {fmt(mean)} [{fmt(lo)}, {fmt(hi)}] over {len(values)} seeds "
                      f"(per seed {per_seed})"), (mean, lo, hi)
 
@@ -638,12 +644,6 @@ def loss_rise(m: Measurements, r) -> tuple[float, float, float]:
     return bootstrap_mean((own[r.r_max] - own[r.trained]).to_numpy())
 
 
-def interval_side(stats: tuple[float, float, float], threshold: float, above_holds: bool) -> str:
-    """`side` of an effect's interval; inconclusive when it has none (a table without its units)."""
-    _, lo, hi = stats
-    return INCONCLUSIVE if math.isnan(lo) or math.isnan(hi) else side(lo, hi, threshold, above_holds)
-
-
 def judged_models(rows: pd.DataFrame, stats: list[tuple[float, float, float]], threshold: float, above_holds: bool,
                   what: str) -> tuple[str, str, tuple[float, float, float]]:
     """(verdict, evidence, the worst model's stats) for one effect per model, every model needing its interval on
@@ -693,13 +693,6 @@ def rule_extrapolation_performance(m: Measurements, th: Thresholds) -> Verdict:
     acc = ", ".join(f"{r.model} {fmt(r.acc_train)}→{fmt(r.acc_max)}" for r in conv.itertuples())
     return Verdict(verdict, f"held-out loss rise at the largest R, paired 95 % bootstrap over sequences, kept below "
                    f"{fmt(th.loss_drift)} nats: {ev}. Exact match (shown): {acc}", names(conv), *worst)
-
-
-def condition_rates(m: Measurements, th: Thresholds) -> dict[str, float]:
-    """Fraction of tokens that are not at a fixed point, per condition (the chosen classifier's rows)."""
-    c = m["conditions"]
-    c = c[c["method"] == th.condition_method]
-    return {row.condition: 1.0 - float(row.fixed_point) for row in c.itertuples()}
 
 
 def non_fixed_interval(row: pd.Series) -> tuple[float, float]:

@@ -104,9 +104,8 @@ def behaviour_fractions(labels: pd.DataFrame) -> pd.DataFrame:
     frac = counts.div(n, axis=0)
     frac.insert(0, "n", n)
     bounds = {}
-    for method, part in labels.groupby("method"):
-        per_q = part.assign(non_fixed=part["behaviour"] != "fixed_point").groupby("batch")["non_fixed"]
-        _, lo, hi = bootstrap_ratio(per_q.sum().to_numpy(float), per_q.size().to_numpy(float))
+    for method, per_q in question_counts(labels).groupby("method"):
+        _, lo, hi = bootstrap_ratio(per_q["non_fixed"].to_numpy(float), per_q["n"].to_numpy(float))
         bounds[method] = (float(lo), float(hi))
     frac["non_fixed_low"] = [bounds[m][0] for m in frac.index]
     frac["non_fixed_high"] = [bounds[m][1] for m in frac.index]

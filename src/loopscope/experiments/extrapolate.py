@@ -157,11 +157,10 @@ def dynamics_columns(states: Trajectory, R: int) -> tuple[dict[str, float], list
     out = {"fixed_point_distance": float(np.mean(rel)), "successive_change": float("nan")}
     sliced = first_recurrences(states, R)
     per_prompt: list[float] = []
-    if R >= 2:
-        change = dynamics.successive_change(sliced)
-        out["successive_change"] = float(change[(change.layer == K - 1) & (change.recurrence == R - 1)]["relative_mean"].iloc[0])
+    if R >= 2:  # one pass, per token: the row's mean (over all real tokens, non-finite kept) and each prompt's
         tokens = dynamics.successive_change(sliced, per_token=True)
         tokens = tokens[(tokens.layer == K - 1) & (tokens.recurrence == R - 1)]
+        out["successive_change"] = float(np.mean(tokens["relative"].to_numpy()))
         per_prompt = [float(x) for x in tokens.groupby("batch")["relative"].mean().sort_index()]
     fractions = dict.fromkeys(dynamics.BEHAVIOURS, float("nan"))
     if R >= BEHAVIOUR_MIN_R:

@@ -159,7 +159,6 @@ def attention_state_relation(checks: pd.DataFrame, n_boot: int = 2000, seed: int
     percentile bootstrap interval that resamples prompts (rows of one prompt share its context). Unlike the bound
     (measured/bound ≤ 1 is the theorem itself), ρ_s can come out either way: near 0 if attention moved
     independently of the state. Returns {"spearman", "spearman_lo", "spearman_hi", "n_checks", "n_prompts"}."""
-
     core = checks[(checks["segment"] == "core")].dropna(subset=["measured", "input_change"])
     if len(core) < 3 or core["measured"].nunique() < 2 or core["input_change"].nunique() < 2:
         return {"spearman": math.nan, "spearman_lo": math.nan, "spearman_hi": math.nan, "n_checks": len(core),
