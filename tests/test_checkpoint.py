@@ -60,6 +60,34 @@ def test_pickle_in_place_of_safetensors_is_refused(tmp_path):
         load_looped(tmp_path / "m")
 
 
+def save_with_header_length(tensors: dict, path, target: int, modulus: int) -> int:
+    """Save `tensors` with metadata padded until the safetensors header length ≡ target (mod modulus)."""
+    def length(pad: int) -> int:
+        save_file(tensors, str(path), metadata={"format": "pt", "pad": "x" * pad})
+        return int.from_bytes(path.read_bytes()[:8], "little")
+
+    start = (target - length(0)) % modulus  # each pad character adds one byte before the 8-byte alignment
+    for pad in range(max(0, start - 8), start + 16):
+        n = length(pad)
+        if n % modulus == target:
+            return n
+    raise AssertionError("no padding reached the header length")
+
+
+@pytest.mark.parametrize("target, modulus", [(0x80, 0x100), (0x0280, 0x10000), (0x00, 0x100)])
+def test_safetensors_whose_header_length_starts_like_a_pickle_loads(tmp_path, token_ids, target, modulus):
+    """A safetensors file begins with its header length (u64, little-endian): one length in 256 starts with 0x80,
+    pickle's protocol byte, and 0x…0280 starts with b"\\x80\\x02", a protocol-2 pickle's first two bytes. Such a file
+    is decided by its parsed header, so it loads exactly."""
+    model = build()
+    save_model(model, tmp_path / "m")
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    n = save_with_header_length(tensors, tmp_path / "m" / "model.safetensors", target, modulus)
+    head = (tmp_path / "m" / "model.safetensors").read_bytes()[:2]
+    assert n % modulus == target and (target != 0x0280 or head == b"\x80\x02")
+    torch.testing.assert_close(load_looped(tmp_path / "m")(token_ids), model(token_ids), atol=0, rtol=0)
+
+
 def test_mismatched_weights_list_every_problem(tmp_path):
     model = build()
     save_model(model, tmp_path / "m")

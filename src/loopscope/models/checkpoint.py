@@ -36,10 +36,36 @@ def config_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def safetensors_header(path: Path) -> dict | None:
+    """The JSON header of a safetensors file, or None when `path` is not one.
+
+    The format (safetensors' spec): 8 bytes little-endian u64 N, then N bytes of a UTF-8 JSON object, then the
+    tensor bytes. Decided by parsing that header — never by a magic byte: N's low byte is 0x80 for one header length
+    in 256, which is pickle's protocol byte."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            n = int.from_bytes(head, "little")
+            if n < 2 or n > 100_000_000 or n > path.stat().st_size - 8:
+                return None
+            header = json.loads(f.read(n).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
 def refuse_pickle(path: Path) -> None:
-    """Raise if `path` looks like a pickle/torch.save file: loading one can run arbitrary code."""
-    head = path.read_bytes()[:4] if path.is_file() else b""
-    if path.suffix in PICKLE_SUFFIXES or head[:2] == b"\x80\x02" or head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+    """Raise if `path` looks like a pickle/torch.save file: loading one can run arbitrary code. A file whose
+    safetensors header parses is never refused, whatever its name or first byte."""
+    if path.is_file() and safetensors_header(path) is not None:
+        return
+    head = b""
+    if path.is_file():
+        with open(path, "rb") as f:
+            head = f.read(4)
+    if path.suffix in PICKLE_SUFFIXES or head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
         raise CheckpointError(
             f"{path} is a pickle/torch.save file; loopscope never unpickles (it can execute code). "
             "Convert it once in a trusted environment: "
