@@ -76,7 +76,7 @@ def capture_prompts(
     batches = [prompts[i: i + batch_size] for i in range(0, len(prompts), batch_size)]
     parts = []
     for n, batch in enumerate(tqdm(batches, desc=f"capture R={recurrences}", disable=not progress, unit="batch")):
-        key = batch_key(loaded.name, batch, recurrences, attention, sites)
+        key = batch_key(loaded, batch, recurrences, attention, sites, dtype)
         done = Path(cache_dir) / f"batch{n:04d}-{key}" if cache_dir is not None else None
         if done is not None and (done / "trajectory.json").exists():
             parts.append(Trajectory.load(done, dtype=dtype))
@@ -92,5 +92,7 @@ def capture_prompts(
     return joined
 
 
-def batch_key(name: str, batch: list[str], recurrences: int, attention: bool, sites=None) -> str:
-    return run_key([name, batch, recurrences, attention, None if sites is None else repr(sites)])
+def batch_key(loaded, batch: list[str], recurrences: int, attention: bool, sites=None, dtype=None) -> str:
+    """The key of one captured batch: the model's name, configuration and weights, and every capture setting."""
+    return run_key([loaded.name, loaded.config_dict(), loaded.fingerprint(), batch, recurrences, attention,
+                    None if sites is None else repr(sites), str(dtype)])

@@ -211,10 +211,12 @@ def compute_dtype_of(model: LoopedLM) -> torch.dtype:
 
 
 def run_key(loaded, prompts: list[str], accumulators: list[Accumulator], s: StreamSettings) -> str:
+    """The key of a stream's cached parts: every setting that changes them, and the weights themselves."""
     model = loaded.model
     cfg = getattr(model, "cfg", None)
     return key_of({
-        "cache_version": CACHE_VERSION, "model": loaded.name, "config": cfg.to_dict() if cfg is not None else str(type(model)),
+        "cache_version": CACHE_VERSION, "model": loaded.name, "config": loaded.config_dict(),
+        "weights": loaded.fingerprint(),
         "dtype": str(next(model.parameters()).dtype), "stream": str(compute_dtype_of(model)) if cfg else "",
         "prompts": prompts, "R": s.recurrences, "attention": s.attention, "batch_size": s.batch_size,
         "seed": s.state_seed, "accumulators": [signature(a) for a in accumulators],

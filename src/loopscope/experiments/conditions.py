@@ -129,7 +129,8 @@ def run_conditions(model: str, out: Path, data: str | None = None, questions: in
     token; `table.attrs["by_question"]` counts the question tokens per (condition, method, question)
     (`question_counts`). Writes OUT/index.html, figures, tables."""
     start = time.perf_counter()
-    (precision or Precision()).device  # a bad --device fails first, in one line
+    precision = precision or Precision()
+    precision.device  # a bad --device fails first, in one line
     names = list(SYSTEM_PROMPT_CONDITIONS) if conditions is None else list(conditions)
     if not names:
         raise InputError("--conditions is empty; give one or more of " + ", ".join(SYSTEM_PROMPT_CONDITIONS))
@@ -141,16 +142,17 @@ def run_conditions(model: str, out: Path, data: str | None = None, questions: in
         raise InputError(f"--recurrences {recurrences}: both classifiers need at least {MIN_RECURRENCES} (the paper "
                          "uses 128)")
     subset = gsm8k_test_subset(data)
-    loaded = (precision or Precision()).load(model)
+    loaded = precision.load(model)
     if not loaded.is_looped:
         raise InputError(f"model {model!r} is a {loaded.kind} model; conditions needs a looped model")
     rows, skipped = fitting_questions(loaded, subset, names, questions)
+    weights = loaded.fingerprint()  # in every cached label table's key: a retrained model never reads old labels
     out = Path(out)
     cache = out / "cache" / "conditions"
     cache.mkdir(parents=True, exist_ok=True)
     tables: dict[str, list] = {"question": [], "all": [], "by_question": []}
     for name in tqdm(names, desc=f"conditions R={recurrences}", disable=not progress, unit="condition"):
-        key = run_key([model, [r["index"] for r in rows], recurrences, name])
+        key = run_key([model, weights, [r["index"] for r in rows], recurrences, name, repr(precision)])
         labels = cached_table(cache / f"{name}-{key}.csv",
                               lambda: condition_labels(loaded, [r["question"] for r in rows], name, recurrences))
         cond = get_condition(name)

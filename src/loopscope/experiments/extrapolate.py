@@ -177,9 +177,20 @@ def alignment_at(loaded: LoadedModel, prompts: list[str], R: int, control_stage:
     return alignment_table(stage_table(traj, model_readout(loaded)), control_stage)
 
 
-def row_key(spec: str, R: int, r_max: int, s: ExtrapolateSettings) -> str:
-    return run_key([CACHE_VERSION, str(spec), R, r_max, s.control, s.loss_questions, s.accuracy_questions,
-                    s.dynamics_prompts, s.max_new_tokens, str(s.data)])
+def row_key(loaded: LoadedModel, spec: str, R: int, r_max: int, s: ExtrapolateSettings) -> str:
+    """The key of one cached (model, R) row: the model's spec, name and weights, and every setting of the row."""
+    return run_key([CACHE_VERSION, str(spec), loaded.name, loaded.fingerprint(), R, r_max, s.control,
+                    s.loss_questions, s.accuracy_questions, s.dynamics_prompts, s.max_new_tokens, str(s.data),
+                    repr(s.precision)])
+
+
+def distinct_names(loaded: dict[str, LoadedModel]) -> None:
+    """Rename models that share a name (two seeds of one preset: a checkpoint's name is its preset) to
+    "name [spec]", so no two models' rows are ever read as one model's."""
+    names = [m.name for m in loaded.values()]
+    for spec, m in loaded.items():
+        if names.count(m.name) > 1:
+            m.name = f"{m.name} [{spec}]"
 
 
 class LazyStates:
@@ -241,7 +252,7 @@ def control_stage_table(s: ExtrapolateSettings, prompts: list[str]) -> tuple[str
             traj = capture_prompts(ff, prompts, 1, attention=True, batch_size=s.batch_size, progress=False)
         return stage_table(traj, model_readout(ff))
 
-    return ff.name, cached_table(s.out / "cache" / "extrapolate" / f"control-{row_key(s.control, 1, 1, s)}.csv",
+    return ff.name, cached_table(s.out / "cache" / "extrapolate" / f"control-{row_key(ff, s.control, 1, 1, s)}.csv",
                                  compute)
 
 
@@ -279,6 +290,7 @@ def run_extrapolate(s: ExtrapolateSettings) -> dict[str, pd.DataFrame]:
         grid = sorted(set(s.recurrences or recurrence_grid(loaded.recurrences, s.max_factor)))
         loaded_models[spec] = loaded
         plan += [(spec, R, max(grid)) for R in grid]
+    distinct_names(loaded_models)
     cache = s.out / "cache" / "extrapolate"
     cache.mkdir(parents=True, exist_ok=True)
     per_r, aligned_parts, per_text, per_prompt, reused = [], [], [], [], 0
@@ -293,7 +305,7 @@ def run_extrapolate(s: ExtrapolateSettings) -> dict[str, pd.DataFrame]:
     for spec, R, r_max in bar:
         bar.set_postfix_str(f"{spec} R={R}")
         loaded = loaded_models[spec]
-        path = cache / f"R{R:04d}-{row_key(spec, R, r_max, s)}.json"
+        path = cache / f"R{R:04d}-{row_key(loaded, spec, R, r_max, s)}.json"
         if path.exists():
             saved = json.loads(path.read_text())
             per_r.append(saved["row"])

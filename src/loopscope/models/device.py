@@ -91,6 +91,10 @@ class Precision:
     def state_dtype(self) -> torch.dtype:
         return resolve_state_dtype(self.state_dtype_name, self.dtype)
 
+    def __repr__(self) -> str:
+        """Stable across runs (it enters cache keys): the resolved device type, weights and state dtypes."""
+        return f"Precision({self.device.type}, {self.dtype_name}, {self.state_dtype_name})"
+
     def load(self, spec):
         """`load_model(spec)` on this device, in this precision."""
         from loopscope.models.load import load_model

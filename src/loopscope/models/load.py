@@ -40,6 +40,21 @@ class LoadedModel:
 
         return isinstance(self.model, LoopedLM)
 
+    def fingerprint(self) -> str:
+        """The weights' fingerprint (`loopscope.models.fingerprint`): what every cache key and manifest carries,
+        so a retrained or edited model never meets another's cached results."""
+        from loopscope.models.fingerprint import weights_fingerprint
+
+        return weights_fingerprint(self.model)
+
+    def config_dict(self) -> dict | str:
+        """The model's configuration as plain data: a LoopedLM's `cfg`, a Hugging Face model's `config`."""
+        cfg = getattr(self.model, "cfg", None)
+        if cfg is not None:
+            return cfg.to_dict()
+        hf = getattr(self.model, "config", None)
+        return hf.to_dict() if hasattr(hf, "to_dict") else str(type(self.model))
+
     @property
     def max_seq_len(self) -> int:
         cfg = getattr(self.model, "cfg", None)
