@@ -99,11 +99,51 @@ def test_the_default_injected_rms_is_huginns_rule_exactly():
     assert grid.grid_config("pre", "concat", 4, 0, 64, None, 1.0).embed_scale == pytest.approx(1.0 / (2 / 320) ** 0.5)
 
 
-def test_an_old_grid_folder_is_refused_in_one_line(tmp_path):
-    pd.DataFrame([{"norm": "pre", "injection": "none", "block_size": 4, "seed": 0, "verdict": "stable"}]).to_csv(
-        tmp_path / "grid_cells.csv", index=False)
-    with pytest.raises(InputError, match="older grid .*d_model, injected_rms.*new --out"):
-        run_grid(GridSettings(out=tmp_path, progress=False))
+def test_a_rerun_with_another_r_recomputes_every_cell(tmp_path, monkeypatch):
+    """A finished cell is keyed on every setting that changes it: rerun into the same folder with another R, each
+    cell runs again, and the tables equal a fresh run's at that R (the R = 32 verdict is never reported for R = 8)."""
+    small = dict(norms=("pre",), injections=("concat",), block_sizes=(4,), seeds=(0,), n_prompts=2, max_tokens=8,
+                 certificate_tokens=0, progress=False)
+    run_grid(GridSettings(out=tmp_path / "same", recurrences=32, **small))
+    calls = []
+    real = grid.run_cell
+    monkeypatch.setattr(grid, "run_cell", lambda *a, **k: (calls.append(a[3]), real(*a, **k))[1])
+    again, curves = run_grid(GridSettings(out=tmp_path / "same", recurrences=8, **small))
+    fresh, fresh_curves = run_grid(GridSettings(out=tmp_path / "fresh", recurrences=8, **small))
+    assert calls == [8, 8]
+    pd.testing.assert_frame_equal(again.drop(columns="seconds"), fresh.drop(columns="seconds"))
+    pd.testing.assert_frame_equal(curves, fresh_curves)
+    assert curves["recurrence"].max() == 7 and len(pd.read_csv(tmp_path / "same" / "grid_cells.csv")) == 1
+
+
+def test_a_grid_killed_mid_run_resumes_to_the_tables_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    """A kill during the second cell leaves the first whole (row, curves and certificates in one atomic file) and
+    nothing of the second; the resumed grid's tables equal an uninterrupted run's."""
+    small = dict(norms=("pre", "ouro"), injections=("concat",), block_sizes=(4,), seeds=(0,), recurrences=16,
+                 n_prompts=2, max_tokens=8, certificate_tokens=2, progress=False)
+    whole, whole_curves = run_grid(GridSettings(out=tmp_path / "whole", **small))
+    real = grid.run_cell
+    calls = []
+
+    def dies_on_the_second(*a, **k):
+        calls.append(a[0].norm)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(grid, "run_cell", dies_on_the_second)
+    s = GridSettings(out=tmp_path / "killed", **small)
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(s)
+    assert len(list((tmp_path / "killed" / "cache" / "grid").glob("*.json"))) == 1
+    monkeypatch.setattr(grid, "run_cell", real)
+    cells, curves = run_grid(s)
+    pd.testing.assert_frame_equal(cells.drop(columns="seconds"), whole.drop(columns="seconds"))
+    pd.testing.assert_frame_equal(curves, whole_curves)
+    timing = ["seconds", "seconds_per_token"]
+    pd.testing.assert_frame_equal(grid.read_certificates(s).drop(columns=timing, errors="ignore"),
+                                  grid.read_certificates(GridSettings(out=tmp_path / "whole", **small))
+                                  .drop(columns=timing, errors="ignore"))
 
 
 def test_an_unknown_norm_is_refused_before_any_cell_runs(tmp_path, monkeypatch, capsys):

@@ -52,8 +52,9 @@ def register(app: typer.Typer) -> None:
 
         **Output.** `OUT/index.html` with a verdict table beside the paper's verdicts (with injection: stable for
         every norm but Ouro's; without: only pre-norm, degenerate), the Fig. 29/30-style curves and the
-        degeneracy matrix; `OUT/grid_cells.csv` (one row per cell, appended as cells finish: an interrupted grid
-        resumes where it stopped).
+        degeneracy matrix; `OUT/grid_cells.csv` (one row per cell), `grid_curves.csv`, `grid_certificates.csv`.
+        Each finished cell is kept whole in `OUT/cache/grid/`, keyed on every setting that changes it: an
+        interrupted grid resumes where it stopped, and a rerun with other settings recomputes, never reuses.
         """
         apply_threads(threads)
         from loopscope.experiments.grid import GridSettings, run_grid_report

@@ -6,8 +6,10 @@ Their finding: with injection every norm but Ouro's reaches a stable fixed point
 pre-norm does, and that fixed point is degenerate (every layer converges to the same point).
 
 Each cell is one randomly initialised `LoopedLM` run on the same token sequences; its verdict comes from
-`dynamics.degeneracy_summary` (distinct / degenerate / no fixed point). Finished cells are appended to
-OUT/grid_cells.csv as they complete, so an interrupted grid resumes where it stopped.
+`dynamics.degeneracy_summary` (distinct / degenerate / no fixed point). Each finished cell is written whole, in one
+atomic file keyed on the cell and every setting that changes it (OUT/cache/grid/), so an interrupted grid resumes
+where it stopped and a rerun with other settings (another R, tolerance, precision) never reuses a cell; the tables
+OUT/grid_cells.csv, grid_curves.csv and grid_certificates.csv are written from the cells the run asks for.
 
 Each cell also certifies `certificate_tokens` tokens of its first prompt (`experiments.certificate`: the leading
 eigenvalues of the block map's Jacobian at the state after R recurrences) and joins the prediction with the
@@ -25,6 +27,7 @@ initialisation of a looped model of this kind. A normed prelude output (what Hug
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +44,7 @@ from loopscope.errors import InputError
 from loopscope.dynamics.degeneracy import SAME_POINT_COSINE
 from loopscope.models import LoopedConfig, LoopedLM
 from loopscope.models.device import Precision
+from loopscope.resume import run_key, write_atomic
 
 # The paper's verdicts (§4.2, §6.1), independent of block size ("qualitatively identical" for 4, 12, 16 layers).
 PAPER_VERDICTS = {
@@ -186,46 +190,68 @@ def run_grid(s: GridSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
         if bad := [x for x in given if x not in known]:  # before any cell runs, not when the grid reaches it
             raise InputError(f"{what} {bad[0]!r} is not one of {', '.join(known)}")
     s.out.mkdir(parents=True, exist_ok=True)
-    cells_csv, curves_csv, cert_csv = s.out / "grid_cells.csv", s.out / "grid_curves.csv", certificates_csv(s.out)
-    done = read_cells(cells_csv)
-    curves = [pd.read_csv(curves_csv)] if curves_csv.exists() else []
-    finished = {tuple(r) for r in done[CELL_COLUMNS].itertuples(index=False)}
     ids, mask = grid_inputs(s)
-    todo = [c for c in wanted_cells(s) if c not in finished]
-    for norm, injection, block, seed, width, rms in tqdm(todo, desc="grid", disable=not s.progress, unit="model"):
+    cells = wanted_cells(s)
+    todo = [c for c in cells if not cell_path(s, c).exists()]
+    for cell in tqdm(todo, desc="grid", disable=not s.progress, unit="model"):
         start = time.perf_counter()
+        norm, injection, block, seed, width, rms = cell
         cfg = grid_config(norm, injection, block, seed, width, s.init_std, rms)
         row, last, cert = run_cell(cfg, ids, mask, s.recurrences, s.converge_tol, s.direction_tol, s.precision,
                                    s.certificate_tokens)
-        key = dict(zip(CELL_COLUMNS, (norm, injection, block, seed, width, rms)))
-        if cert is not None:  # before the cell's row: a cell in grid_cells.csv has its certificates written
-            cert = cert.assign(**key)[[*CELL_COLUMNS, *cert.columns]]
-            cert.to_csv(cert_csv, mode="a", header=not cert_csv.exists(), index=False)
-        row = {**key, **row, "seconds": round(time.perf_counter() - start, 2)}
-        pd.DataFrame([row]).to_csv(cells_csv, mode="a", header=not cells_csv.exists(), index=False)
-        last = last.assign(**key)
-        last.to_csv(curves_csv, mode="a", header=not curves_csv.exists(), index=False)
-        curves.append(last)
-    cells = read_cells(cells_csv)
-    wanted = cells.set_index(CELL_COLUMNS).index.isin(wanted_cells(s))
-    return cells[wanted].reset_index(drop=True), pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
+        key = dict(zip(CELL_COLUMNS, cell))
+        part = {"row": {**key, **row, "seconds": round(time.perf_counter() - start, 2)},
+                "curves": last.assign(**key).to_dict(orient="list"),
+                "certificates": None if cert is None else cert.assign(**key)[[*CELL_COLUMNS, *cert.columns]]
+                .to_dict(orient="list")}
+        write_atomic(cell_path(s, cell), json.dumps(part, default=jsonable).encode())  # the cell, whole or absent
+    return write_tables(s, cells)
+
+
+GRID_CACHE_VERSION = 1  # raised when what a cell's file holds changes
+
+
+def cell_path(s: GridSettings, cell: tuple) -> Path:
+    """OUT/cache/grid/<cell>-<key>.json: one finished cell (its row, curves and certificates in one atomic file),
+    keyed on the cell and on every setting that changes what it holds — never reused under other settings."""
+    key = run_key({"version": GRID_CACHE_VERSION, "cell": list(cell), "recurrences": s.recurrences,
+                   "n_prompts": s.n_prompts, "max_tokens": s.max_tokens, "converge_tol": s.converge_tol,
+                   "direction_tol": s.direction_tol, "init_std": s.init_std,
+                   "certificate_tokens": s.certificate_tokens, "precision": repr(s.precision)})
+    norm, injection, block, seed, width, rms = cell
+    return s.out / "cache" / "grid" / f"{norm}-{injection}-k{block}-s{seed}-d{width}-e{rms:g}-{key}.json"
+
+
+def jsonable(x):
+    """numpy scalars and other non-JSON values in a cell's file: as float when they can be, else as text."""
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def write_tables(s: GridSettings, cells: list[tuple]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """OUT/grid_cells.csv, grid_curves.csv, grid_certificates.csv from the finished cells `s` asks for (each written
+    atomically, anything a previous run left there replaced); returns (cells, curves) as read back."""
+    parts = [json.loads(cell_path(s, c).read_text()) for c in cells]
+    rows = pd.DataFrame([p["row"] for p in parts])
+    curves = pd.concat([pd.DataFrame(p["curves"]) for p in parts], ignore_index=True)
+    certs = [pd.DataFrame(p["certificates"]) for p in parts if p["certificates"] is not None]
+    paths = {"cells": s.out / "grid_cells.csv", "curves": s.out / "grid_curves.csv",
+             "certificates": certificates_csv(s.out)}
+    for name, table in (("cells", rows), ("curves", curves),
+                        ("certificates", pd.concat(certs, ignore_index=True) if certs else None)):
+        if table is None:
+            paths[name].unlink(missing_ok=True)
+        else:
+            write_atomic(paths[name], table.to_csv(index=False).encode())
+    return pd.read_csv(paths["cells"]), pd.read_csv(paths["curves"])
 
 
 def wanted_cells(s: GridSettings) -> list[tuple]:
     """Every (norm, injection, block size, seed, width, injected RMS) cell `s` asks for."""
     return list(itertools.product(s.norms, s.injections, s.block_sizes, s.seeds, s.widths,
                                   [rms_key(r) for r in s.injected_rms]))
-
-
-def read_cells(path: Path) -> pd.DataFrame:
-    """The finished cells of a grid folder; a folder written before width and RMS were axes is refused."""
-    if not path.exists():
-        return pd.DataFrame(columns=CELL_COLUMNS)
-    cells = pd.read_csv(path)
-    lacking = [c for c in CELL_COLUMNS if c not in cells.columns]
-    if lacking:
-        raise InputError(f"{path} was written by an older grid (no {', '.join(lacking)} column); give a new --out")
-    return cells
 
 
 def certificates_csv(out: Path) -> Path:
