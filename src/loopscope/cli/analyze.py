@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from loopscope.cli.common import apply_threads, device_option, dtype_option, parse_token_list, state_dtype_option, threads_option
+from loopscope.cli.common import apply_threads, device_option, dtype_option, overwrite_option, parse_token_list, \
+    state_dtype_option, threads_option
 
 
 def register(app: typer.Typer) -> None:
@@ -44,6 +45,7 @@ def register(app: typer.Typer) -> None:
                                         "HF directory or .gguf) whose stage profile is overlaid on every "
                                         "by-recurrence figure and scored against each recurrence "
                                         "(tables/alignment.csv)."),
+        overwrite: bool = overwrite_option(),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     ) -> None:
         """Capture a model on a prompt set and write a report of its dynamics.
@@ -71,8 +73,11 @@ def register(app: typer.Typer) -> None:
         **Output.** `OUT/index.html` (self-contained), `OUT/figures/*.png`, `OUT/tables/*.csv` (every number
         plotted), `OUT/report.json`.
 
-        **Resuming.** Each finished batch's reduced results (not its states) are kept in `OUT/cache`; rerunning
-        the same command after an interruption skips them and gives identical tables.
+        **Resuming.** Each finished batch's reduced results (not its states) are kept in `OUT/cache`, keyed on
+        the settings and the weights; rerunning the same command after an interruption skips them and gives
+        identical tables. `OUT/manifest.json` records the settings, the weights' fingerprint, the versions and
+        every file written: a rerun with other settings or other weights is refused unless `--overwrite`, and a
+        second run into a folder another run is writing is refused.
 
         **Example.** `loopscope analyze --model default --prompts gsm-symbolic --recurrences 128 --out reports/r128`
         """
@@ -85,5 +90,5 @@ def register(app: typer.Typer) -> None:
             attention_recurrences=attention_recurrences, similarity_recurrences=similarity_recurrences,
             max_prompts=max_prompts, batch_size=batch_size, keep_states=keep, feedforward=feedforward,
             certificate_tokens=certificate_tokens,
-            device=device, dtype=dtype, state_dtype=state_dtype, progress=not quiet,
+            device=device, dtype=dtype, state_dtype=state_dtype, progress=not quiet, overwrite=overwrite,
         ))

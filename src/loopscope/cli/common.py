@@ -28,6 +28,12 @@ def threads_option():
                         "where another job keeps a core busy, --threads 1 avoids a stall of several times.")
 
 
+def overwrite_option():
+    return typer.Option(False, "--overwrite", help="Replace what an earlier run left in --out (its report, tables, "
+                        "figures and caches; nothing else). Without it, a rerun with the same settings resumes and "
+                        "one with other settings or other weights is refused.")
+
+
 def apply_threads(threads: int | None) -> None:
     """Set torch's CPU threads when given (≥ 1; a bad value is one clear error)."""
     if threads is None:

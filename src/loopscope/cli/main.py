@@ -7,6 +7,7 @@ and exit with status 2; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 
@@ -56,6 +57,19 @@ def main() -> None:
     except LoopscopeError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(2)
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            raise  # anything else is a bug, with its traceback
+        where = f" writing {exc.filename}" if exc.filename else ""
+        typer.secho(f"error: {exc.strerror}{where}; {DISK_ERRORS[exc.errno]} (finished work is cached: the same "
+                    "command resumes)", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+
+
+# what the user can do about a failed write: the disk, not the code, is at fault
+DISK_ERRORS = {errno.ENOSPC: "free some space or choose another --out", errno.EDQUOT: "free some of your quota",
+               errno.EROFS: "the location is read-only; choose another --out",
+               errno.EACCES: "choose a folder you may write", errno.EIO: "the disk failed; check it"}
 
 
 if __name__ == "__main__":

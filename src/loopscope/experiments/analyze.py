@@ -42,6 +42,7 @@ from loopscope.experiments.stage_tables import (
 )
 from loopscope.models.device import resolve_device, resolve_dtype
 from loopscope.models.load import LoadedModel, load_model
+from loopscope.output import claim_output
 from loopscope.report import Report
 from loopscope.report.dynamics_section import add_dynamics_sections
 from loopscope.report.stages_section import add_stages_section
@@ -65,7 +66,12 @@ class AnalyzeSettings:
     dtype: str = "float32"  # weights
     state_dtype: str = "float32"  # residual stream and recurrent state ("weights" to follow the weights)
     progress: bool = True
+    overwrite: bool = False  # replace what an earlier run with other settings left in `out` (else: refused)
     extra: dict = field(default_factory=dict)
+
+    def output_settings(self) -> dict:
+        """Every setting that decides what `out` holds: a rerun with the same ones resumes, others are refused."""
+        return {k: v for k, v in asdict(self).items() if k not in ("out", "progress", "overwrite", "extra")}
 
     def check(self) -> None:
         if self.recurrences < 2:
@@ -227,14 +233,25 @@ def run_analyze(s: AnalyzeSettings) -> Path | None:
     world = init_distributed(device)
     if device.type == "cuda" and world.size > 1:
         device = torch.device("cuda", torch.cuda.current_device())
-    loaded = load_model(s.model, device=device, dtype=s.dtype, state_dtype=s.state_dtype)
-    prompts = load_prompts(s.prompts, limit=s.max_prompts)
+    prompts = load_prompts(s.prompts, limit=s.max_prompts)  # a bad prompt file fails before the model loads
+    with claim_output(s.out, "analyze", s.output_settings(), overwrite=s.overwrite, rank=world.rank) as folder:
+        loaded = load_model(s.model, device=device, dtype=s.dtype, state_dtype=s.state_dtype)
+        folder.record_weights(loaded.name, loaded.fingerprint())
+        index = write_analysis(loaded, prompts, s, world, folder, start)
+    shutdown_distributed()
+    return index
+
+
+def write_analysis(loaded: LoadedModel, prompts: list[str], s: AnalyzeSettings, world: World, folder,
+                   start: float) -> Path | None:
+    """The streams, the report and the manifest of one analysis, in a folder `run_analyze` owns."""
+    device = next(loaded.model.parameters()).device
     progress = s.progress and world.rank == 0
-    s.out.mkdir(parents=True, exist_ok=True)
     result = analyse(loaded, prompts, s, world)
     ff_name, ff_stage, aligned = None, None, None
     if s.feedforward:
         ff = load_model(s.feedforward, device=device, dtype=s.dtype, state_dtype=s.state_dtype)
+        folder.record_weights(f"feedforward {ff.name}", ff.fingerprint())
         ff_name = ff.name
         with torch.inference_mode():
             ff_tables, ff_run = stream_prompts(
@@ -242,7 +259,6 @@ def run_analyze(s: AnalyzeSettings) -> Path | None:
                 StreamSettings(1, attention=True, label=f"feedforward-{ff.name}", batch_size=s.batch_size,
                                cache_dir=s.out / "cache", progress=progress, world=world))
     if world.rank != 0:
-        shutdown_distributed()
         return None
     if s.feedforward:
         result.runs["feedforward"] = ff_run
@@ -265,8 +281,8 @@ def run_analyze(s: AnalyzeSettings) -> Path | None:
                        neurons=model_neuron_fractions(loaded))
     report.meta["wall time"] = f"{time.perf_counter() - start:.1f} s"
     index = report.write()
+    folder.finish(index)
     say(f"wrote {index}", progress)
-    shutdown_distributed()
     return index
 
 
