@@ -128,8 +128,10 @@ def test_interrupted_run_resumes_from_cached_rows(tmp_path, micro_dir, monkeypat
     assert calls == [1, 2, 5, 5]  # only the unfinished R ran again
     assert list(tables["per_r"]["recurrences"]) == [1, 2, 5]
     assert set(tables["per_text"]["recurrences"]) == {1, 2, 5}  # the cached rows bring their units back
-    ex.run_extrapolate(settings(tmp_path, micro_dir, gsm8k_dir, loss_questions=7))  # other settings: nothing reused
-    assert calls[4:] == [1, 2, 5]
+    with pytest.raises(InputError, match=r"other settings \(loss_questions: 6 → 7\).*--overwrite"):
+        ex.run_extrapolate(settings(tmp_path, micro_dir, gsm8k_dir, loss_questions=7))  # never mixed with the old
+    ex.run_extrapolate(settings(tmp_path, micro_dir, gsm8k_dir, loss_questions=7, overwrite=True))
+    assert calls[4:] == [1, 2, 5]  # other settings: nothing reused
 
 
 def test_condition_rows_are_fractions_of_the_same_question_tokens(tmp_path, micro_dir, gsm8k_dir):

@@ -72,6 +72,24 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_folder(tmp_path):
     assert (tmp_path / LOCK).exists()
 
 
+def test_a_run_refused_for_bad_input_leaves_the_folder_as_it_was(tmp_path):
+    """A mistyped option fails after the folder was claimed: the manifest goes back, so the corrected command (other
+    settings) is not refused as "a run with other settings"."""
+    from loopscope.errors import InputError as Bad
+
+    with pytest.raises(Bad, match="typo"):
+        with claim_output(tmp_path, "intervene", {"R": 4}):
+            raise Bad("typo")
+    assert not (tmp_path / MANIFEST).exists()
+    with claim_output(tmp_path, "intervene", {"R": 8}) as folder:
+        folder.finish()
+    before = (tmp_path / MANIFEST).read_text()
+    with pytest.raises(Bad, match="typo"):
+        with claim_output(tmp_path, "intervene", {"R": 8}):
+            raise Bad("typo")
+    assert (tmp_path / MANIFEST).read_text() == before
+
+
 def test_overwrite_removes_only_what_loopscope_wrote(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with claim_output(tmp_path, "grid", {"R": 32}) as folder:

@@ -106,9 +106,10 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_data, tokenizer):
         assert [e["step"] for e in meta["evals"]] == [0, 4, 8]
         assert [e["loss"] for e in meta["evals"]] == pytest.approx([e["loss"] for e in ref_meta["evals"]], abs=1e-6)
         assert resumed["heldout"]["loss"] == pytest.approx(one_go["heldout"]["loss"], abs=1e-6)
-    # a finished run is not trained further; different settings are refused
+    # a finished run is neither trained nor evaluated again (its metrics stand); different settings are refused
     again = train(micro(), tmp_path / "one", **kw)
-    assert again["resumed_from_step"] == 8 and again["steps"] == 8
+    assert again == json.loads((tmp_path / "one" / "metrics.json").read_text()) and again["steps"] == 8
+    assert again["heldout"]["loss"] == pytest.approx(one_go["heldout"]["loss"], abs=0)
     with pytest.raises(InputError, match="lr"):
         train(micro(lr=5e-3), tmp_path / "one", **kw)
 
@@ -203,3 +204,17 @@ def test_healing_continues_a_retrofit_and_saves_what_it_trained(tmp_path, tiny_d
     tokenizer.save_pretrained(tmp_path / "ff")
     with pytest.raises(InputError, match="cannot be trained"):
         train(TrainSettings(**{**settings, "init_from": str(tmp_path / "ff")}), tmp_path / "ff-run", **kw)
+
+
+def test_a_time_cap_shorter_than_calibration_fixes_the_budget_and_finishes(tmp_path, tiny_data, tokenizer,
+                                                                           monkeypatch):
+    """`--minutes` running out before the step budget was calibrated (4 timed steps): the steps taken are the
+    budget, the run is finished, and rerunning it returns its metrics without evaluating again."""
+    import loopscope.experiments.train as train_module
+
+    s = micro(steps=None, minutes=1e-4)  # 6 ms: one step
+    metrics = train(s, tmp_path, data=tiny_data, tokenizer=tokenizer, progress=False)
+    assert metrics["steps"] == metrics["total_steps"] == 1 and metrics["finished"] and metrics["time_cap_reached"]
+    monkeypatch.setattr(train_module, "heldout_loss", lambda *a, **k: (_ for _ in ()).throw(AssertionError("again")))
+    again = train(micro(steps=None, minutes=1e-4), tmp_path, data=tiny_data, tokenizer=tokenizer, progress=False)
+    assert again == json.loads((tmp_path / "metrics.json").read_text()) and again["steps"] == 1

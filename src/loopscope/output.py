@@ -49,6 +49,13 @@ def plain(value: Any) -> Any:
     return str(value)
 
 
+def settings_of(settings: Any, exclude: tuple[str, ...] = ("out", "progress", "overwrite")) -> dict:
+    """A settings dataclass as the manifest compares it: every field but where it writes and how it talks."""
+    import dataclasses
+
+    return {k: v for k, v in plain(dataclasses.asdict(settings)).items() if k not in exclude}
+
+
 def versions() -> dict[str, str]:
     import torch
 
@@ -66,12 +73,15 @@ class OutputFolder:
         self.weights: dict[str, str] = {}
         self.started = time.time()
         self._before: dict[str, tuple[int, int]] = {}
+        self._previous_text: bytes | None = None
         self._lock = None
 
     # --- entering ------------------------------------------------------------------------------------------
     def open(self) -> OutputFolder:
         self._create()
         self._acquire()
+        manifest = self.path / MANIFEST
+        self._previous_text = manifest.read_bytes() if manifest.exists() else None
         previous = self._read_manifest()
         if previous is not None and self.overwrite:
             self._clear(previous)
@@ -156,6 +166,7 @@ class OutputFolder:
 
     def _clear(self, previous: dict) -> None:
         """--overwrite: the previous run's files, report products and resume caches; nothing else."""
+        self._previous_text = None
         self._remove_products(previous)
         for name in {*self.resume_dirs, *previous.get("resume_dirs", [])}:
             shutil.rmtree(self.path / name, ignore_errors=True)
@@ -216,6 +227,15 @@ class OutputFolder:
             data["report"] = str(index.relative_to(self.path)) if index is not None else None
         write_atomic(self.path / MANIFEST, (json.dumps(data, indent=1) + "\n").encode())
 
+    def abandon(self) -> None:
+        """A run refused for bad input before any work: the folder's manifest goes back to what it was, so a
+        mistyped option never blocks the corrected command."""
+        manifest = self.path / MANIFEST
+        if self._previous_text is None:
+            manifest.unlink(missing_ok=True)
+        else:
+            write_atomic(manifest, self._previous_text)
+
     def close(self) -> None:
         if self._lock is not None:
             self._lock.close()  # releases the flock
@@ -241,8 +261,18 @@ class claim_output:  # noqa: N801  (used as a context manager, named as an actio
         self.folder = None if rank != 0 else OutputFolder(path, command, settings, overwrite, resume_dirs)
 
     def __enter__(self) -> OutputFolder | _NoFolder:
-        return _NoFolder() if self.folder is None else self.folder.open()
+        if self.folder is None:
+            return _NoFolder()
+        try:
+            return self.folder.open()
+        except BaseException:
+            self.folder.close()  # refused: the lock goes at once, the manifest was not touched
+            raise
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind, value, tb) -> None:
+        from loopscope.errors import LoopscopeError
+
         if self.folder is not None:
+            if kind is not None and issubclass(kind, LoopscopeError) and self.folder._lock is not None:
+                self.folder.abandon()
             self.folder.close()

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from loopscope.capture.trajectory import EXTRA_SITES, Trajectory
 from loopscope.errors import InputError
 from loopscope.models.hooks import HookPoint, Step
-from loopscope.models.looped import LAYER_SITES, LoopedLM
+from loopscope.models.looped import LAYER_SITES, LoopedLM, recurrence_count
 
 Key = tuple[str, Step]  # (site, step)
 
@@ -179,7 +179,7 @@ def capture(
                        tokens=tokens, dtype=dtype)
     if not isinstance(model, LoopedLM):
         raise InputError(f"cannot capture a {type(model).__name__}: load it with loopscope.models.load_model")
-    R = model.cfg.recurrences if recurrences is None else int(recurrences)
+    R = model.cfg.recurrences if recurrences is None else recurrence_count(recurrences)
     seed = model.cfg.seed if state_seed is None else state_seed
     device = next(model.parameters()).device
     with Recorder(model, attention=attention, dtype=dtype, sites=sites) as rec:

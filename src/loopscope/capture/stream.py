@@ -40,7 +40,7 @@ from loopscope.capture.prompts import encode_prompts
 from loopscope.capture.record import capture
 from loopscope.errors import InputError
 from loopscope.models.hooks import HookPoint, Step
-from loopscope.models.looped import LoopedLM
+from loopscope.models.looped import LoopedLM, recurrence_count
 from loopscope.resume import run_key as key_of
 
 
@@ -227,8 +227,7 @@ def stream_prompts(loaded, prompts: list[str], accumulators: list[Accumulator], 
                    ) -> tuple[dict[str, Any], dict[str, Any]] | tuple[None, None]:
     """Stream `prompts` through every accumulator; returns (tables by accumulator name, run record) on rank 0 (and
     in a single process), (None, None) on the other ranks. See the module doc."""
-    if s.recurrences < 1:
-        raise InputError(f"recurrences={s.recurrences}: give at least 1")
+    recurrence_count(s.recurrences)
     if s.batch_size < 1:
         raise InputError(f"batch_size={s.batch_size}: give at least 1")
     if not prompts:

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from loopscope.cli.common import apply_threads, device_option, dtype_option, precision, state_dtype_option, threads_option
+from loopscope.cli.common import overwrite_option
 
 
 def register(app: typer.Typer) -> None:
@@ -23,6 +24,7 @@ def register(app: typer.Typer) -> None:
         dtype: str = dtype_option(),
         state_dtype: str = state_dtype_option(),
         threads: int = threads_option(),
+        overwrite: bool = overwrite_option(),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     ) -> None:
         """Lay a looped model's stages of inference over a feedforward model's, and score the match.
@@ -44,6 +46,6 @@ def register(app: typer.Typer) -> None:
 
         index = run_compare(CompareSettings(looped=looped, feedforward=feedforward, prompts=prompts, out=out,
                                             recurrences=recurrences, max_prompts=max_prompts,
-                                            batch_size=batch_size, progress=not quiet,
+                                            batch_size=batch_size, progress=not quiet, overwrite=overwrite,
                                             precision=precision(device, dtype, state_dtype)))
         typer.echo(f"wrote {index}")

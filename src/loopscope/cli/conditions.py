@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from loopscope.cli.common import apply_threads, device_option, dtype_option, precision, state_dtype_option, threads_option
+from loopscope.cli.common import overwrite_option
 
 
 def register(app: typer.Typer) -> None:
@@ -25,6 +26,7 @@ def register(app: typer.Typer) -> None:
         dtype: str = dtype_option(),
         state_dtype: str = state_dtype_option(),
         threads: int = threads_option(),
+        overwrite: bool = overwrite_option(),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     ) -> None:
         """How often do tokens orbit or slide instead of settling, with and without a system prompt?
@@ -48,5 +50,5 @@ def register(app: typer.Typer) -> None:
         from loopscope.experiments.conditions import run_conditions
 
         run_conditions(model, out, data=data, questions=questions, recurrences=recurrences,
-                       conditions=list(condition) if condition else None, progress=not quiet,
+                       conditions=list(condition) if condition else None, progress=not quiet, overwrite=overwrite,
                        precision=precision(device, dtype, state_dtype))

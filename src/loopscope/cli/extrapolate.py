@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from loopscope.cli.common import apply_threads, device_option, dtype_option, precision, state_dtype_option, threads_option
+from loopscope.cli.common import overwrite_option
 
 
 
@@ -44,6 +45,7 @@ def register(app: typer.Typer) -> None:
         dtype: str = dtype_option(),
         state_dtype: str = state_dtype_option(),
         threads: int = threads_option(),
+        overwrite: bool = overwrite_option(),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     ) -> None:
         """Run trained looped models at more (and fewer) recurrences than they were trained with.
@@ -72,5 +74,6 @@ def register(app: typer.Typer) -> None:
             models=list(model), out=out, control=control, data=data,
             recurrences=parse_ints(recurrences, "--recurrences"), max_factor=max_factor,
             loss_questions=loss_questions, accuracy_questions=accuracy_questions, dynamics_prompts=dynamics_prompts,
-            max_new_tokens=max_new_tokens, progress=not quiet, precision=precision(device, dtype, state_dtype),
+            max_new_tokens=max_new_tokens, progress=not quiet, overwrite=overwrite,
+            precision=precision(device, dtype, state_dtype),
         ))

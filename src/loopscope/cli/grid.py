@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from loopscope.cli.common import (
+    overwrite_option,
     apply_threads,
     device_option,
     dtype_option,
@@ -40,6 +41,7 @@ def register(app: typer.Typer) -> None:
         dtype: str = dtype_option(),
         state_dtype: str = state_dtype_option(),
         threads: int = threads_option(),
+        overwrite: bool = overwrite_option(),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     ) -> None:
         """Which norm / injection / block-size combinations reach a stable cyclic fixed point at random init?
@@ -65,7 +67,7 @@ def register(app: typer.Typer) -> None:
                          seeds=tuple(parse_int_list(seeds, "--seeds", minimum=0)),
                          widths=tuple(parse_int_list(widths, "--widths", minimum=8)),
                          injected_rms=tuple(parse_float_list(injected_rms, "--injected-rms", minimum=1e-6)),
-                         recurrences=recurrences, init_std=init_std, progress=not quiet,
+                         recurrences=recurrences, init_std=init_std, progress=not quiet, overwrite=overwrite,
                          precision=precision(device, dtype, state_dtype))
         if quick:
             s.block_sizes, s.seeds, s.recurrences = (4,), (0,), 64

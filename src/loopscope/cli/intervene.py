@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from loopscope.cli.common import apply_threads, device_option, dtype_option, precision, state_dtype_option, threads_option
+from loopscope.cli.common import overwrite_option
 
 
 def register(app: typer.Typer) -> None:
@@ -43,6 +44,7 @@ def register(app: typer.Typer) -> None:
         dtype: str = dtype_option(),
         state_dtype: str = state_dtype_option(),
         threads: int = threads_option(),
+        overwrite: bool = overwrite_option(),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     ) -> None:
         """Change a run of the model and report every stage metric before against after, and the KL.
@@ -74,6 +76,7 @@ def register(app: typer.Typer) -> None:
             model=model, prompts=prompts, out=out, specs=specs,
             massive_activation_ablation=massive_activation_ablation, recurrences=recurrences,
             feedforward=feedforward, max_prompts=max_prompts, batch_size=batch_size, progress=not quiet,
+            overwrite=overwrite,
             precision=precision(device, dtype, state_dtype),
         ))
         typer.echo(f"wrote {index}")

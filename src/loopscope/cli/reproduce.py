@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from loopscope.cli.common import device_option, dtype_option, precision, state_dtype_option
+from loopscope.cli.common import overwrite_option
 
 HELP = """
 Reproduce Blayney et al. (2026) on this machine: train, analyse, and judge every claim of the paper.
@@ -101,13 +102,15 @@ def register(app: typer.Typer) -> None:
         device: str = device_option(),
         dtype: str = dtype_option(),
         state_dtype: str = state_dtype_option(),
+        overwrite: bool = overwrite_option(),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
     ) -> None:
         from loopscope.experiments.reproduce import ReproduceSettings, run_reproduce
 
         s = ReproduceSettings(out=out, data=data, quick=quick, minutes_per_model=minutes_per_model, seeds=seeds,
                               threads=threads,
-                              retrofit=retrofit, retrofit_only=retrofit_only, progress=not quiet, precision=precision(device, dtype, state_dtype))
+                              retrofit=retrofit, retrofit_only=retrofit_only, progress=not quiet, overwrite=overwrite,
+                              precision=precision(device, dtype, state_dtype))
         try:
             index = run_reproduce(s)
         except KeyboardInterrupt:

@@ -56,7 +56,10 @@ def arnoldi(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, dim: int, st
         alive = alive & ~closed
         H[:, k + 1, k] = torch.where(alive, norm, torch.zeros_like(norm))
         V[:, k + 1] = torch.where(alive[:, None], w / torch.clamp(norm, min=1e-300)[:, None], torch.zeros_like(w))
-    ritz = torch.linalg.eigvals(H[:, :m, :m].detach().cpu().double())
+    Hm = H[:, :m, :m].detach().cpu().double()
+    finite = torch.isfinite(Hm).all(-1).all(-1)  # a non-finite state (an overflowed loop) has no spectrum: NaN
+    ritz = torch.linalg.eigvals(torch.where(finite[:, None, None], Hm, torch.zeros_like(Hm)))
+    ritz = torch.where(finite[:, None], ritz, torch.full_like(ritz, complex(float("nan"), float("nan"))))
     order = ritz.abs().argsort(dim=-1, descending=True)
     return ritz.gather(-1, order)
 

@@ -24,6 +24,7 @@ from loopscope.dynamics.behaviour import Behaviour, behaviour_counts
 from loopscope.dynamics.convergence import CyclicFixedPointCheck, DistanceToFixedPoint, SuccessiveChange
 from loopscope.dynamics.cooccurrence import cooccurrence_from
 from loopscope.dynamics.degeneracy import Degeneracy, degeneracy_summary
+from loopscope.dynamics.nonfinite import NEVER, NonFinite, non_finite_summary
 from loopscope.dynamics.pca import TokenStates
 from loopscope.dynamics.precision import relative_floor
 from loopscope.dynamics.rule_dynamics import MIN_RECURRENCES
@@ -69,13 +70,20 @@ class AnalyzeSettings:
     overwrite: bool = False  # replace what an earlier run with other settings left in `out` (else: refused)
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)  # a str from Python works as the CLI's Path does
+
     def output_settings(self) -> dict:
         """Every setting that decides what `out` holds: a rerun with the same ones resumes, others are refused."""
         return {k: v for k, v in asdict(self).items() if k not in ("out", "progress", "overwrite", "extra")}
 
     def check(self) -> None:
+        from loopscope.models.looped import recurrence_count
+
         if self.recurrences < 2:
             raise InputError(f"--recurrences {self.recurrences}: dynamics need at least 2 recurrences (64–128 advised)")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise InputError(f"--max-prompts {self.max_prompts}: give 1 or more (or leave it out for every prompt)")
         if self.attention_recurrences < 1:
             raise InputError(f"--attention-recurrences {self.attention_recurrences}: give at least 1")
         if self.batch_size < 1:
@@ -87,6 +95,8 @@ class AnalyzeSettings:
         if self.classify_method not in ("dynamics", "paper"):
             raise InputError(f"classify_method={self.classify_method!r}; use dynamics or paper")
         resolve_dtype(self.dtype)
+        recurrence_count(self.recurrences, "--recurrences")  # whole, and not absurdly many
+        recurrence_count(self.attention_recurrences, "--attention-recurrences")
 
 
 def say(msg: str, progress: bool) -> None:
@@ -96,7 +106,7 @@ def say(msg: str, progress: bool) -> None:
 
 def dynamics_accumulators(s: AnalyzeSettings, n_prompts: int) -> list:
     """Everything the dynamics sections show, from the long run without attention."""
-    accs = [SuccessiveChange(), DistanceToFixedPoint(), CyclicFixedPointCheck(), Degeneracy()]
+    accs = [SuccessiveChange(), DistanceToFixedPoint(), CyclicFixedPointCheck(), Degeneracy(), NonFinite()]
     if s.recurrences >= MIN_RECURRENCES:
         accs.append(Behaviour(paper_layers=None if s.classify_method == "paper" else (-1,)))
     for prompt, token in s.keep_states:
@@ -134,6 +144,8 @@ def dynamics_tables(states: dict, attn: dict, s: AnalyzeSettings) -> dict[str, p
         "cyclic_fixed_point_check": states["cyclic_fixed_point_check"],
         "degeneracy": states["degeneracy"],
         "degeneracy_summary": degeneracy_summary(states["degeneracy"]),
+        "non_finite_summary": non_finite_summary(states["non_finite"]),
+        "non_finite_tokens": states["non_finite"][states["non_finite"]["first_recurrence"] != NEVER],
         "attention_to_fixed_point": attn["attention_to_fixed_point"],
         "residual_similarity": attn["residual_similarity"],
         "attention_distance": attn["attention_distance"],
@@ -209,9 +221,11 @@ def analyse(loaded: LoadedModel, prompts: list[str], s: AnalyzeSettings, world: 
         floor = relative_floor(s.dtype, runs["states"]["state_dtype"] or s.state_dtype)
         tables = dynamics_tables(states, attn, s)
         if s.certificate_tokens and "behaviour_dynamics" in tables:
-            say(f"[2/3] stability certificate of {s.certificate_tokens} tokens (Arnoldi on the block's Jacobian)",
+            say(f"[2/3] stability certificate of {s.certificate_tokens} tokens (Arnoldi on the block's Jacobian) …",
                 progress)
+            t0 = time.perf_counter()
             add_certificate(tables, loaded, prompts, s)
+            say(f"[2/3] stability certificate: {time.perf_counter() - t0:.0f} s", progress)
     return Analysis(
         dynamics=tables,
         stages=stage_table_from(attn),
@@ -273,12 +287,16 @@ def write_analysis(loaded: LoadedModel, prompts: list[str], s: AnalyzeSettings, 
                        "similarity across recurrences and Proposition 4.2 need a looped model (R ≥ 2); only the "
                        "stages of inference are reported.")
     else:
+        t0 = time.perf_counter()
         add_dynamics_sections(report, result.dynamics, s.recurrences, floor=result.floor,
                               floor_note=floor_note(s, result.runs["states"], result.floor),
                               behaviour_min_r=MIN_RECURRENCES)
+        say(f"      dynamics figures: {time.perf_counter() - t0:.0f} s", progress)
+    t0 = time.perf_counter()
     add_stages_section(report, result.stages, STAGE_METRICS, model_name=loaded.name, feedforward=ff_stage,
                        ff_name=ff_name or "feedforward", alignment=aligned, prop42=result.prop42,
                        neurons=model_neuron_fractions(loaded))
+    say(f"      stages figures: {time.perf_counter() - t0:.0f} s", progress)
     report.meta["wall time"] = f"{time.perf_counter() - start:.1f} s"
     index = report.write()
     folder.finish(index)

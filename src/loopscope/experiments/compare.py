@@ -25,6 +25,7 @@ from loopscope.experiments.stage_tables import (
     stage_table_from,
 )
 from loopscope.models.device import Precision
+from loopscope.output import claim_output, settings_of
 from loopscope.report import Report
 from loopscope.report.stages_section import add_stages_section
 
@@ -40,6 +41,7 @@ class CompareSettings:
     batch_size: int = 8
     progress: bool = True
     precision: Precision = field(default_factory=Precision)
+    overwrite: bool = False  # replace what an earlier run with other settings left in `out`
 
 
 def stream_stages(loaded, prompts: list[str], recurrences: int, s: CompareSettings, label: str):
@@ -60,12 +62,21 @@ def stream_stages(loaded, prompts: list[str], recurrences: int, s: CompareSettin
 def run_compare(s: CompareSettings) -> Path:
     if s.recurrences < 1:
         raise InputError(f"--recurrences {s.recurrences}: give at least 1")
+    prompts = load_prompts(s.prompts, limit=s.max_prompts)
+    with claim_output(s.out, "compare", settings_of(s), overwrite=s.overwrite) as folder:
+        return write_compare(s, prompts, folder)
+
+
+def write_compare(s: CompareSettings, prompts: list[str], folder) -> Path:
     start = time.perf_counter()
     looped, ff = s.precision.load(s.looped), s.precision.load(s.feedforward)
-    prompts = load_prompts(s.prompts, limit=s.max_prompts)
+    folder.record_weights(f"looped {looped.name}", looped.fingerprint())
+    folder.record_weights(f"feedforward {ff.name}", ff.fingerprint())
     looped_table, checks = stream_stages(looped, prompts, s.recurrences, s, "looped")
     ff_table, _ = stream_stages(ff, prompts, 1, s, "feedforward")
     aligned = alignment_table(looped_table, ff_table)
+    if s.progress:
+        print("drawing figures and writing the report …", flush=True)
     report = Report(f"loopscope compare — {looped.name} vs {ff.name}", s.out, meta={
         "looped": looped.name, "feedforward": ff.name,
         "prompts": f"{s.prompts} ({len(prompts)} prompts)", "recurrences": s.recurrences,
@@ -78,4 +89,8 @@ def run_compare(s: CompareSettings) -> Path:
     add_stages_section(report, ff_table, STAGE_METRICS, model_name=f"{ff.name} (feedforward)",
                        neurons=model_neuron_fractions(ff), prefix="feedforward_")  # own file names: no overwrite
     report.meta["wall time"] = f"{time.perf_counter() - start:.1f} s"
-    return report.write()
+    index = report.write()
+    folder.finish(index)
+    if s.progress:
+        print(f"wrote {index} ({time.perf_counter() - start:.0f} s)", flush=True)
+    return index

@@ -43,6 +43,7 @@ from loopscope.models.device import Precision
 from loopscope.models.load import LoadedModel
 from loopscope.report import Report
 from loopscope.report.conditions_section import add_conditions_section
+from loopscope.output import claim_output
 from loopscope.resume import cached_table, run_key
 
 BATCH_SIZE = 4  # questions per capture: R=64, K=4, T≈300, D=128 is ≈ 40 MB per question in fp32
@@ -123,7 +124,7 @@ def question_counts(labels: pd.DataFrame) -> pd.DataFrame:
 
 def run_conditions(model: str, out: Path, data: str | None = None, questions: int = 16, recurrences: int = 64,
                    conditions: list[str] | None = None, progress: bool = True,
-                   precision: Precision | None = None) -> pd.DataFrame:
+                   precision: Precision | None = None, overwrite: bool = False) -> pd.DataFrame:
     """One row per (condition, method): condition, method, reconstructed, n (question tokens), fixed_point, orbit, slider,
     divergent, unknown (fractions of question tokens). `table.attrs["all_tokens"]` is the same over every real
     token; `table.attrs["by_question"]` counts the question tokens per (condition, method, question)
@@ -142,7 +143,19 @@ def run_conditions(model: str, out: Path, data: str | None = None, questions: in
         raise InputError(f"--recurrences {recurrences}: both classifiers need at least {MIN_RECURRENCES} (the paper "
                          "uses 128)")
     subset = gsm8k_test_subset(data)
+    settings = {"model": model, "data": data, "questions": questions, "recurrences": recurrences,
+                "conditions": names, "precision": repr(precision)}
+    with claim_output(Path(out), "conditions", settings, overwrite=overwrite) as folder:
+        table = write_conditions(model, Path(out), subset, names, questions, recurrences, progress, precision,
+                                 folder, start)
+    return table
+
+
+def write_conditions(model: str, out: Path, subset: list[dict], names: list[str], questions: int, recurrences: int,
+                     progress: bool, precision: Precision, folder, start: float) -> pd.DataFrame:
+    """The body of `run_conditions`, in a folder it owns."""
     loaded = precision.load(model)
+    folder.record_weights(loaded.name, loaded.fingerprint())
     if not loaded.is_looped:
         raise InputError(f"model {model!r} is a {loaded.kind} model; conditions needs a looped model")
     rows, skipped = fitting_questions(loaded, subset, names, questions)
@@ -177,6 +190,7 @@ def run_conditions(model: str, out: Path, data: str | None = None, questions: in
     add_conditions_section(report, table)
     report.meta["wall time"] = f"{time.perf_counter() - start:.1f} s"
     index = report.write()
+    folder.finish(index)
     if progress:
         print(f"wrote {index}", flush=True)
     return table

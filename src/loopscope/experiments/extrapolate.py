@@ -76,6 +76,7 @@ class ExtrapolateSettings:
     max_new_tokens: int = 256  # greedy decoding budget per question
     batch_size: int = 8  # prompts per capture batch
     precision: Precision = field(default_factory=Precision)
+    overwrite: bool = False  # replace what an earlier run with other settings left in `out`
 
     def check(self) -> None:
         self.precision.device  # a bad --device fails first, in one line
@@ -274,6 +275,14 @@ def run_extrapolate(s: ExtrapolateSettings) -> dict[str, pd.DataFrame]:
     tables["per_text"]: model, recurrences, text, loss; tables["per_prompt"]: model, recurrences, prompt,
     successive_change."""
     s.check()
+    from loopscope.output import claim_output, settings_of
+
+    with claim_output(s.out, "extrapolate", settings_of(s), overwrite=s.overwrite) as folder:
+        return write_extrapolate(s, folder)
+
+
+def write_extrapolate(s: ExtrapolateSettings, folder) -> dict[str, pd.DataFrame]:
+    """The body of `run_extrapolate`, in a folder it owns."""
     start = time.perf_counter()
     subset = gsm8k_test_subset(s.data)
     prompts = [r["question"] for r in subset[: s.dynamics_prompts]]
@@ -287,6 +296,7 @@ def run_extrapolate(s: ExtrapolateSettings) -> dict[str, pd.DataFrame]:
     for spec in s.models:
         loaded = s.precision.load(spec)
         require_looped(loaded, spec)
+        folder.record_weights(str(spec), loaded.fingerprint())
         grid = sorted(set(s.recurrences or recurrence_grid(loaded.recurrences, s.max_factor)))
         loaded_models[spec] = loaded
         plan += [(spec, R, max(grid)) for R in grid]
@@ -341,5 +351,6 @@ def run_extrapolate(s: ExtrapolateSettings) -> dict[str, pd.DataFrame]:
     add_extrapolate_section(report, tables)
     report.meta["wall time"] = f"{time.perf_counter() - start:.1f} s"
     index = report.write()
+    folder.finish(index)
     say(f"wrote {index}", s.progress)
     return tables

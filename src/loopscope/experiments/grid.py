@@ -87,6 +87,7 @@ class GridSettings:
     progress: bool = True
     curves: dict = field(default_factory=dict)
     precision: Precision = field(default_factory=Precision)
+    overwrite: bool = False  # replace what an earlier run with other settings left in `out`
 
 
 def grid_config(norm: str, injection: str, block: int, seed: int, d_model: int,
@@ -349,6 +350,16 @@ def grid_views(cells: pd.DataFrame, curves: pd.DataFrame, certificates: pd.DataF
 
 def run_grid_report(s: GridSettings) -> Path:
     """Run the grid and write OUT/index.html."""
+    from loopscope.output import claim_output, settings_of
+
+    with claim_output(s.out, "grid", settings_of(s, ("out", "progress", "overwrite", "curves")),
+                      overwrite=s.overwrite) as folder:
+        index = write_grid_report(s)
+        folder.finish(index)
+    return index
+
+
+def write_grid_report(s: GridSettings) -> Path:
     from loopscope.report import Report
     from loopscope.report.grid_section import add_grid_section
 

@@ -27,10 +27,12 @@ from loopscope.experiments.stage_tables import (
     profile_summary,
     stage_table,
 )
-from loopscope.interventions import Intervention, ZeroSublayer, describe, next_token_kl, summarize_kl
+from loopscope.interventions import Intervention, ZeroSublayer, next_token_kl, summarize_kl
+from loopscope.interventions.specs import spec_text
 from loopscope.interventions.run import capture_under, check_recurrences
 from loopscope.models.device import Precision
 from loopscope.models.load import LoadedModel
+from loopscope.output import claim_output, settings_of
 from loopscope.report import Report
 from loopscope.report.intervene_section import add_intervention_section, add_kl_section
 from loopscope.report.stages_section import add_stages_section
@@ -49,6 +51,7 @@ class InterveneSettings:
     batch_size: int = 8
     progress: bool = True
     precision: Precision = field(default_factory=Precision)
+    overwrite: bool = False  # replace what an earlier run with other settings left in `out`
 
     def check(self) -> None:
         if bool(self.specs) == self.massive_activation_ablation:
@@ -179,9 +182,15 @@ def run_intervene(s: InterveneSettings, loaded: LoadedModel | None = None) -> Pa
 
     `loaded`: an already loaded model to use instead of loading `s.model` (tests, notebooks)."""
     s.check()
+    prompts = load_prompts(s.prompts, limit=s.max_prompts)
+    with claim_output(s.out, "intervene", settings_of(s), overwrite=s.overwrite) as folder:
+        return write_intervene(s, prompts, loaded, folder)
+
+
+def write_intervene(s: InterveneSettings, prompts: list[str], loaded: LoadedModel | None, folder) -> Path:
     start = time.perf_counter()
     loaded = s.precision.load(s.model) if loaded is None else loaded
-    prompts = load_prompts(s.prompts, limit=s.max_prompts)
+    folder.record_weights(loaded.name, loaded.fingerprint())
     R = run_recurrences(loaded, s.recurrences)
     readout = model_readout(loaded)
     run = capture_before_after(loaded, prompts, R, None if s.massive_activation_ablation else s.specs,
@@ -199,7 +208,7 @@ def run_intervene(s: InterveneSettings, loaded: LoadedModel | None = None) -> Pa
                                                    progress=s.progress), model_readout(ff))
         comparisons[f"before vs {ff_name}"] = alignment_table(before, ff_table)
         comparisons[f"after vs {ff_name}"] = alignment_table(after, ff_table)
-    what = "; ".join(", ".join(f"{k}={v}" for k, v in describe(spec).items()) for spec in specs)
+    what = "; ".join(spec_text(spec) for spec in specs)
     report = Report(f"loopscope intervene — {loaded.name}", s.out, meta={
         "model": loaded.name, "intervention": what,
         "chosen by": "massive-activation onset rule (loopscope.stages.massive)" if found else "the options given",
@@ -221,4 +230,6 @@ def run_intervene(s: InterveneSettings, loaded: LoadedModel | None = None) -> Pa
                  "before it (pearson 1, rmse 0: that stage profile is unchanged).", max_rows=40)
     add_kl_section(report, kl)
     report.meta["wall time"] = f"{time.perf_counter() - start:.1f} s"
-    return report.write()
+    index = report.write()
+    folder.finish(index)
+    return index

@@ -73,6 +73,10 @@ class ReproduceSettings:
     retrofit_plan: RetrofitPlan | None = None  # replaces the retrofit stages' default sizes and models (tests)
     progress: bool = True
     precision: Precision = field(default_factory=lambda: Precision("cpu"))  # where the analyses run
+    overwrite: bool = False  # replace what an earlier study with other settings left in `out`
+
+    # not in the manifest: which stages a call runs (each stage is keyed by its own parameters), and how it talks
+    NOT_OUTPUT = ("out", "progress", "overwrite", "threads", "retrofit", "retrofit_only")
 
 
 @dataclass
@@ -198,15 +202,26 @@ def run_reproduce(s: ReproduceSettings) -> Path:
     check_settings(s)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(s.threads)
+    from loopscope.output import claim_output, settings_of
+
     try:
-        p = Pipeline(s)
-        results = run_stages(p)
-        p.say(f"[{p.n_stages}/{p.n_stages}] report …")
-        results["wall_s"] = time.perf_counter() - start
-        index = write_report(p, results)
-        p.say(f"[{p.n_stages}/{p.n_stages}] report: {time.perf_counter() - start - results['wall_s']:.0f} s")
+        with claim_output(s.out, "reproduce", settings_of(s, ReproduceSettings.NOT_OUTPUT), overwrite=s.overwrite,
+                          resume_dirs=("cache", "runs", "stages")) as folder:
+            index = run_study(s, start)
+            folder.finish(index)
     finally:
         torch.set_num_threads(previous_threads)
+    return index
+
+
+def run_study(s: ReproduceSettings, start: float) -> Path:
+    """The stages and the report of `run_reproduce`, in a folder it owns."""
+    p = Pipeline(s)
+    results = run_stages(p)
+    p.say(f"[{p.n_stages}/{p.n_stages}] report …")
+    results["wall_s"] = time.perf_counter() - start
+    index = write_report(p, results)
+    p.say(f"[{p.n_stages}/{p.n_stages}] report: {time.perf_counter() - start - results['wall_s']:.0f} s")
     p.say(f"wrote {index} ({time.perf_counter() - start:.0f} s)")
     return index
 

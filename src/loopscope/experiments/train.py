@@ -314,12 +314,19 @@ def _train(s: TrainSettings, out: str | Path, data: TrainData | None, tokenizer,
         except KeyboardInterrupt:
             interrupted = True
     bar.close()
+    if total is None and elapsed >= cap_s:
+        total = step  # the time cap ran out before the budget was calibrated: the steps taken are the budget
     save_train_state(out, model, optimizer, meta_now())
     if interrupted or stop.set:
         raise KeyboardInterrupt(f"stopped at step {step}; checkpoint saved in {out}; run the same command to resume")
+    done = out / "metrics.json"
+    if run_steps == 0 and done.exists() and json.loads(done.read_text()).get("steps") == step:
+        if progress:
+            print(f"{out} already finished at step {step}; its metrics.json stands", flush=True)
+        return json.loads(done.read_text())
     run = {"steps": step, "total_steps": total, "train_wall_s": elapsed, "resumed_from_step": resumed_from,
-           "steps_per_s_this_call": run_steps / run_time if run_time else None}
-    return _finish(out, s, cfg, model, tokenizer, data, run, history, evals)
+           "steps_per_s_this_call": run_steps / run_time if run_time else None, "time_cap_reached": elapsed >= cap_s}
+    return _finish(out, s, cfg, model, tokenizer, data, run, history, evals, progress)
 
 
 def _check_resumable(meta: dict, s: TrainSettings, data_id: dict, out: Path) -> None:
@@ -337,12 +344,17 @@ def _check_resumable(meta: dict, s: TrainSettings, data_id: dict, out: Path) -> 
 
 
 def _finish(out: Path, s: TrainSettings, cfg, model: LoopedLM, tokenizer, data: TrainData, run: dict,
-            history: dict, evals: list[dict]) -> dict:
+            history: dict, evals: list[dict], progress: bool = False) -> dict:
     """Save OUT/model, evaluate on the whole held-out set (+ greedy exact match), write metrics and tables."""
     import pandas as pd
 
     model_dir = save_model(model, out / "model", tokenizer, dtype=getattr(torch, s.save_dtype))
     heldout = data.heldout[: s.heldout_sequences]
+    start = time.monotonic()
+    if progress:
+        print(f"final evaluation: {heldout.shape[0]} held-out sequences (trained and untrained model)"
+              + (f", exact match on {s.accuracy_questions} questions" if s.accuracy_questions else "") + " …",
+              flush=True)
     final = heldout_loss(model, heldout, s.batch_size)
     untrained = heldout_loss(initial_model(s).eval(), heldout, s.batch_size)  # the step-0 model
     accuracy = None
@@ -354,7 +366,7 @@ def _finish(out: Path, s: TrainSettings, cfg, model: LoopedLM, tokenizer, data: 
         "signature": cfg.signature,
         "parameters": sum(p.numel() for p in model.parameters()),
         **run,
-        "finished": run["total_steps"] is not None and run["steps"] >= run["total_steps"],
+        "finished": run["time_cap_reached"] or (run["total_steps"] is not None and run["steps"] >= run["total_steps"]),
         "tokens_seen": run["steps"] * s.batch_size * s.seq_len,
         "train_loss_last20": sum(tail) / len(tail) if tail else None,
         "heldout_name": data.heldout_name,
@@ -369,4 +381,6 @@ def _finish(out: Path, s: TrainSettings, cfg, model: LoopedLM, tokenizer, data: 
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     pd.DataFrame({"step": range(1, len(history["loss"]) + 1), **history}).to_csv(out / "history.csv", index=False)
     pd.DataFrame(evals).to_csv(out / "eval.csv", index=False)
+    if progress:
+        print(f"final evaluation: {time.monotonic() - start:.0f} s; held-out loss {final['loss']:.3f}", flush=True)
     return metrics

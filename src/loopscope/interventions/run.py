@@ -13,7 +13,7 @@ from loopscope.capture.record import capture
 from loopscope.capture.trajectory import Trajectory
 from loopscope.errors import InputError
 from loopscope.interventions.kl import next_token_kl
-from loopscope.interventions.specs import Intervention, ZeroSublayer, describe
+from loopscope.interventions.specs import Intervention, ZeroSublayer, describe, spec_text
 from loopscope.interventions.surgery import intervene
 
 
@@ -21,7 +21,7 @@ def check_recurrences(specs: Sequence[Intervention], recurrences: int) -> None:
     """Refuse a ZeroSublayer that names a recurrence the run does not reach."""
     for spec in specs:
         if isinstance(spec, ZeroSublayer) and spec.recurrences and max(spec.recurrences) >= recurrences:
-            raise InputError(f"{describe(spec)} names recurrence {max(spec.recurrences)} but the run has "
+            raise InputError(f"{spec_text(spec)} names recurrence {max(spec.recurrences)} but the run has "
                              f"R={recurrences} (recurrences 0..{recurrences - 1}); lower --at-recurrences or raise "
                              "--recurrences")
 

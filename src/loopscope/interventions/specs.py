@@ -76,6 +76,21 @@ class SwapLayers:
 Intervention = ZeroSublayer | DeleteLayer | SwapLayers
 
 
+def spec_text(spec: Intervention) -> str:
+    """A spec as a person reads it, for errors and report headers: "zero the MLP of core layer 2 at recurrences
+    0, 1", "delete core layer 3", "swap core layers 1 and 2"."""
+    describe(spec)  # refuses non-specs with a clear message
+    if isinstance(spec, ZeroSublayer):
+        where = "" if spec.recurrences is None else (
+            " at no recurrence" if not spec.recurrences else
+            f" at recurrence{'s' if len(spec.recurrences) > 1 else ''} {', '.join(map(str, spec.recurrences))}")
+        return f"zero the {spec.sublayer.upper() if spec.sublayer == 'mlp' else 'attention'} of {spec.segment} " \
+               f"layer {spec.layer}{where}"
+    if isinstance(spec, DeleteLayer):
+        return f"delete {spec.segment} layer {spec.layer}"
+    return f"swap {spec.segment} layers {spec.layer} and {spec.layer + 1}"
+
+
 def describe(spec: Intervention) -> dict[str, Any]:
     """A JSON-able record of a spec: {"kind": class name, **fields}."""
     if not isinstance(spec, (ZeroSublayer, DeleteLayer, SwapLayers)):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from loopscope.errors import InputError
-from loopscope.interventions.specs import DeleteLayer, Intervention, SwapLayers, ZeroSublayer, describe
+from loopscope.interventions.specs import DeleteLayer, Intervention, SwapLayers, ZeroSublayer, describe, spec_text
 from loopscope.models.hooks import name_hook_points
 from loopscope.models.looped import LoopedLM
 
@@ -134,7 +134,7 @@ def zero_hook(spec: ZeroSublayer):
 def _check_index(spec: Intervention, n: int, need: int) -> None:
     if spec.layer + need > n - 1:
         last = n - 1 - need
-        raise InputError(f"{describe(spec)}: the {spec.segment} has {n} layers at this point, so layer must be "
+        raise InputError(f"{spec_text(spec)}: the {spec.segment} has {n} layers at this point, so layer must be "
                          f"in 0..{last}" + (" (swap exchanges layer and layer+1)" if need else ""))
 
 

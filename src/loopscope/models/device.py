@@ -111,5 +111,3 @@ class Precision:
     def describe(self) -> str:
         return f"device {self.device}, weights {self.dtype_name}, states {self.state_dtype_name}"
 
-    def __repr__(self) -> str:
-        return f"Precision({self.device_spec!r}, {self.dtype_name!r}, {self.state_dtype_name!r})"

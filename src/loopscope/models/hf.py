@@ -14,6 +14,7 @@ touches the network (local_files_only). Weights are float32, attention "eager" s
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,43 @@ def _check_weights(directory: Path) -> None:
     raise CheckpointError(f"{directory} has no *.safetensors weights; save the model with save_pretrained")
 
 
+SHAPE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "intermediate_size", "n_embd", "n_layer", "n_head", "n_inner")  # config keys that set tensor shapes
+
+
+def _check_config_matches_weights(directory: Path) -> None:
+    """Refuse, before any tensor is allocated, a config.json that describes another model than its weights: keys
+    missing from it take transformers' defaults (`{"model_type": "llama"}` alone is a 7 B Llama, which took the
+    machine's 24 GB). The config's model is built on the meta device (no memory) and its parameter count compared
+    with the safetensors headers'."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from loopscope.models.checkpoint import safetensors_header
+
+    try:
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+        with torch.device("meta"):
+            expected = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"{directory}/config.json does not describe a model transformers can build ({exc})") \
+            from None
+    found = 0
+    for file in directory.glob("*.safetensors"):
+        header = safetensors_header(file)
+        if header is None:
+            raise CheckpointError(f"{file} is not a valid safetensors file; re-save it with safetensors")
+        found += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    if found and not found / 2 <= expected <= found * 1.05:  # tied or extra buffers aside, the counts agree
+        raw = config_json(directory) or {}
+        aliases = getattr(config, "attribute_map", {})
+        missing = [k for k in SHAPE_KEYS if hasattr(config, k) and k not in raw and aliases.get(k) not in raw
+                   and k not in aliases.values()]
+        hint = f"; config.json lacks {', '.join(missing)}, so transformers' defaults were used" if missing else ""
+        raise CheckpointError(f"{directory}/config.json describes a model of {expected / 1e6:,.1f} M parameters but "
+                              f"its weights hold {found / 1e6:,.1f} M{hint}; give the config.json these weights were "
+                              "saved with")
+
+
 def load_hf(path: str | Path, name: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a HF causal LM directory (config.json + *.safetensors + tokenizer) or a .gguf file, eager attention,
     weights in `dtype` (float32 by default)."""
@@ -70,6 +108,7 @@ def load_hf(path: str | Path, name: str | None = None, dtype: torch.dtype = torc
         directory, source = path.parent, {"gguf_file": path.name}
     else:
         _check_weights(path)
+        _check_config_matches_weights(path)
         directory, source = path, {}
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()

@@ -349,7 +349,7 @@ class LoopedLM(nn.Module):
         `backprop_recurrences=k` (training only) runs the first R − k recurrences without gradients: truncated
         backpropagation through the last k, as Huginn and retrofitted models are trained (Geiping et al. 2025)."""
         cfg = self.cfg
-        R = cfg.recurrences if recurrences is None else int(recurrences)
+        R = cfg.recurrences if recurrences is None else recurrence_count(recurrences)
         check_inputs(input_ids, R, cfg, offset=cache.seq_len if cache else 0)
         offset = cache.seq_len if cache is not None else 0
         run = dict(rope=self.rope, offset=offset, cache=cache)
@@ -372,6 +372,28 @@ class LoopedLM(nn.Module):
         if cache is not None:
             cache.seq_len += input_ids.shape[1]
         return F.linear(x.to(w), self.unembedding)
+
+
+# The largest recurrence count any command accepts. The paper's longest runs are R = 128 (analysis) and 8× the
+# training R (extrapolation); 100,000 recurrences of the smallest model take hours on a CPU, so a larger count is
+# almost surely a typo (`-r 1000000000` sat at "0/1 batch" for ten minutes before this bound).
+MAX_RECURRENCES = 100_000
+
+
+def recurrence_count(value, what: str = "recurrences") -> int:
+    """`value` as a recurrence count: a whole number in 1..MAX_RECURRENCES, else one clear error (2.5 is refused,
+    never truncated to 2)."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+            value = int(value)
+        else:
+            raise InputError(f"{what}={value!r}: give a whole number of recurrences (e.g. 64)")
+    value = int(value)
+    if not 1 <= value <= MAX_RECURRENCES:
+        raise InputError(f"{what}={value}: give 1..{MAX_RECURRENCES:,} recurrences (the paper uses 128)")
+    return value
 
 
 def check_inputs(input_ids: torch.Tensor, recurrences: int, cfg: LoopedConfig, offset: int = 0) -> None:

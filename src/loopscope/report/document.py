@@ -117,10 +117,25 @@ def esc(text: object) -> str:
 
 
 def meta_html(meta: dict[str, object]) -> str:
+    """The report's header: one row per setting; a nested dict (a stream's record, every setting) as a table of its
+    own, a list as comma-separated values — never a raw Python dict."""
     if not meta:
         return ""
-    rows = "".join(f"<tr><th>{esc(k)}</th><td style='text-align:left'>{esc(v)}</td></tr>" for k, v in meta.items())
+    rows = "".join(f"<tr><th>{esc(k)}</th><td style='text-align:left'>{meta_value_html(v)}</td></tr>"
+                   for k, v in meta.items())
     return f"<table class='meta'>{rows}</table>"
+
+
+def meta_value_html(value: object) -> str:
+    if isinstance(value, dict):
+        if not value:
+            return "—"
+        rows = "".join(f"<tr><th>{esc(k)}</th><td style='text-align:left'>{meta_value_html(v)}</td></tr>"
+                       for k, v in value.items())
+        return f"<table class='meta'>{rows}</table>"
+    if isinstance(value, (list, tuple)):
+        return esc(", ".join(str(v) for v in value)) if value else "—"
+    return "—" if value is None else esc(value)
 
 
 def nav_html(sections: list[Section]) -> str:

@@ -8,6 +8,16 @@ from loopscope.report import figures
 from loopscope.report.document import Figure, Report, save_csv
 
 
+def non_finite_note(summary: pd.DataFrame | None) -> str:
+    """One sentence for the section's intro when some token's state went non-finite (empty otherwise)."""
+    if summary is None or not int(summary["non_finite"].iloc[0]):
+        return ""
+    row = summary.iloc[0]
+    return (f" {int(row['non_finite'])} of {int(row['n'])} tokens went non-finite (inf or NaN), first at recurrence "
+            f"{int(row['first_recurrence_min'])} (median {row['first_recurrence_median']:g}): the loop overflowed or a "
+            "weight is not finite. Their curves stop there; every finite token is drawn as usual.")
+
+
 def add_dynamics_sections(report: Report, t: dict[str, pd.DataFrame], recurrences: int, *,
                           floor: float | None = None, floor_note: str = "", behaviour_min_r: int = 8) -> None:
     """Convergence, similarity structure, cyclic fixed points, per-token behaviour, PCA. `floor`: the run's relative
@@ -17,8 +27,14 @@ def add_dynamics_sections(report: Report, t: dict[str, pd.DataFrame], recurrence
         "Convergence of each block layer",
         "Does each layer of the block settle? Blayney et al. (2026) §3.3: the change of a layer's state between "
         "consecutive recurrences (their Fig. 3) and its distance to the long-run state X*ℓ = Xℓ,R (Fig. 4). "
-        "Curves falling to the numerical floor mean every layer reaches a fixed point. " + floor_note,
+        "Curves falling to the numerical floor mean every layer reaches a fixed point. " + floor_note
+        + non_finite_note(t.get("non_finite_summary")),
     )
+    if t.get("non_finite_summary") is not None and int(t["non_finite_summary"]["non_finite"].iloc[0]):
+        report.table(sec, t["non_finite_summary"], "non_finite_summary",
+                     "Tokens whose state went non-finite (inf or NaN), and the recurrences at which they first did; "
+                     "per token in tables/non_finite_tokens.csv. Their metrics are NaN from then on.")
+        save_csv(t["non_finite_tokens"], out, "non_finite_tokens")
     change = t["successive_change"]
     csv = save_csv(change, out, "successive_change")
     png = figures.quantile_panels(

@@ -127,7 +127,11 @@ def quantile_panels(
                     label=f"{series if series_label is None else series_label} {key}".strip())
         if floor is not None:
             ax.axhline(floor, color="0.2", ls=":", lw=1.2, label=floor_label)
-        ax.set_yscale("log")
+        if positive.size:
+            ax.set_yscale("log")
+        else:  # e.g. every token's state went non-finite: say so rather than draw an empty log axis
+            ax.text(0.5, 0.5, "no finite positive value to draw", transform=ax.transAxes, ha="center", va="center",
+                    color="0.4")
         ax.set_xlabel(x.replace("_", " "))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

@@ -10,7 +10,7 @@ tokens only, uncentred):
 
 H_norm = 0 for a rank-1 matrix (all tokens on one line: maximal compression) and 1 when the T rows are
 orthogonal with equal norms (no compression). NaN for T = 1 or an all-zero state. The paper averages over
-sequences; we keep the spread (std over prompts).
+sequences; we keep the spread (std over prompts). NaN too for a state with a non-finite entry.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def matrix_entropy(x: torch.Tensor) -> tuple[float, float]:
     """(H, H / log T) of x: (T, D) from its trace-normalised Gram spectrum; NaN where undefined."""
     x = x.double()
     T = x.shape[0]
+    if not bool(torch.isfinite(x).all()):
+        return float("nan"), float("nan")  # a non-finite state (a diverged loop) has no spectrum
     gram = x.T @ x if T > x.shape[1] else x @ x.T  # its eigenvalues are σ_i² of X; the smaller side is cheaper
     s2 = torch.linalg.eigvalsh(gram).clamp_min(0).cpu()
     total = float(s2.sum())
