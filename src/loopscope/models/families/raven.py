@@ -106,7 +106,12 @@ def is_retrofit(path: Path) -> bool:
     """A Raven-format checkpoint made by the retrofit converter (see the module docstring)."""
     if model_type(path) != MODEL_TYPE:
         return False
-    pub = read_config(path)
+    return retrofit_config_or_names(read_config(path), lambda: weight_names(path))
+
+
+def retrofit_config_or_names(pub: dict, names) -> bool:
+    """Whether a Raven-format config (and, if the config does not say, its tensor names: `names()`) is the retrofit
+    converter's: it sets keys Huginn never does, and its sandwich layers have no third norm."""
     if any(k in pub for k in RETROFIT_CONFIG_KEYS):
         return True
-    return not any(name.endswith(".norm_3.weight") for name in weight_names(path))
+    return not any(name.endswith(".norm_3.weight") for name in names())
