@@ -88,3 +88,23 @@ def test_two_seeds_of_one_preset_in_one_extrapolate_run_get_their_own_rows(tmp_p
             assert mine[column].to_numpy() == pytest.approx(alone[column].to_numpy(), rel=1e-9, nan_ok=True), column
         units = both["per_prompt"][both["per_prompt"]["model"] == mine["model"].iloc[0]]
         assert len(units) == 2  # two prompts at R = 4, never both models' four
+
+
+def test_the_one_resume_rule_computes_once_and_never_leaves_half_a_unit(tmp_path):
+    from loopscope.resume import cached_json, load_or_compute
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"x": 1.5, "n": [1, 2]}
+
+    def dies_while_writing(value):
+        raise KeyboardInterrupt("killed mid-write")
+
+    with pytest.raises(KeyboardInterrupt):
+        load_or_compute(tmp_path / "u.json", compute, dies_while_writing, lambda b: b)
+    assert not list(tmp_path.iterdir())  # nothing half-written, nothing to be read as finished
+    assert cached_json(tmp_path / "u.json", compute) == {"x": 1.5, "n": [1, 2]}
+    assert cached_json(tmp_path / "u.json", lambda: pytest.fail("recomputed")) == {"x": 1.5, "n": [1, 2]}
+    assert len(calls) == 2 and [p.name for p in tmp_path.iterdir()] == ["u.json"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import struct
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,6 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from loopscope.errors import InputError
-from loopscope.resume import write_atomic
 
 FORMAT = "loopscope-part/1"
 
@@ -93,13 +91,3 @@ def decode_part(blob: bytes) -> dict[str, Any]:
     if meta.get("format") != FORMAT:
         raise InputError(f"a cached batch result has format {meta.get('format')!r}, not {FORMAT}; delete the cache")
     return _unflatten(json.loads(meta["tree"]), st_load(blob))
-
-
-def write_part(path: Path, part: dict[str, Any]) -> Path:
-    """Write atomically (`loopscope.resume.write_atomic`): a kill mid-write never leaves a truncated batch result."""
-    write_atomic(path, encode_part(part))
-    return Path(path)
-
-
-def read_part(path: Path) -> dict[str, Any]:
-    return decode_part(Path(path).read_bytes())

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from loopscope.capture.record import capture
 from loopscope.capture.trajectory import Trajectory
 from loopscope.errors import InputError
-from loopscope.resume import run_key
+from loopscope.resume import load_or_compute, run_key
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor, list[list[str]]]:
@@ -75,18 +75,17 @@ def capture_prompts(
         raise InputError(f"batch_size={batch_size}: give at least 1")
     batches = [prompts[i: i + batch_size] for i in range(0, len(prompts), batch_size)]
     parts = []
+    def compute(batch: list[str]) -> Trajectory:
+        ids, mask, tokens = encode_prompts(loaded.tokenizer, batch, loaded.max_seq_len)
+        return capture(loaded.model, ids, recurrences=recurrences, attention=attention, mask=mask, tokens=tokens,
+                       dtype=dtype, sites=sites)
+
+    stored = dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
     for n, batch in enumerate(tqdm(batches, desc=f"capture R={recurrences}", disable=not progress, unit="batch")):
         key = batch_key(loaded, batch, recurrences, attention, sites, dtype)
-        done = Path(cache_dir) / f"batch{n:04d}-{key}" if cache_dir is not None else None
-        if done is not None and (done / "trajectory.json").exists():
-            parts.append(Trajectory.load(done, dtype=dtype))
-            continue
-        ids, mask, tokens = encode_prompts(loaded.tokenizer, batch, loaded.max_seq_len)
-        traj = capture(loaded.model, ids, recurrences=recurrences, attention=attention, mask=mask, tokens=tokens,
-                       dtype=dtype, sites=sites)
-        if done is not None:
-            traj.save(done)
-        parts.append(traj)
+        path = Path(cache_dir) / f"batch{n:04d}-{key}.trajectory" if cache_dir is not None else None
+        parts.append(load_or_compute(path, lambda: compute(batch), lambda t: t.to_bytes(stored),
+                                     lambda b: Trajectory.from_bytes(b, dtype=dtype)))
     joined = Trajectory.concat(parts)
     joined.metadata.update({"model_name": loaded.name, "n_prompts": len(prompts)})
     return joined

@@ -34,14 +34,14 @@ from tqdm.auto import tqdm
 from loopscope.accumulate.core import Accumulator, BatchContext, Dispatcher, Finals, Part, signature
 from loopscope.accumulate.distributed import World, gather_parts
 from loopscope.accumulate.memory import release_free_memory
-from loopscope.accumulate.parts import read_part, write_part
+from loopscope.accumulate.parts import decode_part, encode_part
 from loopscope.accumulate.replay import context_from_trajectory, replay
 from loopscope.capture.prompts import encode_prompts
 from loopscope.capture.record import capture
 from loopscope.errors import InputError
 from loopscope.models.hooks import HookPoint, Step
 from loopscope.models.looped import LoopedLM, recurrence_count
-from loopscope.resume import run_key as key_of
+from loopscope.resume import load_or_compute, run_key as key_of
 
 
 CACHE_VERSION = 2  # raised when what a Part holds changes (2: the table dialect's layout), so old parts are not read
@@ -244,18 +244,16 @@ def stream_prompts(loaded, prompts: list[str], accumulators: list[Accumulator], 
     records: dict[int, dict] = {}
     start = time.perf_counter()
     bar = tqdm(mine, desc=f"{s.label} R={s.recurrences}", unit="batch", disable=not s.progress or world.rank != 0)
+    def compute(i: int) -> Part:
+        parts, record = run_batch(loaded, batches[i], i, i * s.batch_size, accumulators, s)
+        release_free_memory()
+        return {**parts, "__record__": record}
+
     for i in bar:
         path = None if folder is None else folder / f"batch{i:05d}.part"
-        if path is not None and path.exists():
-            local[i] = read_part(path)
-            records[i] = {**local[i]["__record__"], "cached": True}
-            continue
-        parts, record = run_batch(loaded, batches[i], i, i * s.batch_size, accumulators, s)
-        local[i] = {**parts, "__record__": record}
-        if path is not None:  # written atomically: a kill mid-write leaves no half part
-            write_part(path, local[i])
-        records[i] = {**record, "cached": False}
-        release_free_memory()
+        cached = path is not None and path.exists()
+        local[i] = load_or_compute(path, lambda: compute(i), encode_part, decode_part)  # atomic: never half a part
+        records[i] = {**local[i]["__record__"], "cached": cached}
     decoded = gather_parts(local, len(batches), world)
     if decoded is None:
         return None, None

@@ -299,17 +299,47 @@ class Trajectory:
     # --- persistence ---------------------------------------------------------------------------------
     def save(self, directory: str | Path, dtype: torch.dtype = torch.float32) -> Path:
         """Write `trajectory.safetensors` (float tensors in `dtype`: fp32 or fp16) and `trajectory.json`."""
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise InputError(f"save dtype {dtype} unsupported; use torch.float32 or torch.float16")
+        tensors, info = self._serialised(dtype)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(directory / TRAJECTORY_TENSORS))
+        (directory / TRAJECTORY_JSON).write_text(json.dumps(info, indent=1, default=str))
+        return directory
+
+    def to_bytes(self, dtype: torch.dtype = torch.float32) -> bytes:
+        """The trajectory as one safetensors blob (the JSON part in its metadata): what a resume cache stores."""
+        from safetensors.torch import save
+
+        tensors, info = self._serialised(dtype)
+        return save(tensors, metadata={"trajectory": json.dumps(info, default=str)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, dtype: torch.dtype | None = torch.float32) -> Trajectory:
+        """The inverse of `to_bytes`; float tensors cast to `dtype` (None keeps the stored dtype)."""
+        from safetensors.torch import load
+
+        from loopscope.models.checkpoint import safetensors_header_bytes
+
+        info = json.loads(safetensors_header_bytes(data).get("__metadata__", {}).get("trajectory", "{}"))
+        return cls._deserialised(load(data), info, dtype)
+
+    def _serialised(self, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict]:
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise InputError(f"save dtype {dtype} unsupported; use torch.float32 or torch.float16")
         cast = self.to(dtype)
         tensors = {n: getattr(cast, n).cpu().contiguous() for n in TENSOR_FIELDS if getattr(cast, n) is not None}
         tensors.update({f"sites.{s}.{g}": v.cpu().contiguous() for s, p in cast.sites.items() for g, v in p.items()})
-        save_file(tensors, str(directory / TRAJECTORY_TENSORS))
         info = {"tokens": self.tokens, "metadata": self.metadata, "dtype": str(dtype).removeprefix("torch.")}
-        (directory / TRAJECTORY_JSON).write_text(json.dumps(info, indent=1, default=str))
-        return directory
+        return tensors, info
+
+    @classmethod
+    def _deserialised(cls, tensors: dict[str, torch.Tensor], info: dict, dtype: torch.dtype | None) -> Trajectory:
+        sites: dict[str, dict[str, torch.Tensor]] = {}
+        for key in [k for k in tensors if k.startswith("sites.")]:
+            _, site, segment = key.split(".")
+            sites.setdefault(site, {})[segment] = tensors.pop(key)
+        traj = cls(**tensors, tokens=info.get("tokens"), sites=sites, metadata=info.get("metadata", {}))
+        return traj.to(dtype) if dtype is not None else traj
 
     @classmethod
     def load(cls, directory: str | Path, dtype: torch.dtype | None = torch.float32) -> Trajectory:
@@ -318,14 +348,7 @@ class Trajectory:
         tensor_file, json_file = directory / TRAJECTORY_TENSORS, directory / TRAJECTORY_JSON
         if not tensor_file.exists() or not json_file.exists():
             raise InputError(f"{directory} is not a saved Trajectory (needs {TRAJECTORY_TENSORS} and {TRAJECTORY_JSON})")
-        tensors = load_file(str(tensor_file))
-        info = json.loads(json_file.read_text())
-        sites: dict[str, dict[str, torch.Tensor]] = {}
-        for key in [k for k in tensors if k.startswith("sites.")]:
-            _, site, segment = key.split(".")
-            sites.setdefault(site, {})[segment] = tensors.pop(key)
-        traj = cls(**tensors, tokens=info.get("tokens"), sites=sites, metadata=info.get("metadata", {}))
-        return traj.to(dtype) if dtype is not None else traj
+        return cls._deserialised(load_file(str(tensor_file)), json.loads(json_file.read_text()), dtype)
 
 
 def pad_to(x: torch.Tensor, dims: list[int], length: int) -> torch.Tensor:

@@ -29,7 +29,6 @@ tables["per_prompt"] each dynamics prompt's successive change, so a claim can ta
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +50,7 @@ from loopscope.models.device import Precision
 from loopscope.models.load import LoadedModel
 from loopscope.report import Report
 from loopscope.report.extrapolate_section import add_extrapolate_section
-from loopscope.resume import cached_table, run_key, write_atomic
+from loopscope.resume import cached_json, cached_table, run_key
 
 HELDOUT_SEQ_LEN = 256  # packed held-out rows, the length `loopscope train` evaluates with (TrainSettings.seq_len)
 BEHAVIOUR_MIN_R = MIN_RECURRENCES  # the dynamics detector reads a tail window of at least this many recurrences
@@ -316,23 +315,23 @@ def write_extrapolate(s: ExtrapolateSettings, folder) -> dict[str, pd.DataFrame]
         bar.set_postfix_str(f"{spec} R={R}")
         loaded = loaded_models[spec]
         path = cache / f"R{R:04d}-{row_key(loaded, spec, R, r_max, s)}.json"
-        if path.exists():
-            saved = json.loads(path.read_text())
-            per_r.append(saved["row"])
-            aligned_parts.append(pd.DataFrame(saved["alignment"]))
-            keep_units(saved["row"], saved["units"])
-            reused += 1
-            continue
-        if spec not in lazy:
-            lazy[spec] = (LazyStates(loaded, prompts, r_max, s), heldout_sequences(loaded, subset[: s.loss_questions]))
-        states, heldout = lazy[spec]
-        row, aligned, units = compute_row(loaded, spec, R, states, heldout, subset, prompts,
-                                          None if control is None else control[1], s)
-        write_atomic(path, json.dumps({"row": row, "alignment": aligned.to_dict(orient="list"), "units": units},
-                                      default=float).encode())
-        per_r.append(row)
-        keep_units(row, units)
-        aligned_parts.append(aligned)
+        reused += path.exists()
+
+        def compute() -> dict:
+            if spec not in lazy:
+                lazy[spec] = (LazyStates(loaded, prompts, r_max, s),
+                              heldout_sequences(loaded, subset[: s.loss_questions]))
+            states, heldout = lazy[spec]
+            row, aligned, units = compute_row(loaded, spec, R, states, heldout, subset, prompts,
+                                              None if control is None else control[1], s)
+            return {"row": row, "alignment": aligned.to_dict(orient="list"), "units": units}
+
+        saved = cached_json(path, compute)  # the (model, R) row, its alignment and its units, whole or absent
+        saved["row"]["model"] = loaded.name  # as named in this run (two checkpoints sharing a name: by path)
+        per_r.append(saved["row"])
+        aligned_parts.append(pd.DataFrame(saved["alignment"]).assign(model=loaded.name)
+                             if saved["alignment"] else pd.DataFrame())
+        keep_units(saved["row"], saved["units"])
     tables = {"per_r": pd.DataFrame(per_r),
               "per_text": pd.DataFrame(per_text, columns=["model", "recurrences", "text", "loss"]),
               "per_prompt": pd.DataFrame(per_prompt, columns=["model", "recurrences", "prompt", "successive_change"])}

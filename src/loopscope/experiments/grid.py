@@ -44,7 +44,7 @@ from loopscope.errors import InputError
 from loopscope.dynamics.degeneracy import SAME_POINT_COSINE
 from loopscope.models import LoopedConfig, LoopedLM
 from loopscope.models.device import Precision
-from loopscope.resume import run_key, write_atomic
+from loopscope.resume import cached_json, run_key, write_atomic
 
 # The paper's verdicts (§4.2, §6.1), independent of block size ("qualitatively identical" for 4, 12, 16 layers).
 PAPER_VERDICTS = {
@@ -194,18 +194,21 @@ def run_grid(s: GridSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
     ids, mask = grid_inputs(s)
     cells = wanted_cells(s)
     todo = [c for c in cells if not cell_path(s, c).exists()]
-    for cell in tqdm(todo, desc="grid", disable=not s.progress, unit="model"):
+
+    def compute(cell: tuple) -> dict:
         start = time.perf_counter()
         norm, injection, block, seed, width, rms = cell
         cfg = grid_config(norm, injection, block, seed, width, s.init_std, rms)
         row, last, cert = run_cell(cfg, ids, mask, s.recurrences, s.converge_tol, s.direction_tol, s.precision,
                                    s.certificate_tokens)
         key = dict(zip(CELL_COLUMNS, cell))
-        part = {"row": {**key, **row, "seconds": round(time.perf_counter() - start, 2)},
+        return {"row": {**key, **row, "seconds": round(time.perf_counter() - start, 2)},
                 "curves": last.assign(**key).to_dict(orient="list"),
                 "certificates": None if cert is None else cert.assign(**key)[[*CELL_COLUMNS, *cert.columns]]
                 .to_dict(orient="list")}
-        write_atomic(cell_path(s, cell), json.dumps(part, default=jsonable).encode())  # the cell, whole or absent
+
+    for cell in tqdm(todo, desc="grid", disable=not s.progress, unit="model"):
+        cached_json(cell_path(s, cell), lambda: compute(cell))  # the cell, whole or absent
     return write_tables(s, cells)
 
 
@@ -223,18 +226,10 @@ def cell_path(s: GridSettings, cell: tuple) -> Path:
     return s.out / "cache" / "grid" / f"{norm}-{injection}-k{block}-s{seed}-d{width}-e{rms:g}-{key}.json"
 
 
-def jsonable(x):
-    """numpy scalars and other non-JSON values in a cell's file: as float when they can be, else as text."""
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return str(x)
-
-
 def write_tables(s: GridSettings, cells: list[tuple]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """OUT/grid_cells.csv, grid_curves.csv, grid_certificates.csv from the finished cells `s` asks for (each written
     atomically, anything a previous run left there replaced); returns (cells, curves) as read back."""
-    parts = [json.loads(cell_path(s, c).read_text()) for c in cells]
+    parts = [json.loads(cell_path(s, c).read_bytes()) for c in cells]  # every cell is finished by now
     rows = pd.DataFrame([p["row"] for p in parts])
     curves = pd.concat([pd.DataFrame(p["curves"]) for p in parts], ignore_index=True)
     certs = [pd.DataFrame(p["certificates"]) for p in parts if p["certificates"] is not None]

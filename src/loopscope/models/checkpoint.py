@@ -56,6 +56,12 @@ def safetensors_header(path: Path) -> dict | None:
     return header if isinstance(header, dict) else None
 
 
+def safetensors_header_bytes(data: bytes) -> dict:
+    """The JSON header of a safetensors blob held in memory (see `safetensors_header`)."""
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n].decode("utf-8"))
+
+
 def refuse_pickle(path: Path) -> None:
     """Raise if `path` looks like a pickle/torch.save file: loading one can run arbitrary code. A file whose
     safetensors header parses is never refused, whatever its name or first byte."""
