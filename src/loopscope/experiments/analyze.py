@@ -149,13 +149,16 @@ def dynamics_tables(states: dict, attn: dict, s: AnalyzeSettings) -> dict[str, p
 
 
 def add_certificate(tables: dict, loaded: LoadedModel, prompts: list[str], s: AnalyzeSettings) -> None:
-    """tables["certificate"] (per token: ρ, λ₁, prediction) joined with the detector's label, and the agreement."""
+    """tables["certificate"] (per token: ρ, λ₁, prediction, convergence) joined with the detector's label, the
+    agreement, and tables["certificate_ritz"] (every Ritz value of every token's own block with its residual)."""
     from loopscope.dynamics.spectrum import agreement, agreement_table
     from loopscope.experiments.certificate import certificates_for_prompts
 
-    cert = certificates_for_prompts(loaded, prompts, s.recurrences, s.certificate_tokens)
+    ritz: list[pd.DataFrame] = []
+    cert = certificates_for_prompts(loaded, prompts, s.recurrences, s.certificate_tokens, ritz=ritz)
     joined = agreement(cert, tables["behaviour_dynamics"])
     tables["certificate"] = joined
+    tables["certificate_ritz"] = pd.concat(ritz, ignore_index=True)
     tables["certificate_agreement"] = agreement_table(joined)
     tables["certificate_timing"] = pd.DataFrame([{"tokens": len(joined),
                                                   "seconds_per_token": float(joined["seconds_per_token"].mean())}])

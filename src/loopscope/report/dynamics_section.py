@@ -155,8 +155,11 @@ def add_certificate_section(report: Report, t: dict[str, pd.DataFrame]) -> None:
         "Why does a token settle? The leading eigenvalues of J = ∂F/∂s of one recurrence of the block at the state "
         "after the last recurrence (the injected input held fixed). Causal attention makes the Jacobian block "
         "lower-triangular over tokens, so token i's ρ is the largest |λ| of its prefix's diagonal blocks J_jj, j ≤ i "
-        "(its own block's is `rho_own` in the table): an earlier token's slow mode drives token i too. It is "
-        "estimated by Arnoldi iteration on vector-Jacobian products, never forming J. ρ = |λ₁| < 1 predicts a "
+        "(its own block's is `rho_own` in the table, the block holding the prefix's is `slowest_token`): an earlier "
+        "token's slow mode drives token i too. Each J_jj is estimated by Arnoldi iteration on vector-Jacobian "
+        "products, never forming J; `ritz_residual` is ‖J x − λ₁ x‖ of the leading Ritz pair and `converged` says it "
+        "is within the tolerance for every block of the prefix (certificate_ritz.csv: every Ritz value with its "
+        "residual). ρ = |λ₁| < 1 predicts a "
         "stable fixed point approached at rate ρ per recurrence; ρ ≈ 1 with a complex λ₁ an orbit of period "
         "2π/|arg λ₁|; ρ > 1 divergence. Beside it, what the detector saw on the trajectory, and its measured "
         f"step-size rate. {int(timing['tokens'])} tokens, {timing['seconds_per_token']:.2f} s per token.",
@@ -165,6 +168,7 @@ def add_certificate_section(report: Report, t: dict[str, pd.DataFrame]) -> None:
                  "Predicted behaviour (rows) against the detector's label (columns); `agree`: the fraction of tokens "
                  "whose label the prediction admits.")
     csv = save_csv(cert, out, "certificate")
+    ritz_csv = [save_csv(t["certificate_ritz"], out, "certificate_ritz")] if "certificate_ritz" in t else []
     png = figures.scatter_identity(cert, "rho", "step_rate", "predicted", out, "certificate_rates",
                                    title="Predicted contraction ρ = |λ₁| against the measured step-size rate",
                                    xlabel="ρ = |λ₁| of the block's Jacobian", ylabel="measured step rate e^b")
@@ -172,4 +176,4 @@ def add_certificate_section(report: Report, t: dict[str, pd.DataFrame]) -> None:
                                  "convergence; tokens at the numerical floor have no measurable rate of their own. "
                                  "The measured rate is a fit over the tail window, so a token whose steps reach the "
                                  "rounding floor inside that window gets a flattened fit that lies above ρ.",
-                            [csv]))
+                            [csv, *ritz_csv]))
