@@ -271,3 +271,65 @@ def test_padding_and_behaviours_listed():
     assert list(zip(df.batch, df.token)) == [(0, 0), (1, 0), (1, 1)]
     assert df["behaviour"].tolist() == ["slider", "orbit", "fixed_point"]
     assert set(BEHAVIOURS) == {"fixed_point", "orbit", "slider", "divergent", "unknown"}
+
+
+# --- drift against noise, and periods through noise (issue 23) ------------------------------------------------
+def slide_under_state_noise(R, step, seed, norm=80.0, noise=0.01):
+    """x_t = x_0 + v·t (‖v‖ = step, ‖x_0‖ = norm) seen through observation noise of `noise` of each state's norm
+    (‖ε_t‖ ≈ noise·‖x_t‖, as a low-precision state's rounding): with step 0.2–0.6 and norm 80 the per-step noise
+    (≈ 0.8) is larger than the step, while a 32-step tail moves 8–24× the noise."""
+    g = gen(seed)
+    x0, v = norm * unit(D, g), step * unit(D, g)
+    x = x0 + torch.arange(R, dtype=torch.float64)[:, None] * v
+    return x + torch.randn(R, D, generator=g, dtype=torch.float64) * noise * x.norm(dim=-1, keepdim=True) / math.sqrt(D)
+
+
+@pytest.mark.parametrize("R", RS)
+def test_slow_drift_under_state_relative_noise_is_a_slider(R):
+    xs = [slide_under_state_noise(R, step, seed) for step in (0.2, 0.4, 0.6) for seed in range(4)]
+    df = labels(xs)
+    assert df["behaviour"].tolist() == ["slider"] * len(xs), df[["behaviour", "drift_f", "drift_persistence"]]
+
+
+@pytest.mark.parametrize("R", RS)
+def test_drift_with_step_noise_up_to_twice_the_step_is_a_slider(R):
+    xs = [noisy_slider(R, noise, seed) for noise in (0.5, 1.0, 1.5, 2.0) for seed in range(4)]
+    df = labels(xs)
+    assert df["behaviour"].tolist() == ["slider"] * len(xs), df[["behaviour", "step_drift_f", "step_persistence"]]
+
+
+@pytest.mark.parametrize("R", RS)
+def test_noisy_fixed_points_without_drift_stay_fixed_points(R):
+    """Noise up to 10 % of the state around a point, with or without a decaying transient, never reads as a drift."""
+    xs = [noisy_fixed_point(R, noise, seed, transient=rate) for noise in (0.01, 0.05, 0.08)
+          for rate in (0.5, 0.9) for seed in range(3)]
+    df = labels(xs)
+    assert df["behaviour"].tolist() == ["fixed_point"] * len(xs), df[["behaviour", "drift_f", "drift_persistence"]]
+
+
+@pytest.mark.parametrize("R", (64, 128, 256))
+@pytest.mark.parametrize("noise", (0.01, 0.016, 0.02))
+def test_noisy_orbits_report_their_smallest_period(R, noise):
+    """Per-coordinate noise of 1–2 % of the state's norm puts the return error near or above orbit_tol, where a
+    multiple of the period (10, 15) could pass while the period itself just misses (the old rule said 15 at R = 64,
+    1.6 %), or none passes (it said quasi-periodic): the smallest period consistent with the data is reported."""
+    xs = [rotation(R, p, seed, radius=1.0, offset=1.0, noise=noise * math.sqrt(2) * math.sqrt(D)) for p in (3, 4, 5)
+          for seed in range(8)]
+    df = labels(xs)
+    assert df["behaviour"].tolist() == ["orbit"] * len(xs)
+    assert df["period"].tolist() == [p for p in (3, 4, 5) for _ in range(8)], df[["period", "return_error"]]
+
+
+def test_period_rule_reduces_a_multiple_to_its_divisor_and_leaves_near_returns_alone():
+    """Return errors per lag 2..16 (rows) for three tokens: (a) lag 15 passes orbit_tol while 5 just misses it and
+    10 is noisier still: the data is as consistent with 5 as with 15, so 5; (b) an exact period 4 at the noise's
+    level, its multiples as close: 4; (c) a quasi-periodic near-return at 8 that misses twice as far at 16: none."""
+    from loopscope.dynamics.rule_dynamics import DynamicsThresholds, _period
+
+    ret = torch.ones(15, 3, dtype=torch.float64)
+    ret[[3, 8, 13], 0] = torch.tensor([0.105, 0.2, 0.095], dtype=torch.float64)  # lags 5, 10, 15
+    ret[[2, 6, 10, 14], 1] = torch.tensor([0.2, 0.21, 0.19, 0.2], dtype=torch.float64)  # lags 4, 8, 12, 16
+    ret[[6, 14], 2] = torch.tensor([0.19, 0.38], dtype=torch.float64)  # lags 8, 16
+    has_period, period = _period(ret, DynamicsThresholds())
+    assert has_period.tolist() == [True, True, False]
+    assert period.tolist() == [5, 4, 0]

@@ -19,12 +19,21 @@ Input per token: one block layer's states x_t, t = 0..R−1, read on the tail wi
                 between successive steps ≤ rough_cosine; white noise around a point gives −½) whose level
                 noise_level = rms(d) / (√2 · n̄) (the noise per coordinate relative to the state) ≤ noise_tol.
    orbit        steady steps that return: return_error(p) = rms_t ‖x_t − x_{t−p}‖ / rms(d) < orbit_tol for a
-                period p = 2..min(max_period, W // 2) (the smallest p is the period); or, with no exact period,
+                period p = 2..min(max_period, W // 2), or — an exact period seen through noise — < quasi_tol with
+                every multiple of p in range returning as closely (`_period`); the period is the smallest lag
+                consistent with the data (a divisor of the returning lag that returns as closely wins: noise must
+                not turn a period 5 into a 15); or, with no exact period,
                 quasi-periodic motion (period <NA>): a near-return (min_p return_error < quasi_tol; noise around a
                 point returns no closer than its own step, ≈ 1), or smooth (step cosine ≥ smooth_cosine) curved
                 (straightness < slider_straightness) motion.
    slider       steady steps, step cosine ≥ slider_cosine and straightness = ‖x_{R−1} − x_{R−W}‖ / Σ d_t ≥
-                slider_straightness: a sustained drift in one direction.
+                slider_straightness: a sustained drift in one direction; or a drift that noise hides step by step
+                but not over the window (`_drift`, checked before the orbit and noise tests): a straight line fitted
+                to the window's states carries drift_f× the energy their residual noise puts in a line, does not
+                turn, and keeps its speed (end velocity within [½, 2]× the mean: a converging transient slows), or
+                the same of the steps (mean step against the steps' spread: noise in the steps, a random walk with
+                drift). Noise ∝ the state (bfloat16 rounding) grows the steps of a sliding state; such a drift with
+                noise-dominated steps (step cosine < smooth_cosine) is a slider, not divergent.
    unknown      anything else (e.g. rough motion too large to be noise on a fixed point: chaos, i.i.d. states).
 
 What a steady x_t = x_0 + v·t is: a slider at every R (the old detector's relative-size test made it a fixed point
@@ -66,6 +75,12 @@ class DynamicsThresholds:
     smooth_cosine: float = 0.5  # smooth motion (a rotation by θ: cos θ; θ < 60°) with no exact period: quasi-periodic
     rough_cosine: float = 0.0  # noise-like motion (white noise around a point: −½; smooth motion: > 0)
     noise_tol: float = 0.1  # noise up to 10 % of the state is noise on a fixed point (the paper's heuristic keeps 5 %)
+    drift_f: float = 3.0  # a drift must carry 3× the energy noise alone puts there (F-statistic with D numerator
+    #                       degrees of freedom: noise exceeds it with p ≈ 4e-5 at D = 16, 1e-8 at D = 32; a slide
+    #                       with step noise 2× its step over a 16-step tail reaches ≈ 4.75)
+    drift_persistence: float = 0.5  # the drift's end velocity within [½, 2]× its mean: a slide keeps its speed, a
+    #                                 converging transient seen through noise slows (ρ = 0.9 over 16 steps: 0.36)
+    period_slack: float = 0.5  # returns at lags within 1.5× the best one's are the same period seen through noise
 
     def window_for(self, R: int) -> int:
         W = max(MIN_RECURRENCES, R // 2) if self.window is None else int(self.window)
@@ -94,7 +109,8 @@ class WindowStats:
 
     FIELDS = ("finite", "norm_sum", "norm_first_max", "norm_second_max", "final_norm", "steps", "step_sum",
               "step_sq", "rel_max", "s1", "s2", "sy", "sty", "syy", "cos_sum", "cos_count", "returns",
-              "return_count", "displacement", "final_step")
+              "return_count", "displacement", "final_step", "poly0", "poly1", "poly2", "offset_sq",
+              "step_first", "step_second", "turn_sq")
 
     def __init__(self, R: int, th: DynamicsThresholds, n: int, floor: float,
                  keep_dtype: torch.dtype = torch.float64) -> None:
@@ -120,6 +136,14 @@ class WindowStats:
         self.previous_norm: torch.Tensor | None = None
         self.previous_step: torch.Tensor | None = None
         self.anchor: torch.Tensor | None = None
+        # Σ p_k(τ) (x_t − x_{R−W}) for the orthogonal polynomials p0 = 1, p1 = τ, p2 = τ² − (W² − 1)/12 of the
+        # centred time τ = t − (R − W + (W − 1)/2), [n, D] each, and Σ ‖x_t − x_{R−W}‖², [n]: the drift test
+        self.poly0 = self.poly1 = self.poly2 = None
+        self.offset_sq = torch.zeros(n, **f64)
+        # Σ of the steps in the first and second half of the window, [n, D], and Σ ‖s_t − s_{t−1}‖², [n]
+        self.step_first = self.step_second = None
+        self.turn_sq = torch.zeros(n, **f64)
+        self.half = self.start + 1 + (self.W - 1) // 2  # the first step of the second half
 
     def add(self, t: int, x: torch.Tensor) -> None:
         """State x [n, D] (float64, any device) at recurrence t; recurrences arrive in order 0..R−1."""
@@ -136,6 +160,14 @@ class WindowStats:
             self.norm_second_max = torch.maximum(self.norm_second_max, n64)
         if t == self.start:
             self.anchor = x
+            self.poly0, self.poly1, self.poly2 = (torch.zeros_like(x, dtype=torch.float64) for _ in range(3))
+            self.step_first, self.step_second = (torch.zeros_like(x, dtype=torch.float64) for _ in range(2))
+        offset = (x - self.anchor).double()
+        tau = t - (self.start + (self.W - 1) / 2)
+        self.poly0 += offset
+        self.poly1 += tau * offset
+        self.poly2 += (tau * tau - (self.W * self.W - 1) / 12) * offset
+        self.offset_sq += (offset * offset).sum(-1).cpu()
         kept = x.to(self.keep_dtype)
         if t > self.start:
             step = x - self.previous
@@ -156,7 +188,12 @@ class WindowStats:
             self.step_sum += d
             self.step_sq += d * d
             self.final_step = d
+            if t < self.half:
+                self.step_first += step.double()
+            else:
+                self.step_second += step.double()
             if self.previous_step is not None:
+                self.turn_sq += ((step - self.previous_step).double() ** 2).sum(-1).cpu()
                 c = _cosine(step, self.previous_step)
                 valid = torch.isfinite(c)
                 self.cos_sum += torch.where(valid, c, torch.zeros_like(c))
@@ -180,6 +217,8 @@ class WindowStats:
 
     def state(self) -> dict[str, torch.Tensor]:
         out = {k: getattr(self, k) for k in self.FIELDS if k not in ("steps",)}
+        for k in ("poly0", "poly1", "poly2", "step_first", "step_second"):
+            out[k] = out[k].cpu()
         out["steps"] = torch.tensor(self.steps)
         out["window"] = torch.tensor([self.W, self.P, self.R])
         out["floor"] = torch.tensor(self.floor, dtype=torch.float64)
@@ -189,6 +228,88 @@ class WindowStats:
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     dot = (a * b).sum(-1)
     return (dot / (torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1))).double().cpu()
+
+
+def _drift(stats: dict[str, torch.Tensor], W: int) -> dict[str, torch.Tensor]:
+    """Least-squares fit of the window's states by a quadratic in time, x_t ≈ a + b·p1(τ) + c·p2(τ) (orthogonal
+    polynomials, so each coefficient is its own projection: b = Σ p1·x / Σ p1², c likewise), and what it says
+    about drift against noise (Draper & Smith, Applied Regression Analysis, §2.7: the F-test of a regression):
+
+        σ²          = RSS / ((W − 3)·D), the residual noise per coordinate (RSS = what the fit leaves)
+        drift_f     = Σp1²·‖b‖² / (D σ²): the straight drift's energy over what noise alone puts in a line
+                      (≈ 1 for noise around a point; ~ F(D, (W − 3)·D) distributed)
+        persistence = (b + c·(W − 1))·b / ‖b‖²: the fitted velocity at the window's end along the drift, over its
+                      mean (1 for a straight slide; ρ^(W/2)-like for a converging transient)
+        curvature_f = Σp2²·‖c⊥‖² / ((D − 1)·σ²), c⊥ = c minus its part along b: turning (an arc of a slow
+                      rotation) over what noise puts there
+        residual_noise = √(D σ²) / n̄: the noise relative to the state (n̄ the window's mean norm)"""
+    tau = torch.arange(W, dtype=torch.float64) - (W - 1) / 2
+    p2 = tau * tau - (W * W - 1) / 12
+    s11, s22 = float((tau * tau).sum()), float((p2 * p2).sum())
+    a0, a1, a2 = stats["poly0"], stats["poly1"], stats["poly2"]
+    D = a0.shape[-1]
+    line = (a1 * a1).sum(-1) / s11
+    bend = (a2 * a2).sum(-1) / s22
+    rss = (stats["offset_sq"] - (a0 * a0).sum(-1) / W - line - bend).clamp_min(0.0)
+    var = rss / max((W - 3) * D, 1)  # σ² per coordinate
+    b, c = a1 / s11, a2 / s22
+    bb = (b * b).sum(-1)
+    cb = (c * b).sum(-1)
+    persistence = torch.where(bb > 0, 1 + (W - 1) * cb / bb, torch.zeros_like(bb))
+    c_perp_sq = ((c * c).sum(-1) - torch.where(bb > 0, cb * cb / bb, torch.zeros_like(bb))).clamp_min(0.0)
+    with torch.no_grad():
+        drift_f = torch.where(var > 0, line / (D * var), torch.where(line > 0, math.inf, 0.0))
+        curve = s22 * c_perp_sq
+        curvature_f = torch.where(var > 0, curve / (max(D - 1, 1) * var), torch.where(curve > 0, math.inf, 0.0))
+    mean_norm = stats["norm_sum"] / W
+    noise = torch.where(mean_norm > 0, (D * var).sqrt() / mean_norm, torch.zeros_like(mean_norm))
+    # the same questions asked of the steps, for noise in the steps themselves (a random walk with drift)
+    h1, h2 = (W - 1) // 2, (W - 1) - (W - 1) // 2  # steps in each half
+    first, second = stats["step_first"], stats["step_second"]
+    total = first + second
+    tt = (total * total).sum(-1)
+    spread = ((stats["step_sq"] - tt / (W - 1)) / max((W - 2) * D, 1)).clamp_min(0.0)  # σ_s² around the mean step
+    step_var = stats["turn_sq"] / max(2 * (W - 2) * D, 1)  # the same from E‖s_t − s_{t−1}‖² = 2·D·σ_s²
+    with torch.no_grad():
+        step_f = torch.where(spread > 0, tt / ((W - 1) * D * spread), torch.where(tt > 0, math.inf, 0.0))
+        along1 = torch.where(tt > 0, (first * total).sum(-1) / tt.sqrt(), torch.zeros_like(tt)) / h1
+        along2 = torch.where(tt > 0, (second * total).sum(-1) / tt.sqrt(), torch.zeros_like(tt)) / h2
+        step_persistence = torch.where(along1 > 0, along2 / along1, torch.zeros_like(along1))
+        change = second / h2 - first / h1
+        across = ((change * change).sum(-1) - torch.where(tt > 0, (change * total).sum(-1) ** 2 / tt, 0.0))
+        across = across.clamp_min(0.0)
+        turn_f = torch.where(step_var > 0, across / (max(D - 1, 1) * step_var * (1 / h1 + 1 / h2)),
+                             torch.where(across > 0, math.inf, 0.0))
+    return {"drift_f": drift_f, "persistence": persistence, "curvature_f": curvature_f, "residual_noise": noise,
+            "step_f": step_f, "step_persistence": step_persistence, "turn_f": turn_f}
+
+
+def _period(ret: torch.Tensor, th: DynamicsThresholds) -> tuple[torch.Tensor, torch.Tensor]:
+    """(has_period [n], period [n]) from ret [P − 1, n] (ret[p − 2] = return_error at lag p).
+
+    A lag p returns if ret(p) < orbit_tol, or — an exact period seen through noise, whose returns all sit at the
+    noise's own level — ret(p) < quasi_tol and every multiple kp in range (at least one) returns as closely,
+    ret(kp) ≤ (1 + period_slack)·ret(p) (a quasi-periodic near-return at p misses by twice as much at 2p). The
+    period is then the smallest divisor q of the smallest returning lag with ret(q) ≤ (1 + period_slack)·ret(p):
+    the data is equally consistent with q, and noise must not turn a period 5 into a 15."""
+    L, n = ret.shape
+    lags = list(range(2, L + 2))
+    slack = 1 + th.period_slack
+    passing = ret < th.orbit_tol
+    for i, p in enumerate(lags):
+        multiples = [k - 2 for k in lags if k > p and k % p == 0]
+        if multiples:
+            flat = (ret[multiples] <= slack * ret[i]).all(0)
+            passing[i] |= (ret[i] < th.quasi_tol) & flat
+    has_period = passing.any(0)
+    first = passing.to(torch.int8).argmax(0)  # index of the smallest returning lag
+    period = torch.where(has_period, first + 2, torch.zeros_like(first))
+    best = ret.gather(0, first[None])[0]
+    for q in reversed(lags):  # the smallest consistent divisor wins: visit divisors from large to small
+        divides = has_period & (period % q == 0) & (period > q)
+        closer = ret[q - 2] <= slack * best
+        period = torch.where(divides & closer, torch.full_like(period, q), period)
+    return has_period, period
 
 
 def decide(stats: dict[str, torch.Tensor], th: DynamicsThresholds) -> Labels:
@@ -213,11 +334,8 @@ def decide(stats: dict[str, torch.Tensor], th: DynamicsThresholds) -> Labels:
     if stats["returns"].shape[0]:
         ret = (stats["returns"] / stats["return_count"][:, None].clamp_min(1)).sqrt() / rms_step
         ret = torch.nan_to_num(ret, nan=math.inf)
-        passing = ret < th.orbit_tol
-        has_period = passing.any(0)
-        first = passing.to(torch.int8).argmax(0)
-        period = torch.where(has_period, first + 2, torch.zeros_like(first))
-        best = torch.where(has_period, ret.gather(0, first[None])[0], ret.amin(0))
+        has_period, period = _period(ret, th)
+        best = torch.where(has_period, ret.gather(0, (period - 2).clamp_min(0)[None])[0], ret.amin(0))
     else:
         has_period = torch.zeros_like(finite)
         period = torch.zeros(finite.shape, dtype=torch.long)
@@ -228,12 +346,20 @@ def decide(stats: dict[str, torch.Tensor], th: DynamicsThresholds) -> Labels:
     mean_norm = stats["norm_sum"] / W
     noise = torch.where(mean_norm > 0, rms_step / (math.sqrt(2) * mean_norm), torch.full_like(rms_step, math.inf))
 
-    divergent = ~finite | growing
+    fit = _drift(stats, W)
+    rough = step_cos < th.smooth_cosine  # the steps are dominated by noise, not by a smooth motion
+    def kept(ratio: torch.Tensor) -> torch.Tensor:
+        return (ratio >= th.drift_persistence) & (ratio <= 1 / th.drift_persistence)
+
+    line = (fit["drift_f"] >= th.drift_f) & (fit["curvature_f"] < th.drift_f) & kept(fit["persistence"])
+    walk = (fit["step_f"] >= th.drift_f) & (fit["turn_f"] < th.drift_f) & kept(fit["step_persistence"])
+    drift = finite & ~at_floor & (line | walk)
+    divergent = ~finite | (growing & ~(drift & rough))  # noise that scales with a sliding state grows the steps
     fixed = ~divergent & (at_floor | decaying)
     steady = ~divergent & ~fixed
     exact_orbit = steady & has_period
     rest = steady & ~exact_orbit
-    slider = rest & (step_cos >= th.slider_cosine) & (straight >= th.slider_straightness)
+    slider = rest & (((step_cos >= th.slider_cosine) & (straight >= th.slider_straightness)) | drift)
     quasi = rest & ~slider & ((best < th.quasi_tol)
                               | ((step_cos >= th.smooth_cosine) & (straight < th.slider_straightness)))
     noisy_fixed = rest & ~slider & ~quasi & (step_cos <= th.rough_cosine) & (noise <= th.noise_tol)
@@ -254,6 +380,13 @@ def decide(stats: dict[str, torch.Tensor], th: DynamicsThresholds) -> Labels:
         "step_cosine": step_cos,
         "straightness": straight,
         "growth": growth,
+        "drift_f": fit["drift_f"],
+        "drift_persistence": fit["persistence"],
+        "curvature_f": fit["curvature_f"],
+        "residual_noise": fit["residual_noise"],
+        "step_drift_f": fit["step_f"],
+        "step_persistence": fit["step_persistence"],
+        "turn_f": fit["turn_f"],
     })
 
 
