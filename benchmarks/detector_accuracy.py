@@ -18,7 +18,8 @@ seen in three regimes:
                  is ≈ 0.2–0.4 %); the slider is then a slow slide, x_0 + t·v with ‖v‖ such that a 32-step tail
                  moves U(10, 20)× the noise (the per-step noise is larger than the step), float32
     bf16         the clean systems (the slider a slow slide of U(0.2 %, 1 %) of ‖x_0‖ per step) rounded state by
-                 state to bfloat16 and classified as a bfloat16 run (its rounding floor)
+                 state to bfloat16 and classified as a bfloat16 run (its rounding floor, 16·2⁻⁸ ≈ 6 % per step):
+                 a token that never moves past it is `at_floor`, which counts as wrong here and is shown apart
 
 "exact periods": the share of exactly periodic orbits (period ≤ min(16, W // 2), the longest searched at R) labelled
 orbit with exactly their period (dynamics detector).
@@ -129,6 +130,10 @@ def main() -> None:
     print(f"accuracy per class, regime and R ({args.n} random systems per cell, D = {D}; "
           f"{time.perf_counter() - start:.1f} s)")
     print(acc.round(3).to_string())
+    floor = df[(df.method == "dynamics") & (df.regime == "bf16")]
+    print("\nbf16: share labelled at_floor (motion under bfloat16's floor; a fixed point as far as it can tell):")
+    print(floor.assign(at_floor=floor.label == "at_floor")
+          .pivot_table(index="truth", columns="R", values="at_floor", aggfunc="mean").round(3).to_string())
     print("\nexact periods found (dynamics detector, orbits with an integer period):")
     print(exact.round(3).to_string())
     print("\nconfusions (dynamics detector):")

@@ -6,15 +6,23 @@ name the behaviours; Blayney et al. 2026 §3.4, App. C).
 Input per token: one block layer's states x_t, t = 0..R−1, read on the tail window t ∈ [R−W, R−1]
 (W = `window`, default max(8, R // 2)); d_t = ‖x_t − x_{t−1}‖ are the window's W−1 steps, n̄ its mean norm.
 
-1. Step-size trend. Fit log d̃_t = a + b·t by least squares over the window, with d̃_t = max(d_t, f·‖x_{t−1}‖):
-   steps are clamped at the numerical floor f = floor_factor · u (u = unit roundoff of the dtype the states were
-   computed in: 2⁻²⁴ float32, 2⁻⁸ bfloat16, 2⁻¹¹ float16, 2⁻⁵³ float64). `step_rate` = e^b is the per-recurrence
+1. Step-size trend. Fit log d̃_t = a + b·t by least squares over the window, with d̃_t = max(d_t, u·‖x_{R−W}‖):
+   steps are clamped at the state's rounding (u = unit roundoff of the dtype the states were computed in: 2⁻²⁴
+   float32, 2⁻⁸ bfloat16, 2⁻¹¹ float16, 2⁻⁵³ float64) of the window's first state — a fixed level, so a slide
+   whose steps sit below it does not inherit its norm's growth; the numerical floor is f = floor_factor · u.
+   `step_rate` = e^b is the per-recurrence
    factor of the step size: the contraction rate of a converging token, > 1 for an expanding one. se(b) is the
    least-squares standard error, so a trend counts only when it clears noise: decaying if b + z·se < −margin,
    growing if b − z·se > margin.
 2. Labels, in order:
+   at_floor     no motion the state's dtype resolves: every window step at the floor, and no trend over the
+                window (drift_f or step_drift_f below, `_drift`) whose net displacement ‖x_{R−1} − x_{R−W}‖ exceeds
+                the state's own rounding u·n̄; or steps all under the floor whose motion reads as noise (below). A
+                fixed point as far as the precision can tell, never a confident `fixed_point`: in bfloat16 (f =
+                16·2⁻⁸ ≈ 6 %) a slide of 0.2 % per step is below the floor step by step, and is a slider once the
+                window's drift clears its noise and moves the state by more than u ≈ 0.4 %.
    divergent    any non-finite state at any recurrence, or growing steps (x_t = λ^t x_0: step_rate = λ at any R).
-   fixed_point  every window step at the floor (no motion the dtype can resolve), or decaying steps (geometric
+   fixed_point  decaying steps (geometric
                 convergence, however far it still has to go), or — steady steps — noise-like motion (mean cosine
                 between successive steps ≤ rough_cosine; white noise around a point gives −½) whose level
                 noise_level = rms(d) / (√2 · n̄) (the noise per coordinate relative to the state) ≤ noise_tol.
@@ -32,8 +40,9 @@ Input per token: one block layer's states x_t, t = 0..R−1, read on the tail wi
                 to the window's states carries drift_f× the energy their residual noise puts in a line, does not
                 turn, and keeps its speed (end velocity within [½, 2]× the mean: a converging transient slows), or
                 the same of the steps (mean step against the steps' spread: noise in the steps, a random walk with
-                drift). Noise ∝ the state (bfloat16 rounding) grows the steps of a sliding state; such a drift with
-                noise-dominated steps (step cosine < smooth_cosine) is a slider, not divergent.
+                drift). Noise ∝ the state (bfloat16 rounding) grows or shrinks the steps of a sliding state with
+                its norm; such a drift with noise-dominated steps (step cosine < smooth_cosine) is a slider, not
+                divergent or converging.
    unknown      anything else (e.g. rough motion too large to be noise on a fixed point: chaos, i.i.d. states).
 
 What a steady x_t = x_0 + v·t is: a slider at every R (the old detector's relative-size test made it a fixed point
@@ -52,8 +61,11 @@ import torch
 from loopscope.dynamics.precision import unit_roundoff
 from loopscope.errors import InputError
 
-BEHAVIOURS = ("fixed_point", "orbit", "slider", "divergent", "unknown")
-FIXED, ORBIT, SLIDER, DIVERGENT, UNKNOWN = range(5)
+BEHAVIOURS = ("fixed_point", "orbit", "slider", "divergent", "unknown", "at_floor")
+FIXED, ORBIT, SLIDER, DIVERGENT, UNKNOWN, AT_FLOOR = range(6)
+# a fixed point as far as the state's precision can tell: `at_floor` is a token that never moved by more than the
+# rounding floor, in a step or over the window — it may be a fixed point, or a slide or orbit the dtype cannot see
+FIXED_BEHAVIOURS = ("fixed_point", "at_floor")
 MIN_RECURRENCES = 8
 
 @dataclass(frozen=True)
@@ -119,6 +131,7 @@ class WindowStats:
         self.start = R - self.W
         self.P = th.period_cap(self.W)
         self.floor = floor
+        self.clamp = floor / th.floor_factor  # u: the state's own rounding, below which a step has no size
         f64 = dict(dtype=torch.float64)
         self.finite = torch.ones(n, dtype=torch.bool)
         for name in ("norm_sum", "norm_first_max", "norm_second_max", "final_norm", "step_sum", "step_sq",
@@ -159,7 +172,7 @@ class WindowStats:
         else:
             self.norm_second_max = torch.maximum(self.norm_second_max, n64)
         if t == self.start:
-            self.anchor = x
+            self.anchor, self.anchor_norm = x, n64
             self.poly0, self.poly1, self.poly2 = (torch.zeros_like(x, dtype=torch.float64) for _ in range(3))
             self.step_first, self.step_second = (torch.zeros_like(x, dtype=torch.float64) for _ in range(2))
         offset = (x - self.anchor).double()
@@ -176,7 +189,7 @@ class WindowStats:
             rel = torch.where(d == 0, torch.zeros_like(d), d / n_prev)
             rel = torch.nan_to_num(rel, nan=math.inf)
             self.rel_max = torch.maximum(self.rel_max, rel)
-            clamped = torch.maximum(d, self.floor * n_prev).clamp_min(1e-300)
+            clamped = torch.maximum(d, self.clamp * self.anchor_norm).clamp_min(1e-300)
             y = torch.log(clamped)
             tt = float(t)
             self.s1 += tt
@@ -326,7 +339,18 @@ def decide(stats: dict[str, torch.Tensor], th: DynamicsThresholds) -> Labels:
     resid = (syy - slope * sty).clamp_min(0.0)
     se = (resid / max(m - 2, 1) / stt).sqrt()
     floor = float(stats["floor"])
-    at_floor = stats["rel_max"] <= floor
+    fit = _drift(stats, W)
+    mean_norm = stats["norm_sum"] / W
+
+    def kept(ratio: torch.Tensor) -> torch.Tensor:
+        return (ratio >= th.drift_persistence) & (ratio <= 1 / th.drift_persistence)
+
+    line = (fit["drift_f"] >= th.drift_f) & (fit["curvature_f"] < th.drift_f) & kept(fit["persistence"])
+    walk = (fit["step_f"] >= th.drift_f) & (fit["turn_f"] < th.drift_f) & kept(fit["step_persistence"])
+    net = stats["displacement"] > floor / th.floor_factor * mean_norm  # moved more than the state's rounding u
+    trend = (fit["drift_f"] >= th.drift_f) | (fit["step_f"] >= th.drift_f)
+    under = stats["rel_max"] <= floor  # no single step the dtype resolves
+    at_floor = under & ~(finite & trend & net)  # nor any motion over the window
     growing = (slope - th.z * se > th.rate_margin) & ~at_floor
     decaying = (slope + th.z * se < -th.rate_margin) & ~at_floor
 
@@ -343,30 +367,26 @@ def decide(stats: dict[str, torch.Tensor], th: DynamicsThresholds) -> Labels:
     step_cos = stats["cos_sum"] / stats["cos_count"].clamp_min(1)
     straight = torch.where(stats["step_sum"] > 0, stats["displacement"] / stats["step_sum"],
                            torch.zeros_like(stats["step_sum"]))
-    mean_norm = stats["norm_sum"] / W
     noise = torch.where(mean_norm > 0, rms_step / (math.sqrt(2) * mean_norm), torch.full_like(rms_step, math.inf))
 
-    fit = _drift(stats, W)
     rough = step_cos < th.smooth_cosine  # the steps are dominated by noise, not by a smooth motion
-    def kept(ratio: torch.Tensor) -> torch.Tensor:
-        return (ratio >= th.drift_persistence) & (ratio <= 1 / th.drift_persistence)
-
-    line = (fit["drift_f"] >= th.drift_f) & (fit["curvature_f"] < th.drift_f) & kept(fit["persistence"])
-    walk = (fit["step_f"] >= th.drift_f) & (fit["turn_f"] < th.drift_f) & kept(fit["step_persistence"])
     drift = finite & ~at_floor & (line | walk)
-    divergent = ~finite | (growing & ~(drift & rough))  # noise that scales with a sliding state grows the steps
-    fixed = ~divergent & (at_floor | decaying)
-    steady = ~divergent & ~fixed
+    hidden = drift & rough  # a drift under noise ∝ the state: its steps grow or shrink with the state's norm
+    divergent = ~finite | (growing & ~hidden)
+    floored = ~divergent & at_floor
+    fixed = ~divergent & ~floored & decaying & ~hidden
+    steady = ~divergent & ~floored & ~fixed
     exact_orbit = steady & has_period
     rest = steady & ~exact_orbit
     slider = rest & (((step_cos >= th.slider_cosine) & (straight >= th.slider_straightness)) | drift)
     quasi = rest & ~slider & ((best < th.quasi_tol)
                               | ((step_cos >= th.smooth_cosine) & (straight < th.slider_straightness)))
     noisy_fixed = rest & ~slider & ~quasi & (step_cos <= th.rough_cosine) & (noise <= th.noise_tol)
-    fixed = fixed | noisy_fixed
+    fixed = fixed | (noisy_fixed & ~under)
+    floored = floored | (noisy_fixed & under)  # noise-like motion in steps under the floor: rounding
     orbit = exact_orbit | quasi
     code = torch.full(finite.shape, UNKNOWN, dtype=torch.long)
-    for mask, value in ((slider, SLIDER), (orbit, ORBIT), (fixed, FIXED), (divergent, DIVERGENT)):
+    for mask, value in ((slider, SLIDER), (orbit, ORBIT), (fixed, FIXED), (floored, AT_FLOOR), (divergent, DIVERGENT)):
         code = torch.where(mask, torch.full_like(code, value), code)
     growth = stats["norm_second_max"] / stats["norm_first_max"]
     return Labels(code=code, period=torch.where(exact_orbit, period, torch.zeros_like(period)), diagnostics={

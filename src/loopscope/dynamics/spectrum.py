@@ -177,8 +177,9 @@ def predict(ritz: Ritz, residual: torch.Tensor, th: CertificateThresholds = Cert
 
 
 # what each prediction agrees with among the detector's labels
-AGREES = {"stable fixed point": {"fixed_point"}, "marginal rotation": {"orbit"}, "marginal flip": {"orbit"},
-          "marginal neutral": {"slider", "fixed_point"}, "unstable": {"divergent", "orbit", "unknown", "slider"},
+AGREES = {"stable fixed point": {"fixed_point", "at_floor"}, "marginal rotation": {"orbit"},
+          "marginal flip": {"orbit"}, "marginal neutral": {"slider", "fixed_point", "at_floor"},
+          "unstable": {"divergent", "orbit", "unknown", "slider"},
           "not at a fixed point": {"orbit", "slider", "divergent", "unknown"}}
 
 

@@ -26,7 +26,7 @@ from loopscope.dynamics.cooccurrence import cooccurrence_from
 from loopscope.dynamics.degeneracy import Degeneracy, degeneracy_summary
 from loopscope.dynamics.pca import TokenStates
 from loopscope.dynamics.precision import relative_floor
-from loopscope.dynamics.rule_dynamics import MIN_RECURRENCES
+from loopscope.dynamics.rule_dynamics import FIXED_BEHAVIOURS, MIN_RECURRENCES
 from loopscope.dynamics.sensitivity import threshold_sweep
 from loopscope.dynamics.similarity import AttentionDistance, ResidualSimilarity
 from loopscope.errors import InputError
@@ -138,7 +138,8 @@ def dynamics_tables(states: dict, attn: dict, s: AnalyzeSettings) -> dict[str, p
         t["behaviour_paper"] = stats.frame(-1, "paper")
         t["behaviour_counts"] = behaviour_counts({"dynamics detector": t["behaviour_dynamics"],
                                                   "paper heuristic": t["behaviour_paper"]})
-        t["behaviour_non_fixed"] = t["behaviour_dynamics"][t["behaviour_dynamics"]["behaviour"] != "fixed_point"]
+        dyn = t["behaviour_dynamics"]
+        t["behaviour_non_fixed"] = dyn[~dyn["behaviour"].isin(FIXED_BEHAVIOURS)]
         t["cooccurrence"] = cooccurrence_from(stats, s.classify_method)
         t["sensitivity"] = threshold_sweep(stats)
     for prompt, token in s.keep_states:
