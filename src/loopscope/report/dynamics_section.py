@@ -112,8 +112,11 @@ def add_behaviour_section(report: Report, t: dict[str, pd.DataFrame]) -> None:
         "Per-token behaviour: fixed point, orbit, slider, divergent",
         "Each token's state at the block's last layer, classified by two detectors. The default reads how the step "
         "size evolves over the tail window (geometric decay = converging, growth = divergent, steady = look at "
-        "returns: a period, a quasi-periodic near-return, a straight drift, or noise on a fixed point); its labels "
-        "do not change with R once a token is in its asymptotic regime. The paper's App. C heuristic (cosine to "
+        "returns: a period, a quasi-periodic near-return, a straight drift, or noise on a fixed point; a drift that "
+        "noise hides step by step is tested over the whole window); its labels do not change with R once a token is "
+        "in its asymptotic regime. A token that never moves past its dtype's rounding floor is `at_floor`: a fixed "
+        "point as far as the precision can tell, counted with the fixed points in every rate. Every per-token table "
+        "names its measurement (estimator, state_precision, floor, recurrences, window, readout). The paper's App. C heuristic (cosine to "
         "the final state, τ = 0.05, ρ = 0.9; reconstructed: its Algorithm 1 is not public) is shown beside it. "
         "Blind spot of the heuristic, inherent to reading cosines: radial growth and drift away from the origin keep "
         "cos → 1, so exponential growth and sliders read as fixed points there. Blind spot of the default: a "
