@@ -121,8 +121,10 @@ class WindowStats:
 
     FIELDS = ("finite", "norm_sum", "norm_first_max", "norm_second_max", "final_norm", "steps", "step_sum",
               "step_sq", "rel_max", "s1", "s2", "sy", "sty", "syy", "cos_sum", "cos_count", "returns",
-              "return_count", "displacement", "final_step", "poly0", "poly1", "poly2", "offset_sq",
-              "step_first", "step_second", "turn_sq")
+              "return_count", "displacement", "final_step", "offset_sq", "turn_sq", "gram")
+    # gram [n, 7]: the dot products the drift test needs (`_drift`) of the window sums below, taken at the
+    # window's end so that a batch's result holds scalars per token, never D-dimensional vectors
+    GRAM = ("a0a0", "a1a1", "a2a2", "a1a2", "ff", "ss", "fs")
 
     def __init__(self, R: int, th: DynamicsThresholds, n: int, floor: float,
                  keep_dtype: torch.dtype = torch.float64) -> None:
@@ -156,6 +158,8 @@ class WindowStats:
         # Σ of the steps in the first and second half of the window, [n, D], and Σ ‖s_t − s_{t−1}‖², [n]
         self.step_first = self.step_second = None
         self.turn_sq = torch.zeros(n, **f64)
+        self.gram = torch.zeros(n, len(self.GRAM), **f64)
+        self.dim = 0
         self.half = self.start + 1 + (self.W - 1) // 2  # the first step of the second half
 
     def add(self, t: int, x: torch.Tensor) -> None:
@@ -219,6 +223,11 @@ class WindowStats:
                 self.returns[[p - 2 for p in lags]] += dist[rows] ** 2
                 self.return_count[[p - 2 for p in lags]] += 1
         if t == self.R - 1:
+            a0, a1, a2, f, s = self.poly0, self.poly1, self.poly2, self.step_first, self.step_second
+            self.gram = torch.stack([(a0 * a0).sum(-1), (a1 * a1).sum(-1), (a2 * a2).sum(-1), (a1 * a2).sum(-1),
+                                     (f * f).sum(-1), (s * s).sum(-1), (f * s).sum(-1)], dim=-1).cpu()
+            self.dim = x.shape[-1]
+            self.poly0 = self.poly1 = self.poly2 = self.step_first = self.step_second = None  # only the gram is kept
             self.final_norm = n64
             self.displacement = torch.linalg.vector_norm(x - self.anchor, dim=-1).double().cpu()
         # the last P states, in the dtype the model computed them in (a float32 state is exact in float32)
@@ -230,10 +239,8 @@ class WindowStats:
 
     def state(self) -> dict[str, torch.Tensor]:
         out = {k: getattr(self, k) for k in self.FIELDS if k not in ("steps",)}
-        for k in ("poly0", "poly1", "poly2", "step_first", "step_second"):
-            out[k] = out[k].cpu()
         out["steps"] = torch.tensor(self.steps)
-        out["window"] = torch.tensor([self.W, self.P, self.R])
+        out["window"] = torch.tensor([self.W, self.P, self.R, self.dim])
         out["floor"] = torch.tensor(self.floor, dtype=torch.float64)
         return out
 
@@ -259,17 +266,17 @@ def _drift(stats: dict[str, torch.Tensor], W: int) -> dict[str, torch.Tensor]:
     tau = torch.arange(W, dtype=torch.float64) - (W - 1) / 2
     p2 = tau * tau - (W * W - 1) / 12
     s11, s22 = float((tau * tau).sum()), float((p2 * p2).sum())
-    a0, a1, a2 = stats["poly0"], stats["poly1"], stats["poly2"]
-    D = a0.shape[-1]
-    line = (a1 * a1).sum(-1) / s11
-    bend = (a2 * a2).sum(-1) / s22
-    rss = (stats["offset_sq"] - (a0 * a0).sum(-1) / W - line - bend).clamp_min(0.0)
+    g = dict(zip(WindowStats.GRAM, stats["gram"].unbind(-1)))  # a_k = Σ p_k(τ)(x_t − x_{R−W}); f, s: step sums
+    D = max(int(stats["window"][3]), 1)
+    line = g["a1a1"] / s11
+    bend = g["a2a2"] / s22
+    rss = (stats["offset_sq"] - g["a0a0"] / W - line - bend).clamp_min(0.0)
     var = rss / max((W - 3) * D, 1)  # σ² per coordinate
-    b, c = a1 / s11, a2 / s22
-    bb = (b * b).sum(-1)
-    cb = (c * b).sum(-1)
+    bb = g["a1a1"] / (s11 * s11)  # ‖b‖², b = a1 / Σp1²
+    cb = g["a1a2"] / (s11 * s22)  # c·b, c = a2 / Σp2²
+    cc = g["a2a2"] / (s22 * s22)
     persistence = torch.where(bb > 0, 1 + (W - 1) * cb / bb, torch.zeros_like(bb))
-    c_perp_sq = ((c * c).sum(-1) - torch.where(bb > 0, cb * cb / bb, torch.zeros_like(bb))).clamp_min(0.0)
+    c_perp_sq = (cc - torch.where(bb > 0, cb * cb / bb, torch.zeros_like(bb))).clamp_min(0.0)
     with torch.no_grad():
         drift_f = torch.where(var > 0, line / (D * var), torch.where(line > 0, math.inf, 0.0))
         curve = s22 * c_perp_sq
@@ -278,19 +285,20 @@ def _drift(stats: dict[str, torch.Tensor], W: int) -> dict[str, torch.Tensor]:
     noise = torch.where(mean_norm > 0, (D * var).sqrt() / mean_norm, torch.zeros_like(mean_norm))
     # the same questions asked of the steps, for noise in the steps themselves (a random walk with drift)
     h1, h2 = (W - 1) // 2, (W - 1) - (W - 1) // 2  # steps in each half
-    first, second = stats["step_first"], stats["step_second"]
-    total = first + second
-    tt = (total * total).sum(-1)
+    ff, ss, fs = g["ff"], g["ss"], g["fs"]  # first- and second-half step sums f, s; the total is f + s
+    tt = ff + ss + 2 * fs
     spread = ((stats["step_sq"] - tt / (W - 1)) / max((W - 2) * D, 1)).clamp_min(0.0)  # σ_s² around the mean step
     step_var = stats["turn_sq"] / max(2 * (W - 2) * D, 1)  # the same from E‖s_t − s_{t−1}‖² = 2·D·σ_s²
     with torch.no_grad():
         step_f = torch.where(spread > 0, tt / ((W - 1) * D * spread), torch.where(tt > 0, math.inf, 0.0))
-        along1 = torch.where(tt > 0, (first * total).sum(-1) / tt.sqrt(), torch.zeros_like(tt)) / h1
-        along2 = torch.where(tt > 0, (second * total).sum(-1) / tt.sqrt(), torch.zeros_like(tt)) / h2
+        f_total, s_total = ff + fs, fs + ss  # f·(f + s), s·(f + s)
+        along1 = torch.where(tt > 0, f_total / tt.sqrt(), torch.zeros_like(tt)) / h1
+        along2 = torch.where(tt > 0, s_total / tt.sqrt(), torch.zeros_like(tt)) / h2
         step_persistence = torch.where(along1 > 0, along2 / along1, torch.zeros_like(along1))
-        change = second / h2 - first / h1
-        across = ((change * change).sum(-1) - torch.where(tt > 0, (change * total).sum(-1) ** 2 / tt, 0.0))
-        across = across.clamp_min(0.0)
+        # change = s/h2 − f/h1: its squared norm and its part along the total
+        change_sq = ss / (h2 * h2) + ff / (h1 * h1) - 2 * fs / (h1 * h2)
+        change_total = s_total / h2 - f_total / h1
+        across = (change_sq - torch.where(tt > 0, change_total ** 2 / tt, 0.0)).clamp_min(0.0)
         turn_f = torch.where(step_var > 0, across / (max(D - 1, 1) * step_var * (1 / h1 + 1 / h2)),
                              torch.where(across > 0, math.inf, 0.0))
     return {"drift_f": drift_f, "persistence": persistence, "curvature_f": curvature_f, "residual_noise": noise,
@@ -327,7 +335,7 @@ def _period(ret: torch.Tensor, th: DynamicsThresholds) -> tuple[torch.Tensor, to
 
 def decide(stats: dict[str, torch.Tensor], th: DynamicsThresholds) -> Labels:
     """Labels from the window statistics of `WindowStats` (concatenated over batches); see the module doc."""
-    W, P, R = (int(v) for v in stats["window"])
+    W, P, R, _ = (int(v) for v in stats["window"])
     finite = stats["finite"].bool()
     m = float(stats["steps"])  # steps in the window: W − 1
     s0 = torch.full_like(stats["s1"], m)
