@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from loopscope.dynamics.spectrum import (CertificateThresholds, Ritz, agreement, arnoldi, power_rate, predict,
-                                        prefix_spectra)
+                                        prefix_converged, prefix_spectra)
 from loopscope.experiments.certificate import long_run_state, spread_tokens, token_certificates
 from loopscope.models import LoopedConfig, LoopedLM
 
@@ -143,3 +143,6 @@ def test_prefix_spectra_is_the_running_maximum_of_the_blocks():
     assert slowest.tolist() == [0, 1, 1, 3]
     assert prefix.values[:, 1].abs().tolist() == pytest.approx([0.1, 0.5, 0.5, 0.95])
     assert prefix.residual[:, 0].tolist() == [1e-9, 1e-3, 1e-3, 2e-9]
+    # block 1 is unconverged (1e-3 > 1e-4 · 0.9): every prefix that holds it is flagged, even token 3's, whose own
+    # block converged and holds the maximum — an unconverged block may hide a larger |λ|
+    assert prefix_converged(Ritz(values, residual), CertificateThresholds()).tolist() == [True, False, False, False]

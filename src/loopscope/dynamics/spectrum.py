@@ -102,6 +102,13 @@ def prefix_spectra(own: Ritz) -> tuple[Ritz, torch.Tensor]:
     return Ritz(values=values, residual=residual), slowest
 
 
+def prefix_converged(own: Ritz, th: CertificateThresholds) -> torch.Tensor:
+    """[T] bool: the prefix 0..i's leading value can be trusted when the leading Ritz value of every block j ≤ i
+    converged (ritz_residual ≤ ritz_tol · ρ, as in `predict`): an unconverged block may hide a larger |λ|."""
+    lead = own.residual[:, 0] <= th.ritz_tol * own.values[:, 0].abs()
+    return lead.cummin(0).values
+
+
 def ritz_table(ritz: Ritz, tokens: list[int]) -> pd.DataFrame:
     """One row per (token, Ritz value): index (0 = largest |λ|), lambda_real, lambda_imag, modulus, residual."""
     n, m = ritz.values.shape

@@ -9,7 +9,8 @@ import time
 import pandas as pd
 import torch
 
-from loopscope.dynamics.spectrum import CertificateThresholds, Ritz, arnoldi, predict, prefix_spectra, ritz_table
+from loopscope.dynamics.spectrum import (CertificateThresholds, Ritz, arnoldi, predict, prefix_converged,
+                                        prefix_spectra, ritz_table)
 from loopscope.errors import InputError
 from loopscope.models.looped import LoopedLM
 
@@ -100,9 +101,8 @@ def token_certificates(model: LoopedLM, ids: torch.Tensor, recurrences: int, tok
     pos = torch.tensor(tokens)
     mine, moved = s[0, pos.to(device)], out[0, pos.to(device)]
     residual = torch.linalg.vector_norm(moved - mine, dim=-1) / torch.linalg.vector_norm(mine, dim=-1)
-    own_converged = own.residual[:, 0] <= th.ritz_tol * own.values[:, 0].abs()  # [T]
     frame = predict(Ritz(prefix.values[pos], prefix.residual[pos]), residual, th)
-    frame["converged"] = own_converged.cummin(0).values[pos].numpy()  # every block j ≤ i converged
+    frame["converged"] = prefix_converged(own, th)[pos].numpy()  # every block j ≤ i converged
     frame.insert(0, "token", tokens)
     own_here = predict(Ritz(own.values[pos], own.residual[pos]), residual, th)
     frame["slowest_token"] = slowest[pos].numpy()
