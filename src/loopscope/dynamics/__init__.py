@@ -23,12 +23,13 @@ from loopscope.dynamics.convergence import (
 from loopscope.dynamics.cooccurrence import cooccurrence
 from loopscope.dynamics.degeneracy import degeneracy, degeneracy_summary
 from loopscope.dynamics.pca import pca_trajectory
-from loopscope.dynamics.rule_dynamics import BEHAVIOURS, DynamicsThresholds
+from loopscope.dynamics.rule_dynamics import BEHAVIOURS, FIXED_BEHAVIOURS, DynamicsThresholds
 from loopscope.dynamics.rule_paper import PaperThresholds
 from loopscope.dynamics.similarity import attention_distance, residual_similarity
 
 __all__ = [
-    "BEHAVIOURS", "DynamicsThresholds", "PaperThresholds", "attention_distance", "classify", "cooccurrence",
+    "BEHAVIOURS", "FIXED_BEHAVIOURS", "DynamicsThresholds", "PaperThresholds", "attention_distance", "classify",
+    "cooccurrence",
     "cyclic_fixed_point_check", "degeneracy", "degeneracy_summary", "distance_to_fixed_point",
     "max_final_relative_change", "pca_trajectory", "residual_similarity", "successive_change",
 ]

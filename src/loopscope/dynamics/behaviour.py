@@ -107,6 +107,7 @@ class Behaviour(Accumulator):
         elif ctx.token_ids is not None:
             strings = [str(int(ctx.token_ids[b, t])) for b, t in zip(self.b.tolist(), self.t.tolist())]
         part: Part = {"batch": self.b + ctx.first_prompt, "token": self.t, "K": ctx.block_size,
+                      "R": ctx.recurrences, "state_dtype": str(ctx.state_dtype).removeprefix("torch."),
                       "token_str": strings if strings is not None else [f"pos{t}" for t in self.t.tolist()],
                       "layers": {}}
         for j in self.which:
@@ -144,7 +145,8 @@ class Behaviour(Accumulator):
         return BehaviourStats(
             batch=torch.cat([p["batch"] for p in parts]), token=torch.cat([p["token"] for p in parts]),
             token_str=[s for p in parts for s in p["token_str"]], block_size=int(parts[0]["K"]), layers=layers,
-            dynamics=self.dynamics, paper=self.paper,
+            dynamics=self.dynamics, paper=self.paper, recurrences=int(parts[0]["R"]),
+            state_dtype=str(parts[0]["state_dtype"]),
         )
 
 
@@ -159,6 +161,25 @@ class BehaviourStats:
     layers: dict[int, dict]
     dynamics: rule_dynamics.DynamicsThresholds
     paper: rule_paper.PaperThresholds
+    recurrences: int  # R: the horizon every label is read at
+    state_dtype: str  # the dtype the states were computed in (its rounding sets the floor)
+
+    def measurement(self, layer: int, method: str) -> dict[str, object]:
+        """What a label is a measurement of, one column each in every behaviour table: estimator (the detector and
+        its window), state_precision, floor (the relative step below which rounding, not the dynamics, moves a
+        state: floor_factor · u(state dtype), `precision`), recurrences (the horizon R), window (the tail it
+        reads), readout (the state space: the residual stream after block layer `layer`)."""
+        R = self.recurrences
+        if method == "dynamics":
+            window = self.dynamics.window_for(R)
+            estimator = "dynamics detector: step-size trend, returns, drift test (rule_dynamics)"
+        else:
+            start, stop = rule_paper.window_bounds(R, self.paper)
+            window = stop - start
+            estimator = "paper heuristic: cosine to the last state, tau/rho (rule_paper, Blayney et al. App. C)"
+        return {"estimator": estimator, "state_precision": self.state_dtype,
+                "floor": self.dynamics.floor_factor * unit_roundoff(self.state_dtype), "recurrences": R,
+                "window": window, "readout": f"resid_post of block layer {layer % self.block_size}"}
 
     def labels(self, layer: int, method: str = "dynamics", **thresholds: object) -> Labels:
         """Labels of block layer `layer` under `method`, with `thresholds` overriding the deciding thresholds."""
@@ -177,7 +198,8 @@ class BehaviourStats:
         return rule_paper.decide_window(entry["paper"]["cosines"], th, entry["paper"]["finite"])
 
     def frame(self, layer: int = -1, method: str = "dynamics", **thresholds: object) -> pd.DataFrame:
-        """One row per real token: [batch, token, token_str, layer, behaviour, period, *diagnostics]."""
+        """One row per real token: [batch, token, token_str, layer, behaviour, period, *diagnostics,
+        *measurement]."""
         labels = self.labels(layer, method, **thresholds)
         period = pd.array(labels.period.numpy(), dtype="Int64")
         period[labels.period.numpy() == 0] = pd.NA
@@ -188,6 +210,8 @@ class BehaviourStats:
         })
         for name, values in labels.diagnostics.items():
             out[name] = values.numpy()
+        for name, value in self.measurement(layer, method).items():
+            out[name] = value
         return out
 
 
@@ -211,14 +235,19 @@ def layer_labels(traj: Trajectory, layer: int, method: str = "dynamics", **thres
 def classify(traj: Trajectory, layer: int = -1, method: str = "dynamics", **thresholds: object) -> pd.DataFrame:
     """Behaviour of every real token's state at block layer `layer` across recurrences t = 0..R-1.
 
-    One row per real (batch, token): [batch, token, token_str, layer, behaviour, period, *diagnostics].
-    behaviour ∈ {fixed_point, orbit, slider, divergent, unknown}; `layer` is the resolved index (-1 → K-1).
+    One row per real (batch, token): [batch, token, token_str, layer, behaviour, period, *diagnostics,
+    *measurement]. behaviour ∈ {fixed_point, orbit, slider, divergent, unknown, at_floor} (at_floor: no motion the
+    state's precision resolves — a fixed point as far as it can tell, method="dynamics" only); `layer` is the
+    resolved index (-1 → K-1). The measurement columns name what the label was read from, so that two fixed-point
+    statements can be compared: estimator, state_precision, floor, recurrences (the horizon R), window, readout
+    (`BehaviourStats.measurement`).
     period: nullable Int64 — the orbit's period in recurrences for exactly periodic orbits (method="dynamics"),
     <NA> for quasi-periodic orbits, every other behaviour and every token under method="paper".
 
     Diagnostics, method="dynamics" (formulas in `rule_dynamics`): final_norm, final_relative_step, step_rate
     (per-recurrence factor of the step size), step_rate_se, at_floor, noise_level, return_error, step_cosine,
-    straightness, growth. Diagnostics, method="paper" (`rule_paper`): fixed_fraction, n_peaks, n_returns,
+    straightness, growth, drift_f, drift_persistence, curvature_f, residual_noise, step_drift_f, step_persistence,
+    turn_f. Diagnostics, method="paper" (`rule_paper`): fixed_fraction, n_peaks, n_returns,
     monotone_fraction, min_cosine.
 
     Thresholds are keyword arguments: method="dynamics" takes the fields of `rule_dynamics.DynamicsThresholds`,

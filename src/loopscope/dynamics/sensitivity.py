@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from loopscope.dynamics.behaviour import BehaviourStats
-from loopscope.dynamics.rule_dynamics import FIXED
+from loopscope.dynamics.rule_dynamics import AT_FLOOR, FIXED
 from loopscope.evidence import bootstrap_ratio, bootstrap_weights
 
 # threshold -> values swept (spanning ~an order of magnitude either side of the default, or its natural range)
@@ -27,6 +27,8 @@ SWEEPS = {
         "orbit_tol": [0.02, 0.05, 0.1, 0.2, 0.4],
         "quasi_tol": [0.1, 0.25, 0.5, 0.75, 0.9],
         "rough_cosine": [-0.5, -0.25, 0.0, 0.25, 0.5],
+        "drift_f": [1.5, 2.0, 3.0, 5.0, 9.0, 30.0],
+        "drift_persistence": [0.25, 0.5, 0.7, 0.9],
     },
     "paper": {
         "tau": [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3],
@@ -52,7 +54,8 @@ def threshold_sweep(stats: BehaviourStats, layer: int = -1, methods: tuple[str, 
         for name, values in SWEEPS[method].items():
             for value in sorted({*values, defaults[name]}):
                 code = stats.labels(j, method, **{name: value}).code.numpy()
-                non_fixed = np.bincount(inverse, weights=(code != FIXED).astype(np.float64), minlength=len(prompts))
+                moving = ((code != FIXED) & (code != AT_FLOOR)).astype(np.float64)  # at_floor: fixed as far as seen
+                non_fixed = np.bincount(inverse, weights=moving, minlength=len(prompts))
                 rate, lo, hi = bootstrap_ratio(non_fixed, n_tokens, weights=weights)
                 rows.append({"method": method, "threshold": name, "value": float(value),
                              "default": bool(value == defaults[name]), "non_fixed_rate": float(rate),

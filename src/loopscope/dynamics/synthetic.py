@@ -31,6 +31,21 @@ def add_noise(x: torch.Tensor, noise: float, seed: int) -> torch.Tensor:
     return x if noise == 0 else x + noise * torch.randn(x.shape, generator=_gen(seed + 7919), dtype=x.dtype)
 
 
+def add_state_noise(x: torch.Tensor, noise: float, seed: int) -> torch.Tensor:
+    """x_t + ε_t with ε_t ~ N(0, (noise·‖x_t‖)² / D · I): observation noise whose size is a share `noise` of each
+    state's norm (‖ε_t‖ ≈ noise·‖x_t‖), as rounding a state to a low-precision dtype adds (bfloat16: ≈ 0.2–0.4 %)."""
+    if noise == 0:
+        return x
+    size = noise * torch.linalg.vector_norm(x, dim=-1, keepdim=True) / math.sqrt(x.shape[-1])
+    return x + size * torch.randn(x.shape, generator=_gen(seed + 104729), dtype=x.dtype)
+
+
+def round_to(x: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Each state rounded to `dtype` (round to nearest even) and back to x's dtype: what storing the state of a
+    bfloat16 run does to it (a relative error of up to u = 2⁻⁸ per coordinate)."""
+    return x.to(dtype).to(x.dtype)
+
+
 def contraction(R: int, D: int, rho: float = 0.8, seed: int = 0, noise: float = 0.0) -> torch.Tensor:
     """x_{t+1} = A x_t + b with A = rho·Q (Q random orthogonal: spectral radius rho < 1), x_0, b ~ N(0, I).
     Converges to the fixed point x* = (I − A)⁻¹ b."""

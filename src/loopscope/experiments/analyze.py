@@ -27,7 +27,7 @@ from loopscope.dynamics.degeneracy import Degeneracy, degeneracy_summary
 from loopscope.dynamics.nonfinite import NEVER, NonFinite, non_finite_summary
 from loopscope.dynamics.pca import TokenStates
 from loopscope.dynamics.precision import relative_floor
-from loopscope.dynamics.rule_dynamics import MIN_RECURRENCES
+from loopscope.dynamics.rule_dynamics import FIXED_BEHAVIOURS, MIN_RECURRENCES
 from loopscope.dynamics.sensitivity import threshold_sweep
 from loopscope.dynamics.similarity import AttentionDistance, ResidualSimilarity
 from loopscope.errors import InputError
@@ -156,7 +156,8 @@ def dynamics_tables(states: dict, attn: dict, s: AnalyzeSettings) -> dict[str, p
         t["behaviour_paper"] = stats.frame(-1, "paper")
         t["behaviour_counts"] = behaviour_counts({"dynamics detector": t["behaviour_dynamics"],
                                                   "paper heuristic": t["behaviour_paper"]})
-        t["behaviour_non_fixed"] = t["behaviour_dynamics"][t["behaviour_dynamics"]["behaviour"] != "fixed_point"]
+        dyn = t["behaviour_dynamics"]
+        t["behaviour_non_fixed"] = dyn[~dyn["behaviour"].isin(FIXED_BEHAVIOURS)]
         t["cooccurrence"] = cooccurrence_from(stats, s.classify_method)
         t["sensitivity"] = threshold_sweep(stats)
     for prompt, token in s.keep_states:
@@ -167,13 +168,16 @@ def dynamics_tables(states: dict, attn: dict, s: AnalyzeSettings) -> dict[str, p
 
 
 def add_certificate(tables: dict, loaded: LoadedModel, prompts: list[str], s: AnalyzeSettings) -> None:
-    """tables["certificate"] (per token: ρ, λ₁, prediction) joined with the detector's label, and the agreement."""
+    """tables["certificate"] (per token: ρ, λ₁, prediction, convergence) joined with the detector's label, the
+    agreement, and tables["certificate_ritz"] (every Ritz value of every token's own block with its residual)."""
     from loopscope.dynamics.spectrum import agreement, agreement_table
     from loopscope.experiments.certificate import certificates_for_prompts
 
-    cert = certificates_for_prompts(loaded, prompts, s.recurrences, s.certificate_tokens)
+    ritz: list[pd.DataFrame] = []
+    cert = certificates_for_prompts(loaded, prompts, s.recurrences, s.certificate_tokens, ritz=ritz)
     joined = agreement(cert, tables["behaviour_dynamics"])
     tables["certificate"] = joined
+    tables["certificate_ritz"] = pd.concat(ritz, ignore_index=True)
     tables["certificate_agreement"] = agreement_table(joined)
     tables["certificate_timing"] = pd.DataFrame([{"tokens": len(joined),
                                                   "seconds_per_token": float(joined["seconds_per_token"].mean())}])

@@ -9,7 +9,8 @@ import time
 import pandas as pd
 import torch
 
-from loopscope.dynamics.spectrum import CertificateThresholds, arnoldi, predict
+from loopscope.dynamics.spectrum import (CertificateThresholds, Ritz, arnoldi, predict, prefix_converged,
+                                        prefix_spectra, ritz_table)
 from loopscope.errors import InputError
 from loopscope.models.looped import LoopedLM
 
@@ -35,18 +36,52 @@ def float64_copy(model: LoopedLM) -> LoopedLM:
     return work
 
 
+def own_spectra(work: LoopedLM, e: torch.Tensor, s: torch.Tensor, recurrences: int, steps: int = 24,
+                chunk: int = 16) -> Ritz:
+    """Ritz values of every token's own block J_jj = ∂F(s)_j/∂s_j, j = 0..T−1, at states s (1, T, D) with the
+    injected input e (1, T, D): Arnoldi on vector-Jacobian products, `chunk` tokens at once (each a copy of the
+    prefix it sees, so that a cotangent at token j and a gradient read at token j see J_jj alone)."""
+    T, D = s.shape[1], s.shape[2]
+    device = s.device
+    values, residual = [], []
+    for first in range(0, T, chunk):
+        pos = torch.arange(first, min(first + chunk, T), device=device)
+        n, L = len(pos), int(pos[-1]) + 1  # causal: tokens after the chunk's last do not reach it
+        rows = torch.arange(n, device=device)
+        E, S = e[:, :L].expand(n, L, D).contiguous(), s[:, :L].expand(n, L, D).contiguous()
+        with torch.enable_grad():
+            out, vjp_fn = torch.func.vjp(lambda states: work.block_map(states, E, recurrences), S)
+
+            def matvec(u: torch.Tensor) -> torch.Tensor:  # J_jjᵀ u for every token of the chunk at once
+                cot = torch.zeros_like(out)
+                cot[rows, pos] = u.to(cot.dtype)
+                (grad,) = vjp_fn(cot)
+                return grad[rows, pos].detach()  # else each product keeps the graph of all the earlier ones
+
+            ritz = arnoldi(matvec, n, D, steps, dtype=S.dtype, device=device)
+        values.append(ritz.values)
+        residual.append(ritz.residual)
+    return Ritz(values=torch.cat(values), residual=torch.cat(residual))
+
+
 def token_certificates(model: LoopedLM, ids: torch.Tensor, recurrences: int, tokens: list[int], steps: int = 24,
                        float64: bool = True, state_seed: int | None = None,
-                       th: CertificateThresholds = CertificateThresholds()) -> pd.DataFrame:
+                       th: CertificateThresholds = CertificateThresholds(), ritz: list | None = None,
+                       ) -> pd.DataFrame:
     """Certificates of the given token positions of one prompt ids (1, T). Columns: token, rho, lambda_real,
-    lambda_imag, angle, predicted_period, second_modulus, residual (‖F(s*)_i − s*_i‖ / ‖s*_i‖), predicted,
-    rho_prefix, predicted_own, seconds_per_token.
+    lambda_imag, angle, predicted_period, second_modulus, residual (‖F(s*)_i − s*_i‖ / ‖s*_i‖), ritz_residual,
+    converged, predicted, slowest_token, rho_own, ritz_residual_own, converged_own, predicted_own,
+    seconds_per_token.
 
-    Two spectra per token. `rho_own`/`predicted_own`: J_ii, the token's own block. `rho`/`predicted`: the Jacobian
-    of the whole causal prefix 0..i (block lower-triangular, so its spectrum is the union of J_jj for j ≤ i): token
-    i's state is driven by every earlier token's, so its steps decay at the slowest rate of its prefix — that is
-    the rate the trajectory shows, and the behaviour it predicts. `float64` runs the products on a float64 copy of the model (pass a copy from
-    `float64_copy` and float64=False to reuse one across prompts)."""
+    Two spectra per token. `*_own`: J_ii, the token's own block, by Arnoldi (`own_spectra`). `rho`/`predicted`:
+    the Jacobian of the whole causal prefix 0..i, which is block lower-triangular, so its spectrum is exactly the
+    union of the J_jj, j ≤ i (`prefix_spectra`): ρ = max_{j ≤ i} ρ(J_jj), held by block `slowest_token`. Token i's
+    state is driven by every earlier token's, so its steps decay at the slowest rate of its prefix — that is the
+    rate the trajectory shows, and the behaviour it predicts. `converged` (prefix) holds when the leading Ritz
+    value of every block j ≤ i converged (an unconverged block may hide a larger |λ|). `ritz`: a list to which
+    the per-Ritz-value table (`ritz_table`, every own block j ≤ max(tokens)) is appended. `float64` runs the
+    products on a float64 copy of the model (pass a copy from `float64_copy` and float64=False to reuse one
+    across prompts)."""
     if not isinstance(model, LoopedLM):
         raise InputError(f"the certificate needs a LoopedLM; got {type(model).__name__}")
     if not tokens:
@@ -59,39 +94,25 @@ def token_certificates(model: LoopedLM, ids: torch.Tensor, recurrences: int, tok
     e, s = long_run_state(work, ids.to(device), recurrences, state_seed)
     T = max(tokens) + 1  # causal: tokens after the last one asked about do not matter
     e, s = e[:, :T], s[:, :T]
-    n, D = len(tokens), s.shape[-1]
-    rows = torch.arange(n, device=device)
-    pos = torch.tensor(tokens, device=device)
-    E, S = e.expand(n, T, D).contiguous(), s.expand(n, T, D).contiguous()
-
-    def F(states: torch.Tensor) -> torch.Tensor:
-        return work.block_map(states, E, recurrences)
-
-    with torch.enable_grad():
-        out, vjp_fn = torch.func.vjp(F, S)
-
-        def matvec(u: torch.Tensor) -> torch.Tensor:  # J_iiᵀ u for every chosen token at once
-            cot = torch.zeros_like(out)
-            cot[rows, pos] = u.to(cot.dtype)
-            (grad,) = vjp_fn(cot)
-            return grad[rows, pos].detach()  # else each product keeps the graph of all the earlier ones
-
-        ritz = arnoldi(matvec, n, D, steps, dtype=S.dtype, device=device)
-        keep = (torch.arange(T, device=device)[None, :] <= pos[:, None]).to(S.dtype)[..., None]  # [n, T, 1]
-
-        def prefix_matvec(u: torch.Tensor) -> torch.Tensor:  # the prefix 0..i's Jacobianᵀ, one operator per token
-            (grad,) = vjp_fn(u.view(n, T, D).to(out.dtype) * keep)
-            return (grad * keep).reshape(n, T * D).detach()
-
-        prefix = arnoldi(prefix_matvec, n, T * D, steps, dtype=S.dtype, device=device)
-    mine = s[0, pos]
-    residual = torch.linalg.vector_norm(out[rows, pos].detach() - mine, dim=-1) / torch.linalg.vector_norm(mine, dim=-1)
-    own = predict(ritz, residual, th)
-    frame = predict(prefix, residual, th)
+    own = own_spectra(work, e, s, recurrences, steps)
+    prefix, slowest = prefix_spectra(own)
+    with torch.no_grad():
+        out = work.block_map(s, e, recurrences)
+    pos = torch.tensor(tokens)
+    mine, moved = s[0, pos.to(device)], out[0, pos.to(device)]
+    residual = torch.linalg.vector_norm(moved - mine, dim=-1) / torch.linalg.vector_norm(mine, dim=-1)
+    frame = predict(Ritz(prefix.values[pos], prefix.residual[pos]), residual, th)
+    frame["converged"] = prefix_converged(own, th)[pos].numpy()  # every block j ≤ i converged
     frame.insert(0, "token", tokens)
-    frame["rho_own"] = own["rho"].to_numpy()
-    frame["predicted_own"] = own["predicted"].to_numpy()
-    frame["seconds_per_token"] = (time.perf_counter() - start) / n
+    own_here = predict(Ritz(own.values[pos], own.residual[pos]), residual, th)
+    frame["slowest_token"] = slowest[pos].numpy()
+    frame["rho_own"] = own_here["rho"].to_numpy()
+    frame["ritz_residual_own"] = own_here["ritz_residual"].to_numpy()
+    frame["converged_own"] = own_here["converged"].to_numpy()
+    frame["predicted_own"] = own_here["predicted"].to_numpy()
+    frame["seconds_per_token"] = (time.perf_counter() - start) / len(tokens)
+    if ritz is not None:
+        ritz.append(ritz_table(own, list(range(T))))
     return frame
 
 
@@ -106,9 +127,10 @@ def spread_tokens(lengths: list[int], total: int) -> list[tuple[int, int]]:
 
 
 def certificates_for_prompts(loaded, prompts: list[str], recurrences: int, total: int = 16, steps: int = 24,
-                             max_prompts: int = 4) -> pd.DataFrame:
+                             max_prompts: int = 4, ritz: list | None = None) -> pd.DataFrame:
     """Certificates of `total` tokens spread over the first `max_prompts` prompts (each run on its own, unpadded,
-    on one float64 copy of the model). Adds `batch` (the prompt's index) for joining with the behaviour tables."""
+    on one float64 copy of the model). Adds `batch` (the prompt's index) for joining with the behaviour tables;
+    `ritz`, if given, receives each prompt's per-Ritz-value table (`ritz_table`, with `batch`)."""
     from loopscope.capture.prompts import encode_prompts
 
     lengths = [len(loaded.tokenizer(p).input_ids) for p in prompts[:max_prompts]]
@@ -118,7 +140,10 @@ def certificates_for_prompts(loaded, prompts: list[str], recurrences: int, total
     for b in sorted({b for b, _ in chosen}):
         ids, _, _ = encode_prompts(loaded.tokenizer, [prompts[b]], loaded.max_seq_len)
         tokens = [t for bb, t in chosen if bb == b]
-        frame = token_certificates(work, ids, recurrences, tokens, steps, float64=False)
+        tables: list[pd.DataFrame] = []
+        frame = token_certificates(work, ids, recurrences, tokens, steps, float64=False, ritz=tables)
         frame.insert(0, "batch", b)
+        if ritz is not None:
+            ritz.append(tables[0].assign(batch=b)[["batch", *tables[0].columns]])
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)

@@ -120,6 +120,13 @@ def fmt(x: float) -> str:
     return f"{x:.2e}" if x != 0 and abs(x) < 1e-3 else f"{x:.3g}"
 
 
+def fixed_share(row: pd.Series) -> float:
+    """The share of tokens at a fixed point as far as the detector can tell: fixed_point plus at_floor (motion
+    below the state's rounding floor; tables from before that label have no such column)."""
+    at_floor = row.get("at_floor", 0.0)
+    return float(row["fixed_point"]) + (0.0 if pd.isna(at_floor) else float(at_floor))
+
+
 def missing(m: Measurements, *names: str) -> Verdict | None:
     gone = [n for n in names if n not in m or m[n] is None or len(m[n]) == 0]
     if gone:
@@ -596,7 +603,7 @@ def extrapolation_rows(m: Measurements, th: Thresholds) -> pd.DataFrame:
             continue
         at_train, at_max = at_train.iloc[0], part.iloc[-1]
         rows.append({"model": model, "trained": trained, "r_max": int(at_max["recurrences"]),
-                     "converges": bool(at_max["fixed_point"] > th.majority), "fixed_point": at_max["fixed_point"],
+                     "converges": bool(fixed_share(at_max) > th.majority), "fixed_point": fixed_share(at_max),
                      "change": at_max["successive_change"],
                      "align_train": at_train["alignment_corr"], "align_max": at_max["alignment_corr"],
                      "loss_train": at_train["loss"], "loss_max": at_max["loss"],
@@ -702,7 +709,7 @@ def non_fixed_interval(row: pd.Series) -> tuple[float, float]:
     from loopscope.evidence import clopper_pearson
 
     n = int(row["n"])
-    k = int(round(n * (1.0 - float(row["fixed_point"]))))
+    k = int(round(n * (1.0 - fixed_share(row))))
     cp_lo, cp_hi = clopper_pearson(k, n)
     boot = (float(row["non_fixed_low"]), float(row["non_fixed_high"])) if "non_fixed_low" in row else (cp_lo, cp_hi)
     return min(boot[0], cp_lo), max(boot[1], cp_hi)
@@ -719,7 +726,7 @@ def rule_rare(m: Measurements, th: Thresholds) -> Verdict:
     if c.empty:
         return Verdict(NOT_MEASURABLE, "the no-system-prompt condition was not run")
     row = c.iloc[0]
-    rate = 1.0 - float(row["fixed_point"])
+    rate = 1.0 - fixed_share(row)
     lo, hi = non_fixed_interval(row)
     return Verdict(side(lo, hi, th.rare, above_holds=False),
                    f"non-fixed-point tokens without a system prompt {rate:.3%} [{lo:.3%}, {hi:.3%}] of {int(row['n'])} "

@@ -117,7 +117,7 @@ def question_counts(labels: pd.DataFrame) -> pd.DataFrame:
     """One row per (method, question): question (its position in the questions passed, the same under every
     condition), n (its tokens), non_fixed (of them, not at a fixed point) — the units of the paired bootstrap
     between conditions (`claims.rule_persona`)."""
-    flagged = labels.assign(non_fixed=labels["behaviour"] != "fixed_point")
+    flagged = labels.assign(non_fixed=~labels["behaviour"].isin(dynamics.FIXED_BEHAVIOURS))
     out = flagged.groupby(["method", "batch"])["non_fixed"].agg(n="size", non_fixed="sum").reset_index()
     return out.rename(columns={"batch": "question"}).astype({"n": int, "non_fixed": int})
 

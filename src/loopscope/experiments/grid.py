@@ -151,6 +151,7 @@ def run_cell(cfg: LoopedConfig, ids: torch.Tensor, mask: torch.Tensor, recurrenc
         "fraction_converged_distinct": float(summary["fraction_distinct_cyclic"]),
         "fraction_converged_degenerate": float(summary["fraction_degenerate"]),
         "fraction_fixed_point": float(behaviour.get("fixed_point", 0.0)),
+        "fraction_at_floor": float(behaviour.get("at_floor", 0.0)),
         "fraction_orbit": float(behaviour.get("orbit", 0.0)),
         "fraction_slider": float(behaviour.get("slider", 0.0)),
         "fraction_divergent": float(behaviour.get("divergent", 0.0)),

@@ -128,8 +128,12 @@ def add_behaviour_section(report: Report, t: dict[str, pd.DataFrame]) -> None:
         "Per-token behaviour: fixed point, orbit, slider, divergent",
         "Each token's state at the block's last layer, classified by two detectors. The default reads how the step "
         "size evolves over the tail window (geometric decay = converging, growth = divergent, steady = look at "
-        "returns: a period, a quasi-periodic near-return, a straight drift, or noise on a fixed point); its labels "
-        "do not change with R once a token is in its asymptotic regime. The paper's App. C heuristic (cosine to "
+        "returns: a period, a quasi-periodic near-return, a straight drift, or noise on a fixed point; a drift that "
+        "noise hides step by step is tested over the whole window); its labels do not change with R once a token is "
+        "in its asymptotic regime. A token that never moves past its dtype's rounding floor is `at_floor`: a fixed "
+        "point as far as the precision can tell, counted with the fixed points in every rate. Every per-token table "
+        "names its measurement (estimator, state_precision, floor, recurrences, window, readout). "
+        "The paper's App. C heuristic (cosine to "
         "the final state, τ = 0.05, ρ = 0.9; reconstructed: its Algorithm 1 is not public) is shown beside it. "
         "Blind spot of the heuristic, inherent to reading cosines: radial growth and drift away from the origin keep "
         "cos → 1, so exponential growth and sliders read as fixed points there. Blind spot of the default: a "
@@ -171,8 +175,11 @@ def add_certificate_section(report: Report, t: dict[str, pd.DataFrame]) -> None:
         "Why does a token settle? The leading eigenvalues of J = ∂F/∂s of one recurrence of the block at the state "
         "after the last recurrence (the injected input held fixed). Causal attention makes the Jacobian block "
         "lower-triangular over tokens, so token i's ρ is the largest |λ| of its prefix's diagonal blocks J_jj, j ≤ i "
-        "(its own block's is `rho_own` in the table): an earlier token's slow mode drives token i too. It is "
-        "estimated by Arnoldi iteration on vector-Jacobian products, never forming J. ρ = |λ₁| < 1 predicts a "
+        "(its own block's is `rho_own` in the table, the block holding the prefix's is `slowest_token`): an earlier "
+        "token's slow mode drives token i too. Each J_jj is estimated by Arnoldi iteration on vector-Jacobian "
+        "products, never forming J; `ritz_residual` is ‖J x − λ₁ x‖ of the leading Ritz pair and `converged` says it "
+        "is within the tolerance for every block of the prefix (certificate_ritz.csv: every Ritz value with its "
+        "residual). ρ = |λ₁| < 1 predicts a "
         "stable fixed point approached at rate ρ per recurrence; ρ ≈ 1 with a complex λ₁ an orbit of period "
         "2π/|arg λ₁|; ρ > 1 divergence. Beside it, what the detector saw on the trajectory, and its measured "
         f"step-size rate. {int(timing['tokens'])} tokens, {timing['seconds_per_token']:.2f} s per token.",
@@ -181,6 +188,7 @@ def add_certificate_section(report: Report, t: dict[str, pd.DataFrame]) -> None:
                  "Predicted behaviour (rows) against the detector's label (columns); `agree`: the fraction of tokens "
                  "whose label the prediction admits.")
     csv = save_csv(cert, out, "certificate")
+    ritz_csv = [save_csv(t["certificate_ritz"], out, "certificate_ritz")] if "certificate_ritz" in t else []
     png = figures.scatter_identity(cert, "rho", "step_rate", "predicted", out, "certificate_rates",
                                    title="Predicted contraction ρ = |λ₁| against the measured step-size rate",
                                    xlabel="ρ = |λ₁| of the block's Jacobian", ylabel="measured step rate e^b")
@@ -188,4 +196,4 @@ def add_certificate_section(report: Report, t: dict[str, pd.DataFrame]) -> None:
                                  "convergence; tokens at the numerical floor have no measurable rate of their own. "
                                  "The measured rate is a fit over the tail window, so a token whose steps reach the "
                                  "rounding floor inside that window gets a flattened fit that lies above ρ.",
-                            [csv]))
+                            [csv, *ritz_csv]))

@@ -10,7 +10,7 @@ import pandas as pd
 from loopscope.report import figures
 from loopscope.report.document import Figure, Report, save_csv
 
-BEHAVIOURS = ("fixed_point", "orbit", "slider", "divergent", "unknown")
+BEHAVIOURS = ("fixed_point", "orbit", "slider", "divergent", "unknown", "at_floor")
 PANELS = [  # column, axis label, log y
     ("loss", "held-out loss (nats/token)", False),
     ("accuracy", "GSM8K exact match", False),
