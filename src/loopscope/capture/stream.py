@@ -44,7 +44,7 @@ from loopscope.models.looped import LoopedLM, recurrence_count
 from loopscope.resume import load_or_compute, run_key as key_of
 
 
-CACHE_VERSION = 2  # raised when what a Part holds changes (2: the table dialect's layout), so old parts are not read
+CACHE_VERSION = 3  # raised when what a Part holds changes (2: the table dialect; 3: at_floor and the drift test), so old parts are not read
 
 
 class StreamRecorder:

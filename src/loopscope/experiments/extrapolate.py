@@ -166,6 +166,8 @@ def dynamics_columns(states: Trajectory, R: int) -> tuple[dict[str, float], list
     if R >= BEHAVIOUR_MIN_R:
         labels = dynamics.classify(sliced, layer=-1, method="dynamics")["behaviour"]
         fractions = {b: float((labels == b).mean()) for b in dynamics.BEHAVIOURS}
+    # a fixed point reached to the rounding floor (at_floor) is a fixed point: the figure's "converged" share
+    fractions["converged"] = sum(fractions[b] for b in dynamics.FIXED_BEHAVIOURS)
     return {**out, **fractions}, per_prompt
 
 

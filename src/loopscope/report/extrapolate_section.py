@@ -16,7 +16,7 @@ PANELS = [  # column, axis label, log y
     ("accuracy", "GSM8K exact match", False),
     ("fixed_point_distance", "‖X_R − X_Rmax‖ / ‖X_Rmax‖ (last block layer)", True),
     ("successive_change", "‖X_R − X_{R−1}‖ / ‖X_{R−1}‖ (last block layer)", True),
-    ("fixed_point", "fraction of tokens at a fixed point", False),
+    ("converged", "fraction of tokens at a fixed point (incl. at floor)", False),
     ("alignment_corr", "stage alignment with control (mean Pearson)", False),
 ]
 
