@@ -391,7 +391,9 @@ def recurrence_count(value, what: str = "recurrences") -> int:
         else:
             raise InputError(f"{what}={value!r}: give a whole number of recurrences (e.g. 64)")
     value = int(value)
-    if not 1 <= value <= MAX_RECURRENCES:
+    if value < 1:
+        raise InputError(f"{what}={value}: a looped model needs at least 1 recurrence")
+    if value > MAX_RECURRENCES:
         raise InputError(f"{what}={value}: give 1..{MAX_RECURRENCES:,} recurrences (the paper uses 128)")
     return value
 
