@@ -158,10 +158,11 @@ class OutputFolder:
         return "it holds a run with other settings (" + "; ".join(changed[:6]) + (" …" if len(changed) > 6 else "") \
             + ")"
 
-    def _refuse_or_clear(self, previous: dict, why: str) -> None:
+    def _refuse_or_clear(self, previous: dict, why: str,
+                         fix: str = "rerun with the same options to resume it, add --overwrite to replace its "
+                                    "outputs, or give another --out") -> None:
         if not self.overwrite:
-            raise InputError(f"--out {self.path}: {why}; rerun with the same options to resume it, add --overwrite "
-                             "to replace its outputs, or give another --out")
+            raise InputError(f"--out {self.path}: {why}; {fix}")
         self._clear(previous)
 
     def _clear(self, previous: dict) -> None:
@@ -190,7 +191,8 @@ class OutputFolder:
         previous = (self._read_manifest() or {}).get("previous_weights", {})
         if label in previous and previous[label] != fingerprint:
             self._refuse_or_clear({}, f"its run used other weights for {label} ({previous[label]}, now {fingerprint})"
-                                  ": the checkpoint changed")
+                                  ": the checkpoint changed", "add --overwrite to analyse the new weights in their "
+                                  "place, or give another --out to keep both")
         self.weights[label] = fingerprint
         self._write_manifest("running")
 
