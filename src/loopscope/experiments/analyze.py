@@ -174,7 +174,8 @@ def add_certificate(tables: dict, loaded: LoadedModel, prompts: list[str], s: An
     from loopscope.experiments.certificate import certificates_for_prompts
 
     ritz: list[pd.DataFrame] = []
-    cert = certificates_for_prompts(loaded, prompts, s.recurrences, s.certificate_tokens, ritz=ritz)
+    cert = certificates_for_prompts(loaded, prompts, s.recurrences, s.certificate_tokens, ritz=ritz,
+                                    progress=s.progress)
     joined = agreement(cert, tables["behaviour_dynamics"])
     tables["certificate"] = joined
     tables["certificate_ritz"] = pd.concat(ritz, ignore_index=True)

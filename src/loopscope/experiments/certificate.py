@@ -127,17 +127,20 @@ def spread_tokens(lengths: list[int], total: int) -> list[tuple[int, int]]:
 
 
 def certificates_for_prompts(loaded, prompts: list[str], recurrences: int, total: int = 16, steps: int = 24,
-                             max_prompts: int = 4, ritz: list | None = None) -> pd.DataFrame:
+                             max_prompts: int = 4, ritz: list | None = None, progress: bool = False) -> pd.DataFrame:
     """Certificates of `total` tokens spread over the first `max_prompts` prompts (each run on its own, unpadded,
     on one float64 copy of the model). Adds `batch` (the prompt's index) for joining with the behaviour tables;
-    `ritz`, if given, receives each prompt's per-Ritz-value table (`ritz_table`, with `batch`)."""
+    `ritz`, if given, receives each prompt's per-Ritz-value table (`ritz_table`, with `batch`). `progress`: a bar
+    over the prompts (each costs one own-block Arnoldi per token up to its last certified one)."""
+    from tqdm.auto import tqdm
+
     from loopscope.capture.prompts import encode_prompts
 
     lengths = [len(loaded.tokenizer(p).input_ids) for p in prompts[:max_prompts]]
     chosen = spread_tokens(lengths, total)
     work = float64_copy(loaded.model)
     frames = []
-    for b in sorted({b for b, _ in chosen}):
+    for b in tqdm(sorted({b for b, _ in chosen}), desc="certificate", unit="prompt", disable=not progress):
         ids, _, _ = encode_prompts(loaded.tokenizer, [prompts[b]], loaded.max_seq_len)
         tokens = [t for bb, t in chosen if bb == b]
         tables: list[pd.DataFrame] = []
