@@ -21,6 +21,7 @@ demo: setup
 	@echo "report: $(OUT)/index.html"
 
 test: setup
+	$(VENV)/bin/ruff check src tests benchmarks   # lint and the 120-character line, before the tests
 	$(PY) -m pytest -q
 
 clean:

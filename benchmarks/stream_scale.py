@@ -93,7 +93,8 @@ def memory_table(tmp: Path) -> list[dict]:
     for label, R, prompts in (("R=16", 16, p16), ("R=64", 64, p16), ("R=256", 256, p16), ("64 prompts, R=64", 64, p64)):
         new = child(["stream", str(R), prompts, str(tmp / f"out-{R}-{Path(prompts).stem}")])
         old = child(["memory", str(R), prompts, str(tmp / "unused")])
-        rows.append({"setting": label, "stream_peak_mb": round(new["peak_mb"]), "in_memory_peak_mb": round(old["peak_mb"])})
+        rows.append({"setting": label, "stream_peak_mb": round(new["peak_mb"]),
+                     "in_memory_peak_mb": round(old["peak_mb"])})
     return rows
 
 
@@ -153,7 +154,8 @@ def timing(threads: int, repeats: int = 5) -> dict:
             "ratios": ratios, "states_only_s": statistics.median(hooked),
             "states_only_ratio": statistics.median(hook_ratios), "states_only_ratios": hook_ratios,
             # the least-disturbed repeat of each (timeit's rule: noise on a shared machine only ever adds time)
-            "min_ratio_to_forwards_it_needs": min(streams) / min(twos), "min_states_only_ratio": min(hooked) / min(ones)}
+            "min_ratio_to_forwards_it_needs": min(streams) / min(twos),
+            "min_states_only_ratio": min(hooked) / min(ones)}
 
 
 def paper_shape(threads: int, prompts: int = 2, tokens: int = 200, recurrences: int = 128) -> dict:
@@ -223,14 +225,16 @@ def main() -> None:
         print(mem.to_string(index=False))
         r256 = float(mem.loc[mem.setting == "R=256", "stream_peak_mb"].iloc[0])
         p64 = float(mem.loc[mem.setting == "64 prompts, R=64", "stream_peak_mb"].iloc[0])
-        print(f"R=256 / R=16 peak: {r256 / r16:.3f} (target ≤ 1.2); 64 / 16 prompts peak: {p64 / r64:.3f} (target ≤ 1.2)")
+        print(f"R=256 / R=16 peak: {r256 / r16:.3f} (target ≤ 1.2); "
+              f"64 / 16 prompts peak: {p64 / r64:.3f} (target ≤ 1.2)")
     t = timing(a.threads)
     print(f"\ntime, default model, 16 prompts, R=64 states + R=8 attention, {a.threads} thread(s):")
     print(f"  plain forwards, one pass per run: {t['plain_one_pass_s']:.2f} s; two passes (what the exact distances "
           f"need): {t['plain_two_passes_s']:.2f} s; streaming analysis: {t['analysis_s']:.2f} s")
     print(f"  analysis / forwards it needs: {t['ratio_to_forwards_it_needs']:.3f} (median of "
           f"{', '.join(f'{r:.3f}' for r in t['ratios'])}; target ≤ 1.3); / one pass: {t['ratio_to_one_pass']:.3f}")
-    print(f"  least-disturbed repeats (min / min): analysis / forwards it needs {t['min_ratio_to_forwards_it_needs']:.3f}, "
+    print("  least-disturbed repeats (min / min): analysis / forwards it needs "
+          f"{t['min_ratio_to_forwards_it_needs']:.3f}, "
           f"states alone / one pass {t['min_states_only_ratio']:.3f}")
     print(f"  states alone (every state handed over as produced, no metric): {t['states_only_s']:.2f} s, "
           f"{t['states_only_ratio']:.3f}× one plain pass (median of "

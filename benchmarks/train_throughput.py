@@ -87,7 +87,8 @@ def main() -> None:
     achieved = flops / per_step
     print(f"{a.preset}: {s.batch_size} × {s.seq_len} tokens per step, {a.threads} thread(s), torch {torch.__version__}")
     print(f"  matmul 1024² fp32: {reference / 1e9:.1f} GFLOP/s")
-    print(f"  training step: {per_step:.3f} s (median of {a.steps}), {s.batch_size * s.seq_len / per_step:.0f} tokens/s, "
+    print(f"  training step: {per_step:.3f} s (median of {a.steps}), "
+          f"{s.batch_size * s.seq_len / per_step:.0f} tokens/s, "
           f"{flops / 1e9:.1f} GFLOP counted, {achieved / 1e9:.1f} GFLOP/s")
     print(f"  achieved / matmul: {achieved / reference:.1%} (target ≥ 50 %)")
     if a.profile:

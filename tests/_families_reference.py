@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import save_file
 
 
-
 def ids(B=2, T=10, seed=1):
     """Seeded token ids for the tiny family checkpoints (vocabulary 1024)."""
     return torch.randint(0, 1024, (B, T), generator=torch.Generator().manual_seed(seed))

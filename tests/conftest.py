@@ -86,7 +86,8 @@ def tiny_config(**overrides) -> LoopedConfig:
 
 ARCH_KINDS = [
     dict(norm=n, injection=i, state_init=s)
-    for n, i, s in itertools.product(("pre", "sandwich", "ouro"), ("none", "add", "concat"), ("embedding", "zeros", "random"))
+    for n, i, s in itertools.product(("pre", "sandwich", "ouro"), ("none", "add", "concat"),
+                                     ("embedding", "zeros", "random"))
     if not (i == "none" and s != "embedding")
 ]
 

@@ -9,10 +9,9 @@ import json
 from pathlib import Path
 
 import torch
-
 from conftest import GSM8K_TEST
-from loopscope.data.tokenizer import load_tokenizer
 
+from loopscope.data.tokenizer import load_tokenizer
 
 
 @functools.cache

@@ -16,7 +16,6 @@ from loopscope.data.prompts import load_prompts
 from loopscope.experiments.analyze import AnalyzeSettings, run_analyze
 
 
-
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     """A tiny random Llama on disk with the bundled tokenizer (GSM8K questions fit its 128-token context)."""

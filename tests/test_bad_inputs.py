@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import build, run_cli
+
 from loopscope.capture import capture
 from loopscope.data.prompts import load_prompts
 from loopscope.errors import InputError

@@ -6,8 +6,8 @@ import random
 
 import pytest
 import torch
-
 from conftest import build
+
 from loopscope.capture import Recorder, Trajectory, capture
 from loopscope.errors import InputError
 from loopscope.models import KVCache, Step
@@ -27,7 +27,8 @@ def test_core_holds_each_layer_at_each_recurrence(token_ids):
             for j, layer in enumerate(model.core):
                 s = layer(s, step=Step("core", t, j), **kw)
                 torch.testing.assert_close(traj.core[t, j], s)
-    assert traj.core.shape == (3, 3, 2, 9, 32) and traj.prelude.shape == (1, 2, 9, 32) and traj.coda.shape == (1, 2, 9, 32)
+    assert traj.core.shape == (3, 3, 2, 9, 32)
+    assert traj.prelude.shape == (1, 2, 9, 32) and traj.coda.shape == (1, 2, 9, 32)
 
 
 def test_recorder_files_by_label_not_call_order():

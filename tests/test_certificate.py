@@ -8,8 +8,16 @@ import math
 import pytest
 import torch
 
-from loopscope.dynamics.spectrum import (CertificateThresholds, Ritz, agreement, arnoldi, power_rate, predict,
-                                        prefix_converged, prefix_spectra)
+from loopscope.dynamics.spectrum import (
+    CertificateThresholds,
+    Ritz,
+    agreement,
+    arnoldi,
+    power_rate,
+    predict,
+    prefix_converged,
+    prefix_spectra,
+)
 from loopscope.experiments.certificate import long_run_state, spread_tokens, token_certificates
 from loopscope.models import LoopedConfig, LoopedLM
 

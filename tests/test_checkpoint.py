@@ -7,14 +7,14 @@ import pickle
 
 import pytest
 import torch
+from conftest import build, tiny_config
 from safetensors.torch import save_file
 
-from conftest import build, tiny_config
+from loopscope.capture import encode_prompts
+from loopscope.data.prompts import load_prompts
 from loopscope.data.tokenizer import load_tokenizer
 from loopscope.errors import CheckpointError, InputError
 from loopscope.models import LoopedLM, load_looped, load_model, save_model
-from loopscope.capture import encode_prompts
-from loopscope.data.prompts import load_prompts
 
 
 def test_roundtrip_reproduces_outputs(tmp_path, token_ids):

@@ -9,7 +9,16 @@ import pandas as pd
 import pytest
 
 from loopscope.experiments import claims
-from loopscope.experiments.claims import CHECKS, CLAIMS, INCONCLUSIVE, DIFFERS, HOLDS, NOT_MEASURABLE, Thresholds, evaluate_claims
+from loopscope.experiments.claims import (
+    CHECKS,
+    CLAIMS,
+    DIFFERS,
+    HOLDS,
+    INCONCLUSIVE,
+    NOT_MEASURABLE,
+    Thresholds,
+    evaluate_claims,
+)
 
 TH = Thresholds()
 
@@ -296,7 +305,8 @@ def test_extrapolation_rules_judge_intervals_over_prompts_and_texts():
     # the two losses would straddle 0.1 under this text-to-text spread)
     assert v.verdict == HOLDS and v.effect == pytest.approx(0.05) and v.ci_high == pytest.approx(0.05)
     # a rise of 0.2 nats on every text: surely above the 0.1 kept
-    worse = [units("a", 32, change=[1e-5] * 4), units("a", 4, loss=texts), units("a", 32, loss=[x + 0.2 for x in texts])]
+    worse = [units("a", 32, change=[1e-5] * 4), units("a", 4, loss=texts),
+             units("a", 32, loss=[x + 0.2 for x in texts])]
     assert verdict("extrapolation-performance", extrapolation(stable, *worse)) == DIFFERS
     # one prompt still moving 5 %: the interval over prompts reaches above 1 % → not surely stable
     one = [units("a", 32, change=[1e-5, 1e-5, 1e-5, 0.05])]
@@ -416,5 +426,6 @@ def test_massive_causal_reports_its_effect_without_a_verdict():
     v = next(c.rule for c in CLAIMS if c.id == "massive-causal")(
         m(below, ablation("smollm2", kind="feedforward-hf")), TH)
     assert v.verdict == NOT_MEASURABLE
-    assert "l4 30 < 100" in v.evidence and "smollm2 (feedforward-hf)" in v.evidence and "ColSum concentration ×0.5" in v.evidence
+    assert "l4 30 < 100" in v.evidence and "smollm2 (feedforward-hf)" in v.evidence
+    assert "ColSum concentration ×0.5" in v.evidence
     assert verdict("massive-causal", m(ablation("smollm2", kind="feedforward-hf"))) == NOT_MEASURABLE

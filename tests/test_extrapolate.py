@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ARCH_KINDS, build
+
 from loopscope.capture import capture
 from loopscope.data.tokenizer import load_tokenizer
 from loopscope.errors import InputError
@@ -20,7 +20,6 @@ from loopscope.experiments.evaluate import heldout_loss
 from loopscope.experiments.presets import preset_config
 from loopscope.models import LoopedLM, load_model
 from loopscope.models.checkpoint import save_model
-
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import GSM8K_TEST
+
 from loopscope.capture import capture
 from loopscope.models.families import BYPASS_INJECTION, load_retrofit, retrofit_from_hf
 from loopscope.models.load import load_model

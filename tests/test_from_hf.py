@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 from _families_reference import ids, write_huginn, write_ouro, write_retrofit
+from hf_helpers import save_tiny
 from safetensors.torch import load_file
 
 import loopscope
-from hf_helpers import save_tiny
 from loopscope.errors import InputError
 from loopscope.models import from_hf, load_model
 

@@ -6,12 +6,17 @@ import sys
 
 import pytest
 import torch
-
 from conftest import GSM8K
+
 from loopscope.data.corpus import corpus_documents, encode_documents, pack_sequences, python_docs_documents
 from loopscope.data.gsm8k import (
-    exact_match, exact_match_accuracy, extract_answer, gsm8k_test_subset, load_gsm8k, normalise_number,
+    exact_match,
+    exact_match_accuracy,
+    extract_answer,
     gsm8k_subset_indices,
+    gsm8k_test_subset,
+    load_gsm8k,
+    normalise_number,
 )
 from loopscope.data.system_prompts import HUGINN_PERSONA, SYSTEM_PROMPT_CONDITIONS, apply_condition
 from loopscope.data.tokenizer import load_tokenizer

@@ -17,7 +17,6 @@ from loopscope.interventions import DeleteLayer, SwapLayers, ZeroSublayer
 from loopscope.interventions.parse import parse_interventions
 
 
-
 def cli(*args):
     return subprocess.run([sys.executable, "-m", "loopscope.cli.main", *args], capture_output=True, text=True,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})

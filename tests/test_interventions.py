@@ -13,7 +13,13 @@ from loopscope.capture import Trajectory, capture
 from loopscope.data.prompts import load_prompts
 from loopscope.errors import InputError
 from loopscope.interventions import (
-    DeleteLayer, SwapLayers, ZeroSublayer, intervene, next_token_kl, run_intervention, summarize_kl,
+    DeleteLayer,
+    SwapLayers,
+    ZeroSublayer,
+    intervene,
+    next_token_kl,
+    run_intervention,
+    summarize_kl,
 )
 from loopscope.models import LoadedModel, LoopedConfig, LoopedLM, load_model
 

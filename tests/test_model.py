@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _decoding import decode_in_steps
 from conftest import ARCH_KINDS, build, tiny_config
+
 from loopscope.errors import CheckpointError, InputError
 from loopscope.models import KVCache, LoopedLM
 
@@ -46,7 +46,9 @@ def ref_attention(layer, x, cfg):
 
 def ref_layer(layer, x, cfg):
     eps = cfg.norm_eps
-    mlp = lambda h: (F.silu(h @ layer.mlp.gate_proj.weight.T) * (h @ layer.mlp.up_proj.weight.T)) @ layer.mlp.down_proj.weight.T  # noqa: E731
+    def mlp(h):
+        m = layer.mlp
+        return (F.silu(h @ m.gate_proj.weight.T) * (h @ m.up_proj.weight.T)) @ m.down_proj.weight.T
     n = lambda mod, h: rms(h, mod.weight, eps)  # noqa: E731
     if cfg.norm == "pre":
         x = x + ref_attention(layer, n(layer.attn_norm_in, x), cfg)

@@ -8,8 +8,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_cli
+
 from loopscope.data.tokenizer import load_tokenizer
 from loopscope.errors import InputError
 from loopscope.experiments.analyze import AnalyzeSettings, run_analyze

@@ -14,8 +14,13 @@ import pytest
 from loopscope.experiments.claims import DIFFERS, HOLDS, INCONCLUSIVE, NOT_MEASURABLE, Thresholds, evaluate_claims, side
 from loopscope.experiments.retrofit_claims import RETROFIT_CLAIMS
 from loopscope.experiments.retrofit_study import (
-    RetrofitPlan, alignment_summary, extrapolation_summary, fixed_point_summary, fixed_points_by_prompt,
-    majority_rate, task_rows,
+    RetrofitPlan,
+    alignment_summary,
+    extrapolation_summary,
+    fixed_point_summary,
+    fixed_points_by_prompt,
+    majority_rate,
+    task_rows,
 )
 
 TH = Thresholds()

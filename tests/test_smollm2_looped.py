@@ -110,6 +110,7 @@ def test_the_loop_is_used(looped):
     """Held-out loss (the first two of the 8 held-out GSM8K test texts) at the default recurrence is below R = 1:
     the recurrence recovers the depth the split dropped."""
     from conftest import GSM8K
+
     from loopscope.experiments.heal import encode_texts, heldout_texts, pooled_loss, text_losses
 
     if GSM8K is None:

@@ -16,8 +16,6 @@ from loopscope.models.looped import LoopedLM
 from loopscope.stages import Readout, logit_lens
 
 
-
-
 def entropy_of_one_peak(s: float, others: int) -> float:
     z = math.exp(s) + others
     p, q = math.exp(s) / z, 1 / z

@@ -7,14 +7,12 @@ import pytest
 import torch
 
 from loopscope.capture.record import capture
+from loopscope.experiments.stage_tables import looped_neuron_fractions, looped_readout
 from loopscope.models.config import LoopedConfig
 from loopscope.models.looped import LoopedLM
-from loopscope.experiments.stage_tables import looped_neuron_fractions, looped_readout
 from loopscope.models.weights import down_projections
 from loopscope.stages import neuron_fractions, neuron_fractions_by_depth, vocab_moments
 from loopscope.stages.neurons import readout_directions
-
-
 
 V, D = 200, 256
 

@@ -8,12 +8,10 @@ import pytest
 import torch
 
 from loopscope.capture.record import capture
+from loopscope.experiments.stage_tables import attention_lipschitz_check
 from loopscope.models.config import LoopedConfig
 from loopscope.models.looped import LoopedLM
-from loopscope.experiments.stage_tables import attention_lipschitz_check
 from loopscope.stages import prop42_bound
-
-
 
 
 def softmax_attention(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, d: int) -> torch.Tensor:

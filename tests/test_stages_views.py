@@ -13,8 +13,6 @@ from loopscope.models.looped import LoopedLM
 from loopscope.stages import alignment, by_layer, by_realized_depth, by_recurrence, residual_norms
 
 
-
-
 def metric_table(P: int, K: int, C: int, R: int) -> pd.DataFrame:
     """A per-state table for a (P, K⊗R, C) model whose value is 10·depth and std is depth."""
     index = Trajectory(core=torch.zeros(R, K, 1, 1, 1), prelude=torch.zeros(P, 1, 1, 1) if P else None,
@@ -142,7 +140,8 @@ def test_spearman_is_rank_correlation_not_pearson():
     cubed = x ** 3
     assert spearman(cubed, x) == pytest.approx(1.0)
     assert pearson(cubed, x) == pytest.approx(154 / 170)  # by hand: Σ(x−2)(x³−20) = 154, √(10·2890) = 170
-    assert spearman(np.array([1.0, 1.0, 2.0]), np.array([1.0, 2.0, 3.0])) == pytest.approx(0.8660, abs=1e-3)  # average ranks for ties
+    # average ranks for ties
+    assert spearman(np.array([1.0, 1.0, 2.0]), np.array([1.0, 2.0, 3.0])) == pytest.approx(0.8660, abs=1e-3)
 
 
 def test_line_panels_names_every_model_when_the_series_are_names(tmp_path, monkeypatch):

@@ -162,7 +162,8 @@ def test_synthetic_trajectory_in_parts_equals_whole():
 def test_part_round_trip_is_exact():
     frame = pd.DataFrame({"x": [1.5, np.nan, np.inf], "s": ["a", "é", None],
                           "p": pd.array([2, None, 5], dtype="Int64"), "b": [True, False, True]})
-    part = {"t": torch.arange(6, dtype=torch.float64).reshape(2, 3) / 7, "nested": {"n": torch.ones(2, dtype=torch.int32)},
+    part = {"t": torch.arange(6, dtype=torch.float64).reshape(2, 3) / 7,
+            "nested": {"n": torch.ones(2, dtype=torch.int32)},
             "frame": frame, "meta": {"k": [1, 2]}}
     back = decode_part(encode_part(part))
     assert torch.equal(back["t"], part["t"]) and back["t"].dtype == torch.float64

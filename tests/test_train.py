@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
+from conftest import GSM8K
 from safetensors import safe_open
 
-from conftest import GSM8K
 from loopscope.data.corpus import encode_documents, pack_sequences
 from loopscope.data.tokenizer import load_tokenizer
 from loopscope.errors import InputError
@@ -18,7 +18,6 @@ from loopscope.experiments.presets import preset_config
 from loopscope.experiments.train import TrainData, TrainSettings, batch_rows, learning_rate, train
 from loopscope.models import LoopedLM, load_model
 from loopscope.models.checkpoint import read_safetensors
-
 
 
 @pytest.fixture(scope="module")

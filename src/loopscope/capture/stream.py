@@ -41,10 +41,11 @@ from loopscope.capture.record import capture
 from loopscope.errors import InputError
 from loopscope.models.hooks import HookPoint, Step
 from loopscope.models.looped import LoopedLM, recurrence_count
-from loopscope.resume import load_or_compute, run_key as key_of
+from loopscope.resume import load_or_compute
+from loopscope.resume import run_key as key_of
 
-
-CACHE_VERSION = 3  # raised when what a Part holds changes (2: the table dialect; 3: at_floor and the drift test), so old parts are not read
+# raised when what a Part holds changes, so old parts are not read (2: the table dialect; 3: at_floor, the drift test)
+CACHE_VERSION = 3
 
 
 class StreamRecorder:

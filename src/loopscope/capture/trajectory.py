@@ -89,7 +89,8 @@ class Trajectory:
             raise InputError(f"Trajectory.core must be a tensor [R, K, B, T, D]; got {shape}")
         R, K, B, T, D = self.core.shape
         if R < 1 or K < 1:
-            raise InputError(f"Trajectory.core needs at least one recurrence and one layer; got {tuple(self.core.shape)}")
+            raise InputError("Trajectory.core needs at least one recurrence and one layer; got "
+                             f"{tuple(self.core.shape)}")
         if self.mask is None:
             self.mask = torch.ones(B, T, dtype=torch.bool)
         self.mask = self.mask.bool()
@@ -108,7 +109,8 @@ class Trajectory:
         if self.core_attention is not None:
             a = self.core_attention
             if a.ndim != 6 or tuple(a.shape[:3]) != (R, K, B) or tuple(a.shape[-2:]) != (T, T):
-                raise InputError(f"Trajectory.core_attention has shape {tuple(a.shape)}; expected [{R}, {K}, {B}, H, {T}, {T}]")
+                raise InputError(f"Trajectory.core_attention has shape {tuple(a.shape)}; "
+                                 f"expected [{R}, {K}, {B}, H, {T}, {T}]")
         for name, states in (("prelude_attention", self.prelude), ("coda_attention", self.coda)):
             a = getattr(self, name)
             n = 0 if states is None else states.shape[0]
@@ -263,7 +265,8 @@ class Trajectory:
         """The sub-trajectory of the given prompts."""
         idx = list(range(self.batch_size))[batch] if isinstance(batch, slice) else list(batch)
         ix = torch.tensor(idx, dtype=torch.long)
-        changes = {n: getattr(self, n).index_select(d, ix) for n, d in BATCH_DIM.items() if getattr(self, n) is not None}
+        changes = {n: getattr(self, n).index_select(d, ix) for n, d in BATCH_DIM.items()
+                   if getattr(self, n) is not None}
         if self.tokens is not None:
             changes["tokens"] = [self.tokens[i] for i in idx]
         changes["sites"] = {s: {g: v.index_select(SITE_BATCH_DIM[g], ix) for g, v in p.items()}
@@ -347,7 +350,8 @@ class Trajectory:
         directory = Path(directory)
         tensor_file, json_file = directory / TRAJECTORY_TENSORS, directory / TRAJECTORY_JSON
         if not tensor_file.exists() or not json_file.exists():
-            raise InputError(f"{directory} is not a saved Trajectory (needs {TRAJECTORY_TENSORS} and {TRAJECTORY_JSON})")
+            raise InputError(f"{directory} is not a saved Trajectory (needs {TRAJECTORY_TENSORS} and "
+                             f"{TRAJECTORY_JSON})")
         return cls._deserialised(load_file(str(tensor_file)), json.loads(json_file.read_text()), dtype)
 
 

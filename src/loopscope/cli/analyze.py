@@ -6,8 +6,15 @@ from pathlib import Path
 
 import typer
 
-from loopscope.cli.common import apply_threads, device_option, dtype_option, overwrite_option, parse_token_list, \
-    state_dtype_option, threads_option
+from loopscope.cli.common import (
+    apply_threads,
+    device_option,
+    dtype_option,
+    overwrite_option,
+    parse_token_list,
+    state_dtype_option,
+    threads_option,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -17,7 +24,8 @@ def register(app: typer.Typer) -> None:
                                   "checkpoint path: loopscope directory, Hugging Face directory, .gguf file, "
                                   "Ouro / Huginn / retrofit directory."),
         prompts: str = typer.Option("gsm-symbolic", "--prompts", "-p", help="Builtin prompt set (`gsm-symbolic`) or "
-                                    "a file: .jsonl with a question/prompt/text field, or .txt with one prompt a line."),
+                                    "a file: .jsonl with a question/prompt/text field, or .txt with one prompt a "
+                                    "line."),
         out: Path = typer.Option(Path("reports/analysis"), "--out", "-o", help="Report directory (created). Holds "
                                  "index.html, figures/*.png, tables/*.csv and cache/ (finished capture batches)."),
         recurrences: int = typer.Option(64, "--recurrences", "-r", help="Recurrences of the dynamics run; the state "

@@ -6,15 +6,23 @@ from pathlib import Path
 
 import typer
 
-from loopscope.cli.common import apply_threads, device_option, dtype_option, precision, state_dtype_option, threads_option
-from loopscope.cli.common import overwrite_option
+from loopscope.cli.common import (
+    apply_threads,
+    device_option,
+    dtype_option,
+    overwrite_option,
+    precision,
+    state_dtype_option,
+    threads_option,
+)
 
 
 def register(app: typer.Typer) -> None:
     @app.command("compare")
     def compare(
         looped: str = typer.Argument(..., help="Looped model: builtin name or checkpoint path."),
-        feedforward: str = typer.Argument(..., help="Feedforward model: builtin (e.g. smollm2), HF directory or .gguf."),
+        feedforward: str = typer.Argument(..., help="Feedforward model: builtin (e.g. smollm2), HF directory or "
+                                          ".gguf."),
         prompts: str = typer.Option("gsm-symbolic", "--prompts", "-p", help="Builtin prompt set or file."),
         out: Path = typer.Option(Path("reports/compare"), "--out", "-o", help="Report directory (created)."),
         recurrences: int = typer.Option(8, "--recurrences", "-r", help="Recurrences of the looped run."),

@@ -6,9 +6,15 @@ from pathlib import Path
 
 import typer
 
-from loopscope.cli.common import apply_threads, device_option, dtype_option, precision, state_dtype_option, threads_option
-from loopscope.cli.common import overwrite_option
-
+from loopscope.cli.common import (
+    apply_threads,
+    device_option,
+    dtype_option,
+    overwrite_option,
+    precision,
+    state_dtype_option,
+    threads_option,
+)
 
 
 def parse_ints(text: str | None, option: str) -> list[int] | None:

@@ -7,16 +7,16 @@ from pathlib import Path
 import typer
 
 from loopscope.cli.common import (
-    overwrite_option,
     apply_threads,
     device_option,
     dtype_option,
+    overwrite_option,
     parse_float_list,
     parse_int_list,
     parse_word_list,
     precision,
-    threads_option,
     state_dtype_option,
+    threads_option,
 )
 
 

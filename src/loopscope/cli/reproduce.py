@@ -6,8 +6,7 @@ from pathlib import Path
 
 import typer
 
-from loopscope.cli.common import device_option, dtype_option, precision, state_dtype_option
-from loopscope.cli.common import overwrite_option
+from loopscope.cli.common import device_option, dtype_option, overwrite_option, precision, state_dtype_option
 
 HELP = """
 Reproduce Blayney et al. (2026) on this machine: train, analyse, and judge every claim of the paper.
@@ -54,8 +53,8 @@ measured at 2 h 24 min on 2 shared CPU cores (grid 53 min, training 50 min), plu
 rows (`--no-retrofit` skips them).
 `--seeds N` and `--minutes-per-model M` scale it up where there is more compute.
 
-`--quick`: `micro` models trained for 12 steps with 2 seeds, a 12-cell grid, a few prompts; a few minutes. It checks that
-the pipeline runs; its verdicts say nothing about the paper.
+`--quick`: `micro` models trained for 12 steps with 2 seeds, a 12-cell grid, a few prompts; a few minutes. It checks
+that the pipeline runs; its verdicts say nothing about the paper.
 
 **RESUMING**
 

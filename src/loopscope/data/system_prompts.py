@@ -75,7 +75,8 @@ SYSTEM_PROMPT_CONDITIONS: dict[str, SystemPromptCondition] = {
 
 def get_condition(name: str) -> SystemPromptCondition:
     if name not in SYSTEM_PROMPT_CONDITIONS:
-        raise InputError(f"system-prompt condition {name!r} is unknown; choose one of {sorted(SYSTEM_PROMPT_CONDITIONS)}")
+        raise InputError(f"system-prompt condition {name!r} is unknown; choose one of "
+                         f"{sorted(SYSTEM_PROMPT_CONDITIONS)}")
     return SYSTEM_PROMPT_CONDITIONS[name]
 
 

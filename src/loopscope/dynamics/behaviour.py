@@ -68,7 +68,7 @@ class Behaviour(Accumulator):
     def begin(self, ctx: BatchContext) -> None:
         super().begin(ctx)
         K = ctx.block_size
-        self.which = list(range(K)) if self.layers is None else sorted({l % K for l in self.layers})
+        self.which = list(range(K)) if self.layers is None else sorted({layer % K for layer in self.layers})
         self.b, self.t = ctx.real
         n = self.b.numel()
         floor = self.dynamics.floor_factor * unit_roundoff(ctx.state_dtype)
@@ -79,7 +79,7 @@ class Behaviour(Accumulator):
         if "paper" in self.methods:
             self.p_start, self.p_stop = rule_paper.window_bounds(R, self.paper)
             star = ctx.finals.core_last
-            chosen = self.which if self.paper_layers is None else sorted({l % K for l in self.paper_layers})
+            chosen = self.which if self.paper_layers is None else sorted({layer % K for layer in self.paper_layers})
             self.paper_which = [j for j in chosen if j in self.which]
             self.star = {j: batch_tokens(star[j], self.b, self.t, torch.float64) for j in self.paper_which}
             self.cosines = {j: torch.full((self.p_stop - self.p_start, n), float("nan"), dtype=torch.float64)

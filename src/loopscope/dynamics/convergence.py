@@ -215,7 +215,8 @@ class DistanceToFixedPoint(CellMetric):
             return
         cur = self.ctx.real_states(x)
         d = norm(cur - self.star[j])
-        self.record(t, j, {"l2": d.double().cpu(), "cosine": cosine_from_distance(norm(cur), self.star_norm[j], d).cpu()})
+        cos = cosine_from_distance(norm(cur), self.star_norm[j], d)
+        self.record(t, j, {"l2": d.double().cpu(), "cosine": cos.cpu()})
 
     def end(self) -> Part:
         part = super().end()

@@ -31,7 +31,6 @@ from loopscope.dynamics.rule_dynamics import FIXED_BEHAVIOURS, MIN_RECURRENCES
 from loopscope.dynamics.sensitivity import threshold_sweep
 from loopscope.dynamics.similarity import AttentionDistance, ResidualSimilarity
 from loopscope.errors import InputError
-from loopscope.stages.prop42 import attention_state_relation
 from loopscope.experiments.stage_tables import (
     STAGE_METRICS,
     alignment_table,
@@ -47,6 +46,7 @@ from loopscope.output import claim_output
 from loopscope.report import Report
 from loopscope.report.dynamics_section import add_dynamics_sections
 from loopscope.report.stages_section import add_stages_section
+from loopscope.stages.prop42 import attention_state_relation
 
 
 @dataclass

@@ -9,8 +9,15 @@ import time
 import pandas as pd
 import torch
 
-from loopscope.dynamics.spectrum import (CertificateThresholds, Ritz, arnoldi, predict, prefix_converged,
-                                        prefix_spectra, ritz_table)
+from loopscope.dynamics.spectrum import (
+    CertificateThresholds,
+    Ritz,
+    arnoldi,
+    predict,
+    prefix_converged,
+    prefix_spectra,
+    ritz_table,
+)
 from loopscope.errors import InputError
 from loopscope.models.looped import LoopedLM
 

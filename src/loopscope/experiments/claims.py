@@ -218,7 +218,8 @@ def side(lo: float, hi: float, threshold: float, above_holds: bool = True) -> st
 
 
 def interval_side(stats: tuple[float, float, float], threshold: float, above_holds: bool) -> str:
-    """`side` of an effect's interval; inconclusive when it has none (a table without its units, fewer than two seeds)."""
+    """`side` of an effect's interval; inconclusive when it has none (a table without its units, fewer than two
+    seeds)."""
     _, lo, hi = stats
     return INCONCLUSIVE if math.isnan(lo) or math.isnan(hi) else side(lo, hi, threshold, above_holds)
 

@@ -41,9 +41,9 @@ from loopscope.dynamics.rule_dynamics import MIN_RECURRENCES
 from loopscope.errors import InputError
 from loopscope.models.device import Precision
 from loopscope.models.load import LoadedModel
+from loopscope.output import claim_output
 from loopscope.report import Report
 from loopscope.report.conditions_section import add_conditions_section
-from loopscope.output import claim_output
 from loopscope.resume import cached_table, run_key
 
 BATCH_SIZE = 4  # questions per capture: R=64, K=4, T≈300, D=128 is ≈ 40 MB per question in fp32
@@ -67,7 +67,8 @@ def fitting_questions(loaded: LoadedModel, subset: list[dict], names: list[str],
     questions for all conditions, so rates compare), and how many were passed over."""
     longest = max(len(system_token_ids(c, loaded.tokenizer)) for c in names) + 1  # + BOS
     fit = [r for r in subset
-           if longest + len(loaded.tokenizer(r["question"], add_special_tokens=False)["input_ids"]) <= loaded.max_seq_len]
+           if longest + len(loaded.tokenizer(r["question"], add_special_tokens=False)["input_ids"])
+           <= loaded.max_seq_len]
     if not fit:
         raise InputError(f"no question fits the model's context of {loaded.max_seq_len} tokens after the longest "
                          f"system prompt ({longest} tokens); drop that condition with --condition")
@@ -125,7 +126,8 @@ def question_counts(labels: pd.DataFrame) -> pd.DataFrame:
 def run_conditions(model: str, out: Path, data: str | None = None, questions: int = 16, recurrences: int = 64,
                    conditions: list[str] | None = None, progress: bool = True,
                    precision: Precision | None = None, overwrite: bool = False) -> pd.DataFrame:
-    """One row per (condition, method): condition, method, reconstructed, n (question tokens), fixed_point, orbit, slider,
+    """One row per (condition, method): condition, method, reconstructed, n (question tokens), fixed_point, orbit,
+    slider,
     divergent, unknown (fractions of question tokens). `table.attrs["all_tokens"]` is the same over every real
     token; `table.attrs["by_question"]` counts the question tokens per (condition, method, question)
     (`question_counts`). Writes OUT/index.html, figures, tables."""

@@ -42,9 +42,9 @@ from loopscope import dynamics
 from loopscope.capture import Trajectory, capture_prompts
 from loopscope.data.corpus import encode_documents, pack_sequences
 from loopscope.data.gsm8k import document_text, gsm8k_test_subset
+from loopscope.dynamics.rule_dynamics import MIN_RECURRENCES
 from loopscope.errors import InputError
 from loopscope.experiments.evaluate import gsm8k_exact_match, sequence_losses
-from loopscope.dynamics.rule_dynamics import MIN_RECURRENCES
 from loopscope.experiments.stage_tables import alignment_table, model_readout, stage_table
 from loopscope.models.device import Precision
 from loopscope.models.load import LoadedModel

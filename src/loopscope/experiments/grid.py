@@ -40,8 +40,8 @@ from loopscope import dynamics
 from loopscope.capture import capture, encode_prompts
 from loopscope.data.prompts import load_prompts
 from loopscope.data.tokenizer import load_tokenizer
-from loopscope.errors import InputError
 from loopscope.dynamics.degeneracy import SAME_POINT_COSINE
+from loopscope.errors import InputError
 from loopscope.models import LoopedConfig, LoopedLM
 from loopscope.models.device import Precision
 from loopscope.resume import cached_json, run_key, write_atomic

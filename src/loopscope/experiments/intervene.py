@@ -28,8 +28,8 @@ from loopscope.experiments.stage_tables import (
     stage_table,
 )
 from loopscope.interventions import Intervention, ZeroSublayer, next_token_kl, summarize_kl
-from loopscope.interventions.specs import spec_text
 from loopscope.interventions.run import capture_under, check_recurrences
+from loopscope.interventions.specs import spec_text
 from loopscope.models.device import Precision
 from loopscope.models.load import LoadedModel
 from loopscope.output import claim_output, settings_of

@@ -41,9 +41,6 @@ import torch
 
 from loopscope.errors import InputError
 from loopscope.experiments.claims import Thresholds
-from loopscope.experiments.retrofit_study import RetrofitPlan
-from loopscope.experiments.stage_cache import StageCache
-from loopscope.models.device import Precision
 from loopscope.experiments.reproduce_report import write_report
 from loopscope.experiments.reproduce_stages import (
     ABLATION_REFERENCE,
@@ -55,6 +52,9 @@ from loopscope.experiments.reproduce_stages import (
     train_stage,
     training_id,
 )
+from loopscope.experiments.retrofit_study import RetrofitPlan
+from loopscope.experiments.stage_cache import StageCache
+from loopscope.models.device import Precision
 
 FULL_MINUTES = 2.0  # default training budget per model in full mode (7 presets × 3 seeds: 42 min of training)
 FULL_SEEDS, QUICK_SEEDS = 3, 2  # training seeds per preset: every comparison of variants is judged over seeds

@@ -18,11 +18,11 @@ if TYPE_CHECKING:
 def write_report(p: Pipeline, results: dict) -> Path:
     """OUT/index.html from the finished stages: claims and checks first, then training, models, ablation, grid,
     extrapolation, conditions and the retrofit; returns its path."""
+    from loopscope.experiments.grid import grid_views
     from loopscope.experiments.stage_tables import STAGE_METRICS
     from loopscope.report import Report
     from loopscope.report.claims_section import add_claims_section, add_training_section
     from loopscope.report.dynamics_section import add_dynamics_sections
-    from loopscope.experiments.grid import grid_views
     from loopscope.report.grid_section import add_grid_section
     from loopscope.report.stages_section import add_stages_section
 

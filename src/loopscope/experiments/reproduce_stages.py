@@ -70,7 +70,10 @@ def control_tables(spec: str, prompts: list[str], work: Path, progress: bool, pr
                    ) -> dict[str, pd.DataFrame]:
     from loopscope.capture.stream import StreamSettings, stream_prompts
     from loopscope.experiments.stage_tables import (
-        model_neuron_fractions, model_readout, stage_accumulators, stage_table_from,
+        model_neuron_fractions,
+        model_readout,
+        stage_accumulators,
+        stage_table_from,
     )
 
     loaded = precision.load(spec)
@@ -162,8 +165,13 @@ def ablation_stage(name: str, spec: str, prompts: list[str], attention_recurrenc
 
 
 def grid_tables(plan: StudyPlan, out: Path, progress: bool, precision: Precision) -> dict[str, pd.DataFrame]:
-    from loopscope.experiments.grid import GridSettings, certificate_agreement, read_certificates, run_grid, \
-        verdict_table
+    from loopscope.experiments.grid import (
+        GridSettings,
+        certificate_agreement,
+        read_certificates,
+        run_grid,
+        verdict_table,
+    )
 
     settings = GridSettings(out=out, progress=progress, precision=precision, **plan.grid)
     cells, curves = run_grid(settings)

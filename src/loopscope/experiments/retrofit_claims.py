@@ -19,10 +19,20 @@ import math
 import pandas as pd
 
 from loopscope.evidence import clopper_pearson
-from loopscope.experiments.claims import DIFFERS, EFFECT_ONLY, HOLDS, INCONCLUSIVE, NO_ABLATION_THRESHOLD, \
-    NOT_MEASURABLE, Claim, \
-    Measurements, Thresholds, Verdict, fmt, kept_fraction, missing, side
-
+from loopscope.experiments.claims import (
+    EFFECT_ONLY,
+    INCONCLUSIVE,
+    NO_ABLATION_THRESHOLD,
+    NOT_MEASURABLE,
+    Claim,
+    Measurements,
+    Thresholds,
+    Verdict,
+    fmt,
+    kept_fraction,
+    missing,
+    side,
+)
 
 
 def ci(x: float, lo: float, hi: float) -> str:
@@ -51,7 +61,8 @@ def rule_attention(m: Measurements, th: Thresholds) -> Verdict:
     n = r.get("attention_patterns", math.nan)
     if pd.isna(n):
         return Verdict(INCONCLUSIVE, f"nearest pattern in the same layer {fmt(r.attention_self_match)}, shrink "
-                       f"{fmt(r.attention_shrink)}: no pattern count, no interval", str(r.model), r.attention_self_match)
+                       f"{fmt(r.attention_shrink)}: no pattern count, no interval", str(r.model),
+                       r.attention_self_match)
     n = int(n)
     k = int(round(r.attention_self_match * n))
     lo, hi = clopper_pearson(k, n)
@@ -131,7 +142,8 @@ def rule_extrapolation(m: Measurements, th: Thresholds) -> Verdict:
     return Verdict(verdict, f"held-out loss R = {trained}: {ci(r.loss, r.loss_lo, r.loss_hi)}, R = "
                    f"{int(far.recurrences)}: {ci(far.loss, far.loss_lo, far.loss_hi)} nats, rise "
                    f"{ci(far.loss_minus_trained, far.loss_minus_trained_lo, far.loss_minus_trained_hi)} (paired over "
-                   f"texts; holds when its interval is below {fmt(th.loss_drift)}); {TASK_TEXT} accuracy R = {trained}: "
+                   f"texts; holds when its interval is below {fmt(th.loss_drift)}); {TASK_TEXT} accuracy "
+                   f"R = {trained}: "
                    f"{ci(r.accuracy, r.accuracy_lo, r.accuracy_hi)}, R = {int(far.recurrences)}: "
                    f"{ci(far.accuracy, far.accuracy_lo, far.accuracy_hi)}, chance {fmt(far.chance)}", str(r.model),
                    far.loss_minus_trained, far.loss_minus_trained_lo, far.loss_minus_trained_hi)
@@ -142,15 +154,21 @@ SOURCE = "§4 item 3, §5 items 2 and 4, §6.2; McLeish et al. 2025"
 
 RETROFIT_CLAIMS: list[Claim] = [
     Claim("retrofit-loop-used", "issue target (McLeish et al. 2025)", "The healed retrofit uses its loop: loss at "
-          "the training recurrence is below its own loss at R = 1.", rule_loop_used, figure='"A real pretrained looped model" section: retrofit_extrapolation figure, retrofit_extrapolate_table'),
+          "the training recurrence is below its own loss at R = 1.", rule_loop_used,
+          figure='"A real pretrained looped model" section: retrofit_extrapolation figure, '
+                 'retrofit_extrapolate_table'),
     Claim("retrofit-fixed-points", "§4 item 3, Fig. 4", "A retrofitted model (healed SmolLM2) reaches distinct "
-          "per-layer fixed points at R = 128.", rule_fixed_points, figure='"A real pretrained looped model" section: retrofit_summary; models/smollm2-looped'),
+          "per-layer fixed points at R = 128.", rule_fixed_points,
+          figure='"A real pretrained looped model" section: retrofit_summary; models/smollm2-looped'),
     Claim("retrofit-attention", "§4 items 1–2", "In the retrofitted model attention stabilises: each layer's "
-          "pattern matches itself across recurrences.", rule_attention, figure='models/smollm2-looped: attention_distance'),
+          "pattern matches itself across recurrences.", rule_attention,
+          figure='models/smollm2-looped: attention_distance'),
     Claim("retrofit-stages", "§5 item 2, Fig. 40", "A retrofitted model follows its base model's stages on every "
           "recurrence.", rule_stages, figure='"A real pretrained looped model" section: retrofit_alignment'),
     Claim("retrofit-massive-causal", "§5 item 4, Fig. 41", "In the retrofitted looped model, zeroing the MLP that "
-          "creates massive activations removes the stages.", rule_massive_causal, figure='"A real pretrained looped model" section: retrofit_ablation'),
+          "creates massive activations removes the stages.", rule_massive_causal,
+          figure='"A real pretrained looped model" section: retrofit_ablation'),
     Claim("retrofit-extrapolation", "§6.2", "The retrofitted model keeps its loss and task accuracy at ≥ 8× its "
-          "training recurrences.", rule_extrapolation, figure='"A real pretrained looped model" section: retrofit_extrapolation figure'),
+          "training recurrences.", rule_extrapolation,
+          figure='"A real pretrained looped model" section: retrofit_extrapolation figure'),
 ]

@@ -165,9 +165,9 @@ def extrapolation_summary(loss: pd.DataFrame, accuracy: pd.DataFrame, trained: d
 
     for (model, R), part in loss.groupby(["model", "recurrences"]):
         part = part.sort_values("text")
-        l, lo, hi = bootstrap_ratio(part["loss_sum"].to_numpy(), part["targets"].to_numpy())
+        mean, lo, hi = bootstrap_ratio(part["loss_sum"].to_numpy(), part["targets"].to_numpy())
         row = {"model": model, "recurrences": int(R), "trained_recurrences": trained.get(model, 1),
-               "looped": model != loss["model"].iloc[0], "loss": l, "loss_lo": lo, "loss_hi": hi}
+               "looped": model != loss["model"].iloc[0], "loss": mean, "loss_lo": lo, "loss_hi": hi}
         for ref, name in ((1, "r1"), (trained.get(model, 1), "trained")):
             have = ((loss["model"] == model) & (loss["recurrences"] == ref)).any()
             g = bootstrap_mean(per_text(model, R) - per_text(model, ref)) if have else (np.nan,) * 3
@@ -252,7 +252,8 @@ def retrofit_stages(p, questions: list[str], data: str | None, plan: RetrofitPla
 def retrofit_measurements(r: dict[str, dict]) -> dict[str, pd.DataFrame]:
     """The tables `experiments.retrofit_claims` reads, from the stages' tables."""
     summary = r["analysis"]["summary"].iloc[0]
-    row = {**fixed_point_summary(r["analysis"]["fixed_points_by_prompt"]), **alignment_summary(r["analysis"]["alignment"]),
+    row = {**fixed_point_summary(r["analysis"]["fixed_points_by_prompt"]),
+           **alignment_summary(r["analysis"]["alignment"]),
            "recurrences": int(summary["recurrences"]),
            **{k: float(summary[k]) for k in ("stage_repeat_error", "attention_self_match", "attention_shrink",
                                              "massive_ratio")}}

@@ -57,7 +57,8 @@ def stage_table_from(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
         lens = tables["logit_lens"].drop(columns=["lens"])
         parts.append(lens.rename(columns={c: f"logit_{c}" for c in lens.columns if c not in STATE_COLUMNS}))
     parts = [p.drop(columns=[c for c in ("n",) if c in p.columns]) for p in parts]
-    return reduce(lambda a, b: a.merge(b, on=STATE_COLUMNS, how="outer"), parts).sort_values("depth").reset_index(drop=True)
+    merged = reduce(lambda a, b: a.merge(b, on=STATE_COLUMNS, how="outer"), parts)
+    return merged.sort_values("depth").reset_index(drop=True)
 
 
 def stage_table(traj: Trajectory, readout: stages.Readout | None) -> pd.DataFrame:
@@ -71,7 +72,8 @@ def alignment_table(looped: pd.DataFrame, feedforward: pd.DataFrame) -> pd.DataF
     """Alignment of every recurrence's profile with the feedforward profile, for every metric both have."""
     rows = []
     for value in STAGE_METRICS:
-        if value in looped and value in feedforward and looped[value].notna().any() and feedforward[value].notna().any():
+        if value in looped and value in feedforward and looped[value].notna().any() \
+                and feedforward[value].notna().any():
             scores = stages.alignment(looped, feedforward, value)
             scores.insert(0, "metric", value.removesuffix("_mean"))
             rows.append(scores)

@@ -29,7 +29,11 @@ from loopscope.errors import InputError
 from loopscope.experiments.evaluate import gsm8k_exact_match, heldout_loss, next_token_loss
 from loopscope.experiments.presets import preset_config
 from loopscope.experiments.train_state import (
-    find_checkpoint, load_train_state, rng_state, save_train_state, set_rng_state,
+    find_checkpoint,
+    load_train_state,
+    rng_state,
+    save_train_state,
+    set_rng_state,
 )
 from loopscope.models.checkpoint import WEIGHTS_NAME, save_model
 from loopscope.models.device import Precision
@@ -72,7 +76,8 @@ class TrainSettings:
     device: str = "cpu"  # where training runs: cpu, cuda, cuda:N, mps or auto
     dtype: str = "float32"  # weights (and optimizer state) dtype: float32, bfloat16 or float16
 
-    TRAJECTORY_FIELDS = ("preset", "init_from", "seed", "corpus", "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps",
+    TRAJECTORY_FIELDS = ("preset", "init_from", "seed", "corpus", "batch_size", "seq_len", "lr", "min_lr_ratio",
+                         "warmup_steps",
                          "schedule", "weight_decay", "beta1", "beta2", "grad_clip", "dtype")
 
     def validate(self) -> None:

@@ -30,7 +30,8 @@ RANDOM_CONFIG = LoopedConfig(
     vocab_size=1024, d_model=64, n_heads=4, d_mlp=172, max_seq_len=512,
     n_prelude=2, n_block=4, n_coda=2, recurrences=8,
     norm="sandwich", injection="concat", state_init="random", seed=0,
-    init_std=(2 / (5 * 64)) ** 0.5,  # Huginn's init rule sqrt(2/5D) (Geiping et al. 2025); 0.02 gives a degenerate block
+    # Huginn's init rule sqrt(2/5D) (Geiping et al. 2025); 0.02 gives a degenerate block
+    init_std=(2 / (5 * 64)) ** 0.5,
 )
 
 

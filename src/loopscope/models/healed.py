@@ -110,7 +110,10 @@ def load_healed(directory: str | Path, name: str | None = None, base_file: Path 
     name) from `load_source_model` — its weights are copied, never changed (the base file is still checked)."""
     from loopscope.models.families.common import BYPASS_INJECTION
     from loopscope.models.families.retrofit import (
-        build_retrofit, load_source_model, parse_layers, retrofit_tensors,
+        build_retrofit,
+        load_source_model,
+        parse_layers,
+        retrofit_tensors,
     )
     directory = Path(directory)
     info, tensors = read_delta(directory)

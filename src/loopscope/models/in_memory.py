@@ -25,12 +25,13 @@ def from_hf(model: Any, tokenizer: Any = None, name: str | None = None, *, dtype
     recurrent state (float32 unless "weights", as `load_model`).
     `name` defaults to the last part of the config's `_name_or_path` (its folder or hub name), else the model
     type."""
+    from loopscope.models.device import resolve_dtype, resolve_state_dtype
     from loopscope.models.families.common import InMemory, build_published
     from loopscope.models.families.huginn import HUGINN
     from loopscope.models.families.ouro import OURO
-    from loopscope.models.families.raven import MODEL_TYPE as RAVEN, retrofit_config_or_names
+    from loopscope.models.families.raven import MODEL_TYPE as RAVEN
+    from loopscope.models.families.raven import retrofit_config_or_names
     from loopscope.models.families.retrofit import RETROFIT
-    from loopscope.models.device import resolve_dtype, resolve_state_dtype
     from loopscope.models.hf_parts import LAYOUTS
 
     config = getattr(model, "config", None)

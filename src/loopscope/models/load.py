@@ -126,10 +126,12 @@ def load_model(spec: str | Path, *, device: str | torch.device = "cpu", dtype: s
 
 def _import_loaders() -> None:
     """Import the modules that register loaders and builtins (kept lazy: transformers is slow to import)."""
-    from loopscope.models import builtin  # noqa: F401
-    from loopscope.models import families  # noqa: F401  (Ouro, Huginn, retrofit loaders)
-    from loopscope.models import healed  # noqa: F401  (a healed retrofit stored as a delta on its base)
-    from loopscope.models import hf  # noqa: F401  (feedforward HF models; tried last)
+    from loopscope.models import (
+        builtin,  # noqa: F401
+        families,  # noqa: F401  (Ouro, Huginn, retrofit loaders)
+        healed,  # noqa: F401  (a healed retrofit stored as a delta on its base)
+        hf,  # noqa: F401  (feedforward HF models; tried last)
+    )
 
 
 def looped_loader_recognises(path: Path) -> bool:

@@ -26,7 +26,8 @@ def add_claims_section(report: Report, claims: pd.DataFrame, models: pd.DataFram
         "where no threshold could be fixed before seeing data; with the effect, its interval and the numbers used. "
         f"This run: {counts.get('holds', 0)} hold, {counts.get('differs', 0)} differ, "
         f"{counts.get('inconclusive', 0)} inconclusive, "
-        f"{counts.get('not measurable here', 0)} not measurable here, {counts.get('effect only', 0)} effect only. Our models are small and briefly trained on a "
+        f"{counts.get('not measurable here', 0)} not measurable here, {counts.get('effect only', 0)} effect only. "
+        "Our models are small and briefly trained on a "
         "CPU, so a verdict says what this run shows, not whether the paper is right.",
     )
     report.table(sec, claims, "claims", "Claims (id, where the paper makes it, the claim), verdict, evidence (the "
@@ -40,7 +41,8 @@ def add_claims_section(report: Report, claims: pd.DataFrame, models: pd.DataFram
                      "This run.", text=True)
     report.table(sec, models, "claims_models", "Per analysed looped model, the numbers the claims read (definitions "
                  "in loopscope.experiments.claims and experiments.reproduce.model_summary).", max_rows=50)
-    report.table(sec, thresholds, "claims_thresholds", "Thresholds of the rules: value, reason, source, and when each was fixed.", max_rows=50, text=True)
+    report.table(sec, thresholds, "claims_thresholds", "Thresholds of the rules: value, reason, source, and when each "
+                 "was fixed.", max_rows=50, text=True)
     report.table(sec, timings, "stage_timings", "Pipeline stages: wall time in seconds when each ran (a cached stage "
                  "keeps the time of the run that computed it).", max_rows=100)
 

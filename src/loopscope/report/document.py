@@ -19,7 +19,8 @@ body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1180px;ma
 h1{font-size:1.6em;margin-bottom:.2em} h2{margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
 .meta{color:#555;font-size:.92em} figure{margin:1.4em 0} figure img{max-width:100%;border:1px solid #eee}
 figcaption{font-size:.93em;color:#333;margin-top:.3em} .files{font-size:.82em;color:#777}
-table{border-collapse:collapse;font-size:.86em;margin:.6em 0} td,th{border:1px solid #ddd;padding:3px 7px;text-align:right}
+table{border-collapse:collapse;font-size:.86em;margin:.6em 0}
+td,th{border:1px solid #ddd;padding:3px 7px;text-align:right}
 th{background:#f5f5f5} .note{background:#f8f8f2;border-left:3px solid #bbb;padding:.4em .8em;font-size:.93em}
 nav a{margin-right:1em} table.text td{text-align:left;vertical-align:top}
 """
@@ -91,14 +92,16 @@ class Report:
             if sec.intro:
                 body.append(f'<p class="note">{esc(sec.intro)}</p>')
             for item in sec.items:
-                body.append(figure_html(item, self.out_dir) if isinstance(item, Figure) else table_html(item, self.out_dir))
+                body.append(figure_html(item, self.out_dir) if isinstance(item, Figure)
+                            else table_html(item, self.out_dir))
         page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(self.title)}</title>"
                 f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
         index = self.out_dir / "index.html"
         index.write_text(page, encoding="utf-8")
         manifest = {
             "title": self.title, "meta": self.meta,
-            "sections": [{"title": s.title, "items": [item_manifest(i, self.out_dir) for i in s.items]} for s in self.sections],
+            "sections": [{"title": s.title, "items": [item_manifest(i, self.out_dir) for i in s.items]}
+                         for s in self.sections],
         }
         (self.out_dir / "report.json").write_text(json.dumps(manifest, indent=1, default=str))
         return index

@@ -68,7 +68,8 @@ def add_dynamics_sections(report: Report, t: dict[str, pd.DataFrame], recurrence
         "Fig. 19 for residual cosine). Computed on the short capture with attention.",
     )
     for name, title, cbar, cmap in (
-        ("residual_similarity", "Residual cosine similarity between all (recurrence, layer) states", "cosine", "viridis"),
+        ("residual_similarity", "Residual cosine similarity between all (recurrence, layer) states", "cosine",
+         "viridis"),
         ("attention_distance", "Attention distance between all (recurrence, layer) pairs",
          "‖A − A′‖_F", "magma_r"),
     ):

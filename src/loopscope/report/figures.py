@@ -58,7 +58,8 @@ def line_panels(
         ax = axes[0, p]
         for key, colour in zip(keys, colours):
             part = df[df[series] == key].sort_values(x)
-            ax.plot(part[x], part[column], color=colour, lw=1.4, label=f"{series if series_label is None else series_label} {key}".strip())
+            legend = series if series_label is None else series_label
+            ax.plot(part[x], part[column], color=colour, lw=1.4, label=f"{legend} {key}".strip())
             if f"{column}_std" in part:
                 lo, hi = part[column] - part[f"{column}_std"], part[column] + part[f"{column}_std"]
                 ax.fill_between(part[x], lo, hi, color=colour, alpha=0.12, lw=0)

@@ -17,7 +17,6 @@ from loopscope.accumulate.core import Accumulator, BatchContext, Part
 from loopscope.capture.trajectory import Trajectory
 from loopscope.errors import InputError
 from loopscope.labels import Step
-
 from loopscope.tables import STATE_COLUMNS, std_column  # noqa: F401  (the dialect lives in loopscope.tables)
 
 

@@ -94,7 +94,8 @@ class LogitLens(PromptRows):
                 xb = self.readout.coda(x[b: b + 1], lens_start(ids["segment"], ids["layer"]))[0]
                 xb = xb.index_select(0, pos.to(xb.device))
             metrics = distribution_metrics(self.readout.logits(xb).cpu(), targets[b].index_select(0, pos))
-            rows.append({**ids, "batch": prompt, "n_tokens": len(pos), **{k: float(v.mean()) for k, v in metrics.items()}})
+            rows.append({**ids, "batch": prompt, "n_tokens": len(pos),
+                         **{k: float(v.mean()) for k, v in metrics.items()}})
         return rows
 
     def end(self) -> Part:

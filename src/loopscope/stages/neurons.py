@@ -13,7 +13,8 @@ with output weight w_out[n] ∈ R^D (column n of down_proj, which writes w_out[n
 As TransformerLens does before these analyses (fold_ln, center_unembed), the final norm's weight g can be
 folded into W_U (W_U[v] ⊙ g, the direction a residual write actually reads out through) and W_U can be
 centred over the vocabulary (W_U[v] − mean_v W_U[v]: a shift common to all logits does not change the
-softmax). Both are options; `experiments.stage_tables.looped_neuron_fractions` uses both. Weights are tied across recurrences,
+softmax). Both are options; `experiments.stage_tables.looped_neuron_fractions` uses both. Weights are tied across
+recurrences,
 so these fractions are one number per physical layer (`neuron_fractions_by_depth` spreads them over
 realized depth for plotting next to the other metrics).
 """

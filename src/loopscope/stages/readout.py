@@ -9,7 +9,8 @@ n_f is the model's final norm: RMSNorm (`norm_kind="rms"`: x / sqrt(mean(x²) + 
     Readout(norm_weight, norm_eps, unembedding, norm_kind="rms")
 
 and, for the coda lens, a callable `coda(x, start)` that runs what the model runs between the block and
-the final norm, beginning at coda layer `start` (0 = the whole exit path). `experiments.stage_tables.looped_readout(model)`
+the final norm, beginning at coda layer `start` (0 = the whole exit path).
+`experiments.stage_tables.looped_readout(model)`
 builds one for a `LoopedLM`.
 """
 

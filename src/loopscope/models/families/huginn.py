@@ -37,9 +37,10 @@ from loopscope.models.families.common import (
     model_type,
     tied_copy_extra,
 )
-from loopscope.models.load import LoadedModel, register_loader
 from loopscope.models.families.raven import MODEL_TYPE, is_retrofit, raven_base, raven_links
+from loopscope.models.load import LoadedModel, register_loader
 from loopscope.models.looped import rope_inverse_frequencies
+
 
 def huginn_config(pub: dict[str, Any], path: Path) -> LoopedConfig:
     """Published Huginn config.json → LoopedConfig: sandwich norms, ln_f before and after the coda,
