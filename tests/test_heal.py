@@ -141,7 +141,7 @@ def test_hutchinson_estimate_is_the_frobenius_norm_on_average():
     s = HealSettings(seed=3)
     v = torch.randn(state.shape, generator=torch.Generator().manual_seed(317_811 + 1_000_003 * 3 + 7)).to(state)
     one = hutchinson_frobenius(lambda z: model.block_map(z, e.detach()), state, v) / state.numel()
-    assert float(jacobian_penalty(model, state, e, 7, s)) == pytest.approx(float(one), rel=1e-9)
+    assert float(jacobian_penalty(model, state, e, 7, s).detach()) == pytest.approx(float(one.detach()), rel=1e-9)
 
 
 def test_stability_options_off_give_the_published_steps(tmp_path, tiny_heal):
@@ -195,7 +195,9 @@ def test_rho_log_is_the_certificate(tmp_path, tiny_heal):
     model, tokenizer, _ = base_model(s)
     ids = encode_texts(heldout_texts(s.data), tokenizer)[0]
     frame = token_certificates(model, ids[None], 6, [ids.numel() - 1], steps=40)
-    assert m["rho_start"]["rho"] == pytest.approx(float(frame["rho"].iloc[0]), rel=1e-3)
+    assert m["rho_start"]["rho_prefix"] == pytest.approx(float(frame["rho"].iloc[0]), rel=1e-3)
+    assert m["rho_start"]["rho_own"] == pytest.approx(float(frame["rho_own"].iloc[0]), rel=1e-3)
+    assert m["rho_start"]["rho"] == max(m["rho_start"]["rho_prefix"], m["rho_start"]["rho_own"])
 
 
 def test_bad_layer_split_is_one_line_before_loading(tmp_path, capsys, tiny_heal, monkeypatch):
