@@ -58,8 +58,8 @@ shipped scores 2.035 nats per token on them).
         --mean-recurrence 8 --curriculum-start 4 --backprop-depth 4
 
     loopscope heal runs/heal/stable --start-from src/loopscope/models/assets/smollm2-looped --step-offset 800 \\
-        --steps 300 --mean-recurrence 16 --curriculum-start 8 --backprop-depth 4 --jacobian-weight 1 \\
-        --long-recurrence 32 --rho-every 10 --data ../shared/data/gsm8k
+        --steps 300 --mean-recurrence 16 --curriculum-start 8 --backprop-depth 4 --jacobian-weight 10 \\
+        --long-recurrence 32 --rho-every 10 --rho-recurrence 64 --data ../shared/data/gsm8k
 
     loopscope heal runs/heal/control --control --steps 800
 
