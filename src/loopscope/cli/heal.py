@@ -28,7 +28,8 @@ saw the same data for the same tokens (domain adaptation alone lowers the loss).
 
 **Stability-aware healing** (all off by default, which is the recipe above): `--jacobian-weight W` adds
 W·‖J‖_F²/n, the Jacobian of one recurrence of the block at the step's last state, Hutchinson-estimated with one
-Gaussian vector (Bai et al. 2021; one extra vector-Jacobian product per step); `--long-recurrence N` adds
+Gaussian vector (Bai et al. 2021; one extra vector-Jacobian product per step), or with `--jacobian-power m`
+(‖Jᵐ‖_F²/n)^(1/m), which tends to ρ² (m products); `--long-recurrence N` adds
 `--long-weight` × the loss at R_long drawn from ⌈N/2⌉..N, the loop continued from the step's state with gradients
 through the last `--backprop-depth` recurrences; `--rho-every S` logs ρ, the spectral radius of the block map's
 Jacobian after `--rho-recurrence` recurrences on a held-out text (ρ < 1: the loop contracts there), every S steps.
@@ -98,6 +99,8 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed of batches, recurrences and the low-rank init."),
         jacobian_weight: float = typer.Option(0.0, "--jacobian-weight", help="Weight of the Jacobian penalty "
                                               "‖J‖_F²/n at the step's last state (0: off)."),
+        jacobian_power: int = typer.Option(1, "--jacobian-power", help="m: penalise (‖Jᵐ‖_F²/n)^(1/m) instead "
+                                           "(→ ρ² as m grows; m products per step)."),
         long_recurrence: int = typer.Option(0, "--long-recurrence", help="Largest R of the long-horizon loss "
                                             "(0: off); R_long is drawn from ⌈N/2⌉..N each step."),
         long_weight: float = typer.Option(0.5, "--long-weight", help="Weight of the long-horizon loss."),
@@ -116,6 +119,7 @@ def register(app: typer.Typer) -> None:
             data=data, start_from=start_from, step_offset=step_offset,
             eval_recurrences=tuple(parse_int_list(eval_recurrences, "--eval-recurrences", minimum=1)),
             eval_every=eval_every, minutes=minutes, threads=threads, seed=seed, jacobian_weight=jacobian_weight,
+            jacobian_power=jacobian_power,
             long_recurrence=long_recurrence, long_weight=long_weight, rho_every=rho_every,
             rho_recurrence=rho_recurrence, checkpoint_minutes=checkpoint_minutes,
         )

@@ -99,6 +99,7 @@ class HealSettings:
     start_from: str | None = None  # a delta (OUT/delta of an earlier run) to continue from: a second phase
     step_offset: int = 0  # batches already seen by the phases before: this run reads batches offset .. offset+steps
     jacobian_weight: float = 0.0  # w of the Jacobian penalty w·‖J‖_F²/n at the step's last state (0 = off)
+    jacobian_power: int = 1  # m: penalise (‖Jᵐ‖_F²/n)^(1/m) (→ ρ² as m grows; m vector-Jacobian products)
     long_recurrence: int = 0  # N: largest R of the long-horizon loss (0 = off); R_long ~ U{max(r+1, ⌈N/2⌉)..N}
     long_weight: float = 0.5  # weight of the long-horizon loss beside the loss at r (used when N > 0)
     rho_every: int = 0  # steps between estimates of ρ at the long-run state (0 = off; else also at start and end)
@@ -109,7 +110,7 @@ class HealSettings:
                          "lora_alpha", "corpus",
                          "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps", "schedule", "weight_decay",
                          "beta1", "beta2", "grad_clip", "steps", "seed", "start_from", "step_offset",
-                         "jacobian_weight", "long_recurrence", "long_weight", "rho_every", "rho_recurrence")
+                         "jacobian_weight", "jacobian_power", "long_recurrence", "long_weight", "rho_every", "rho_recurrence")
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -122,7 +123,8 @@ class HealSettings:
             raise InputError(f"--curriculum {self.curriculum} must be a fraction in [0, 1]")
         if self.minutes is not None and self.minutes <= 0:
             raise InputError(f"--minutes {self.minutes} must be > 0")
-        for name in ("batch_size", "seq_len", "warmup_steps", "checkpoint_every", "lora_rank", "rho_recurrence"):
+        for name in ("batch_size", "seq_len", "warmup_steps", "checkpoint_every", "lora_rank", "rho_recurrence",
+                     "jacobian_power"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name}={getattr(self, name)} must be ≥ 1")
         for option in ("jacobian_weight", "long_recurrence", "long_weight", "rho_every"):
@@ -231,24 +233,30 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
 
-def hutchinson_frobenius(f, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """‖vᵀJ‖², J = ∂f/∂x at x, from one vector-Jacobian product: for v ~ N(0, I), E‖vᵀJ‖² = Σ_ij J_ij² = ‖J‖_F²
-    (Hutchinson 1989). Kept differentiable (create_graph) so that a penalty on it trains f's parameters."""
+def hutchinson_frobenius(f, x: torch.Tensor, v: torch.Tensor, power: int = 1) -> torch.Tensor:
+    """‖vᵀJᵐ‖², J = ∂f/∂x at x, m = `power`, from m vector-Jacobian products: for v ~ N(0, I), E‖vᵀJᵐ‖² =
+    ‖Jᵐ‖_F² (Hutchinson 1989). Kept differentiable (create_graph) so that a penalty on it trains f's parameters."""
     x = x.detach().requires_grad_(True)
-    (vjp,) = torch.autograd.grad(f(x), x, v, create_graph=True)
-    return vjp.pow(2).sum()
+    y, u = f(x), v
+    for _ in range(power):
+        (u,) = torch.autograd.grad(y, x, u, create_graph=True, retain_graph=True)
+    return u.pow(2).sum()
 
 
 def jacobian_penalty(model: nn.Module, state: torch.Tensor, e: torch.Tensor, step: int, s: HealSettings,
                      ) -> torch.Tensor:
     """‖J‖_F²/n (Bai et al. 2021), J the Jacobian of one recurrence state → next state of every token at once
-    (B·T·D = n coordinates; injection e held fixed) at `state`, one Gaussian v drawn from (seed, step)."""
+    (B·T·D = n coordinates; injection e held fixed) at `state`, one Gaussian v drawn from (seed, step). With
+    `jacobian_power` m > 1: (‖Jᵐ‖_F²/n)^(1/m), which tends to ρ² as m grows — the leading eigenvalue, which the
+    mean squared singular value (m = 1) does not bound, weighs more (m products instead of one)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     gen = torch.Generator().manual_seed(317_811 + 1_000_003 * s.seed + step)
     v = torch.randn(state.shape, generator=gen).to(state)
     with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernel's backward has no derivative of its own
-        return hutchinson_frobenius(lambda z: model.block_map(z, e.detach()), state, v) / state.numel()
+        m = s.jacobian_power
+        estimate = hutchinson_frobenius(lambda z: model.block_map(z, e.detach()), state, v, m) / state.numel()
+    return estimate if m == 1 else estimate ** (1 / m)
 
 
 class LoopTaps:
