@@ -237,7 +237,8 @@ def test_bad_layer_split_is_one_line_before_loading(tmp_path, capsys, tiny_heal,
     capsys.readouterr()  # the fixture's progress bars
     for split, message in ((["--core", "1-2", "--coda", "2-3"], "layer 2 is named in both --core and --coda"),
                            (["--prelude", "0,0"], "layer 0 is named twice in --prelude"),
-                           (["--core", "1-2", "--coda", "3-5"], "layer indices [4, 5] are outside the source's 4 layers"),
+                           (["--core", "1-2", "--coda", "3-5"],
+                            "layer indices [4, 5] are outside the source's 4 layers"),
                            (["--core", "2-1"], "is not N or A-B with A ≤ B")):
         args = ["heal", str(tmp_path / "o"), "--source", str(source), "--prelude", "0", "--coda", "3", *split]
         code, _, err = run_cli(args, capsys)

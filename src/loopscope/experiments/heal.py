@@ -110,7 +110,8 @@ class HealSettings:
                          "lora_alpha", "corpus",
                          "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps", "schedule", "weight_decay",
                          "beta1", "beta2", "grad_clip", "steps", "seed", "start_from", "step_offset",
-                         "jacobian_weight", "jacobian_power", "long_recurrence", "long_weight", "rho_every", "rho_recurrence")
+                         "jacobian_weight", "jacobian_power", "long_recurrence", "long_weight", "rho_every",
+                         "rho_recurrence")
 
     def validate(self) -> None:
         if self.steps < 1:
