@@ -115,6 +115,145 @@ def test_delta_rebuilds_the_healed_model_and_refuses_another_base(tmp_path, tiny
     assert pooled_loss(text_losses(healed.model, texts, 3)) == pytest.approx(m["heldout"]["r3"], abs=2e-3)
 
 
+# The history of `tiny_heal` written by the code before the stability options existed (commit 8266297, one thread).
+PUBLISHED_LOSSES = [6.919305801391602, 6.920003414154053, 6.929218769073486, 6.847968578338623, 6.869878768920898,
+                    6.799414157867432]
+
+
+def test_hutchinson_estimate_is_the_frobenius_norm_on_average():
+    """E‖vᵀJ‖² = ‖J‖_F² for J the dense Jacobian of one recurrence of a tiny looped block (every token at once),
+    within 4 standard errors of the mean of 400 draws; and the penalty is one draw divided by the state size."""
+    from conftest import build
+
+    from loopscope.experiments.heal import hutchinson_frobenius, jacobian_penalty
+
+    model = build().double()
+    e = model.prelude_output(torch.tensor([[5, 9, 2]]))
+    state = torch.randn(e.shape, generator=torch.Generator().manual_seed(1), dtype=e.dtype) + e.detach()
+    J = torch.autograd.functional.jacobian(lambda z: model.block_map(z, e.detach()), state).reshape(state.numel(), -1)
+    frobenius = float(J.pow(2).sum())
+    gen = torch.Generator().manual_seed(2)
+    draws = np.array([float(hutchinson_frobenius(lambda z: model.block_map(z, e.detach()), state,
+                                                 torch.randn(state.shape, generator=gen, dtype=state.dtype)).detach())
+                      for _ in range(400)])
+    assert abs(draws.mean() - frobenius) < 4 * draws.std(ddof=1) / np.sqrt(len(draws))
+    assert draws.std() > 0.01 * frobenius  # a real estimate, not the exact value in disguise
+    s = HealSettings(seed=3)
+    v = torch.randn(state.shape, generator=torch.Generator().manual_seed(317_811 + 1_000_003 * 3 + 7)).to(state)
+    one = hutchinson_frobenius(lambda z: model.block_map(z, e.detach()), state, v) / state.numel()
+    assert float(jacobian_penalty(model, state, e, 7, s).detach()) == pytest.approx(float(one.detach()), rel=1e-9)
+
+
+def test_hutchinson_power_estimates_the_frobenius_norm_of_the_matrix_power():
+    """E‖vᵀJᵐ‖² = ‖Jᵐ‖_F² (m = 3, dense Jᵐ by matrix_power), within 4 standard errors of 400 draws; the penalty
+    with jacobian_power m is (one draw / n)^(1/m)."""
+    from conftest import build
+
+    from loopscope.experiments.heal import hutchinson_frobenius, jacobian_penalty
+
+    model = build().double()
+    e = model.prelude_output(torch.tensor([[5, 9, 2]])).detach()
+    state = torch.randn(e.shape, generator=torch.Generator().manual_seed(1), dtype=e.dtype) + e
+    J = torch.autograd.functional.jacobian(lambda z: model.block_map(z, e), state).reshape(state.numel(), -1)
+    frobenius = float(torch.linalg.matrix_power(J, 3).pow(2).sum())
+    gen = torch.Generator().manual_seed(2)
+    draws = np.array([float(hutchinson_frobenius(lambda z: model.block_map(z, e), state,
+                                                 torch.randn(state.shape, generator=gen, dtype=state.dtype),
+                                                 power=3).detach()) for _ in range(400)])
+    assert abs(draws.mean() - frobenius) < 4 * draws.std(ddof=1) / np.sqrt(len(draws))
+    v = torch.randn(state.shape, generator=torch.Generator().manual_seed(317_811 + 7)).to(state)
+    one = float(hutchinson_frobenius(lambda z: model.block_map(z, e), state, v, 3).detach()) / state.numel()
+    penalty = jacobian_penalty(model, state, e, 7, HealSettings(jacobian_power=3))
+    assert float(penalty.detach()) == pytest.approx(one ** (1 / 3), rel=1e-9)
+
+
+def test_stability_options_off_give_the_published_steps(tmp_path, tiny_heal):
+    """Defaults: the losses of the code before issue 22, step for step. The tapped path (long-horizon loss at
+    weight 0, so its gradient is zero) changes no step either: the hooks only read."""
+    settings, _ = tiny_heal
+    for name, extra in (("off", {}), ("tapped", {"long_recurrence": 6, "long_weight": 0.0})):
+        heal(HealSettings(**settings, **extra), tmp_path / name, progress=False)
+        history = json.loads((tmp_path / name / "checkpoint" / "state.json").read_text())["history"]
+        np.testing.assert_allclose(history["loss"], PUBLISHED_LOSSES, rtol=1e-6, err_msg=name)
+    assert "loss_long" in history and all(r > 3 for r in history["recurrences_long"])
+
+
+def test_stability_options_resume_after_a_kill(tmp_path, tiny_heal):
+    """Penalty, long-horizon loss and ρ log on: a killed run resumes to the same losses and the same ρ log; the
+    penalty and the long loss move the trajectory off the published one; ρ sits beside the loss in the CSVs."""
+    import pandas as pd
+
+    settings, _ = tiny_heal
+    stable = {**settings, "jacobian_weight": 0.5, "long_recurrence": 8, "rho_every": 2, "rho_recurrence": 8}
+    whole = heal(HealSettings(**stable), tmp_path / "whole", progress=False)
+    assert heal(HealSettings(**stable), tmp_path / "killed", progress=False, simulate_kill_after=3) == {}
+    resumed = heal(HealSettings(**stable), tmp_path / "killed", progress=False)
+    m1, m2 = (json.loads((tmp_path / d / "checkpoint" / "state.json").read_text()) for d in ("whole", "killed"))
+    for key in ("loss", "loss_long", "jacobian"):
+        np.testing.assert_allclose(m1["history"][key], m2["history"][key], rtol=1e-5, err_msg=key)
+    assert m1["history"]["recurrences_long"] == m2["history"]["recurrences_long"]
+    assert [x["step"] for x in m1["rho"]] == [x["step"] for x in m2["rho"]] == [0, 2, 4, 6]
+    np.testing.assert_allclose([x["rho"] for x in m1["rho"]], [x["rho"] for x in m2["rho"]], rtol=1e-5)
+    assert resumed["rho"]["rho"] == pytest.approx(whole["rho"]["rho"], rel=1e-5)
+    assert m1["history"]["loss"][0] == pytest.approx(PUBLISHED_LOSSES[0], rel=1e-6)  # the same first forward
+    assert abs(m1["history"]["loss"][-1] - PUBLISHED_LOSSES[-1]) > 1e-4  # then other gradients, other steps
+    history = pd.read_csv(tmp_path / "whole" / "history.csv")
+    assert history["rho"].notna().tolist() == [False, True, False, True, False, True]
+    evals = pd.read_csv(tmp_path / "whole" / "eval.csv")
+    assert evals["step"].tolist() == [0, 2, 3, 4, 6] and evals["rho"].notna().sum() == 4
+    assert (tmp_path / "whole" / "loss_curve.png").stat().st_size > 0
+    with pytest.raises(InputError, match="other settings.*jacobian_weight"):
+        heal(HealSettings(**{**stable, "jacobian_weight": 1.0}), tmp_path / "killed", progress=False)
+
+
+def test_rho_log_is_the_certificate(tmp_path, tiny_heal):
+    """The logged ρ at the start (float32, 24 Arnoldi steps) is the stability certificate's converged ρ (float64,
+    40 steps) of the same text on the same (start) model, to 1e-3."""
+    from loopscope.experiments.certificate import token_certificates
+    from loopscope.experiments.heal import base_model, encode_texts, heldout_texts
+
+    settings, _ = tiny_heal
+    s = HealSettings(**{**settings, "steps": 1, "rho_every": 1, "rho_recurrence": 6})
+    m = heal(s, tmp_path / "run", progress=False)
+    model, tokenizer, _ = base_model(s)
+    ids = encode_texts(heldout_texts(s.data), tokenizer)[0]
+    frame = token_certificates(model, ids[None], 6, [ids.numel() - 1], steps=40)
+    assert m["rho_start"]["rho_prefix"] == pytest.approx(float(frame["rho"].iloc[0]), rel=1e-3)
+    assert m["rho_start"]["rho_own"] == pytest.approx(float(frame["rho_own"].iloc[0]), rel=1e-3)
+    assert m["rho_start"]["rho"] == max(m["rho_start"]["rho_prefix"], m["rho_start"]["rho_own"])
+
+
+def test_bad_layer_split_is_one_line_before_loading(tmp_path, capsys, tiny_heal, monkeypatch):
+    """Overlapping segments, a layer named twice, a layer the source lacks: one line, and no weights read."""
+    from conftest import run_cli
+
+    import loopscope.models.families.retrofit as retrofit
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the split must be checked before the source is loaded")
+
+    monkeypatch.setattr(retrofit, "load_source_model", no_loading)
+    _, source = tiny_heal
+    capsys.readouterr()  # the fixture's progress bars
+    for split, message in ((["--core", "1-2", "--coda", "2-3"], "layer 2 is named in both --core and --coda"),
+                           (["--prelude", "0,0"], "layer 0 is named twice in --prelude"),
+                           (["--core", "1-2", "--coda", "3-5"],
+                            "layer indices [4, 5] are outside the source's 4 layers"),
+                           (["--core", "2-1"], "is not N or A-B with A ≤ B")):
+        args = ["heal", str(tmp_path / "o"), "--source", str(source), "--prelude", "0", "--coda", "3", *split]
+        code, _, err = run_cli(args, capsys)
+        assert code == 2 and message in err and "Traceback" not in err, (split, err)
+        assert len(err.strip().splitlines()) == 1, err
+    code, _, err = run_cli(["heal", str(tmp_path / "o"), "--control", "--rho-every", "5"], capsys)
+    assert code == 2 and "--rho-every acts on the loop" in err
+    import typer
+
+    from loopscope.cli.main import app
+
+    data = next(p for p in typer.main.get_command(app).commands["heal"].params if p.name == "data")
+    assert data.default is None and "default" not in data.help  # --help promises no default it does not apply
+
+
 def test_cli_heal_reports_bad_input_in_one_line(tmp_path, capsys, tiny_heal):
     from conftest import run_cli
 

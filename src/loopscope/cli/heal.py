@@ -26,6 +26,17 @@ the published retrofit recipe does. The start state is Huginn's s_0 ~ TruncNorma
 low-rank update on the same batches, so that the healed model's held-out loss is judged against a model that
 saw the same data for the same tokens (domain adaptation alone lowers the loss).
 
+**Stability-aware healing** (all off by default, which is the recipe above): `--jacobian-weight W` adds
+W·‖J‖_F²/n, the Jacobian of one recurrence of the block at the step's last state, Hutchinson-estimated with one
+Gaussian vector (Bai et al. 2021; one extra vector-Jacobian product per step), or with `--jacobian-power m`
+(‖Jᵐ‖_F²/n)^(1/m), which tends to ρ² (m products); `--long-recurrence N` adds
+`--long-weight` × the loss at R_long drawn from ⌈N/2⌉..N, the loop continued from the step's state with gradients
+through the last `--backprop-depth` recurrences; `--rho-every S` logs ρ, the spectral radius of the block map's
+Jacobian after `--rho-recurrence` recurrences on a held-out text (ρ < 1: the loop contracts there), every S steps.
+
+The layer split is checked before the model is loaded: each layer exists in the source and belongs to at most
+one segment.
+
 A killed or interrupted run (Ctrl-C, SIGTERM, `--minutes`) resumes from OUT/checkpoint to the same losses as
 an uninterrupted one: run the same command again. A second phase starts from an earlier delta with
 `--start-from` and `--step-offset` (the batches it has already seen).
@@ -34,7 +45,8 @@ an uninterrupted one: run the same command again. A second phase starts from an 
 
 OUT/delta/ (delta.json + delta.safetensors, loadable by `loopscope analyze --model OUT/delta`),
 OUT/metrics.json (held-out loss per R, time, tokens), OUT/eval.csv (held-out loss over training),
-OUT/history.csv (loss, lr, grad norm, r, k per step), OUT/heldout_per_text.csv, OUT/loss_curve.png.
+OUT/history.csv (loss, lr, grad norm, r, k per step; the long-horizon loss, the penalty and ρ when on),
+OUT/heldout_per_text.csv, OUT/loss_curve.png (and ρ against the step beside it when logged).
 
 The held-out text is the last 8 GSM8K test question+answer texts (never trained on; SmolLM2-135M as
 shipped scores 2.035 nats per token on them).
@@ -45,6 +57,10 @@ shipped scores 2.035 nats per token on them).
 
     loopscope heal runs/heal/looped2 --start-from runs/heal/looped/delta --step-offset 600 --steps 200 \\
         --mean-recurrence 8 --curriculum-start 4 --backprop-depth 4
+
+    loopscope heal runs/heal/stable --start-from src/loopscope/models/assets/smollm2-looped --step-offset 800 \\
+        --steps 300 --mean-recurrence 16 --curriculum-start 8 --backprop-depth 4 --jacobian-weight 10 \\
+        --long-recurrence 32 --rho-every 10 --rho-recurrence 64 --data ../shared/data/gsm8k
 
     loopscope heal runs/heal/control --control --steps 800
 
@@ -59,7 +75,8 @@ def register(app: typer.Typer) -> None:
         source: str = typer.Option("smollm2", "--source", help="Base model: smollm2, a .gguf or a HF directory."),
         prelude: str = typer.Option("0-11", "--prelude", help="Source layers of the prelude."),
         core: str = typer.Option("12-15", "--core", help="Source layers of the recurrent core."),
-        coda: str = typer.Option("20-29", "--coda", help="Source layers of the coda (layers named nowhere are dropped)."),
+        coda: str = typer.Option("20-29", "--coda", help="Source layers of the coda (layers named nowhere are "
+                                 "dropped)."),
         control: bool = typer.Option(False, "--control", help="Train the matched feedforward control instead."),
         adapter: str = typer.Option("add", "--adapter", help="Adapter at step 0: add ([I|I]), random, passthrough."),
         steps: int = typer.Option(100, "--steps", help="Optimizer steps (fixes the lr schedule and curriculum)."),
@@ -71,7 +88,8 @@ def register(app: typer.Typer) -> None:
         lr: float = typer.Option(2e-4, "--lr", help="Peak learning rate (AdamW, cosine schedule)."),
         batch_size: int = typer.Option(4, "--batch-size", help="Sequences per step."),
         seq_len: int = typer.Option(256, "--seq-len", help="Tokens per sequence."),
-        data: str = typer.Option(None, "--data", help="GSM8K jsonl file or directory (default: ../shared/data/gsm8k)."),
+        data: str = typer.Option(None, "--data", help="GSM8K directory holding train.jsonl and test.jsonl (needed "
+                                 "unless the `datasets` package is installed: then the Hugging Face hub's copy)."),
         start_from: str = typer.Option(None, "--start-from", help="An earlier run's delta to continue from."),
         step_offset: int = typer.Option(0, "--step-offset", help="Batches the earlier phases have already read."),
         eval_recurrences: str = typer.Option("1,4,8", "--eval-recurrences", help="R for the held-out loss."),
@@ -79,6 +97,17 @@ def register(app: typer.Typer) -> None:
         minutes: float = typer.Option(None, "--minutes", help="Stop (resumably) after this much training time."),
         threads: int = typer.Option(None, "--threads", help="CPU threads (default: torch's)."),
         seed: int = typer.Option(0, "--seed", help="Seed of batches, recurrences and the low-rank init."),
+        jacobian_weight: float = typer.Option(0.0, "--jacobian-weight", help="Weight of the Jacobian penalty "
+                                              "‖J‖_F²/n at the step's last state (0: off)."),
+        jacobian_power: int = typer.Option(1, "--jacobian-power", help="m: penalise (‖Jᵐ‖_F²/n)^(1/m) instead "
+                                           "(→ ρ² as m grows; m products per step)."),
+        long_recurrence: int = typer.Option(0, "--long-recurrence", help="Largest R of the long-horizon loss "
+                                            "(0: off); R_long is drawn from ⌈N/2⌉..N each step."),
+        long_weight: float = typer.Option(0.5, "--long-weight", help="Weight of the long-horizon loss."),
+        rho_every: int = typer.Option(0, "--rho-every", help="Steps between estimates of ρ at the long-run state "
+                                      "(0: off)."),
+        rho_recurrence: int = typer.Option(32, "--rho-recurrence", help="R of the state at which ρ is estimated."),
+        checkpoint_minutes: float = typer.Option(5.0, "--checkpoint-minutes", help="Minutes between checkpoints."),
     ) -> None:
         from loopscope.cli.common import parse_int_list
         from loopscope.experiments.heal import HealSettings, heal
@@ -89,7 +118,10 @@ def register(app: typer.Typer) -> None:
             backprop_depth=backprop_depth, lora_rank=lora_rank, lr=lr, batch_size=batch_size, seq_len=seq_len,
             data=data, start_from=start_from, step_offset=step_offset,
             eval_recurrences=tuple(parse_int_list(eval_recurrences, "--eval-recurrences", minimum=1)),
-            eval_every=eval_every, minutes=minutes, threads=threads, seed=seed,
+            eval_every=eval_every, minutes=minutes, threads=threads, seed=seed, jacobian_weight=jacobian_weight,
+            jacobian_power=jacobian_power,
+            long_recurrence=long_recurrence, long_weight=long_weight, rho_every=rho_every,
+            rho_recurrence=rho_recurrence, checkpoint_minutes=checkpoint_minutes,
         )
         try:
             m = heal(settings, out)
@@ -97,5 +129,6 @@ def register(app: typer.Typer) -> None:
             typer.echo(str(exc))
             raise typer.Exit(130)
         losses = ", ".join(f"R={k[1:]} {v:.3f}" for k, v in m["heldout"].items())
+        rho = f"; ρ {m['rho_start']['rho']:.3f} → {m['rho']['rho']:.3f}" if m["rho"] else ""
         typer.echo(f"{m['steps']} steps, {m['tokens_seen']:,} tokens, {m['train_wall_s'] / 60:.1f} min; "
-                   f"held-out loss {losses}; delta {m['delta_bytes'] / 1e6:.1f} MB in {m['delta_dir']}")
+                   f"held-out loss {losses}{rho}; delta {m['delta_bytes'] / 1e6:.1f} MB in {m['delta_dir']}")

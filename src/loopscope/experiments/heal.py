@@ -16,6 +16,20 @@ The retrofit recipe where it matters (facts from `mcleish7/retrofitting-recurren
 - the start state s_0 ~ TruncNormal(0, 0.0087²) (Huginn's init std, which the published converter keeps);
 - next-token cross-entropy on the final output only.
 
+Stability-aware healing (issue 22; every option off by default, which is the recipe above exactly): the published
+recipe never looks past the training recurrences, and the shipped block diverges there (|λ₁| ≈ 1.09 at R = 128).
+
+- `jacobian_weight` adds w·‖J‖_F²/n, J = ∂F(s)/∂s the Jacobian of one recurrence of the block (injection held
+  fixed) at the step's last state, n = the state's size, estimated by Hutchinson's trick with one Gaussian v per
+  step, E‖vᵀJ‖² = ‖J‖_F² (Bai et al. 2021, "Stabilizing Equilibrium Models by Jacobian Regularization"): one
+  extra vector-Jacobian product, differentiated once more. ‖J‖_F²/n is the mean squared singular value: it
+  bounds no eigenvalue by itself, but pushing the singular values down pulls the leading eigenvalue with them.
+- `long_recurrence` N adds `long_weight`·(the loss at R_long ~ U{max(r + 1, ⌈N/2⌉) .. N}): the loop continues
+  from the step's s_r without gradients and backpropagates through the last `backprop_depth` recurrences, so a
+  long horizon costs its extra recurrences' forward and one more coda, not a second prelude.
+- `rho_every` logs ρ, the spectral radius of the block map's Jacobian at the state after `rho_recurrence`
+  recurrences on a held-out text (Arnoldi on vector-Jacobian products, `experiments.certificate`), beside the loss.
+
 The batch and the recurrence count of step s are pure functions of (seed, s), and checkpoints hold the trained
 tensors, AdamW's state and the RNG states, so a killed run resumes to the same losses as an uninterrupted one.
 """
@@ -84,11 +98,20 @@ class HealSettings:
     threads: int | None = None
     start_from: str | None = None  # a delta (OUT/delta of an earlier run) to continue from: a second phase
     step_offset: int = 0  # batches already seen by the phases before: this run reads batches offset .. offset+steps
+    jacobian_weight: float = 0.0  # w of the Jacobian penalty w·‖J‖_F²/n at the step's last state (0 = off)
+    jacobian_power: int = 1  # m: penalise (‖Jᵐ‖_F²/n)^(1/m) (→ ρ² as m grows; m vector-Jacobian products)
+    long_recurrence: int = 0  # N: largest R of the long-horizon loss (0 = off); R_long ~ U{max(r+1, ⌈N/2⌉)..N}
+    long_weight: float = 0.5  # weight of the long-horizon loss beside the loss at r (used when N > 0)
+    rho_every: int = 0  # steps between estimates of ρ at the long-run state (0 = off; else also at start and end)
+    rho_recurrence: int = 32  # R of the long-run state at which ρ is estimated
 
     TRAJECTORY_FIELDS = ("source", "prelude", "core", "coda", "control", "adapter", "state_std", "mean_recurrence",
-                         "recurrence_sigma", "curriculum", "curriculum_start", "backprop_depth", "lora_rank", "lora_alpha", "corpus",
+                         "recurrence_sigma", "curriculum", "curriculum_start", "backprop_depth", "lora_rank",
+                         "lora_alpha", "corpus",
                          "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps", "schedule", "weight_decay",
-                         "beta1", "beta2", "grad_clip", "steps", "seed", "start_from", "step_offset")
+                         "beta1", "beta2", "grad_clip", "steps", "seed", "start_from", "step_offset",
+                         "jacobian_weight", "jacobian_power", "long_recurrence", "long_weight", "rho_every",
+                         "rho_recurrence")
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -101,9 +124,27 @@ class HealSettings:
             raise InputError(f"--curriculum {self.curriculum} must be a fraction in [0, 1]")
         if self.minutes is not None and self.minutes <= 0:
             raise InputError(f"--minutes {self.minutes} must be > 0")
-        for name in ("batch_size", "seq_len", "warmup_steps", "checkpoint_every", "lora_rank"):
+        for name in ("batch_size", "seq_len", "warmup_steps", "checkpoint_every", "lora_rank", "rho_recurrence",
+                     "jacobian_power"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name}={getattr(self, name)} must be ≥ 1")
+        for option in ("jacobian_weight", "long_recurrence", "long_weight", "rho_every"):
+            if not getattr(self, option) >= 0:
+                raise InputError(f"--{option.replace('_', '-')} {getattr(self, option)} must be ≥ 0")
+        stability = [o for o in ("jacobian_weight", "long_recurrence", "rho_every") if getattr(self, o)]
+        if self.control and stability:
+            raise InputError(f"--{stability[0].replace('_', '-')} acts on the loop; the --control run has none")
+        if not self.control:
+            self.check_layers()
+
+    def check_layers(self) -> None:
+        """The split, before any weights are loaded: each list parses, the core is not empty, no layer is named
+        twice, and every layer exists in the source (its config or GGUF header, read in seconds)."""
+        from loopscope.models.families.retrofit import check_split, source_layer_count
+
+        layers = self.layers
+        check_split(layers["prelude"], layers["core"], layers["coda"])
+        check_split(layers["prelude"], layers["core"], layers["coda"], source_layer_count(self.source))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -137,6 +178,14 @@ def sample_recurrences(step: int, s: HealSettings) -> tuple[int, int]:
     log_rate = math.log(mu) - s.recurrence_sigma ** 2 / 2 + s.recurrence_sigma * float(torch.randn((), generator=gen))
     r = int(torch.poisson(torch.tensor([math.exp(log_rate)]), generator=gen)) + 1
     return r, min(s.backprop_depth, r)
+
+
+def sample_long_recurrence(step: int, r: int, s: HealSettings) -> int:
+    """R_long of `step` for the long-horizon loss: uniform on {max(r + 1, ⌈N/2⌉) .. max(N, r + 1)}, N =
+    `long_recurrence`; a pure function of (seed, step) like r."""
+    gen = torch.Generator().manual_seed(832_040 + 1_000_003 * s.seed + step)
+    low = max(r + 1, math.ceil(s.long_recurrence / 2))
+    return int(torch.randint(low, max(s.long_recurrence, low) + 1, (), generator=gen))
 
 
 # --- the models ----------------------------------------------------------------------------------------
@@ -177,6 +226,115 @@ class Trainable(nn.Module):
     def full_tensors(self) -> dict[str, torch.Tensor]:
         """Trained model tensors by their LoopedLM names (norm weights, adapter)."""
         return {k.replace("__", "."): v.detach() for k, v in self.full.items()}
+
+
+# --- the step's loss --------------------------------------------------------------------------------------
+def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of logits (B, T, vocab) against targets (B, T)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+
+def hutchinson_frobenius(f, x: torch.Tensor, v: torch.Tensor, power: int = 1) -> torch.Tensor:
+    """‖vᵀJᵐ‖², J = ∂f/∂x at x, m = `power`, from m vector-Jacobian products: for v ~ N(0, I), E‖vᵀJᵐ‖² =
+    ‖Jᵐ‖_F² (Hutchinson 1989). Kept differentiable (create_graph) so that a penalty on it trains f's parameters."""
+    x = x.detach().requires_grad_(True)
+    y, u = f(x), v
+    for _ in range(power):
+        (u,) = torch.autograd.grad(y, x, u, create_graph=True, retain_graph=True)
+    return u.pow(2).sum()
+
+
+def jacobian_penalty(model: nn.Module, state: torch.Tensor, e: torch.Tensor, step: int, s: HealSettings,
+                     ) -> torch.Tensor:
+    """‖J‖_F²/n (Bai et al. 2021), J the Jacobian of one recurrence state → next state of every token at once
+    (B·T·D = n coordinates; injection e held fixed) at `state`, one Gaussian v drawn from (seed, step). With
+    `jacobian_power` m > 1: (‖Jᵐ‖_F²/n)^(1/m), which tends to ρ² as m grows — the leading eigenvalue, which the
+    mean squared singular value (m = 1) does not bound, weighs more (m products instead of one)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gen = torch.Generator().manual_seed(317_811 + 1_000_003 * s.seed + step)
+    v = torch.randn(state.shape, generator=gen).to(state)
+    with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernel's backward has no derivative of its own
+        m = s.jacobian_power
+        estimate = hutchinson_frobenius(lambda z: model.block_map(z, e.detach()), state, v, m) / state.numel()
+    return estimate if m == 1 else estimate ** (1 / m)
+
+
+class LoopTaps:
+    """Hooks that keep this forward's injected prelude output e and the state after recurrence r (both with their
+    graphs), so that the long-horizon loss and the penalty continue from the training forward instead of
+    recomputing it. Reading hook points leaves the forward as it is."""
+
+    def __init__(self, model: nn.Module, r: int) -> None:
+        self.model, self.r, self.e, self.state, self.handles = model, r, None, None, []
+
+    def __enter__(self) -> LoopTaps:
+        model = self.model
+        e_point = model.prelude[-1].hook_resid_post if len(model.prelude) else model.hook_embed
+
+        def keep_e(module, args, kwargs, output):
+            self.e = output
+
+        def keep_state(module, args, kwargs, output):
+            if kwargs["step"].recurrence == self.r - 1:
+                self.state = output
+
+        self.handles = [e_point.register_forward_hook(keep_e, with_kwargs=True),
+                        model.hook_state.register_forward_hook(keep_state, with_kwargs=True)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def step_loss(model: nn.Module, rows: torch.Tensor, r: int, k: int, step: int, s: HealSettings,
+              ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss to minimise at `step` and its parts for the history: the loss at r recurrences with gradients
+    through the last k (the published recipe, exactly, when the stability options are off), plus
+    long_weight · the loss at R_long (continued from s_r) and jacobian_weight · the penalty at the last state."""
+    x, y = rows[:, :-1], rows[:, 1:]
+    if not (s.long_recurrence or s.jacobian_weight):
+        loss = token_loss(model(x, recurrences=r, backprop_recurrences=k), y)
+        return loss, {"loss": loss.item()}
+    with LoopTaps(model, r) as taps:
+        loss = token_loss(model(x, recurrences=r, backprop_recurrences=k), y)
+    total, parts, state = loss, {"loss": loss.item()}, taps.state
+    if s.long_recurrence:
+        r_long = sample_long_recurrence(step, r, s)
+        extra = r_long - r
+        state = state.detach()
+        for t in range(extra):  # gradients through the last backprop_depth recurrences only, as at r
+            with torch.set_grad_enabled(t >= extra - min(s.backprop_depth, extra)):
+                state = model.block_map(state, taps.e, r + t)
+        long_loss = token_loss(model.readout(state), y)
+        total = total + s.long_weight * long_loss
+        parts.update(loss_long=long_loss.item(), recurrences_long=r_long)
+    if s.jacobian_weight:
+        penalty = jacobian_penalty(model, state, taps.e, step, s)
+        total = total + s.jacobian_weight * penalty
+        parts["jacobian"] = penalty.item()
+    return total, parts
+
+
+RHO_ARNOLDI_STEPS = 24  # Krylov dimension of a ρ estimate, the certificate's (16 steps read ρ 0.3 % low)
+
+
+def estimate_rho(model: nn.Module, ids: torch.Tensor, s: HealSettings, step: int) -> dict:
+    """ρ at the long-run state: the leading |λ| of the block map's Jacobian after `rho_recurrence` recurrences on
+    one held-out text, in the model's dtype (`experiments.certificate.token_certificates`), for the causal prefix
+    up to its last token (`rho_prefix`, the rate the trajectory shows) and that token's own block (`rho_own`).
+    The prefix's spectrum holds the token's own, so `rho` = the larger of the two: with 24 Arnoldi steps in
+    T·D dimensions the prefix estimate can fall short of the own block's (on the shipped model at R = 64, 125
+    tokens: 1.091 vs 1.095)."""
+    from loopscope.experiments.certificate import token_certificates
+
+    start = time.monotonic()
+    frame = token_certificates(model, ids[None, :], s.rho_recurrence, [ids.numel() - 1], RHO_ARNOLDI_STEPS,
+                               float64=False)
+    prefix, own = float(frame["rho"].iloc[0]), float(frame["rho_own"].iloc[0])
+    return {"step": step, "rho": max(prefix, own), "rho_prefix": prefix, "rho_own": own,
+            "rho_seconds": time.monotonic() - start}
 
 
 # --- held-out text ---------------------------------------------------------------------------------------
@@ -247,13 +405,16 @@ def _heal(s: HealSettings, out: Path, progress: bool, simulate_kill_after: int |
     optimizer = torch.optim.AdamW(params, lr=s.lr, betas=(s.beta1, s.beta2), eps=1e-8, weight_decay=s.weight_decay,
                                   foreach=False)
     eval_rs = (1,) if s.control else tuple(s.eval_recurrences)
-    step, elapsed, history, evals = 0, 0.0, {k: [] for k in ("loss", "lr", "grad_norm", "recurrences",
-                                                                 "backprop", "seconds")}, []
+    columns = ["loss", "lr", "grad_norm", "recurrences", "backprop", "seconds"]
+    columns += ["loss_long", "recurrences_long"] if s.long_recurrence else []
+    columns += ["jacobian"] if s.jacobian_weight else []
+    step, elapsed, history, evals, rhos = 0, 0.0, {k: [] for k in columns}, [], []
     ckpt = find_checkpoint(out)
     if ckpt is not None:
         meta = load_train_state(ckpt, trainable, optimizer)
         check_resumable(meta, s, data_id, out)
         step, elapsed, history, evals = meta["step"], meta["elapsed_s"], meta["history"], meta["evals"]
+        rhos = meta.get("rho", [])
         set_rng_state(meta["rng"])
 
     def evaluate() -> None:
@@ -263,12 +424,17 @@ def _heal(s: HealSettings, out: Path, progress: bool, simulate_kill_after: int |
             row[f"loss_r{r}"] = pooled_loss(per)
         evals.append(row)
 
+    def measure_rho() -> None:
+        if s.rho_every and (not rhos or rhos[-1]["step"] != step):
+            rhos.append(estimate_rho(model, heldout[0], s, step))
+
     def meta_now() -> dict:
         return {"step": step, "elapsed_s": elapsed, "settings": s.to_dict(), "data": data_id, "rng": rng_state(),
-                "history": history, "evals": evals}
+                "history": history, "evals": evals, "rho": rhos}
 
     if step == 0 and not evals:
         evaluate()
+        measure_rho()
     cap = s.minutes * 60 if s.minutes is not None else math.inf
     bar = tqdm(total=s.steps, initial=step, disable=not progress, desc="control" if s.control else "healing",
                unit="step", mininterval=2.0, dynamic_ncols=True)
@@ -282,8 +448,7 @@ def _heal(s: HealSettings, out: Path, progress: bool, simulate_kill_after: int |
                 lr = learning_rate(step, s.steps, s)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
-                logits = model(rows[:, :-1], recurrences=r, backprop_recurrences=k)
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), rows[:, 1:].reshape(-1))
+                loss, parts = step_loss(model, rows, r, k, step, s)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
@@ -292,13 +457,16 @@ def _heal(s: HealSettings, out: Path, progress: bool, simulate_kill_after: int |
                 dt = time.monotonic() - t0
                 elapsed += dt
                 run_steps += 1
-                for name, value in (("loss", loss.item()), ("lr", lr), ("grad_norm", float(grad_norm)),
-                                    ("recurrences", r), ("backprop", k), ("seconds", dt)):
+                for name, value in {**parts, "lr": lr, "grad_norm": float(grad_norm), "recurrences": r,
+                                    "backprop": k, "seconds": dt}.items():
                     history[name].append(value)
                 if s.eval_every and step % s.eval_every == 0:
                     evaluate()
+                if s.rho_every and step % s.rho_every == 0:
+                    measure_rho()
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", r=r, lr=f"{lr:.1e}", refresh=False)
+                bar.set_postfix(loss=f"{parts['loss']:.3f}", r=r, lr=f"{lr:.1e}", refresh=False,
+                                **({"rho": f"{rhos[-1]['rho']:.3f}"} if rhos else {}))
                 if step % s.checkpoint_every == 0 or time.monotonic() - last_ckpt > 60 * s.checkpoint_minutes:
                     save_train_state(out, trainable, optimizer, meta_now())
                     last_ckpt = time.monotonic()
@@ -310,10 +478,11 @@ def _heal(s: HealSettings, out: Path, progress: bool, simulate_kill_after: int |
     bar.close()
     if not evals or evals[-1]["step"] != step:
         evaluate()
+    measure_rho()
     save_train_state(out, trainable, optimizer, meta_now())
     if interrupted or stop.set:
         raise KeyboardInterrupt(f"stopped at step {step}; checkpoint saved in {out}; run the same command to resume")
-    return finish(out, s, model, trainable, tokenizer, base_file, heldout, step, elapsed, history, evals)
+    return finish(out, s, model, trainable, tokenizer, base_file, heldout, step, elapsed, history, evals, rhos)
 
 
 def continue_from(trainable: Trainable, delta_dir: Path, base_file: Path) -> None:
@@ -337,9 +506,10 @@ def continue_from(trainable: Trainable, delta_dir: Path, base_file: Path) -> Non
 
 
 def check_resumable(meta: dict, s: HealSettings, data_id: dict, out: Path) -> None:
-    old = meta["settings"]
+    old = {**{k: HealSettings.__dataclass_fields__[k].default for k in HealSettings.TRAJECTORY_FIELDS},
+           **meta["settings"]}  # a field added after a checkpoint was written held its default in that run
     diffs = [f"{k}: checkpoint {old[k]!r} vs now {getattr(s, k)!r}" for k in HealSettings.TRAJECTORY_FIELDS
-             if old.get(k) != getattr(s, k)]
+             if old[k] != getattr(s, k)]
     if meta["data"]["fingerprint"] != data_id["fingerprint"]:
         diffs.append(f"training data: checkpoint {meta['data']['fingerprint']} vs now {data_id['fingerprint']}")
     if diffs:
@@ -348,8 +518,10 @@ def check_resumable(meta: dict, s: HealSettings, data_id: dict, out: Path) -> No
 
 
 def finish(out: Path, s: HealSettings, model, trainable: Trainable, tokenizer, base_file: Path,
-           heldout: list[torch.Tensor], step: int, elapsed: float, history: dict, evals: list[dict]) -> dict:
-    """Write OUT/delta (what healing changed), the per-text held-out losses, history, eval and the loss curve."""
+           heldout: list[torch.Tensor], step: int, elapsed: float, history: dict, evals: list[dict],
+           rhos: list[dict] = ()) -> dict:
+    """Write OUT/delta (what healing changed), the per-text held-out losses, history and eval (with ρ where it was
+    measured), the loss curve (and ρ beside it)."""
     import pandas as pd
 
     from loopscope.models.healed import save_delta
@@ -362,30 +534,50 @@ def finish(out: Path, s: HealSettings, model, trainable: Trainable, tokenizer, b
     rows = [{"text": i, "recurrences": r, "loss_sum": float(p[i, 0]), "targets": int(p[i, 1]),
              "loss": float(p[i, 0] / p[i, 1])} for r, p in per_text.items() for i in range(len(p))]
     pd.DataFrame(rows).to_csv(out / "heldout_per_text.csv", index=False)
-    pd.DataFrame({"step": range(1, len(history["loss"]) + 1), **history}).to_csv(out / "history.csv", index=False)
-    pd.DataFrame(evals).to_csv(out / "eval.csv", index=False)
+    history_frame = pd.DataFrame({"step": range(1, len(history["loss"]) + 1), **history})
+    eval_frame = pd.DataFrame(evals)
+    if rhos:
+        rho_frame = pd.DataFrame(list(rhos))
+        history_frame = history_frame.merge(rho_frame, on="step", how="left")
+        eval_frame = eval_frame.merge(rho_frame, on="step", how="outer").sort_values("step")
+    history_frame.to_csv(out / "history.csv", index=False)
+    eval_frame.to_csv(out / "eval.csv", index=False)
     metrics = {
         "control": s.control, "steps": step, "train_wall_s": elapsed,
         "tokens_seen": step * s.batch_size * s.seq_len,
         "heldout": {f"r{r}": pooled_loss(p) for r, p in per_text.items()},
         "heldout_start": evals[0] if evals else None,
+        "rho_start": rhos[0] if rhos else None,
+        "rho": rhos[-1] if rhos else None,
         "delta_dir": str(delta_dir),
         "delta_bytes": sum(f.stat().st_size for f in delta_dir.iterdir()),
         "settings": s.to_dict(),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    plot_loss_curve(out, history, evals)
+    plot_loss_curve(out, history, evals, rhos)
     return metrics
 
 
-def plot_loss_curve(out: Path, history: dict, evals: list[dict]) -> Path:
-    """OUT/loss_curve.png: training loss per step (and its 20-step running mean), held-out loss at each R."""
+def plot_loss_curve(out: Path, history: dict, evals: list[dict], rhos: list[dict] = ()) -> Path:
+    """OUT/loss_curve.png: training loss per step (and its 20-step running mean), held-out loss at each R; with
+    ρ logged, a second panel: ρ at the long-run state against the step, with the stability line ρ = 1."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    if rhos:
+        fig, (ax, ax_rho) = plt.subplots(1, 2, figsize=(12, 4))
+        steps = [x["step"] for x in rhos]
+        ax_rho.plot(steps, [x["rho_prefix"] for x in rhos], marker="o", ms=3, label="ρ, causal prefix")
+        ax_rho.plot(steps, [x["rho_own"] for x in rhos], marker="s", ms=3, ls="--", label="ρ, the token's own block")
+        ax_rho.axhline(1.0, color="0.5", lw=0.8, ls=":")
+        ax_rho.set_xlabel("optimizer step")
+        ax_rho.set_ylabel("spectral radius ρ of the block map's Jacobian")
+        ax_rho.set_title("stability at the long-run state")
+        ax_rho.legend(fontsize=8)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4))
     loss = np.asarray(history["loss"], dtype=float)
     if len(loss):
         steps = np.arange(1, len(loss) + 1)

