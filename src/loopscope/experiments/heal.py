@@ -50,8 +50,13 @@ from torch import nn
 
 from loopscope.errors import InputError
 from loopscope.experiments.train import _StopFlag, batch_rows, learning_rate
-from loopscope.experiments.train_state import find_checkpoint, load_train_state, rng_state, save_train_state, \
-    set_rng_state
+from loopscope.experiments.train_state import (
+    find_checkpoint,
+    load_train_state,
+    rng_state,
+    save_train_state,
+    set_rng_state,
+)
 from loopscope.models.families.retrofit import HUGINN_STATE_STD, parse_layers
 from loopscope.models.lowrank import LowRank, layer_linears
 
