@@ -122,3 +122,4 @@ def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(analyze_module, "write_analysis", full)
     code, stdout, err = run_cli(["analyze", "--model", "default", "--out", tmp_path / "out"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "No space left" in err and "free" in err
+

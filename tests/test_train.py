@@ -217,3 +217,22 @@ def test_a_time_cap_shorter_than_calibration_fixes_the_budget_and_finishes(tmp_p
     monkeypatch.setattr(train_module, "heldout_loss", lambda *a, **k: (_ for _ in ()).throw(AssertionError("again")))
     again = train(micro(steps=None, minutes=1e-4), tmp_path, data=tiny_data, tokenizer=tokenizer, progress=False)
     assert again == json.loads((tmp_path / "metrics.json").read_text()) and again["steps"] == 1
+
+
+def test_a_training_run_is_locked_and_keeps_its_finished_model(tmp_path, tiny_data, tokenizer):
+    """`train` into a folder another run is writing is refused; a finished run's model and metrics stay for the
+    resumed call that returns them; other settings are refused by name."""
+    from loopscope.output import MANIFEST, claim_output
+
+    kw = dict(data=tiny_data, tokenizer=tokenizer, progress=False)
+    same = {k: getattr(micro(steps=2), k) for k in TrainSettings.TRAJECTORY_FIELDS}
+    with claim_output(tmp_path, "train", same):  # another run of the same settings holds the folder
+        with pytest.raises(InputError, match="another loopscope run"):
+            train(micro(steps=2), tmp_path, **kw)
+    first = train(micro(steps=2), tmp_path, **kw)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    assert manifest["command"] == "train" and "metrics.json" in manifest["files"]
+    assert "model/model.safetensors" in manifest["files"] and not any("checkpoint" in f for f in manifest["files"])
+    assert train(micro(steps=2), tmp_path, **kw) == first == json.loads((tmp_path / "metrics.json").read_text())
+    with pytest.raises(InputError, match=r"seed: 0 → 1"):
+        train(micro(steps=2, seed=1), tmp_path, **kw)

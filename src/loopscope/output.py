@@ -67,9 +67,10 @@ def versions() -> dict[str, str]:
 class OutputFolder:
     """The folder a run writes (see the module doc). Use through `claim_output`."""
 
-    def __init__(self, path: Path, command: str, settings: dict, overwrite: bool, resume_dirs: tuple[str, ...]):
+    def __init__(self, path: Path, command: str, settings: dict, overwrite: bool, resume_dirs: tuple[str, ...],
+                 clean: bool = True):
         self.path, self.command, self.settings = Path(path), command, plain(settings)
-        self.overwrite, self.resume_dirs = overwrite, resume_dirs
+        self.overwrite, self.resume_dirs, self.clean = overwrite, resume_dirs, clean
         self.weights: dict[str, str] = {}
         self.started = time.time()
         self._before: dict[str, tuple[int, int]] = {}
@@ -91,7 +92,8 @@ class OutputFolder:
             self._refuse_or_clear(previous, self._differences(previous))
         elif previous is None and any((self.path / p).exists() for p in REPORT_PRODUCTS):
             self._refuse_or_clear({}, "it holds a report without a manifest (written by an earlier loopscope)")
-        self._remove_products(previous or {})
+        if self.clean:
+            self._remove_products(previous or {})
         self._before = self._snapshot()
         self._write_manifest("running")
         return self
@@ -256,11 +258,13 @@ class _NoFolder:
 
 class claim_output:  # noqa: N801  (used as a context manager, named as an action)
     """Own `path` for one run of `command` with `settings` (see the module doc). `resume_dirs`: the folders under
-    `path` holding this command's resume caches (kept across a resumed run, cleared by --overwrite)."""
+    `path` holding this command's resume caches (kept across a resumed run, cleared by --overwrite). `clean=False`
+    (a training run, whose finished model and metrics a resumed call returns as they are): the previous run's
+    files are kept until it rewrites them."""
 
     def __init__(self, path: Path, command: str, settings: dict, *, overwrite: bool = False, rank: int = 0,
-                 resume_dirs: tuple[str, ...] = ("cache",)) -> None:
-        self.folder = None if rank != 0 else OutputFolder(path, command, settings, overwrite, resume_dirs)
+                 resume_dirs: tuple[str, ...] = ("cache",), clean: bool = True) -> None:
+        self.folder = None if rank != 0 else OutputFolder(path, command, settings, overwrite, resume_dirs, clean)
 
     def __enter__(self) -> OutputFolder | _NoFolder:
         if self.folder is None:

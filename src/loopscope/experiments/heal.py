@@ -384,8 +384,16 @@ def heal(s: HealSettings, out: str | Path, *, progress: bool = True, simulate_ki
     previous = torch.get_num_threads()
     if s.threads is not None:
         torch.set_num_threads(s.threads)
+    from loopscope.output import claim_output
+
+    settings_key = {k: getattr(s, k) for k in HealSettings.TRAJECTORY_FIELDS}
     try:
-        return _heal(s, Path(out), progress, simulate_kill_after, build or (lambda: base_model(s)))
+        with claim_output(Path(out), "heal", settings_key, clean=False,
+                          resume_dirs=("checkpoint", "checkpoint.tmp", "checkpoint.old")) as folder:
+            metrics = _heal(s, Path(out), progress, simulate_kill_after, build or (lambda: base_model(s)))
+            if metrics:
+                folder.finish()
+            return metrics
     finally:
         torch.set_num_threads(previous)
 

@@ -219,8 +219,16 @@ def train(
     previous_threads = torch.get_num_threads()
     if s.threads is not None:
         torch.set_num_threads(s.threads)
+    from loopscope.output import claim_output
+
+    settings_key = {k: getattr(s, k) for k in TrainSettings.TRAJECTORY_FIELDS}
     try:
-        return _train(s, out, data, tokenizer, progress, simulate_kill_after)
+        with claim_output(Path(out), "train", settings_key, clean=False,
+                          resume_dirs=("checkpoint", "checkpoint.tmp", "checkpoint.old")) as folder:
+            metrics = _train(s, out, data, tokenizer, progress, simulate_kill_after)
+            if metrics:
+                folder.finish()
+            return metrics
     finally:
         torch.set_num_threads(previous_threads)
 
