@@ -566,7 +566,9 @@ def finish(out: Path, s: HealSettings, model, trainable: Trainable, tokenizer, b
         "delta_bytes": sum(f.stat().st_size for f in delta_dir.iterdir()),
         "settings": s.to_dict(),
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    from loopscope.resume import write_atomic
+
+    write_atomic(out / "metrics.json", (json.dumps(metrics, indent=1) + "\n").encode())
     plot_loss_curve(out, history, evals, rhos)
     return metrics
 

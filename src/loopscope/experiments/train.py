@@ -391,9 +391,13 @@ def _finish(out: Path, s: TrainSettings, cfg, model: LoopedLM, tokenizer, data: 
         "model_bytes": (model_dir / WEIGHTS_NAME).stat().st_size,
         "settings": s.to_dict(),
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    pd.DataFrame({"step": range(1, len(history["loss"]) + 1), **history}).to_csv(out / "history.csv", index=False)
-    pd.DataFrame(evals).to_csv(out / "eval.csv", index=False)
+    from loopscope.resume import write_atomic
+
+    history_frame = pd.DataFrame({"step": range(1, len(history["loss"]) + 1), **history})
+    write_atomic(out / "history.csv", history_frame.to_csv(index=False).encode())
+    write_atomic(out / "eval.csv", pd.DataFrame(evals).to_csv(index=False).encode())
+    # last, whole or absent: a finished run is one whose metrics.json exists (a rerun returns it as it is)
+    write_atomic(out / "metrics.json", (json.dumps(metrics, indent=1) + "\n").encode())
     if progress:
         print(f"final evaluation: {time.monotonic() - start:.0f} s; held-out loss {final['loss']:.3f}", flush=True)
     return metrics

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from loopscope.resume import write_atomic
+
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em;margin-bottom:.2em} h2{margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
@@ -97,21 +99,21 @@ class Report:
         page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(self.title)}</title>"
                 f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
         index = self.out_dir / "index.html"
-        index.write_text(page, encoding="utf-8")
+        write_atomic(index, page.encode("utf-8"))
         manifest = {
             "title": self.title, "meta": self.meta,
             "sections": [{"title": s.title, "items": [item_manifest(i, self.out_dir) for i in s.items]}
                          for s in self.sections],
         }
-        (self.out_dir / "report.json").write_text(json.dumps(manifest, indent=1, default=str))
+        write_atomic(self.out_dir / "report.json", json.dumps(manifest, indent=1, default=str).encode())
         return index
 
 
 def save_csv(frame: pd.DataFrame, out_dir: Path, name: str) -> Path:
+    """OUT/tables/NAME.csv, written atomically (`resume.write_atomic`): whole or absent, never half a table."""
     path = out_dir / "tables" / f"{name}.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
     keep_index = not isinstance(frame.index, pd.RangeIndex)
-    frame.to_csv(path, index=keep_index)
+    write_atomic(path, frame.to_csv(index=keep_index).encode())
     return path
 
 

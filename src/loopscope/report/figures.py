@@ -20,10 +20,16 @@ BY_LAYER = "winter"
 
 
 def save(fig, out_dir: Path, name: str) -> Path:
+    """OUT/figures/NAME.png, written whole or not at all (a full disk never leaves a truncated PNG)."""
+    import io
+
+    from loopscope.resume import write_atomic
+
     path = Path(out_dir) / "figures" / f"{name}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
+    write_atomic(path, buffer.getvalue())
     return path
 
 
