@@ -170,6 +170,10 @@ def check_split(prelude: Sequence[int], core: Sequence[int], coda: Sequence[int]
     segments), or (given `n_layers`) a layer the source does not have."""
     if not core:
         raise InputError("the recurrent core needs at least one layer (--core)")
+    if n_layers is not None:  # a layer the source lacks is the first thing to say (1-7 of 4 layers also overlaps 3)
+        bad = sorted({i for i in (*prelude, *core, *coda) if not 0 <= i < n_layers})
+        if bad:
+            raise InputError(f"layer indices {bad} are outside the source's {n_layers} layers (0..{n_layers - 1})")
     seen: dict[int, str] = {}
     for segment, layers in (("prelude", prelude), ("core", core), ("coda", coda)):
         for i in layers:
@@ -177,10 +181,6 @@ def check_split(prelude: Sequence[int], core: Sequence[int], coda: Sequence[int]
                 where = f"twice in --{segment}" if seen[i] == segment else f"in both --{seen[i]} and --{segment}"
                 raise InputError(f"layer {i} is named {where}; each source layer belongs to at most one segment")
             seen[i] = segment
-    if n_layers is not None:
-        bad = [i for i in seen if not 0 <= i < n_layers]
-        if bad:
-            raise InputError(f"layer indices {bad} are outside the source's {n_layers} layers (0..{n_layers - 1})")
 
 
 def load_source_model(source: str):
