@@ -67,12 +67,14 @@ def test_predictions_follow_the_leading_eigenvalue():
 
 @pytest.mark.parametrize("kind", [dict(norm="sandwich", injection="concat", state_init="random"),
                                   dict(norm="pre", injection="add", state_init="zeros"),
-                                  dict(norm="ouro", injection="none", final_norm=False)])
+                                  dict(norm="ouro", injection="none", final_norm=False),
+                                  dict(norm="sandwich", injection="concat", state_init="random", n_heads=4,
+                                       n_kv_heads=2)])  # GQA: a key/value head serves two query heads
 def test_certificate_matches_the_dense_per_token_jacobian(kind):
     """ρ(J_ii) from Arnoldi on vector-Jacobian products equals the spectral radius of the D × D Jacobian of token
     i's next state w.r.t. its own state, formed densely here (D = 16, so Arnoldi with 16 steps is exact)."""
-    cfg = LoopedConfig(vocab_size=50, d_model=16, n_heads=2, d_mlp=24, n_prelude=1, n_block=2, n_coda=1,
-                       recurrences=4, init_std=0.3, seed=3, **kind)
+    cfg = LoopedConfig(**{**dict(vocab_size=50, d_model=16, n_heads=2, d_mlp=24, n_prelude=1, n_block=2, n_coda=1,
+                              recurrences=4, init_std=0.3, seed=3), **kind})
     model = LoopedLM(cfg).double().eval()
     model.stream_dtype = torch.float64
     ids = torch.randint(0, 50, (1, 7), generator=torch.Generator().manual_seed(0))
@@ -95,7 +97,7 @@ def test_certificate_matches_the_dense_per_token_jacobian(kind):
         J = torch.autograd.functional.jacobian(prefix_map, s[0, : i + 1].reshape(-1).clone())
         return float(torch.linalg.eigvals(J).abs().max())
 
-    for row, i in zip(cert.itertuples(), tokens):
+    for row, i in zip(cert.itertuples(), tokens):  # every token's own block comes from one product over the prefix
         assert row.rho_own == pytest.approx(own_rho(i), rel=1e-8), (kind, i)
         assert row.rho == pytest.approx(prefix_rho(i), rel=1e-6), (kind, i)
         assert row.converged and row.converged_own and row.ritz_residual < 1e-8, (kind, i)

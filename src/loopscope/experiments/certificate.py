@@ -43,32 +43,22 @@ def float64_copy(model: LoopedLM) -> LoopedLM:
     return work
 
 
-def own_spectra(work: LoopedLM, e: torch.Tensor, s: torch.Tensor, recurrences: int, steps: int = 24,
-                chunk: int = 16) -> Ritz:
+def own_spectra(work: LoopedLM, e: torch.Tensor, s: torch.Tensor, recurrences: int, steps: int = 24) -> Ritz:
     """Ritz values of every token's own block J_jj = ∂F(s)_j/∂s_j, j = 0..T−1, at states s (1, T, D) with the
-    injected input e (1, T, D): Arnoldi on vector-Jacobian products, `chunk` tokens at once (each a copy of the
-    prefix it sees, so that a cotangent at token j and a gradient read at token j see J_jj alone)."""
+    injected input e (1, T, D): Arnoldi on vector-Jacobian products of one forward of the block over the whole
+    prefix in `own_token_jacobians` mode (each token's key and value pass gradients only through its own query), so
+    one product gives J_jjᵀ u_j for every token at once."""
+    from loopscope.models.looped import own_token_jacobians
+
     T, D = s.shape[1], s.shape[2]
-    device = s.device
-    values, residual = [], []
-    for first in range(0, T, chunk):
-        pos = torch.arange(first, min(first + chunk, T), device=device)
-        n, L = len(pos), int(pos[-1]) + 1  # causal: tokens after the chunk's last do not reach it
-        rows = torch.arange(n, device=device)
-        E, S = e[:, :L].expand(n, L, D).contiguous(), s[:, :L].expand(n, L, D).contiguous()
-        with torch.enable_grad():
-            out, vjp_fn = torch.func.vjp(lambda states: work.block_map(states, E, recurrences), S)
+    with torch.enable_grad(), own_token_jacobians(work):
+        out, vjp_fn = torch.func.vjp(lambda states: work.block_map(states, e, recurrences), s)
 
-            def matvec(u: torch.Tensor) -> torch.Tensor:  # J_jjᵀ u for every token of the chunk at once
-                cot = torch.zeros_like(out)
-                cot[rows, pos] = u.to(cot.dtype)
-                (grad,) = vjp_fn(cot)
-                return grad[rows, pos].detach()  # else each product keeps the graph of all the earlier ones
+        def matvec(u: torch.Tensor) -> torch.Tensor:  # J_jjᵀ u_j for every token j at once
+            (grad,) = vjp_fn(u.to(out.dtype)[None])
+            return grad[0].detach()  # else each product keeps the graph of all the earlier ones
 
-            ritz = arnoldi(matvec, n, D, steps, dtype=S.dtype, device=device)
-        values.append(ritz.values)
-        residual.append(ritz.residual)
-    return Ritz(values=torch.cat(values), residual=torch.cat(residual))
+        return arnoldi(matvec, T, D, steps, dtype=s.dtype, device=s.device)
 
 
 def token_certificates(model: LoopedLM, ids: torch.Tensor, recurrences: int, tokens: list[int], steps: int = 24,

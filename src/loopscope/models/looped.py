@@ -134,6 +134,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(H * d, D, bias=False)
         self.qk_bias = nn.Parameter(torch.zeros(2, H, d)) if cfg.qk_bias else None
         self.hook_pattern = HookPoint()  # (B, H, T, S) attention probabilities
+        self.own_blocks = False  # see `own_token_jacobians`
 
     def forward(self, x: torch.Tensor, *, step: Step, rope: Rotary, offset: int, cache: KVCache | None):
         B, T, _ = x.shape
@@ -152,6 +153,8 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)  # (B, H, S, d)
         # query i (absolute position offset+i) may see keys 0..offset+i
         causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+        if self.own_blocks:
+            return self.o_proj(own_block_attention(q, k, v, causal).transpose(1, 2).reshape(B, T, H * d))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)  # the forward, with or without listeners
         if self.hook_pattern.active:
             # the probabilities are computed beside the fused kernel for whoever listens; the output stays the
@@ -164,6 +167,45 @@ class Attention(nn.Module):
                 y = (seen.to(v.dtype) @ v).to(x.dtype)
         y = y.transpose(1, 2).reshape(B, T, H * d)  # (B, T, H·d)
         return self.o_proj(y)
+
+
+def own_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ/√d + mask) v, the same values, with gradients reaching token j's key and value only through
+    query j: scores_ij = q_i·stop(k_j) for i ≠ j, q_j·k_j on the diagonal; out_i = Σ_j p_ij stop(v_j) + p_ii
+    (v_i − stop(v_i)). Keys/values of the other tokens act as constants, so the Jacobian of the layer over the
+    sequence is block diagonal, each block exactly ∂out_i/∂x_i with the others held fixed (no KV cache)."""
+    d = q.shape[-1]
+    if q.shape[-2] != k.shape[-2]:
+        raise InputError("own-token Jacobians need the whole sequence in one forward (no KV cache)")
+    kd, vd = k.detach(), v.detach()
+    scores = at_least_float32(q) @ at_least_float32(kd).transpose(-1, -2) / math.sqrt(d)  # (B, H, T, T)
+    own = (at_least_float32(q) * at_least_float32(k - kd)).sum(-1) / math.sqrt(d)  # 0 in value, the k_i gradient
+    scores = scores + torch.diag_embed(own)
+    probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    out = probs @ at_least_float32(vd) + probs.diagonal(dim1=-2, dim2=-1)[..., None] * at_least_float32(v - vd)
+    return out.to(v.dtype)
+
+
+def own_token_jacobians(model: nn.Module):
+    """A context in which every attention of `model` passes gradients to a token's key and value only from that
+    token's own query (`own_block_attention`): one vector-Jacobian product of a map over the sequence then gives
+    J_iiᵀ u_i for every token i at once, J_ii = ∂F(s)_i/∂s_i — the diagonal blocks of the causal Jacobian, exact,
+    without a copy of the prefix per token. Values are unchanged; everything else in the layer acts per token.
+    Needs no KV cache (the certificate's single forward)."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def mode():
+        layers = [m for m in model.modules() if isinstance(m, Attention)]
+        for a in layers:
+            a.own_blocks = True
+        try:
+            yield model
+        finally:
+            for a in layers:
+                a.own_blocks = False
+
+    return mode()
 
 
 class SwiGLU(nn.Module):
