@@ -43,7 +43,14 @@ def float64_copy(model: LoopedLM) -> LoopedLM:
     return work
 
 
-def own_spectra(work: LoopedLM, e: torch.Tensor, s: torch.Tensor, recurrences: int, steps: int = 24) -> Ritz:
+# Krylov dimension of each own block's Arnoldi. One product now serves every token, so 48 costs little (0.69 s vs
+# 0.49 s for 24 on the default model's 35-token prompt) and converges every block there: own ρ within 4e-11 and
+# the prefix ρ within 4e-15 of dense Jacobians, where 24 steps left 13 of 35 blocks unconverged (4e-4).
+ARNOLDI_STEPS = 48
+
+
+def own_spectra(work: LoopedLM, e: torch.Tensor, s: torch.Tensor, recurrences: int,
+                steps: int = ARNOLDI_STEPS) -> Ritz:
     """Ritz values of every token's own block J_jj = ∂F(s)_j/∂s_j, j = 0..T−1, at states s (1, T, D) with the
     injected input e (1, T, D): Arnoldi on vector-Jacobian products of one forward of the block over the whole
     prefix in `own_token_jacobians` mode (each token's key and value pass gradients only through its own query), so
@@ -61,7 +68,8 @@ def own_spectra(work: LoopedLM, e: torch.Tensor, s: torch.Tensor, recurrences: i
         return arnoldi(matvec, T, D, steps, dtype=s.dtype, device=s.device)
 
 
-def token_certificates(model: LoopedLM, ids: torch.Tensor, recurrences: int, tokens: list[int], steps: int = 24,
+def token_certificates(model: LoopedLM, ids: torch.Tensor, recurrences: int, tokens: list[int],
+                       steps: int = ARNOLDI_STEPS,
                        float64: bool = True, state_seed: int | None = None,
                        th: CertificateThresholds = CertificateThresholds(), ritz: list | None = None,
                        ) -> pd.DataFrame:
@@ -123,7 +131,8 @@ def spread_tokens(lengths: list[int], total: int) -> list[tuple[int, int]]:
     return out[:total]
 
 
-def certificates_for_prompts(loaded, prompts: list[str], recurrences: int, total: int = 16, steps: int = 24,
+def certificates_for_prompts(loaded, prompts: list[str], recurrences: int, total: int = 16,
+                             steps: int = ARNOLDI_STEPS,
                              max_prompts: int = 4, ritz: list | None = None, progress: bool = False) -> pd.DataFrame:
     """Certificates of `total` tokens spread over the first `max_prompts` prompts (each run on its own, unpadded,
     on one float64 copy of the model). Adds `batch` (the prompt's index) for joining with the behaviour tables;
