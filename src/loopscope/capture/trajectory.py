@@ -323,7 +323,8 @@ class Trajectory:
 
         from loopscope.models.checkpoint import safetensors_header_bytes
 
-        info = json.loads(safetensors_header_bytes(data).get("__metadata__", {}).get("trajectory", "{}"))
+        header = safetensors_header_bytes(data) or {}
+        info = json.loads(header.get("__metadata__", {}).get("trajectory", "{}"))
         return cls._deserialised(load(data), info, dtype)
 
     def _serialised(self, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict]:

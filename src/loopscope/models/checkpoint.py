@@ -36,30 +36,36 @@ def config_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def safetensors_header(path: Path) -> dict | None:
-    """The JSON header of a safetensors file, or None when `path` is not one.
+HEADER_LIMIT = 100_000_000  # bytes of JSON header a safetensors file may have (the library's own bound)
 
-    The format (safetensors' spec): 8 bytes little-endian u64 N, then N bytes of a UTF-8 JSON object, then the
-    tensor bytes. Decided by parsing that header — never by a magic byte: N's low byte is 0x80 for one header length
-    in 256, which is pickle's protocol byte."""
+
+def safetensors_header(path: Path) -> dict | None:
+    """The JSON header of a safetensors file, or None when `path` is not one (`safetensors_header_bytes` on its
+    first 8 + N bytes). Decided by parsing that header — never by a magic byte: N's low byte is 0x80 for one header
+    length in 256, which is pickle's protocol byte."""
     try:
         with open(path, "rb") as f:
             head = f.read(8)
-            if len(head) < 8:
-                return None
-            n = int.from_bytes(head, "little")
-            if n < 2 or n > 100_000_000 or n > path.stat().st_size - 8:
-                return None
-            header = json.loads(f.read(n).decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            return safetensors_header_bytes(head + f.read(min(n, HEADER_LIMIT)), path.stat().st_size)
+    except OSError:
+        return None
+
+
+def safetensors_header_bytes(data: bytes, size: int | None = None) -> dict | None:
+    """The JSON header of a safetensors blob (its first 8 + N bytes at least; `size`: the whole blob's length, if
+    `data` is only its start), or None when it is not one. The format (safetensors' spec): 8 bytes little-endian
+    u64 N, then N bytes of a UTF-8 JSON object, then the tensor bytes."""
+    if len(data) < 8:
+        return None
+    n = int.from_bytes(data[:8], "little")
+    if n < 2 or n > HEADER_LIMIT or n > (len(data) if size is None else size) - 8 or len(data) < 8 + n:
+        return None
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
         return None
     return header if isinstance(header, dict) else None
-
-
-def safetensors_header_bytes(data: bytes) -> dict:
-    """The JSON header of a safetensors blob held in memory (see `safetensors_header`)."""
-    n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + n].decode("utf-8"))
 
 
 def refuse_pickle(path: Path) -> None:
