@@ -123,3 +123,21 @@ def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     code, stdout, err = run_cli(["analyze", "--model", "default", "--out", tmp_path / "out"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "No space left" in err and "free" in err
 
+
+
+def test_every_recorded_model_is_checked_against_the_folders_previous_run(tmp_path):
+    """A run with three models (an extrapolate run over three checkpoints): a change of the third is refused too,
+    after the first two were recorded unchanged (the previous run's weights are read once at the start, not from
+    the manifest this run keeps rewriting)."""
+    models = {"a": "sha1:aaaa", "b": "sha1:bbbb", "c": "sha1:cccc"}
+    with claim_output(tmp_path, "extrapolate", {"R": 8}) as folder:
+        for label, fp in models.items():
+            folder.record_weights(label, fp)
+        folder.finish()
+    with pytest.raises(InputError, match=r"other weights for c \(sha1:cccc, now sha1:dddd\)"):
+        with claim_output(tmp_path, "extrapolate", {"R": 8}) as folder:
+            folder.record_weights("a", "sha1:aaaa")
+            folder.record_weights("b", "sha1:bbbb")
+            folder.record_weights("c", "sha1:dddd")
+    # refused: the folder's manifest is the previous run's again
+    assert json.loads((tmp_path / MANIFEST).read_text())["weights"] == models

@@ -75,6 +75,7 @@ class OutputFolder:
         self.started = time.time()
         self._before: dict[str, tuple[int, int]] = {}
         self._previous_text: bytes | None = None
+        self.previous_weights: dict[str, str] = {}
         self._lock = None
 
     # --- entering ------------------------------------------------------------------------------------------
@@ -84,6 +85,8 @@ class OutputFolder:
         manifest = self.path / MANIFEST
         self._previous_text = manifest.read_bytes() if manifest.exists() else None
         previous = self._read_manifest()
+        # the weights the folder's caches were computed with: the last run that recorded any, kept once
+        self.previous_weights = (previous or {}).get("weights") or (previous or {}).get("previous_weights", {})
         if previous is not None and self.overwrite:
             self._clear(previous)
             previous = None
@@ -169,7 +172,7 @@ class OutputFolder:
 
     def _clear(self, previous: dict) -> None:
         """--overwrite: the previous run's files, report products and resume caches; nothing else."""
-        self._previous_text = None
+        self._previous_text, self.previous_weights = None, {}
         self._remove_products(previous)
         for name in {*self.resume_dirs, *previous.get("resume_dirs", [])}:
             shutil.rmtree(self.path / name, ignore_errors=True)
@@ -190,7 +193,7 @@ class OutputFolder:
     def record_weights(self, label: str, fingerprint: str) -> None:
         """The weights a run used; a folder resumed with other weights under the same settings is refused (or,
         with --overwrite, cleared): its caches would hold another model's results."""
-        previous = (self._read_manifest() or {}).get("previous_weights", {})
+        previous = self.previous_weights
         if label in previous and previous[label] != fingerprint:
             self._refuse_or_clear({}, f"its run used other weights for {label} ({previous[label]}, now {fingerprint})"
                                   ": the checkpoint changed", "add --overwrite to analyse the new weights in their "
@@ -220,9 +223,8 @@ class OutputFolder:
         return out
 
     def _write_manifest(self, status: str, files: dict | None = None, index: Path | None = None) -> None:
-        previous = self._read_manifest() or {}
         data = {"command": self.command, "status": status, "settings": self.settings, "weights": self.weights,
-                "previous_weights": previous.get("weights") or previous.get("previous_weights", {}),
+                "previous_weights": self.previous_weights,
                 "versions": versions(), "resume_dirs": list(self.resume_dirs),
                 "started": datetime.datetime.fromtimestamp(self.started).isoformat(timespec="seconds")}
         if status == "complete":
