@@ -42,7 +42,7 @@ from loopscope.experiments.stage_tables import (
 )
 from loopscope.models.device import resolve_device, resolve_dtype
 from loopscope.models.load import LoadedModel, load_model
-from loopscope.output import claim_output
+from loopscope.output import claim_output, settings_of
 from loopscope.report import Report
 from loopscope.report.dynamics_section import add_dynamics_sections
 from loopscope.report.stages_section import add_stages_section
@@ -75,7 +75,7 @@ class AnalyzeSettings:
 
     def output_settings(self) -> dict:
         """Every setting that decides what `out` holds: a rerun with the same ones resumes, others are refused."""
-        return {k: v for k, v in asdict(self).items() if k not in ("out", "progress", "overwrite", "extra")}
+        return settings_of(self, ("out", "progress", "overwrite", "extra"))
 
     def check(self) -> None:
         from loopscope.models.looped import recurrence_count

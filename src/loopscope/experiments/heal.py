@@ -52,6 +52,7 @@ from loopscope.errors import InputError
 from loopscope.experiments.train import _StopFlag, batch_rows, learning_rate
 from loopscope.experiments.train_state import (
     find_checkpoint,
+    in_run_folder,
     load_train_state,
     rng_state,
     save_train_state,
@@ -384,16 +385,9 @@ def heal(s: HealSettings, out: str | Path, *, progress: bool = True, simulate_ki
     previous = torch.get_num_threads()
     if s.threads is not None:
         torch.set_num_threads(s.threads)
-    from loopscope.output import claim_output
-
-    settings_key = {k: getattr(s, k) for k in HealSettings.TRAJECTORY_FIELDS}
     try:
-        with claim_output(Path(out), "heal", settings_key, clean=False,
-                          resume_dirs=("checkpoint", "checkpoint.tmp", "checkpoint.old")) as folder:
-            metrics = _heal(s, Path(out), progress, simulate_kill_after, build or (lambda: base_model(s)))
-            if metrics:
-                folder.finish()
-            return metrics
+        return in_run_folder(Path(out), "heal", s, lambda: _heal(s, Path(out), progress, simulate_kill_after,
+                                                                 build or (lambda: base_model(s))))
     finally:
         torch.set_num_threads(previous)
 

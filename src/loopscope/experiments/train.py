@@ -30,6 +30,7 @@ from loopscope.experiments.evaluate import gsm8k_exact_match, heldout_loss, next
 from loopscope.experiments.presets import preset_config
 from loopscope.experiments.train_state import (
     find_checkpoint,
+    in_run_folder,
     load_train_state,
     rng_state,
     save_train_state,
@@ -219,16 +220,9 @@ def train(
     previous_threads = torch.get_num_threads()
     if s.threads is not None:
         torch.set_num_threads(s.threads)
-    from loopscope.output import claim_output
-
-    settings_key = {k: getattr(s, k) for k in TrainSettings.TRAJECTORY_FIELDS}
     try:
-        with claim_output(Path(out), "train", settings_key, clean=False,
-                          resume_dirs=("checkpoint", "checkpoint.tmp", "checkpoint.old")) as folder:
-            metrics = _train(s, out, data, tokenizer, progress, simulate_kill_after)
-            if metrics:
-                folder.finish()
-            return metrics
+        return in_run_folder(Path(out), "train", s, lambda: _train(s, out, data, tokenizer, progress,
+                                                                   simulate_kill_after))
     finally:
         torch.set_num_threads(previous_threads)
 

@@ -23,6 +23,22 @@ from loopscope.errors import CheckpointError
 from loopscope.models.checkpoint import check_state_dict, read_safetensors
 
 CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_DIRS = (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.tmp", f"{CHECKPOINT_DIR}.old")  # every folder a checkpoint uses
+
+
+def in_run_folder(out: Path, command: str, settings, run) -> dict:
+    """`run()` (a training loop returning its metrics, {} when it stopped early) in `out` owned as a training run's
+    folder (`loopscope.output.claim_output`): locked, its manifest holding `settings.TRAJECTORY_FIELDS` (what must
+    match to resume), the checkpoint folders its resume caches, a finished run's files kept for the call that
+    returns them and listed once it finishes."""
+    from loopscope.output import claim_output
+
+    key = {k: getattr(settings, k) for k in settings.TRAJECTORY_FIELDS}
+    with claim_output(Path(out), command, key, clean=False, resume_dirs=CHECKPOINT_DIRS) as folder:
+        metrics = run()
+        if metrics:
+            folder.finish()
+        return metrics
 TENSORS_NAME = "state.safetensors"
 JSON_NAME = "state.json"
 ADAM_KEYS = ("exp_avg", "exp_avg_sq", "step")
