@@ -167,6 +167,31 @@ def test_hutchinson_power_estimates_the_frobenius_norm_of_the_matrix_power():
     assert float(penalty.detach()) == pytest.approx(one ** (1 / 3), rel=1e-9)
 
 
+def test_adapter_state_scale_scales_the_block_jacobian_and_its_spectral_radius():
+    """With W_s → α·W_s, the block map at s/α sees the same block input z as before at s, so its Jacobian is exactly
+    α times the old one (dense Jacobians), and ρ with it; scaling the injection's columns instead fails this."""
+    from conftest import build
+
+    from loopscope.experiments.heal import scale_adapter_state
+
+    model = build(injection="concat").double()
+    e = model.prelude_output(torch.tensor([[5, 9, 2, 7]])).detach()
+    state = torch.randn(e.shape, generator=torch.Generator().manual_seed(1), dtype=e.dtype) + e
+
+    def jacobian(s):
+        return torch.autograd.functional.jacobian(lambda z: model.block_map(z, e), s).reshape(s.numel(), -1)
+
+    before = jacobian(state)
+    alpha = 0.6
+    scale_adapter_state(model, alpha)
+    after = jacobian(state / alpha)
+    torch.testing.assert_close(after, alpha * before, rtol=1e-10, atol=1e-12)
+    rho = torch.linalg.eigvals(before).abs().max()
+    assert float(torch.linalg.eigvals(after).abs().max()) == pytest.approx(alpha * float(rho), rel=1e-8)
+    with pytest.raises(InputError, match="concat adapter"):
+        scale_adapter_state(build(injection="add"), alpha)
+
+
 def test_stability_options_off_give_the_published_steps(tmp_path, tiny_heal):
     """Defaults: the losses of the code before issue 22, step for step. The tapped path (long-horizon loss at
     weight 0, so its gradient is zero) changes no step either: the hooks only read."""

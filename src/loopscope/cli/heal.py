@@ -32,7 +32,9 @@ Gaussian vector (Bai et al. 2021; one extra vector-Jacobian product per step), o
 (‖Jᵐ‖_F²/n)^(1/m), which tends to ρ² (m products); `--long-recurrence N` adds
 `--long-weight` × the loss at R_long drawn from ⌈N/2⌉..N, the loop continued from the step's state with gradients
 through the last `--backprop-depth` recurrences; `--rho-every S` logs ρ, the spectral radius of the block map's
-Jacobian after `--rho-recurrence` recurrences on a held-out text (ρ < 1: the loop contracts there), every S steps.
+Jacobian after `--rho-recurrence` recurrences on a held-out text (ρ < 1: the loop contracts there), every S steps;
+`--adapter-state-scale α` multiplies the adapter's state columns by α at step 0 (z = α·W_s s + W_e e), which
+scales the block map's Jacobian by α: a loop whose certificate reads ρ > 1 starts as a contraction for α < 1/ρ.
 
 The layer split is checked before the model is loaded: each layer exists in the source and belongs to at most
 one segment.
@@ -108,6 +110,8 @@ def register(app: typer.Typer) -> None:
                                       "(0: off)."),
         rho_recurrence: int = typer.Option(32, "--rho-recurrence", help="R of the state at which ρ is estimated."),
         checkpoint_minutes: float = typer.Option(5.0, "--checkpoint-minutes", help="Minutes between checkpoints."),
+        adapter_state_scale: float = typer.Option(1.0, "--adapter-state-scale", help="α: scale the adapter's "
+                                                  "state columns by α at step 0, so ρ → α·ρ (1: off)."),
     ) -> None:
         from loopscope.cli.common import parse_int_list
         from loopscope.experiments.heal import HealSettings, heal
@@ -122,6 +126,7 @@ def register(app: typer.Typer) -> None:
             jacobian_power=jacobian_power,
             long_recurrence=long_recurrence, long_weight=long_weight, rho_every=rho_every,
             rho_recurrence=rho_recurrence, checkpoint_minutes=checkpoint_minutes,
+            adapter_state_scale=adapter_state_scale,
         )
         try:
             m = heal(settings, out)

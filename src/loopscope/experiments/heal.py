@@ -110,6 +110,9 @@ class HealSettings:
     long_weight: float = 0.5  # weight of the long-horizon loss beside the loss at r (used when N > 0)
     rho_every: int = 0  # steps between estimates of ρ at the long-run state (0 = off; else also at start and end)
     rho_recurrence: int = 32  # R of the long-run state at which ρ is estimated
+    # α: the adapter's state half scaled by α at step 0 (z = α·W_s s + W_e e): the block map's Jacobian is scaled
+    # by α, so ρ → α·ρ — a contraction-friendly start for a loop whose certificate reads ρ > 1 (1 = off)
+    adapter_state_scale: float = 1.0
 
     TRAJECTORY_FIELDS = ("source", "prelude", "core", "coda", "control", "adapter", "state_std", "mean_recurrence",
                          "recurrence_sigma", "curriculum", "curriculum_start", "backprop_depth", "lora_rank",
@@ -117,7 +120,7 @@ class HealSettings:
                          "batch_size", "seq_len", "lr", "min_lr_ratio", "warmup_steps", "schedule", "weight_decay",
                          "beta1", "beta2", "grad_clip", "steps", "seed", "start_from", "step_offset",
                          "jacobian_weight", "jacobian_power", "long_recurrence", "long_weight", "rho_every",
-                         "rho_recurrence")
+                         "rho_recurrence", "adapter_state_scale")
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -137,7 +140,12 @@ class HealSettings:
         for option in ("jacobian_weight", "long_recurrence", "long_weight", "rho_every"):
             if not getattr(self, option) >= 0:
                 raise InputError(f"--{option.replace('_', '-')} {getattr(self, option)} must be ≥ 0")
+        if not 0 < self.adapter_state_scale <= 4:
+            raise InputError(f"--adapter-state-scale {self.adapter_state_scale}: give α in (0, 4] (1 = off; α < 1 "
+                             "contracts the loop)")
         stability = [o for o in ("jacobian_weight", "long_recurrence", "rho_every") if getattr(self, o)]
+        if self.adapter_state_scale != 1:
+            stability.append("adapter_state_scale")
         if self.control and stability:
             raise InputError(f"--{stability[0].replace('_', '-')} acts on the loop; the --control run has none")
         if not self.control:
@@ -408,6 +416,8 @@ def _heal(s: HealSettings, out: Path, progress: bool, simulate_kill_after: int |
     trainable = Trainable(model, s)
     if s.start_from is not None and find_checkpoint(out) is None:
         continue_from(trainable, Path(s.start_from), base_file)
+    if s.adapter_state_scale != 1 and find_checkpoint(out) is None:
+        scale_adapter_state(model, s.adapter_state_scale)
     params = [p for p in trainable.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=s.lr, betas=(s.beta1, s.beta2), eps=1e-8, weight_decay=s.weight_decay,
                                   foreach=False)
@@ -490,6 +500,17 @@ def _heal(s: HealSettings, out: Path, progress: bool, simulate_kill_after: int |
     if interrupted or stop.set:
         raise KeyboardInterrupt(f"stopped at step {step}; checkpoint saved in {out}; run the same command to resume")
     return finish(out, s, model, trainable, tokenizer, base_file, heldout, step, elapsed, history, evals, rhos)
+
+
+def scale_adapter_state(model: nn.Module, alpha: float) -> None:
+    """z = W_I [s; e] → W_I [α s; e]: the adapter's columns that read the state, times α. One recurrence's Jacobian
+    ∂s_{t+1}/∂s_t = J_block(z)·W_s is scaled by α at the same z, so the certificate's ρ becomes α·ρ there (the fixed
+    point moves with it, which is why healing follows)."""
+    if getattr(model, "adapter", None) is None:
+        raise InputError("--adapter-state-scale needs a concat adapter (W_I on [s; e]); this model injects without one")
+    D = model.adapter.weight.shape[0]
+    with torch.no_grad():
+        model.adapter.weight[:, :D] *= alpha
 
 
 def continue_from(trainable: Trainable, delta_dir: Path, base_file: Path) -> None:
