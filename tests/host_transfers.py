@@ -26,13 +26,11 @@ def _targets_cpu(args: tuple, kwargs: dict) -> bool:
 
 
 def _caller() -> tuple[str, int] | None:
-    """(file inside loopscope, line) of the nearest loopscope frame, None when loopscope did not make the call."""
-    frame = sys._getframe(2)
-    while frame is not None:
-        name = frame.f_code.co_filename
-        if "/loopscope/" in name and "/tests/" not in name:
-            return name.split("/loopscope/", 1)[1], frame.f_lineno
-        frame = frame.f_back
+    """(file inside loopscope, line) of the code that made the call, None when it is not loopscope's own (a torch
+    function's internals, e.g. `nn.init.trunc_normal_` on a CPU generator, or pandas reading a host tensor)."""
+    name = sys._getframe(2).f_code.co_filename
+    if "/loopscope/" in name and "/tests/" not in name:
+        return name.split("/loopscope/", 1)[1], sys._getframe(2).f_lineno
     return None
 
 

@@ -54,7 +54,8 @@ class BatchContext:
 
     index: the batch's position in the whole run (parts are folded in this order); first_prompt: global index of
     its first prompt; mask [B, T] bool (CPU, right padding); R, K, P, C: recurrences, block, prelude and coda
-    sizes; state_dtype: dtype the states were computed in (for the numerical floor); finals: see `Finals`."""
+    sizes; state_dtype: dtype the states were computed in (for the numerical floor); finals: see `Finals`;
+    device: where the states are (accumulators reduce there, and hand the host only their Part, once per batch)."""
 
     index: int
     first_prompt: int
@@ -68,6 +69,7 @@ class BatchContext:
     state_dtype: torch.dtype = torch.float32
     finals: Finals | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def batch_size(self) -> int:
@@ -94,6 +96,15 @@ class BatchContext:
             return x[b, : self.lengths[b]]
         return x[b].index_select(0, self.mask[b].nonzero(as_tuple=True)[0].to(x.device))
 
+    def real_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`real` on `device`, copied there once per batch (not once per state)."""
+        device = torch.device(device)
+        cache = self.__dict__.setdefault("_real_on", {})
+        if device not in cache:
+            b, t = self.real
+            cache[device] = (b, t) if device.type == "cpu" else (b.to(device), t.to(device))
+        return cache[device]
+
     @property
     def lengths(self) -> list[int]:
         if getattr(self, "_lengths", None) is None:
@@ -114,9 +125,8 @@ class BatchContext:
         # the cache holds the source tensor itself: comparing ids alone would match a new tensor that reused a freed
         # one's id and address
         if getattr(self, "_real_source", None) is not x or self._real_dtype != dtype:
-            b, t = self.real
-            dev = x.device
-            self._real_value = x[b.to(dev), t.to(dev)].to(dtype)
+            b, t = self.real_on(x.device)
+            self._real_value = x[b, t].to(dtype)
             self._real_source, self._real_dtype = x, dtype
         return self._real_value
 
@@ -178,7 +188,19 @@ class Dispatcher:
             acc.observe(site, step, x)
 
     def finish(self) -> dict[str, Part]:
-        return {acc.name: acc.end() for acc in self.accumulators}
+        """Every accumulator's Part, on the host: the batch's one transfer of what it reduced to."""
+        return {acc.name: to_host(acc.end()) for acc in self.accumulators}
+
+
+def to_host(part: Any) -> Any:
+    """A Part with every tensor in it moved to the CPU (dicts, lists and tuples followed; anything else as is)."""
+    if isinstance(part, torch.Tensor):
+        return part if part.device.type == "cpu" else part.cpu()
+    if isinstance(part, dict):
+        return {k: to_host(v) for k, v in part.items()}
+    if isinstance(part, (list, tuple)):
+        return type(part)(to_host(v) for v in part)
+    return part
 
 
 def run_accumulators(accumulators: list[Accumulator], ctx: BatchContext, events) -> dict[str, Part]:

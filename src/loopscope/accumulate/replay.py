@@ -27,7 +27,7 @@ def context_from_trajectory(traj: Trajectory, index: int = 0, first_prompt: int 
         index=index, first_prompt=first_prompt, mask=traj.mask.cpu().bool(), recurrences=R,
         block_size=traj.block_size, n_prelude=traj.n_prelude, n_coda=traj.n_coda, token_ids=traj.token_ids,
         tokens=traj.tokens, state_dtype=getattr(torch, dtype) if isinstance(dtype, str) else traj.core.dtype,
-        finals=finals, extra={"metadata": traj.metadata},
+        finals=finals, extra={"metadata": traj.metadata}, device=traj.core.device,
     )
 
 

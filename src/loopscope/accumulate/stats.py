@@ -24,54 +24,75 @@ import torch
 from loopscope.tables import sample_std
 
 
-class Moments:
-    """Per-cell moments of observations; cells are the leading dims of what `add` receives."""
+def reduction_dtype(device: torch.device | str) -> torch.dtype:
+    """float64, the dtype every reduction keeps, on any device that has it; Apple's MPS has no float64, so there the
+    reductions keep float32 (a relative rounding of 6e-8 per addition: fine for means and spreads of thousands of
+    observations, not for the numerical floor of a float32 state, which the dynamics read from float64 states)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
-    def __init__(self, shape: tuple[int, ...]) -> None:
+
+class Moments:
+    """Per-cell moments of observations; cells are the leading dims of what `add` receives. The running sums live on
+    `device` (that of the observations: a streamed batch reduces where its states are, and hands the host its
+    `state()` once); a Moments made before its first observation moves there at that observation."""
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device | str = "cpu") -> None:
         self.shape = tuple(shape)
-        f64 = dict(dtype=torch.float64)
-        self.n_all = torch.zeros(self.shape, dtype=torch.int64)
-        self.total = torch.zeros(self.shape, **f64)
-        self.n = torch.zeros(self.shape, dtype=torch.int64)
-        self.mean = torch.zeros(self.shape, **f64)
-        self.m2 = torch.zeros(self.shape, **f64)
+        self._allocate(torch.device(device))
+
+    def _allocate(self, device: torch.device) -> None:
+        f = dict(dtype=reduction_dtype(device), device=device)
+        i = dict(dtype=torch.int64, device=device)
+        self.n_all, self.total, self.n = torch.zeros(self.shape, **i), torch.zeros(self.shape, **f), \
+            torch.zeros(self.shape, **i)
+        self.mean, self.m2 = torch.zeros(self.shape, **f), torch.zeros(self.shape, **f)
+
+    def _observations(self, x: torch.Tensor) -> torch.Tensor:
+        """x detached, in the reduction dtype, with the sums on x's device (moved there while still empty)."""
+        if self.total.device != x.device:
+            if bool((self.n_all != 0).any()):
+                raise ValueError("Moments: observations on another device than the ones already added")
+            self._allocate(x.device)
+        return x.detach().to(self.total.dtype)
 
     def add(self, x: torch.Tensor) -> None:
         """Observations x [*cells, n] (last axis: observations of each cell), any float dtype, any device."""
-        x = x.detach().to(device="cpu", dtype=torch.float64)
+        x = self._observations(x)
         finite = torch.isfinite(x)
         n_b = finite.sum(-1)
-        safe = torch.where(finite, x, torch.zeros((), dtype=torch.float64))
-        mean_b = safe.sum(-1) / n_b.clamp(min=1).double()
-        m2_b = torch.where(finite, (x - mean_b[..., None]) ** 2, torch.zeros((), dtype=torch.float64)).sum(-1)
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        safe = torch.where(finite, x, zero)
+        mean_b = safe.sum(-1) / n_b.clamp(min=1).to(x.dtype)
+        m2_b = torch.where(finite, (x - mean_b[..., None]) ** 2, zero).sum(-1)
         self.n_all += x.shape[-1]
         self.total += x.sum(-1)
         self._merge(n_b, mean_b, m2_b)
 
     def set_cell(self, cell: tuple[int, ...], x: torch.Tensor) -> None:
         """All observations x [n] of one cell that has none yet (within a batch, each (recurrence, layer) cell's
-        values arrive together, once): its moments directly, two-pass, no merge."""
-        x = x.detach().to(device="cpu", dtype=torch.float64)
+        values arrive together, once): its moments directly, two-pass, no merge, and no synchronisation."""
+        x = self._observations(x)
         finite = torch.isfinite(x)
-        n = int(finite.sum())
+        n = finite.sum()
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        good = torch.where(finite, x, zero)
+        mean = good.sum() / n.clamp(min=1).to(x.dtype)
         self.n_all[cell] = x.numel()
         self.total[cell] = x.sum()
         self.n[cell] = n
-        if n:
-            good = x[finite] if n < x.numel() else x
-            mean = good.mean()
-            self.mean[cell] = mean
-            self.m2[cell] = ((good - mean) ** 2).sum()
+        self.mean[cell] = mean
+        self.m2[cell] = torch.where(finite, (x - mean) ** 2, zero).sum()
 
     def _merge(self, n_b: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
         n = self.n + n_b
         delta = mean_b - self.mean
-        frac = n_b.double() / n.clamp(min=1).double()  # (int / int is float32 in torch: keep float64)
+        frac = n_b.to(self.mean.dtype) / n.clamp(min=1).to(self.mean.dtype)  # (int / int is float32 in torch)
         self.mean = self.mean + delta * frac
-        self.m2 = self.m2 + m2_b + delta * delta * self.n.double() * frac
+        self.m2 = self.m2 + m2_b + delta * delta * self.n.to(self.mean.dtype) * frac
         self.n = n
 
     def merge(self, other: Moments) -> None:
+        other = other.to(self.total.device)
         self.n_all += other.n_all
         self.total += other.total
         self._merge(other.n, other.mean, other.m2)
@@ -92,9 +113,15 @@ class Moments:
     def state(self) -> dict[str, torch.Tensor]:
         return {"n_all": self.n_all, "total": self.total, "n": self.n, "mean": self.mean, "m2": self.m2}
 
+    def to(self, device: torch.device | str) -> Moments:
+        """These moments on `device` (self when already there)."""
+        if self.total.device == torch.device(device):
+            return self
+        return Moments.from_state({k: v.to(device) for k, v in self.state().items()})
+
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor]) -> Moments:
-        m = cls(tuple(state["n"].shape))
+        m = cls(tuple(state["n"].shape), state["n"].device)
         for k, v in state.items():
             setattr(m, k, v.clone())
         return m
@@ -111,17 +138,19 @@ class Moments:
 class LogHistogram:
     """Per-cell counts of positive values in log-spaced bins (see the module doc)."""
 
-    def __init__(self, shape: tuple[int, ...], lo: float = -16.0, hi: float = 8.0, per_decade: int = 100) -> None:
+    def __init__(self, shape: tuple[int, ...], lo: float = -16.0, hi: float = 8.0, per_decade: int = 100,
+                 device: torch.device | str = "cpu") -> None:
         self.shape, self.lo, self.hi, self.per_decade = tuple(shape), float(lo), float(hi), int(per_decade)
         self.n_bins = int(round((self.hi - self.lo) * self.per_decade))
         # bin 0: zero / below 10^lo; 1..n_bins: log-spaced; n_bins + 1: above 10^hi; n_bins + 2: non-finite
-        self.counts = torch.zeros((*self.shape, self.n_bins + 3), dtype=torch.int32)
+        self.counts = torch.zeros((*self.shape, self.n_bins + 3), dtype=torch.int32, device=device)
 
     def bin_index(self, x: torch.Tensor) -> torch.Tensor:
-        """The bin of every observation (int16: a compact stand-in for the value, all a histogram needs)."""
-        x = x.detach().to(device="cpu", dtype=torch.float64)
+        """The bin of every observation (int16: a compact stand-in for the value, all a histogram needs), on x's
+        device."""
+        x = x.detach().to(reduction_dtype(x.device))
         finite = torch.isfinite(x)
-        logx = torch.log10(torch.where(finite & (x > 0), x, torch.ones((), dtype=torch.float64)))
+        logx = torch.log10(torch.where(finite & (x > 0), x, torch.ones((), dtype=x.dtype, device=x.device)))
         idx = torch.floor((logx - self.lo) * self.per_decade).long() + 1
         idx = idx.clamp(1, self.n_bins + 1)
         idx = torch.where(finite & (x > 0) & (logx >= self.lo), idx, torch.zeros_like(idx))
@@ -133,9 +162,11 @@ class LogHistogram:
 
     def add_bins(self, idx: torch.Tensor) -> None:
         """Observations given by their bins (`bin_index`), [*cells, n]."""
-        idx = idx.long().reshape(int(torch.tensor(self.shape).prod()) if self.shape else 1, -1)
+        if idx.device != self.counts.device:
+            idx = idx.to(self.counts.device)
+        idx = idx.long().reshape(math.prod(self.shape), -1)
         flat = self.counts.view(-1, self.n_bins + 3)
-        flat.scatter_add_(1, idx, torch.ones(idx.shape, dtype=self.counts.dtype))
+        flat.scatter_add_(1, idx, torch.ones(idx.shape, dtype=self.counts.dtype, device=idx.device))
 
     def merge(self, other: LogHistogram) -> None:
         self.counts += other.counts

@@ -152,7 +152,8 @@ def stream_tensors(model: LoopedLM, input_ids: torch.Tensor, recurrences: int, a
         finals = finals_pass(model, input_ids, R, attention, seed, initial_state)
     ctx = BatchContext(index=0, first_prompt=0, mask=mask, recurrences=R, block_size=model.cfg.n_block,
                        n_prelude=model.cfg.n_prelude, n_coda=model.cfg.n_coda, token_ids=input_ids.cpu(),
-                       state_dtype=compute_dtype_of(model), finals=finals)
+                       state_dtype=compute_dtype_of(model), finals=finals,
+                       device=next(model.parameters()).device)
     dispatch = Dispatcher(accumulators, ctx)
     sites = dispatch.sites if attention else dispatch.sites - {"pattern"}
     with StreamRecorder(model, sites, dispatch.push):
@@ -184,24 +185,23 @@ def run_batch(loaded, prompts: list[str], index: int, first_prompt: int, accumul
     state_dtype = compute_dtype_of(model)
     ctx = BatchContext(index=index, first_prompt=first_prompt, mask=mask, recurrences=R,
                        block_size=model.cfg.n_block, n_prelude=model.cfg.n_prelude, n_coda=model.cfg.n_coda,
-                       token_ids=ids.cpu(), tokens=tokens, state_dtype=state_dtype, finals=finals)
+                       token_ids=ids.cpu(), tokens=tokens, state_dtype=state_dtype, finals=finals, device=device)
     dispatch = Dispatcher(accumulators, ctx)
     sites = set(dispatch.sites)
     if not s.attention:
         sites.discard("pattern")
-    check = {"max": 0.0}
+    check: list[torch.Tensor] = []  # per block layer, on the device: read once, after the forward
 
     def push(site: str, step: Step, x: torch.Tensor) -> None:
         if finals is not None and site == "resid_post" and step.segment == "core" and step.recurrence == R - 1:
-            diff = (x.float() - finals.core_last[step.layer].float()).abs().max()
-            check["max"] = max(check["max"], float(diff))
+            check.append((x.float() - finals.core_last[step.layer].float()).abs().max())
         dispatch.push(site, step, x)
 
     if finals is not None:
         sites.add("resid_post")
     with StreamRecorder(model, sites, push):
         model(ids, recurrences=R, state_seed=seed)
-    record["finals_max_abs_diff"] = check["max"] if finals is not None else None
+    record["finals_max_abs_diff"] = float(torch.stack(check).max()) if finals is not None else None
     record["state_dtype"] = str(state_dtype).removeprefix("torch.")
     return dispatch.finish(), record
 

@@ -51,7 +51,7 @@ def gram(x: torch.Tensor, centre: bool = False) -> torch.Tensor:
     mean over N from every column, which leaves pairwise distances unchanged and avoids cancellation)."""
     N, M = x.shape
     step = max(1, GRAM_ELEMENTS // max(N, 1))
-    g = torch.zeros(N, N, dtype=torch.float64)
+    g = torch.zeros(N, N, dtype=torch.float64, device=x.device)
     for start in range(0, M, step):
         block = x[:, start:start + step].to(torch.float64)
         if centre:

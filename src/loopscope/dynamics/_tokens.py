@@ -83,7 +83,9 @@ def batch_tokens(x: torch.Tensor, batch: torch.Tensor, token: torch.Tensor,
     cosines between successive states use float64: their 1 − cos reaches 1e-14 at a float32 fixed point, far below
     what float32 arithmetic resolves (≈ 6e-8)."""
     dev = x.device
-    return x[batch.to(dev), token.to(dev)].to(dtype or compute_dtype(x))
+    if batch.device != dev:
+        batch, token = batch.to(dev), token.to(dev)
+    return x[batch, token].to(dtype or compute_dtype(x))
 
 
 def resolve_layer(traj: Trajectory, layer: int) -> int:

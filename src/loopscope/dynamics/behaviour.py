@@ -74,7 +74,7 @@ class Behaviour(Accumulator):
         floor = self.dynamics.floor_factor * unit_roundoff(ctx.state_dtype)
         R = ctx.recurrences
         keep = torch.float64 if ctx.state_dtype == torch.float64 else torch.float32
-        self.stats = {j: WindowStats(R, self.dynamics, n, floor, keep) for j in self.which} \
+        self.stats = {j: WindowStats(R, self.dynamics, n, floor, keep, ctx.device) for j in self.which} \
             if "dynamics" in self.methods else {}
         if "paper" in self.methods:
             self.p_start, self.p_stop = rule_paper.window_bounds(R, self.paper)
@@ -82,9 +82,9 @@ class Behaviour(Accumulator):
             chosen = self.which if self.paper_layers is None else sorted({layer % K for layer in self.paper_layers})
             self.paper_which = [j for j in chosen if j in self.which]
             self.star = {j: batch_tokens(star[j], self.b, self.t, torch.float64) for j in self.paper_which}
-            self.cosines = {j: torch.full((self.p_stop - self.p_start, n), float("nan"), dtype=torch.float64)
-                            for j in self.paper_which}
-            self.finite = {j: torch.ones(n, dtype=torch.bool) for j in self.paper_which}
+            self.cosines = {j: torch.full((self.p_stop - self.p_start, n), float("nan"), dtype=torch.float64,
+                                          device=ctx.device) for j in self.paper_which}
+            self.finite = {j: torch.ones(n, dtype=torch.bool, device=ctx.device) for j in self.paper_which}
 
     def observe(self, site: str, step: Step, x: torch.Tensor) -> None:
         if step.segment != "core" or step.layer not in self.which:
@@ -94,9 +94,9 @@ class Behaviour(Accumulator):
         if j in self.stats:
             self.stats[j].add(t, xs)
         if "paper" in self.methods and j in self.star:
-            self.finite[j] &= torch.isfinite(xs.sum(-1)).cpu()
+            self.finite[j] &= torch.isfinite(xs.sum(-1))
             if self.p_start <= t < self.p_stop:
-                self.cosines[j][t - self.p_start] = cosine(xs, self.star[j]).double().cpu()
+                self.cosines[j][t - self.p_start] = cosine(xs, self.star[j]).double()
 
     def end(self) -> Part:
         ctx = self.ctx

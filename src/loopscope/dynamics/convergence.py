@@ -85,20 +85,21 @@ class CellMetric(Accumulator):
         if n == 0:
             raise InputError("the Trajectory has no real tokens (mask is all False); check the mask you passed")
         cells = (ctx.recurrences - self.first_recurrence(), ctx.block_size)
-        self.moments = {m: Moments(cells) for m in self.metrics}
-        self.hist = LogHistogram(())
-        self.bins = {h: torch.zeros((*cells, n), dtype=torch.int16) for h in self.histogrammed}
-        self.values = {m: torch.full((*cells, n), float("nan"), dtype=torch.float64) for m in self.metrics} \
-            if self.per_token else None
+        dev = ctx.device  # everything a batch reduces to stays where its states are until `end`
+        self.moments = {m: Moments(cells, dev) for m in self.metrics}
+        self.hist = LogHistogram((), device=dev)
+        self.bins = {h: torch.zeros((*cells, n), dtype=torch.int16, device=dev) for h in self.histogrammed}
+        self.values = {m: torch.full((*cells, n), float("nan"), dtype=torch.float64, device=dev)
+                       for m in self.metrics} if self.per_token else None
 
     def record(self, i: int, j: int, values: dict[str, torch.Tensor]) -> None:
-        """One cell's per-token values (float64, CPU)."""
+        """One cell's per-token values (float64, on the states' device)."""
         if self.per_token:
             for k, v in values.items():
                 self.values[k][i, j] = v
         if self.finite_only:
             keep = torch.stack([torch.isfinite(v) for v in values.values()]).all(0)
-            values = {k: torch.where(keep, v, torch.tensor(float("nan"), dtype=torch.float64))
+            values = {k: torch.where(keep, v, torch.full((), float("nan"), dtype=v.dtype, device=v.device))
                       for k, v in values.items()}
         for k, v in values.items():
             self.moments[k].set_cell((i, j), v)
@@ -160,8 +161,8 @@ class SuccessiveChange(CellMetric):
             p, n_prev = prev
             d = norm(cur - p)
             self.record(step.recurrence - 1, step.layer, {
-                "l2": d.double().cpu(), "relative": (d / n_prev).double().cpu(),
-                "cosine": cosine_from_distance(n_cur, n_prev, d).cpu()})
+                "l2": d.double(), "relative": (d / n_prev).double(),
+                "cosine": cosine_from_distance(n_cur, n_prev, d)})
         self.previous[step.layer] = (cur, n_cur)
 
 
@@ -190,16 +191,18 @@ class DistanceToFixedPoint(CellMetric):
         att = ctx.finals.attention_last
         self.positions = [m.nonzero(as_tuple=True)[0] for m in ctx.mask]
         self.att_star = None if att is None else [self.patterns(att[j]) for j in range(ctx.block_size)]
-        self.att = torch.full((ctx.recurrences, ctx.block_size, ctx.batch_size), float("nan"), dtype=torch.float64)
+        self.att = torch.full((ctx.recurrences, ctx.block_size, ctx.batch_size), float("nan"), dtype=torch.float64,
+                              device=ctx.device)
 
     def patterns(self, a: torch.Tensor) -> list[torch.Tensor | None]:
-        """Per prompt: its pattern [H, n, n] (or head-averaged [n, n]) over real rows × columns, float64, CPU."""
+        """Per prompt: its pattern [H, n, n] (or head-averaged [n, n]) over real rows × columns, float64, on the
+        pattern's device."""
         out = []
         for b, pos in enumerate(self.positions):
             if pos.numel() == 0:
                 out.append(None)
                 continue
-            x = self.ctx.prompt_pattern(a, b).to(device="cpu", dtype=torch.float64)
+            x = self.ctx.prompt_pattern(a, b).to(torch.float64)
             out.append(x.mean(0) if self.head_reduction == "average" else x)
         return out
 
@@ -216,7 +219,7 @@ class DistanceToFixedPoint(CellMetric):
         cur = self.ctx.real_states(x)
         d = norm(cur - self.star[j])
         cos = cosine_from_distance(norm(cur), self.star_norm[j], d)
-        self.record(t, j, {"l2": d.double().cpu(), "cosine": cos.cpu()})
+        self.record(t, j, {"l2": d.double(), "cosine": cos})
 
     def end(self) -> Part:
         part = super().end()
@@ -268,8 +271,8 @@ class CyclicFixedPointCheck(Accumulator):
         for j in range(ctx.block_size):
             x1, x0 = batch_tokens(last[j], b, t, torch.float64), batch_tokens(prev[j], b, t, torch.float64)
             d = norm(x1 - x0)
-            change.append(d.double().cpu())
-            rel.append((d / norm(x0)).double().cpu())
+            change.append(d.double())
+            rel.append((d / norm(x0)).double())
         self.change, self.rel = torch.stack(change), torch.stack(rel)  # [K, N_b]
 
     def end(self) -> Part:

@@ -38,7 +38,8 @@ class NonFinite(Accumulator):
         seg, rec, layer = step
         if seg != "core":
             return
-        bad = ~torch.isfinite(x[self.b.to(x.device), self.t.to(x.device)]).all(-1)  # [n]
+        b, t = self.ctx.real_on(x.device)
+        bad = ~torch.isfinite(x[b, t]).all(-1)  # [n]
         if self.first is None:
             self.first = torch.full((bad.numel(), 2), NEVER, dtype=torch.int64, device=x.device)
         newly = bad & (self.first[:, 0] == NEVER)

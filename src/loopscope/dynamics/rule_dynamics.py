@@ -127,15 +127,15 @@ class WindowStats:
     GRAM = ("a0a0", "a1a1", "a2a2", "a1a2", "ff", "ss", "fs")
 
     def __init__(self, R: int, th: DynamicsThresholds, n: int, floor: float,
-                 keep_dtype: torch.dtype = torch.float64) -> None:
+                 keep_dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> None:
         self.R, self.W = R, th.window_for(R)
         self.keep_dtype = keep_dtype
         self.start = R - self.W
         self.P = th.period_cap(self.W)
         self.floor = floor
         self.clamp = floor / th.floor_factor  # u: the state's own rounding, below which a step has no size
-        f64 = dict(dtype=torch.float64)
-        self.finite = torch.ones(n, dtype=torch.bool)
+        f64 = dict(dtype=torch.float64, device=device)  # every sum stays on the states' device until `state`
+        self.finite = torch.ones(n, dtype=torch.bool, device=device)
         for name in ("norm_sum", "norm_first_max", "norm_second_max", "final_norm", "step_sum", "step_sq",
                      "rel_max", "s1", "s2", "sy", "sty", "syy", "cos_sum", "cos_count", "displacement",
                      "final_step"):
@@ -164,11 +164,11 @@ class WindowStats:
 
     def add(self, t: int, x: torch.Tensor) -> None:
         """State x [n, D] (float64, any device) at recurrence t; recurrences arrive in order 0..R−1."""
-        self.finite &= torch.isfinite(x.sum(-1)).cpu()  # a non-finite entry makes the sum non-finite
+        self.finite &= torch.isfinite(x.sum(-1))  # a non-finite entry makes the sum non-finite
         if t < self.start:
             return
         nx = torch.linalg.vector_norm(x, dim=-1)
-        n64 = nx.double().cpu()
+        n64 = nx.double()
         self.norm_sum += n64
         half = self.start + self.W // 2
         if t < half:
@@ -184,11 +184,11 @@ class WindowStats:
         self.poly0 += offset
         self.poly1 += tau * offset
         self.poly2 += (tau * tau - (self.W * self.W - 1) / 12) * offset
-        self.offset_sq += (offset * offset).sum(-1).cpu()
+        self.offset_sq += (offset * offset).sum(-1)
         kept = x.to(self.keep_dtype)
         if t > self.start:
             step = x - self.previous
-            d = torch.linalg.vector_norm(step, dim=-1).double().cpu()
+            d = torch.linalg.vector_norm(step, dim=-1).double()
             n_prev = self.previous_norm
             rel = torch.where(d == 0, torch.zeros_like(d), d / n_prev)
             rel = torch.nan_to_num(rel, nan=math.inf)
@@ -210,7 +210,7 @@ class WindowStats:
             else:
                 self.step_second += step.double()
             if self.previous_step is not None:
-                self.turn_sq += ((step - self.previous_step).double() ** 2).sum(-1).cpu()
+                self.turn_sq += ((step - self.previous_step).double() ** 2).sum(-1)
                 c = _cosine(step, self.previous_step)
                 valid = torch.isfinite(c)
                 self.cos_sum += torch.where(valid, c, torch.zeros_like(c))
@@ -218,18 +218,18 @@ class WindowStats:
             self.previous_step = step
             lags = [p for p in range(2, self.P + 1) if t - p >= self.start]
             if lags:  # every slot at once (no gather): x_{t−p} sits p slots behind the next write position
-                dist = torch.linalg.vector_norm(kept[None] - self.ring, dim=-1).double().cpu()  # [P, n]
+                dist = torch.linalg.vector_norm(kept[None] - self.ring, dim=-1).double()  # [P, n]
                 rows = [(self.stored - p) % self.P for p in lags]
                 self.returns[[p - 2 for p in lags]] += dist[rows] ** 2
                 self.return_count[[p - 2 for p in lags]] += 1
         if t == self.R - 1:
             a0, a1, a2, f, s = self.poly0, self.poly1, self.poly2, self.step_first, self.step_second
             self.gram = torch.stack([(a0 * a0).sum(-1), (a1 * a1).sum(-1), (a2 * a2).sum(-1), (a1 * a2).sum(-1),
-                                     (f * f).sum(-1), (s * s).sum(-1), (f * s).sum(-1)], dim=-1).cpu()
+                                     (f * f).sum(-1), (s * s).sum(-1), (f * s).sum(-1)], dim=-1)
             self.dim = x.shape[-1]
             self.poly0 = self.poly1 = self.poly2 = self.step_first = self.step_second = None  # only the gram is kept
             self.final_norm = n64
-            self.displacement = torch.linalg.vector_norm(x - self.anchor, dim=-1).double().cpu()
+            self.displacement = torch.linalg.vector_norm(x - self.anchor, dim=-1).double()
         # the last P states, in the dtype the model computed them in (a float32 state is exact in float32)
         if self.ring is None:  # unwritten slots are never read (lags ≤ states stored), zeros keep them finite
             self.ring = torch.zeros((self.P, *kept.shape), dtype=self.keep_dtype, device=kept.device)
@@ -247,7 +247,7 @@ class WindowStats:
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     dot = (a * b).sum(-1)
-    return (dot / (torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1))).double().cpu()
+    return (dot / (torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1))).double()
 
 
 def _drift(stats: dict[str, torch.Tensor], W: int) -> dict[str, torch.Tensor]:
@@ -421,7 +421,7 @@ def decide(stats: dict[str, torch.Tensor], th: DynamicsThresholds) -> Labels:
 def classify_states(x: torch.Tensor, th: DynamicsThresholds, dtype: torch.dtype | None = None) -> Labels:
     """Classify every token of x [R, n, D] (one layer's states across recurrences) in one go."""
     R, n, _ = x.shape
-    stats = WindowStats(R, th, n, th.floor_factor * unit_roundoff(dtype or x.dtype))
+    stats = WindowStats(R, th, n, th.floor_factor * unit_roundoff(dtype or x.dtype), device=x.device)
     for t in range(R):
         stats.add(t, x[t])
     return decide(stats.state(), th)

@@ -48,13 +48,13 @@ class ResidualSimilarity(Accumulator):
     def begin(self, ctx: BatchContext) -> None:
         super().begin(ctx)
         self.r = first_recurrences(ctx.recurrences, self.requested)
-        self.b, self.t = ctx.real
-        self.units: dict[tuple[int, int], torch.Tensor] = {}
+        self.b, self.t = ctx.real_on(ctx.device)
+        self.units: dict[tuple[int, int], torch.Tensor] = {}  # kept on the states' device until `end`
 
     def observe(self, site: str, step: Step, x: torch.Tensor) -> None:
         if step.segment == "core" and step.recurrence < self.r:
             u = batch_tokens(x, self.b, self.t)
-            self.units[(step.recurrence, step.layer)] = (u / norm(u)[:, None]).cpu()
+            self.units[(step.recurrence, step.layer)] = u / norm(u)[:, None]
 
     def end(self) -> Part:
         K = self.ctx.block_size
@@ -99,7 +99,7 @@ class AttentionDistance(Accumulator):
             if pos.numel() == 0:
                 rows.append(None)
                 continue
-            a = self.ctx.prompt_pattern(x, b).to(device="cpu")
+            a = self.ctx.prompt_pattern(x, b)  # kept on the states' device until `end`
             # probabilities are float32 (or float64 when given so): kept as they are, summed in float64 in the Gram
             a = a.double().mean(0) if self.head_reduction == "average" else a.to(compute_dtype(a))
             rows.append(a.reshape(-1))
@@ -109,7 +109,7 @@ class AttentionDistance(Accumulator):
         K = self.ctx.block_size
         if len(self.patterns) < self.r * K:
             raise InputError("this Trajectory has no attention; capture with attention=True")
-        total = torch.zeros(self.r * K, self.r * K, dtype=torch.float64)
+        total = torch.zeros(self.r * K, self.r * K, dtype=torch.float64, device=self.ctx.device)
         prompts = 0
         for b, pos in enumerate(self.positions):
             if pos.numel() == 0:

@@ -81,7 +81,7 @@ class Rotary(nn.Module):
         """x: (B, T, H, d) → same shape, rotated."""
         T = x.shape[1]
         pos = torch.arange(offset, offset + T, device=x.device, dtype=torch.float32)
-        ang = torch.outer(pos, self.inv_freq.to(x.device))  # (T, d/2)
+        ang = torch.outer(pos, self.inv_freq)  # (T, d/2); the buffer moves with the model
         cos, sin = ang.cos()[None, :, None, :], ang.sin()[None, :, None, :]  # (1, T, 1, d/2)
         xf = at_least_float32(x)
         cos, sin = cos.to(xf.dtype), sin.to(xf.dtype)
