@@ -304,8 +304,12 @@ class LoopedLM(nn.Module):
     # --- construction --------------------------------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Seeded init: N(0, σ²) for matrices, σ/√(2·(p+k+c)) for output projections, ones for norms."""
-        gen = torch.Generator().manual_seed(self.cfg.seed)
+        """Seeded init: N(0, σ²) for matrices, σ/√(2·(p+k+c)) for output projections, ones for norms. Drawn by a
+        generator on the parameters' device: a model built on the CPU (every loader, then moved) has the same weights
+        everywhere; one built directly on an accelerator (`with torch.device("cuda")`, the GPU benchmark's 3.5 B
+        parameters) draws them there, from that device's generator, in seconds instead of minutes."""
+        device = next(self.parameters()).device
+        gen = torch.Generator(device=device).manual_seed(self.cfg.seed)
         std = self.cfg.init_std
         for name, p in self.named_parameters():
             if "norm" in name:
@@ -313,9 +317,9 @@ class LoopedLM(nn.Module):
             elif name.endswith("bias"):
                 p.zero_()
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                p.copy_(torch.randn(p.shape, generator=gen) * std / math.sqrt(2 * self.cfg.n_layers))
+                p.copy_(torch.randn(p.shape, generator=gen, device=device) * std / math.sqrt(2 * self.cfg.n_layers))
             else:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+                p.copy_(torch.randn(p.shape, generator=gen, device=device) * std)
 
     def site_points(self, site: str) -> list[HookPoint]:
         """The hook points of a site (see LAYER_SITES, MODEL_SITES): one per layer of every segment, or one."""
