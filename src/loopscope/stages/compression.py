@@ -44,8 +44,12 @@ def gram_of(x: torch.Tensor) -> torch.Tensor:
 
 def gram_entropies(grams: torch.Tensor, T: int) -> torch.Tensor:
     """(H, H / log T) of a stack of Gram matrices [S, n, n] of T-token states → [S, 2], on their device: one
-    eigendecomposition call for the stack (on a GPU each call synchronises with the host)."""
-    s2 = torch.linalg.eigvalsh(grams).clamp_min(0)
+    eigendecomposition call for the stack on a GPU (where each call synchronises with the host); one per matrix on
+    a CPU, where a batched call differs in the last bits with each matrix's place in the stack (alignment)."""
+    if grams.device.type == "cpu":
+        s2 = torch.stack([torch.linalg.eigvalsh(g) for g in grams]).clamp_min(0)
+    else:
+        s2 = torch.linalg.eigvalsh(grams).clamp_min(0)
     total = s2.sum(-1, keepdim=True)
     h = (-xlogx(s2 / total).sum(-1)).clamp_min(0)  # round-off can give −1e-16 for rank 1
     h = torch.where(total[:, 0] > 0, h, float("nan"))  # an all-zero (or non-finite) state has no spectrum
