@@ -147,7 +147,7 @@ class PromptRows(Accumulator):
     def positions_on(self, device: torch.device) -> list[torch.Tensor]:
         """`positions` on `device`, moved once per batch."""
         if device not in self._positions_on:
-            self._positions_on[device] = [p.to(device) for p in self.positions]
+            self._positions_on[device] = [p if p.device == device else p.to(device) for p in self.positions]
         return self._positions_on[device]
 
     def ids(self, step: Step) -> dict:
