@@ -64,7 +64,7 @@ class ResidualEntropy(PromptRows):
     name = "residual_entropy"
     values = COMPRESSION_METRICS
     sites = frozenset({"resid_post", "embed"})
-    gram_bytes = 2**30  # Gram matrices held per prompt before their spectra are taken
+    gram_bytes = 2**30  # bytes of Gram matrices held per prompt before their spectra are taken
 
     def begin(self, ctx) -> None:
         super().begin(ctx)

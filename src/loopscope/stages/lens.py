@@ -84,9 +84,9 @@ class LogitLens(PromptRows):
         if self.targets is None:  # no final logits: the target is the lens at the last state, known at the end
             self.pending.append((ids, x.detach()))
             return
-        self.state_rows(ids, x, self.targets)
+        self.record_state(ids, x, self.targets)
 
-    def state_rows(self, ids: dict, x: torch.Tensor, targets: torch.Tensor) -> None:
+    def record_state(self, ids: dict, x: torch.Tensor, targets: torch.Tensor) -> None:
         """Record one row per prompt: the lens metrics of its real tokens, averaged, on the unembedding's device.
         Prompt by prompt on purpose: one prompt's [T, V] logits stay in cache, the whole batch's do not (measured 3×
         slower batched on a CPU)."""
@@ -104,7 +104,7 @@ class LogitLens(PromptRows):
             last = self.pending[-1][1]
             targets = self.readout.logits(last).argmax(-1)
             for ids, x in self.pending:
-                self.state_rows(ids, x, targets)
+                self.record_state(ids, x, targets)
             self.pending = []
         return super().end()
 
