@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -91,3 +92,28 @@ def test_massive_onset_is_the_layer_that_writes_them_not_a_later_recurrence():
     ff = ff.assign(recurrence=0, layer=range(len(ff)))  # one pass of 7 layers: 0.5, 110, 120, 200, 300, 400, 500
     onset = massive_activation_profile(ff).query("onset").iloc[0]
     assert onset.layer == 4  # 300 ≥ ½ · 500
+
+
+def test_residual_entropy_spectra_taken_in_chunks_match_one_stack(monkeypatch):
+    """The Gram spectra are taken per prompt at the end of a batch, or `gram_bytes` at a time: the same table, and a
+    non-finite or all-zero state still gives NaN."""
+    from loopscope.stages.compression import ResidualEntropy
+
+    torch.manual_seed(4)
+    states = torch.randn(3, 2, 2, 5, 4)
+    states[1, 0, 0, 2, 1] = float("inf")
+    states[2, 1, 1] = 0.0
+    traj = Trajectory(core=states, mask=torch.tensor([[1] * 5, [1] * 3 + [0] * 2], dtype=torch.bool))
+    whole = residual_entropy(traj, per_prompt=True)
+    monkeypatch.setattr(ResidualEntropy, "gram_bytes", 1)
+    pd.testing.assert_frame_equal(residual_entropy(traj, per_prompt=True), whole, check_exact=True)
+    nan = whole.matrix_entropy.isna()
+    assert nan.sum() == 2 and whole[nan].batch.tolist() == [0, 1]
+
+
+def test_median_is_numpys():
+    from loopscope.stages.residual import numpy_median
+
+    for v in ([3.0, 1.0, 2.0], [4.0, 1.0, 3.0, 2.0], [1.0, float("nan"), 2.0], [0.0, 0.0, 1.0, 5.0]):
+        got, want = float(numpy_median(torch.tensor(v, dtype=torch.float64))), float(np.median(v))
+        assert got == want or (math.isnan(got) and math.isnan(want))

@@ -46,7 +46,7 @@ def colsum_concentration(a: torch.Tensor) -> torch.Tensor:
     """C = 1 + (1/log T) Σ_j ĉ_j log ĉ_j with ĉ_j = (Σ_i A_ij)/T. a: (..., T, T) → (...); NaN when T = 1."""
     T = a.shape[-1]
     if T < 2:
-        return torch.full(a.shape[:-2], float("nan"), dtype=a.dtype)
+        return torch.full(a.shape[:-2], float("nan"), dtype=a.dtype, device=a.device)
     c_hat = a.sum(-2) / T
     return 1 + xlogx(c_hat).sum(-1) / math.log(T)
 
@@ -54,7 +54,7 @@ def colsum_concentration(a: torch.Tensor) -> torch.Tensor:
 def sink_score(a: torch.Tensor, position: int = 0) -> torch.Tensor:
     """(1/T) Σ_t A_{t,k} for k = `position`. a: (..., T, T) → (...); NaN when the prompt is shorter than k+1."""
     if position >= a.shape[-1]:
-        return torch.full(a.shape[:-2], float("nan"), dtype=a.dtype)
+        return torch.full(a.shape[:-2], float("nan"), dtype=a.dtype, device=a.device)
     return a[..., :, position].mean(-1)
 
 
@@ -75,11 +75,13 @@ def mixing_entropy_normalised(a: torch.Tensor, causal: bool = True, h: torch.Ten
     """
     T = a.shape[-1]
     if T < 2:
-        return torch.full(a.shape[:-2], float("nan"), dtype=a.dtype)
-    support = torch.arange(1, T + 1, dtype=a.dtype) if causal else torch.full((T,), float(T), dtype=a.dtype)
+        return torch.full(a.shape[:-2], float("nan"), dtype=a.dtype, device=a.device)
     h = row_entropy(a) if h is None else h
-    keep = support > 1
-    return (h[..., keep] / torch.log(support[keep])).mean(-1)
+    if causal:  # rows i ≥ 1, support i + 1
+        h, support = h[..., 1:], torch.arange(2, T + 1, dtype=a.dtype, device=a.device)
+    else:
+        support = torch.full((T,), float(T), dtype=a.dtype, device=a.device)
+    return (h / torch.log(support)).mean(-1)
 
 
 def previous_window(a: torch.Tensor, window: int = 5, exclude_first: bool = True) -> torch.Tensor:
@@ -88,14 +90,14 @@ def previous_window(a: torch.Tensor, window: int = 5, exclude_first: bool = True
     Rows without any eligible key are skipped. a: (..., T, T) → (...); NaN when no row qualifies.
     """
     T = a.shape[-1]
-    i = torch.arange(T)[:, None]
-    j = torch.arange(T)[None, :]
-    band = (j < i) & (j >= i - window) & (j >= (1 if exclude_first else 0))
-    rows = band.any(-1)
-    if not bool(rows.any()):
-        return torch.full(a.shape[:-2], float("nan"), dtype=a.dtype)
+    first = 1 if exclude_first else 0
+    if window < 1 or T < first + 2:  # row i has a key iff i − 1 ≥ first: the rows first + 1 .. T − 1
+        return torch.full(a.shape[:-2], float("nan"), dtype=a.dtype, device=a.device)
+    i = torch.arange(T, device=a.device)[:, None]
+    j = torch.arange(T, device=a.device)[None, :]
+    band = (j < i) & (j >= i - window) & (j >= first)
     mass = (a * band.to(a.dtype)).sum(-1)
-    return mass[..., rows].mean(-1)
+    return mass[..., first + 1:].mean(-1)
 
 
 def head_metrics(a: torch.Tensor, *, sink_position: int = 0, sink_threshold: float = 0.3,
@@ -114,7 +116,8 @@ def head_metrics(a: torch.Tensor, *, sink_position: int = 0, sink_threshold: flo
 
 
 class AttentionMetrics(PromptRows):
-    """`head_metrics` of every attention pattern, prompt and head, as each pattern is produced."""
+    """`head_metrics` of every attention pattern, prompt and head, as each pattern is produced (on its device, in
+    float64; the batch's values reach the host once, in `end`)."""
 
     name = "attention_metrics"
     values = ATTENTION_METRICS
@@ -129,12 +132,10 @@ class AttentionMetrics(PromptRows):
     def observe(self, site: str, step: Step, x: torch.Tensor) -> None:
         ids = self.ids(step)
         for b, pos in enumerate(self.positions):
-            a = self.ctx.prompt_pattern(x, b).to(device="cpu", dtype=torch.float64)  # (H, T_b, T_b)
+            a = self.ctx.prompt_pattern(x, b).to(dtype=torch.float64)  # (H, T_b, T_b)
             metrics = head_metrics(a, **self.settings)
-            per_head = torch.stack(list(metrics.values()), dim=1).tolist()  # (H, metrics): one copy, not H·6
-            for h, values in enumerate(per_head):
-                self.rows.append({**ids, "batch": self.ctx.first_prompt + b, "head": h, "n_tokens": len(pos),
-                                  **dict(zip(metrics, values))})
+            self.record([{**ids, "batch": self.ctx.first_prompt + b, "head": h, "n_tokens": len(pos)}
+                         for h in range(a.shape[0])], torch.stack([metrics[m] for m in self.values], dim=1))
 
     def end(self) -> Part:
         if not self.rows:

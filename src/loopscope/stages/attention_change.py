@@ -28,8 +28,8 @@ def head_frobenius_change(current: torch.Tensor, previous: torch.Tensor) -> torc
 
 
 class AttentionChange(PromptRows):
-    """‖A_{j,t} − A_{j,t−1}‖_F per block layer, recurrence t ≥ 1, prompt (and head), as each pattern is produced:
-    only the previous recurrence's pattern of each layer is kept."""
+    """‖A_{j,t} − A_{j,t−1}‖_F per block layer, recurrence t ≥ 1, prompt (and head), as each pattern is produced, on
+    its device: only the previous recurrence's pattern of each layer is kept."""
 
     name = "attention_change"
     values = ["attention_change"]
@@ -56,13 +56,12 @@ class AttentionChange(PromptRows):
         if prev is not None:
             ids = self.ids(step)
             for b, (cur, old) in enumerate(zip(current, prev)):
-                per_h = head_frobenius_change(cur, old).cpu()
+                per_h = head_frobenius_change(cur, old)  # (H,) float64 on the patterns' device
                 prompt = self.ctx.first_prompt + b
                 if self.per_head:
-                    self.rows += [{**ids, "batch": prompt, "head": h, "attention_change": float(v)}
-                                  for h, v in enumerate(per_h)]
+                    self.record([{**ids, "batch": prompt, "head": h} for h in range(per_h.shape[0])], per_h)
                 else:
-                    self.rows.append({**ids, "batch": prompt, "attention_change": float(per_h.pow(2).sum().sqrt())})
+                    self.record([{**ids, "batch": prompt}], per_h.pow(2).sum().sqrt())
         self.previous[step.layer] = current
 
     def end(self):

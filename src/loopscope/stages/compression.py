@@ -20,6 +20,7 @@ import math
 import pandas as pd
 import torch
 
+from loopscope.accumulate.core import Part
 from loopscope.accumulate.replay import run_on_trajectory
 from loopscope.capture.trajectory import Trajectory
 from loopscope.labels import Step
@@ -30,35 +31,68 @@ COMPRESSION_METRICS = ["matrix_entropy", "matrix_entropy_normalised"]
 
 def matrix_entropy(x: torch.Tensor) -> tuple[float, float]:
     """(H, H / log T) of x: (T, D) from its trace-normalised Gram spectrum; NaN where undefined."""
-    x = x.double()
-    T = x.shape[0]
-    if not bool(torch.isfinite(x).all()):
-        return float("nan"), float("nan")  # a non-finite state (a diverged loop) has no spectrum
-    gram = x.T @ x if T > x.shape[1] else x @ x.T  # its eigenvalues are σ_i² of X; the smaller side is cheaper
-    s2 = torch.linalg.eigvalsh(gram).clamp_min(0).cpu()
-    total = float(s2.sum())
-    if total <= 0:
-        return float("nan"), float("nan")
-    h = float(-xlogx(s2 / total).sum())
-    h = max(h, 0.0)  # round-off can give −1e-16 for rank 1
-    return h, (h / math.log(T) if T > 1 else float("nan"))
+    h, h_norm = gram_entropies(gram_of(x.double())[None], x.shape[0]).tolist()[0]
+    return h, h_norm
+
+
+def gram_of(x: torch.Tensor) -> torch.Tensor:
+    """The Gram matrix of x (T, D) on its smaller side, XᵀX or XXᵀ: its eigenvalues are σ_i² of X either way.
+    All zero for a non-finite x (a diverged loop has no spectrum; `gram_entropies` then gives NaN)."""
+    gram = x.T @ x if x.shape[0] > x.shape[1] else x @ x.T
+    return torch.where(torch.isfinite(x).all(), gram, torch.zeros((), dtype=gram.dtype, device=gram.device))
+
+
+def gram_entropies(grams: torch.Tensor, T: int) -> torch.Tensor:
+    """(H, H / log T) of a stack of Gram matrices [S, n, n] of T-token states → [S, 2], on their device: one
+    eigendecomposition call for the stack on a GPU (where each call synchronises with the host); one per matrix on
+    a CPU, where a batched call differs in the last bits with each matrix's place in the stack (alignment)."""
+    if grams.device.type == "cpu":
+        s2 = torch.stack([torch.linalg.eigvalsh(g) for g in grams]).clamp_min(0)
+    else:
+        s2 = torch.linalg.eigvalsh(grams).clamp_min(0)
+    total = s2.sum(-1, keepdim=True)
+    h = (-xlogx(s2 / total).sum(-1)).clamp_min(0)  # round-off can give −1e-16 for rank 1
+    h = torch.where(total[:, 0] > 0, h, float("nan"))  # an all-zero (or non-finite) state has no spectrum
+    return torch.stack([h, h / math.log(T) if T > 1 else torch.full_like(h, float("nan"))], dim=1)
 
 
 class ResidualEntropy(PromptRows):
-    """`matrix_entropy` of every state and prompt, as each state is produced."""
+    """`matrix_entropy` of every state and prompt. Each state's Gram matrices are formed as it is produced, on its
+    device; their spectra are taken together, one eigendecomposition per prompt (every state of the batch, or
+    `gram_bytes` of them at a time), so a batch synchronises per prompt, not per state."""
 
     name = "residual_entropy"
     values = COMPRESSION_METRICS
     sites = frozenset({"resid_post", "embed"})
+    gram_bytes = 2**30  # bytes of Gram matrices held per prompt before their spectra are taken
+
+    def begin(self, ctx) -> None:
+        super().begin(ctx)
+        self.grams: list[list[torch.Tensor]] = [[] for _ in self.positions]
+        self.entropies: list[list[torch.Tensor]] = [[] for _ in self.positions]
 
     def observe(self, site: str, step: Step, x: torch.Tensor) -> None:
         if not self.wants(site, step):
             return
         ids = self.ids(step)
         for b, prompt, pos, xb in self.prompts(x):
-            h, h_norm = matrix_entropy(xb)
-            self.rows.append({**ids, "batch": prompt, "n_tokens": len(pos), "matrix_entropy": h,
-                              "matrix_entropy_normalised": h_norm})
+            self.rows.append({**ids, "batch": prompt, "n_tokens": len(pos)})
+            gram = gram_of(xb.double())
+            self.grams[b].append(gram)
+            if len(self.grams[b]) * gram.numel() * gram.element_size() >= self.gram_bytes:
+                self.spectra(b)
+
+    def spectra(self, b: int) -> None:
+        if self.grams[b]:
+            self.entropies[b].append(gram_entropies(torch.stack(self.grams[b]), len(self.positions[b])))
+            self.grams[b] = []
+
+    def end(self) -> Part:
+        for b in range(len(self.positions)):
+            self.spectra(b)
+        if self.rows:  # rows are state-major, then prompt: interleave the prompts' [states, 2]
+            self.observed = [torch.stack([torch.cat(e) for e in self.entropies], dim=1).reshape(len(self.rows), 2)]
+        return super().end()
 
 
 def residual_entropy(traj: Trajectory, *, per_prompt: bool = False, include_embed: bool = False) -> pd.DataFrame:

@@ -74,7 +74,8 @@ def real_positions(traj: Trajectory) -> list[torch.Tensor]:
 
 def require_prefix_mask(traj_mask: torch.Tensor) -> None:
     """Refuse masks that are not right padding (real tokens first), which causal restrictions rely on."""
-    m = traj_mask.bool().cpu()
+    m = traj_mask.bool()
+    m = m if m.device.type == "cpu" else m.cpu()
     n = m.sum(1)
     prefix = torch.arange(m.shape[1])[None, :] < n[:, None]
     if not torch.equal(prefix, m):
@@ -113,9 +114,13 @@ def xlogx(p: torch.Tensor) -> torch.Tensor:
 class PromptRows(Accumulator):
     """Base of the stages accumulators: one row of observations per (state, prompt[, head]), computed as each
     state (or attention pattern) is produced; `combine` concatenates the batches' rows and summarises them
-    over `over` (or returns them raw, ordered by state then prompt then head, when `raw`)."""
+    over `over` (or returns them raw, ordered by state then prompt then head, when `raw`).
+
+    Subclasses `record` each observation's values as tensors on the states' device; the batch's values reach the
+    host once, in `end` (on a GPU a copy per state, prompt or head would synchronise the device each time)."""
 
     values: list[str] = []
+    int_columns: list[str] = []  # whole-number columns recorded after `values` (exact in float64, int64 in the table)
     sites: frozenset[str] = frozenset({"resid_post"})
 
     def __init__(self, over: list[str], raw: bool = False, include_embed: bool = False) -> None:
@@ -124,7 +129,26 @@ class PromptRows(Accumulator):
     def begin(self, ctx: BatchContext) -> None:
         super().begin(ctx)
         self.positions = [torch.nonzero(m, as_tuple=False).flatten() for m in ctx.mask]
-        self.rows: list[dict] = []
+        self._positions_on: dict[torch.device, list[torch.Tensor]] = {}
+        self.rows: list[dict] = []  # identifying columns (Python values, known without the device)
+        self.observed: list[torch.Tensor] = []  # their value columns, [rows, columns] on the states' device
+
+    def record(self, rows: list[dict], values: torch.Tensor) -> None:
+        """Add rows: their identifying columns and their `columns` values [len(rows), len(columns)] (float64, on the
+        states' device). Nothing reaches the host here: `end` moves the batch's values in one copy."""
+        self.rows += rows
+        self.observed.append(values.reshape(len(rows), len(self.columns)))
+
+    @property
+    def columns(self) -> list[str]:
+        """The value columns `record` takes, in table order: `values`, then `int_columns` (whole numbers)."""
+        return [*self.values, *self.int_columns]
+
+    def positions_on(self, device: torch.device) -> list[torch.Tensor]:
+        """`positions` on `device`, moved once per batch."""
+        if device not in self._positions_on:
+            self._positions_on[device] = [p if p.device == device else p.to(device) for p in self.positions]
+        return self._positions_on[device]
 
     def ids(self, step: Step) -> dict:
         """The identifying columns of the state `step` (as `Trajectory.realized_index`)."""
@@ -141,7 +165,13 @@ class PromptRows(Accumulator):
             yield b, self.ctx.first_prompt + b, pos, self.ctx.prompt_state(x, b)
 
     def end(self) -> Part:
-        return {"rows": pd.DataFrame(self.rows)}
+        frame = pd.DataFrame(self.rows)
+        if self.observed:
+            values = torch.cat(self.observed).cpu().numpy()  # the batch's one host transfer
+            self.observed = []
+            for i, c in enumerate(self.columns):
+                frame[c] = values[:, i].astype("int64") if c in self.int_columns else values[:, i]
+        return {"rows": frame}
 
     def combine(self, parts: list[Part]) -> pd.DataFrame:
         raw = pd.concat([p["rows"] for p in parts if len(p["rows"])], ignore_index=True)

@@ -70,7 +70,8 @@ class LogitLens(PromptRows):
         super().begin(ctx)
         if self.lens == "coda":
             require_prefix_mask(ctx.mask)
-        self.targets = ctx.finals.prediction if ctx.finals is not None else None
+        prediction = None if ctx.finals is None else ctx.finals.prediction
+        self.targets = None if prediction is None else on(prediction, self.readout.unembedding.device)
         self.pending: list[tuple[dict, torch.Tensor]] = []
 
     def observe(self, site: str, step: Step, x: torch.Tensor) -> None:
@@ -83,27 +84,27 @@ class LogitLens(PromptRows):
         if self.targets is None:  # no final logits: the target is the lens at the last state, known at the end
             self.pending.append((ids, x.detach()))
             return
-        self.rows += self.state_rows(ids, x, self.targets)
+        self.record_state(ids, x, self.targets)
 
-    def state_rows(self, ids: dict, x: torch.Tensor, targets: torch.Tensor) -> list[dict]:
-        """One row per prompt: the lens metrics of its real tokens, averaged. Prompt by prompt on purpose: one
-        prompt's [T, V] logits stay in cache, the whole batch's do not (measured 3× slower batched on a CPU)."""
-        rows = []
+    def record_state(self, ids: dict, x: torch.Tensor, targets: torch.Tensor) -> None:
+        """Record one row per prompt: the lens metrics of its real tokens, averaged, on the unembedding's device.
+        Prompt by prompt on purpose: one prompt's [T, V] logits stay in cache, the whole batch's do not (measured 3×
+        slower batched on a CPU)."""
+        positions = self.positions_on(targets.device)
         for b, prompt, pos, xb in self.prompts(x):
             if self.lens == "coda":
                 xb = self.readout.coda(x[b: b + 1], lens_start(ids["segment"], ids["layer"]))[0]
-                xb = xb.index_select(0, pos.to(xb.device))
-            metrics = distribution_metrics(self.readout.logits(xb).cpu(), targets[b].index_select(0, pos))
-            rows.append({**ids, "batch": prompt, "n_tokens": len(pos),
-                         **{k: float(v.mean()) for k, v in metrics.items()}})
-        return rows
+                xb = xb.index_select(0, self.positions_on(xb.device)[b])
+            metrics = distribution_metrics(self.readout.logits(xb), targets[b].index_select(0, positions[b]))
+            self.record([{**ids, "batch": prompt, "n_tokens": len(pos)}],
+                        torch.stack([metrics[m].mean() for m in self.values]))
 
     def end(self) -> Part:
         if self.pending:
             last = self.pending[-1][1]
-            targets = self.readout.logits(last).argmax(-1).cpu()
+            targets = self.readout.logits(last).argmax(-1)
             for ids, x in self.pending:
-                self.rows += self.state_rows(ids, x, targets)
+                self.record_state(ids, x, targets)
             self.pending = []
         return super().end()
 
@@ -111,6 +112,11 @@ class LogitLens(PromptRows):
         out = super().combine(parts)
         out.insert(5, "lens", self.lens)
         return out
+
+
+def on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t on `device` (no copy, nor call, when it is there already)."""
+    return t if t.device == device else t.to(device)
 
 
 def lens_start(segment: str, layer: int) -> int:

@@ -45,6 +45,7 @@ from loopscope.stages.frames import require_prefix_mask
 SOFTMAX_LIPSCHITZ = 0.5  # L_sm of a row softmax in ℓ2 (Nair 2025; Jacobian norm ≤ 1/2)
 COLUMNS = ["segment", "recurrence", "layer", "depth", "relative_depth", "batch", "head", "n_tokens", "head_dim",
            "measured", "input_change", "input_bound", "kappa", "kappa_qk", "bound", "ratio"]
+MEASURED = ["measured", "input_bound", "input_change", "bound"]  # the columns computed on the states' device
 
 
 def prop42_bound(x_prev: torch.Tensor, x_curr: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor,
@@ -75,7 +76,8 @@ def bound_from(x_prev: torch.Tensor, x_curr: torch.Tensor, kappa: float, kappa_q
 
 class Prop42Check(Accumulator):
     """Measured ‖S_{j,t} − S_{j,t−1}‖_F per head against its Prop. 4.2 bound, for every block layer j, recurrence
-    t ≥ 1 and prompt, as each score-function input and pattern is produced (only recurrence t − 1 is kept).
+    t ≥ 1 and prompt, as each score-function input and pattern is produced (only recurrence t − 1 is kept), on their
+    device in float64; the batch's values reach the host once, in `end`.
 
     `projections`: `loopscope.models.weights.attention_projections(model)` — plain tensors, computed once."""
 
@@ -98,7 +100,9 @@ class Prop42Check(Accumulator):
         self.inputs: dict[int, list[torch.Tensor]] = {}
         self.patterns: dict[int, list[torch.Tensor]] = {}
         self.current_input: dict[int, list[torch.Tensor]] = {}
-        self.rows: list[dict] = []
+        self.kappa_tensors: dict[tuple, torch.Tensor] = {}
+        self.rows: list[dict] = []  # identifying columns and κ (Python values)
+        self.observed: list[torch.Tensor] = []  # [heads, MEASURED] per (state, prompt), float64 on the device
 
     def observe(self, site: str, step: Step, x: torch.Tensor) -> None:
         if step.segment != "core":
@@ -107,9 +111,9 @@ class Prop42Check(Accumulator):
         if site == "attn_in":
             rows = []
             for b, n in enumerate(self.lengths):
-                xb = x[b, :n].to(device="cpu", dtype=torch.float64)
+                xb = x[b, :n].double()
                 if self.has_bias[j]:
-                    xb = torch.cat([xb, torch.ones(n, 1, dtype=torch.float64)], 1)
+                    xb = torch.cat([xb, torch.ones(n, 1, dtype=torch.float64, device=xb.device)], 1)
                 rows.append(xb)
             self.current_input[j] = rows
             return
@@ -122,22 +126,34 @@ class Prop42Check(Accumulator):
             depth = self.ctx.depth(step)
             ids = {"segment": "core", "recurrence": t, "layer": j, "depth": depth,
                    "relative_depth": depth / max(self.ctx.last_depth, 1)}
+            kappa = self.kappa_of(j, x.device)
             for b, n in enumerate(self.lengths):
-                measured = head_frobenius_change(pats[b], self.patterns[j][b]).cpu()
+                measured = head_frobenius_change(pats[b], self.patterns[j][b])  # (H,), on the device
                 x_prev, x_curr = self.inputs[j][b], inputs[b]
-                bound_in = max(float(x_prev.norm()), float(x_curr.norm()))  # the same for every head
-                delta = float((x_curr - x_prev).norm())
-                for h, (kappa, kappa_qk) in enumerate(self.kappas[j]):
-                    bound = SOFTMAX_LIPSCHITZ * 2 * bound_in * kappa / math.sqrt(self.head_dim) * delta
-                    self.rows.append({**ids, "batch": self.ctx.first_prompt + b, "head": h, "n_tokens": n,
-                                      "head_dim": self.head_dim, "measured": float(measured[h]),
-                                      "input_bound": bound_in, "kappa": kappa, "kappa_qk": kappa_qk,
-                                      "input_change": delta, "bound": bound})
+                prev_norm, curr_norm = x_prev.norm(), x_curr.norm()
+                bound_in = torch.where(curr_norm > prev_norm, curr_norm, prev_norm)  # max(); the same for every head
+                delta = (x_curr - x_prev).norm()
+                bound = SOFTMAX_LIPSCHITZ * 2 * bound_in * kappa / math.sqrt(self.head_dim) * delta
+                self.rows += [{**ids, "batch": self.ctx.first_prompt + b, "head": h, "n_tokens": n,
+                               "head_dim": self.head_dim, "kappa": k, "kappa_qk": k_qk}
+                              for h, (k, k_qk) in enumerate(self.kappas[j])]
+                self.observed.append(torch.stack([measured, bound_in.expand_as(measured), delta.expand_as(measured),
+                                                  bound], dim=1))
         self.patterns[j], self.inputs[j] = pats, inputs
+
+    def kappa_of(self, j: int, device: torch.device) -> torch.Tensor:
+        """Layer j's κ per head as a float64 tensor on `device` (made once per layer and device)."""
+        key = (j, device)
+        if key not in self.kappa_tensors:
+            self.kappa_tensors[key] = torch.tensor([k for k, _ in self.kappas[j]], dtype=torch.float64, device=device)
+        return self.kappa_tensors[key]
 
     def end(self) -> Part:
         frame = pd.DataFrame(self.rows)
         if len(frame):
+            values = torch.cat(self.observed).cpu().numpy()  # the batch's one host transfer
+            for i, c in enumerate(MEASURED):
+                frame[c] = values[:, i]
             frame["ratio"] = frame["measured"] / frame["bound"]
             frame = frame[COLUMNS]
         return {"rows": frame}

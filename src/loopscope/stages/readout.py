@@ -77,5 +77,6 @@ class Readout:
         """W_U n_f(x) (+ b_U): (..., D) → (..., V), float32, on the unembedding's device."""
         if x.shape[-1] != self.d_model:
             raise InputError(f"state width {x.shape[-1]} does not match the unembedding width {self.d_model}")
-        out = self.normalise(x.to(self.unembedding.device)) @ self.unembedding.float().T
+        device = self.unembedding.device
+        out = self.normalise(x if x.device == device else x.to(device)) @ self.unembedding.float().T
         return out if self.unembedding_bias is None else out + self.unembedding_bias.float()

@@ -15,7 +15,6 @@ For a state X ∈ R^{T×D} of one prompt (real tokens only, rows x_i):
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -30,31 +29,44 @@ RESIDUAL_METRICS = [
 ]
 
 
-def residual_magnitudes(x: torch.Tensor) -> dict[str, float]:
-    """All metrics of this module for one prompt's states x: (T, D), real tokens only."""
+def residual_magnitudes(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """All metrics of this module for one prompt's states x: (T, D), real tokens only, as 0-d tensors on x's device
+    (float64; `massive_token`, `massive_dim` int64)."""
     x = x.double()
     norms = x.norm(dim=-1)
-    mags = x.abs().numpy()
-    flat = int(np.argmax(mags))
-    peak = float(mags.reshape(-1)[flat])
-    median = float(np.median(mags))
+    mags = x.abs().flatten()
+    flat = mags.argmax()  # the first maximum, or the first NaN, as np.argmax
+    peak = mags[flat]
+    median = numpy_median(mags)
     return {
-        "token_norm_mean": float(norms.mean()),
-        "token_norm_max": float(norms.max()),
-        "first_token_norm": float(norms[0]),
+        "token_norm_mean": norms.mean(),
+        "token_norm_max": norms.max(),
+        "first_token_norm": norms[0],
         "max_abs_activation": peak,
         "median_abs_activation": median,
-        "massive_activation_ratio": peak / median if median > 0 else float("inf"),
+        "massive_activation_ratio": torch.where(median > 0, peak / median, float("inf")),
         "massive_token": flat // x.shape[1],
         "massive_dim": flat % x.shape[1],
     }
 
 
+def numpy_median(v: torch.Tensor) -> torch.Tensor:
+    """np.median of a 1-D tensor, on its device: the middle value, the mean of the two middle values for an even
+    count (torch.median takes the lower one), NaN when any value is NaN."""
+    n = v.numel()
+    middle = v.kthvalue(n // 2 + 1).values
+    if n % 2 == 0:
+        middle = (v.kthvalue(n // 2).values + middle) / 2
+    return torch.where(torch.isnan(v).any(), float("nan"), middle)
+
+
 class ResidualNorms(PromptRows):
-    """`residual_magnitudes` of every state and prompt, as each state is produced."""
+    """`residual_magnitudes` of every state and prompt, as each state is produced (on its device; the batch's values
+    reach the host once, in `end`)."""
 
     name = "residual_norms"
     values = RESIDUAL_METRICS
+    int_columns = ["massive_token", "massive_dim"]
     sites = frozenset({"resid_post", "embed"})
 
     def observe(self, site: str, step: Step, x: torch.Tensor) -> None:
@@ -62,7 +74,9 @@ class ResidualNorms(PromptRows):
             return
         ids = self.ids(step)
         for b, prompt, pos, xb in self.prompts(x):
-            self.rows.append({**ids, "batch": prompt, "n_tokens": len(pos), **residual_magnitudes(xb.cpu())})
+            metrics = residual_magnitudes(xb)
+            self.record([{**ids, "batch": prompt, "n_tokens": len(pos)}],
+                        torch.stack([metrics[c].double() for c in self.columns]))
 
 
 def residual_norms(traj: Trajectory, *, per_prompt: bool = False, include_embed: bool = False) -> pd.DataFrame:
