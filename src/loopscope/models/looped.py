@@ -309,6 +309,8 @@ class LoopedLM(nn.Module):
         everywhere; one built directly on an accelerator (`with torch.device("cuda")`, the GPU benchmark's 3.5 B
         parameters) draws them there, from that device's generator, in seconds instead of minutes."""
         device = next(self.parameters()).device
+        if device.type == "meta":  # a loader's shape holder: its weights come from the checkpoint, not from here
+            return
         gen = torch.Generator(device=device).manual_seed(self.cfg.seed)
         std = self.cfg.init_std
         for name, p in self.named_parameters():
