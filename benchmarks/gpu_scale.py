@@ -24,7 +24,9 @@ On CUDA every timed region ends with `torch.cuda.synchronize()`. Prints one JSON
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import resource
 import statistics
 import tempfile
@@ -99,23 +101,33 @@ def measure(a: argparse.Namespace) -> dict:
         sync()
         return time.perf_counter() - start
 
-    def analysis() -> tuple[float, dict]:
+    def analysis(profile: Path | None = None) -> tuple[float, dict]:
         s = AnalyzeSettings(out=Path(tempfile.mkdtemp()), recurrences=a.recurrences,
                             attention_recurrences=a.attention_recurrences, batch_size=a.batch_size,
                             progress=False, certificate_tokens=0)
+        profiler = cProfile.Profile() if profile is not None else None
         sync()
         start = time.perf_counter()
+        if profiler is not None:
+            profiler.enable()
         result = analyse(loaded, texts, s)
         sync()
-        return time.perf_counter() - start, result.runs
+        seconds = time.perf_counter() - start
+        if profiler is not None:
+            profiler.disable()
+            with open(profile, "w") as f:
+                stats = pstats.Stats(profiler, stream=f)
+                stats.sort_stats("cumulative").print_stats(60)
+                stats.sort_stats("tottime").print_stats(40)
+        return seconds, result.runs
 
     forwards()  # warm-up (kernels, allocator)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     plain, full, runs = [], [], {}
-    for _ in range(a.repeats):
+    for i in range(a.repeats):
         plain.append(forwards())
-        seconds, runs = analysis()
+        seconds, runs = analysis(a.profile if i == a.repeats - 1 else None)
         full.append(seconds)
     ratios = [f / p for f, p in zip(full, plain)]
     analysis_s = statistics.median(full)
@@ -152,6 +164,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None, help="also write the result here")
+    ap.add_argument("--profile", type=Path, default=None, help="profile the last repeat's analysis (cProfile, "
+                    "cumulative and own time) into this text file")
     return ap
 
 

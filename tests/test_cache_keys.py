@@ -108,3 +108,26 @@ def test_the_one_resume_rule_computes_once_and_never_leaves_half_a_unit(tmp_path
     assert cached_json(tmp_path / "u.json", compute) == {"x": 1.5, "n": [1, 2]}
     assert cached_json(tmp_path / "u.json", lambda: pytest.fail("recomputed")) == {"x": 1.5, "n": [1, 2]}
     assert len(calls) == 2 and [p.name for p in tmp_path.iterdir()] == ["u.json"]
+
+
+def test_weights_held_hashes_once_and_an_edit_after_the_block_is_seen(monkeypatch):
+    """Inside `weights_held()` the fingerprint is computed once (one hash per run, not per cache key); outside,
+    every call recomputes, so weights edited between two runs (here through `.data`, which moves no version
+    counter) change the fingerprint."""
+    from conftest import tiny_config
+
+    import loopscope.models.fingerprint as fp
+    from loopscope.models.load import LoadedModel
+    from loopscope.models.looped import LoopedLM
+
+    loaded = LoadedModel(LoopedLM(tiny_config()).eval(), None, "tiny", "looped", 3)
+    calls = []
+    original = fp.weights_fingerprint
+    monkeypatch.setattr(fp, "weights_fingerprint", lambda m: calls.append(1) or original(m))
+    with loaded.weights_held():
+        with loaded.weights_held():
+            first = loaded.fingerprint()
+        assert loaded.fingerprint() == first and len(calls) == 1
+    next(loaded.model.parameters()).data[0] += 1.0
+    assert loaded.fingerprint() != first and len(calls) == 2
+    assert loaded.fingerprint() != first and len(calls) == 3  # recomputed outside a block

@@ -205,7 +205,7 @@ def analyse(loaded: LoadedModel, prompts: list[str], s: AnalyzeSettings, world: 
     stream = dict(batch_size=s.batch_size, cache_dir=s.out / "cache", progress=progress, world=world)
     runs: dict[str, dict] = {}
     states = None
-    with torch.inference_mode():
+    with torch.inference_mode(), loaded.weights_held():
         if not loaded.is_looped:
             say(f"[1/3] streaming {len(prompts)} prompts once with attention ({loaded.name} is feedforward)", progress)
             attn, runs["attention"] = stream_prompts(loaded, prompts, attention_accumulators(loaded, s),
@@ -255,8 +255,9 @@ def run_analyze(s: AnalyzeSettings) -> Path | None:
     prompts = load_prompts(s.prompts, limit=s.max_prompts)  # a bad prompt file fails before the model loads
     with claim_output(s.out, "analyze", s.output_settings(), overwrite=s.overwrite, rank=world.rank) as folder:
         loaded = load_model(s.model, device=device, dtype=s.dtype, state_dtype=s.state_dtype)
-        folder.record_weights(loaded.name, loaded.fingerprint())
-        index = write_analysis(loaded, prompts, s, world, folder, start)
+        with loaded.weights_held():  # one hash of the weights for the manifest and every stream's cache key
+            folder.record_weights(loaded.name, loaded.fingerprint())
+            index = write_analysis(loaded, prompts, s, world, folder, start)
     shutdown_distributed()
     return index
 
