@@ -250,6 +250,10 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (dot / (torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1))).double()
 
 
+PHI_MAX = 0.98  # the largest noise correlation the drift test corrects for (a factor of 99): beyond it the window
+# (W ≥ 16 states) cannot tell a slow wander from a drift, and the test stays as it is
+
+
 def _drift(stats: dict[str, torch.Tensor], W: int) -> dict[str, torch.Tensor]:
     """Least-squares fit of the window's states by a quadratic in time, x_t ≈ a + b·p1(τ) + c·p2(τ) (orthogonal
     polynomials, so each coefficient is its own projection: b = Σ p1·x / Σ p1², c likewise), and what it says
@@ -277,10 +281,20 @@ def _drift(stats: dict[str, torch.Tensor], W: int) -> dict[str, torch.Tensor]:
     cc = g["a2a2"] / (s22 * s22)
     persistence = torch.where(bb > 0, 1 + (W - 1) * cb / bb, torch.zeros_like(bb))
     c_perp_sq = (cc - torch.where(bb > 0, cb * cb / bb, torch.zeros_like(bb))).clamp_min(0.0)
+    # Noise a contraction carries from step to step (each recurrence's rounding, contracted by ρ and added to the
+    # next's) is AR(1) with lag-1 correlation φ ≈ ρ, not white: a fitted line then holds (1 + φ)/(1 − φ) times the
+    # energy white noise of the same variance puts there (Box, Jenkins & Reinsel, Time Series Analysis, §7.3:
+    # the variance of a mean or slope under AR(1) errors). φ from the steps: E‖x_t − x_{t−1}‖² = ‖b‖² + 2Dσ²(1 − φ)
+    # (= ‖b‖² + 2Dσ² for white noise), clamped to [0, PHI_MAX]; both F-statistics are deflated by that factor.
+    mean_step_sq = stats["step_sq"] / max(W - 1, 1)
+    phi = torch.where(var > 0, 1 - (mean_step_sq - bb) / (2 * D * var).clamp_min(1e-300), torch.zeros_like(var))
+    phi = torch.nan_to_num(phi, nan=0.0).clamp(0.0, PHI_MAX)
+    inflation = (1 + phi) / (1 - phi)
     with torch.no_grad():
-        drift_f = torch.where(var > 0, line / (D * var), torch.where(line > 0, math.inf, 0.0))
+        drift_f = torch.where(var > 0, line / (D * var * inflation), torch.where(line > 0, math.inf, 0.0))
         curve = s22 * c_perp_sq
-        curvature_f = torch.where(var > 0, curve / (max(D - 1, 1) * var), torch.where(curve > 0, math.inf, 0.0))
+        curvature_f = torch.where(var > 0, curve / (max(D - 1, 1) * var * inflation),
+                                  torch.where(curve > 0, math.inf, 0.0))
     mean_norm = stats["norm_sum"] / W
     noise = torch.where(mean_norm > 0, (D * var).sqrt() / mean_norm, torch.zeros_like(mean_norm))
     # the same questions asked of the steps, for noise in the steps themselves (a random walk with drift)
@@ -302,7 +316,7 @@ def _drift(stats: dict[str, torch.Tensor], W: int) -> dict[str, torch.Tensor]:
         turn_f = torch.where(step_var > 0, across / (max(D - 1, 1) * step_var * (1 / h1 + 1 / h2)),
                              torch.where(across > 0, math.inf, 0.0))
     return {"drift_f": drift_f, "persistence": persistence, "curvature_f": curvature_f, "residual_noise": noise,
-            "step_f": step_f, "step_persistence": step_persistence, "turn_f": turn_f}
+            "step_f": step_f, "step_persistence": step_persistence, "turn_f": turn_f, "noise_correlation": phi}
 
 
 def _period(ret: torch.Tensor, th: DynamicsThresholds) -> tuple[torch.Tensor, torch.Tensor]:
@@ -415,6 +429,7 @@ def decide(stats: dict[str, torch.Tensor], th: DynamicsThresholds) -> Labels:
         "step_drift_f": fit["step_f"],
         "step_persistence": fit["step_persistence"],
         "turn_f": fit["turn_f"],
+        "noise_correlation": fit["noise_correlation"],
     })
 
 
