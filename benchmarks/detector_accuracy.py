@@ -20,6 +20,9 @@ seen in three regimes:
     bf16         the clean systems (the slider a slow slide of U(0.2 %, 1 %) of ‖x_0‖ per step) rounded state by
                  state to bfloat16 and classified as a bfloat16 run (its rounding floor, 16·2⁻⁸ ≈ 6 % per step):
                  a token that never moves past it is `at_floor`, which counts as wrong here and is shown apart
+    carried_noise as clean, but the fixed point is a contraction that carries each step's perturbation into the
+                 next, x_{t+1} = x* + ρ(x_t − x*) + η_t (ρ ~ U(0.3, 0.9), ‖η‖ up to 1 % of ‖x*‖): noise correlated
+                 from step to step (AR(1), φ = ρ), as a looped model's rounding is — not the i.i.d. noise above
 
 "exact periods": the share of exactly periodic orbits (period ≤ min(16, W // 2), the longest searched at R) labelled
 orbit with exactly their period (dynamics detector).
@@ -43,7 +46,7 @@ from loopscope.dynamics.synthetic import add_state_noise, round_to
 D = 32
 RS = (32, 64, 128, 256)
 KINDS = ("fixed_point", "slider", "orbit", "divergent")
-REGIMES = ("clean", "state_noise", "bf16")
+REGIMES = ("clean", "state_noise", "bf16", "carried_noise")
 
 
 def rand(g, lo, hi):
@@ -61,7 +64,15 @@ def system(kind: str, R: int, seed: int, regime: str = "clean") -> tuple[torch.T
     t = torch.arange(R, dtype=torch.float64)[:, None]
     period = 0
     noise = rand(g, 0.002, 0.01) if regime == "state_noise" else 0.0
-    if kind == "fixed_point":
+    if kind == "fixed_point" and regime == "carried_noise":  # x_{t+1} = x* + ρ(x_t − x*) + η_t: AR(1) noise, φ = ρ
+        star = unit(g) * math.sqrt(D) * rand(g, 1, 5)
+        rho, size = rand(g, 0.3, 0.9), rand(g, 0, 0.01) * star.norm() / math.sqrt(D)
+        x, states = torch.randn(D, generator=g, dtype=torch.float64) * math.sqrt(D), []
+        for _ in range(R):
+            x = star + rho * (x - star) + torch.randn(D, generator=g, dtype=torch.float64) * size
+            states.append(x)
+        x = torch.stack(states)
+    elif kind == "fixed_point":
         star = unit(g) * math.sqrt(D) * rand(g, 1, 5)
         x0 = torch.randn(D, generator=g, dtype=torch.float64) * math.sqrt(D)
         size = rand(g, 0, 0.05) * star.norm() / math.sqrt(D)
