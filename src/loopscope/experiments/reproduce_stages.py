@@ -184,6 +184,10 @@ def measurements(results: dict) -> dict[str, pd.DataFrame]:
     """The tables the claims read (see `experiments.claims`)."""
     m = {"models": pd.concat([a["summary"] for a in results["analyses"].values()], ignore_index=True)} \
         if results["analyses"] else {}
+    if results.get("pretrained"):
+        from loopscope.experiments.pretrained_study import pretrained_measurements
+
+        m.update(pretrained_measurements(results["pretrained"]))
     if results.get("retrofit"):
         from loopscope.experiments.retrofit_study import retrofit_measurements
 
