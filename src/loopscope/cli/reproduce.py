@@ -57,13 +57,15 @@ aligned with. Rows judged, each per model with a 95 % bootstrap interval over GS
 fixed points for Huginn and the retrofit, none for Ouro (Fig. 4); Ouro and the retrofit follow the reference's
 stages, Huginn shows none (Figs. 8, 36, 40); Ouro unstable and Huginn / retrofit stable beyond their training
 recurrences (§6.2); App. C on Huginn (rare non-fixed-point tokens, the persona prompt, orbit/slider
-co-occurrence); massive activations in the retrofit and none in Huginn (Fig. 9). A family not given makes only its
+co-occurrence); massive activations in the retrofit and none in Huginn (Fig. 9); the Fig. 41 ablation on the
+retrofit (effect only: no threshold was fixed before an ablation was seen). A family not given makes only its
 own rows "not measurable here": no builtin or toy model stands in for Ouro or Huginn; the builtin `smollm2-looped`
 (aligned with its base, SmolLM2) stands in for the retrofit when no retrofit checkpoint is given, and its rows say
 so. Defaults follow the paper: 256 questions, R = 128, stage profiles at 8 recurrences, App. C at R = 128;
 `--quick` uses 4 questions, R = 32 and 4; `--questions`, `--recurrences`, `--attention-recurrences` override.
-Stages: `pretrained-reference-NAME`, `pretrained-FAMILY`, `pretrained-conditions` (Huginn), each resumable and
-keyed by the checkpoint files' sha256.
+Stages: `pretrained-reference-NAME`, `pretrained-FAMILY`, `pretrained-ablate-retrofit`, `pretrained-conditions`
+(Huginn), each resumable and keyed by the checkpoint files' sha256. Every unit a row is judged from is written to
+`OUT/tables/pretrained_*.csv`.
 
 **MODES**
 

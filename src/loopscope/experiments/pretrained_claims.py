@@ -204,6 +204,19 @@ def rule_massive(family: str, has: bool):
     return rule
 
 
+def rule_massive_causal_retrofit(m: Measurements, th: Thresholds) -> Verdict:
+    """§5 item 4, Fig. 41 on the retrofit: `retrofit_claims.rule_massive_causal` (effect only: no threshold for
+    'removes the stages' was fixed before an ablation was seen) on its ablation table."""
+    from loopscope.experiments.retrofit_claims import rule_massive_causal
+
+    row = given(m, "retrofit")
+    if isinstance(row, Verdict):
+        return row
+    v = rule_massive_causal({"retrofit_ablation": m["pretrained_ablation"]} if "pretrained_ablation" in m else {},
+                            th)
+    return Verdict(v.verdict, f"retrofit: {v.evidence}", who(row), v.effect, v.ci_low, v.ci_high)
+
+
 CONDITIONS = {"conditions": "pretrained_conditions", "conditions_by_question": "pretrained_conditions_by_question"}
 SECTION = '"Pretrained checkpoints" section'
 
@@ -240,4 +253,7 @@ PRETRAINED_CLAIMS: list[Claim] = [
           "activations.", rule_massive("retrofit", True), figure=f"{SECTION}: pretrained_massive"),
     Claim("pretrained-massive-huginn", "§5 item 3, Fig. 9", "Huginn's sandwich norm keeps massive activations "
           "from forming.", rule_massive("huginn", False), figure=f"{SECTION}: pretrained_massive"),
+    Claim("pretrained-massive-causal", "§5 item 4, Fig. 41", "In the retrofitted model, zeroing the MLP that "
+          "creates massive activations removes the stages.", rule_massive_causal_retrofit,
+          figure=f"{SECTION}: pretrained_ablation"),
 ]

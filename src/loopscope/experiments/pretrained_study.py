@@ -17,6 +17,8 @@ Stages (each cached under OUT/stages/, keyed by the checkpoint's file hashes, so
                                aligned with the reference's profile of the same prompt; per-prompt units for the
                                bootstrap: fixed points, the last block layer's relative step at R, the ColSum
                                alignment, the largest peak/median |x|
+    pretrained-ablate-retrofit the Fig. 41 ablation on the retrofit: the MLP of the layer where its massive
+                               activations begin zeroed at every pass, stages before / after
     pretrained-conditions      App. C on Huginn: orbit/slider rates under the system-prompt conditions
                                (`experiments.conditions`)
 
@@ -26,6 +28,7 @@ report writes each of them as tables/NAME.csv, so every judged row can be recomp
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,22 +168,35 @@ def describe(plan: PretrainedPlan) -> dict:
             "conditions_recurrences": plan.conditions_recurrences}
 
 
+def checkpoint_ids(plan: PretrainedPlan) -> dict[str, str]:
+    """{"FAMILY" or "feedforward NAME": checkpoint_id} for every model of the plan (what the manifest records)."""
+    out = {f"feedforward {name}": checkpoint_id(spec) for name, spec in plan.references.items()}
+    return out | {m.family: checkpoint_id(m.spec) for m in plan.models}
+
+
 def checkpoint_id(spec: str) -> str:
     """What a stage depends on: sha256 of the checkpoint folder's config and weight files (a checkpoint changed in
-    place reruns its stages); for a builtin, `retrofit_study.model_id` (the shipped delta's hash) or its name."""
+    place reruns its stages); for a builtin, `retrofit_study.model_id` (the shipped delta's hash) or its name.
+    A file is hashed once per process while its size and modification time stay the same."""
     p = Path(spec)
     if not p.exists():
         from loopscope.experiments.retrofit_study import model_id
 
         return model_id(spec)
-    from loopscope.models.healed import file_sha256
-
     files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.suffix in (".json", ".safetensors", ".gguf"))
     h = hashlib.sha256()
     for f in files:
+        st = f.stat()
         h.update(f.name.encode())
-        h.update(file_sha256(f).encode())
+        h.update(file_hash(str(f.resolve()), st.st_size, st.st_mtime_ns).encode())
     return h.hexdigest()[:16]
+
+
+@functools.cache
+def file_hash(path: str, size: int, mtime_ns: int) -> str:
+    from loopscope.models.healed import file_sha256
+
+    return file_sha256(Path(path))
 
 
 # ---------------------------------------------------------------------------------------------- the stages
@@ -278,6 +294,15 @@ def pretrained_stages(p, questions: list[str], data: str, plan: PretrainedPlan) 
         models[m.family] = p.stage(stage, params, lambda m=m, ref=ref, work=work: model_tables(
             m, prompts, ref, plan, work, s.progress, s.precision), scratch=work)
     result = {"plan": plan, "references": references, "models": models}
+    retrofit = plan.model("retrofit")
+    if retrofit is not None:  # Fig. 41: zero the MLP where its massive activations begin, at every pass
+        from loopscope.experiments.reproduce_stages import ablation_stage
+
+        result["ablation"] = p.stage(
+            "pretrained-ablate-retrofit", {"model": ids[retrofit.spec], "prompts": plan.questions,
+                                           "R": plan.attention_recurrences},
+            lambda: ablation_stage("retrofit", retrofit.spec, prompts, plan.attention_recurrences, s.progress,
+                                   s.precision))
     huginn = plan.model("huginn")
     if huginn is not None:
         from loopscope.experiments.conditions import run_conditions
@@ -296,7 +321,8 @@ def pretrained_stages(p, questions: list[str], data: str, plan: PretrainedPlan) 
 
 
 def n_stages(plan: PretrainedPlan) -> int:
-    return len(plan.references) + len(plan.models) + (plan.model("huginn") is not None)
+    return (len(plan.references) + len(plan.models) + (plan.model("huginn") is not None)
+            + (plan.model("retrofit") is not None))
 
 
 # ---------------------------------------------------------------------------------------------- measurements
@@ -310,6 +336,7 @@ def pretrained_measurements(r: dict) -> dict[str, pd.DataFrame]:
     pretrained_alignment         family, reference, prompt, recurrence, pearson (ColSum, per pass)
     pretrained_change            family, prompt, change (last block layer's relative step at R, mean over tokens)
     pretrained_massive           family, prompt, massive_ratio (largest peak/median |x| over the prompt's states)
+    pretrained_ablation          the Fig. 41 ablation on the retrofit (`intervene.massive_ablation_tables` summary)
     pretrained_conditions, pretrained_conditions_by_question   `run_conditions` on Huginn
     """
     plan: PretrainedPlan = r["plan"]
@@ -342,6 +369,8 @@ def pretrained_measurements(r: dict) -> dict[str, pd.DataFrame]:
     out = {"pretrained_models": pd.DataFrame(rows), "pretrained_fixed_points": frame(fixed),
            "pretrained_alignment": frame(align, ["reference"]), "pretrained_change": frame(change),
            "pretrained_massive": frame(massive)}
+    if "ablation" in r:
+        out["pretrained_ablation"] = r["ablation"]["summary"]
     if "conditions" in r:
         out["pretrained_conditions"] = r["conditions"]["conditions"]
         out["pretrained_conditions_by_question"] = r["conditions"]["conditions_by_question"]

@@ -234,6 +234,11 @@ def run_reproduce(s: ReproduceSettings) -> Path:
     try:
         with claim_output(s.out, "reproduce", settings_of(s, ReproduceSettings.NOT_OUTPUT), overwrite=s.overwrite,
                           resume_dirs=("cache", "runs", "stages")) as folder:
+            if s.pretrained:  # a checkpoint changed in place is refused in one line (or cleared by --overwrite)
+                from loopscope.experiments.pretrained_study import checkpoint_ids
+
+                for label, fingerprint in checkpoint_ids(pretrained_plan_of(s)).items():
+                    folder.record_weights(label, fingerprint)
             index = run_study(s, start)
             folder.finish(index)
     finally:

@@ -19,6 +19,8 @@ TABLES = (
     ("pretrained_change", "Per model and prompt: the last block layer's relative step at the last recurrence, mean "
      "over the prompt's tokens: the units of the §6.2 extrapolation rows."),
     ("pretrained_massive", "Per model and prompt: the largest peak/median |x| over the prompt's states (Fig. 9)."),
+    ("pretrained_ablation", "Fig. 41 on the retrofit: the MLP of the layer where its massive activations begin, "
+     "zeroed at every pass; the stage metrics' mean after / before, peak/median |x| before and after, KL."),
     ("pretrained_conditions", "App. C on Huginn-0125: token shares per behaviour under each system-prompt "
      "condition, per classifier."),
     ("pretrained_conditions_by_question", "App. C on Huginn-0125: per condition, classifier and question, question "
