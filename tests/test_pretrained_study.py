@@ -69,6 +69,7 @@ def test_bad_specs_are_one_line_input_errors(checkpoints, tmp_path, capsys):
         (["--feedforward", "llama=smollm2"], "is a builtin"),
         (["--feedforward", f"llama={r / 'huginn'}"], "not a Hugging Face feedforward"),
         (["--questions", "300"], "1..256"),
+        (["--recurrences", "4"], "at least 8"),
     ]
     for extra, message in cases:
         code, _, err = run_cli(["reproduce", "--pretrained", "--data", r / "gsm8k", "--out", tmp_path / "o",
@@ -284,3 +285,28 @@ def test_rerun_resumes_every_stage_with_the_same_verdicts(study, checkpoints):
     assert len(timings) == 6 and set(timings["this_run"]) == {"cached"}, timings  # reference, 3 models, Fig. 41, App. C
     after = pd.read_csv(study / "tables" / "claims.csv", keep_default_na=False)
     assert after[["id", "verdict", "evidence"]].equals(before[["id", "verdict", "evidence"]])
+
+
+def test_a_checkpoint_changed_in_place_is_refused_then_overwritten(tmp_path, capsys):
+    """Stages are keyed by the checkpoint's file hashes, not its path: the same command after the retrofit at the
+    same path was rewritten with other weights stops in one line, and --overwrite measures the new weights."""
+    from loopscope.experiments.reproduce import ReproduceSettings, run_reproduce
+
+    write_retrofit(tmp_path / "retrofit", seed=0)
+    write_gsm8k(tmp_path / "gsm8k", n_train=20)
+
+    def run(overwrite: bool = False) -> pd.DataFrame:
+        run_reproduce(ReproduceSettings(out=tmp_path / "out", data=str(tmp_path / "gsm8k"), pretrained=True,
+                                        quick=True, progress=False, looped=[f"retrofit={tmp_path / 'retrofit'}"],
+                                        questions=2, recurrences=16, attention_recurrences=2, overwrite=overwrite))
+        return pd.read_csv(tmp_path / "out" / "tables" / "pretrained_massive.csv")
+
+    first = run()
+    assert list(first["family"]) == ["retrofit", "retrofit"]  # no feedforward, no Ouro, no Huginn: nothing else
+    claims = pd.read_csv(tmp_path / "out" / "tables" / "claims.csv").set_index("id")
+    assert claims.loc["pretrained-stages-retrofit", "verdict"] == NOT_MEASURABLE  # no reference given
+    write_retrofit(tmp_path / "retrofit", seed=1)
+    with pytest.raises(InputError, match="checkpoint changed"):
+        run()
+    second = run(overwrite=True)
+    assert not np.allclose(first["massive_ratio"], second["massive_ratio"])  # the new weights' own numbers

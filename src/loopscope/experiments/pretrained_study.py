@@ -154,6 +154,11 @@ def pretrained_plan(looped: list[str], feedforward: list[str], questions: int | 
             raise InputError(f"--{k.replace('_', '-')} {v}: give " + ("1..256 (the fixed GSM8K test subset has "
                                                                       "256)" if "questions" in k else "at least 1"))
     if "recurrences" in sizes:
+        from loopscope.dynamics.rule_dynamics import MIN_RECURRENCES
+
+        if sizes["recurrences"] < MIN_RECURRENCES:  # the behaviour classifiers (App. C, co-occurrence) need them
+            raise InputError(f"--recurrences {sizes['recurrences']}: give at least {MIN_RECURRENCES} (the per-token "
+                             "behaviour classifiers need them; the paper uses 128)")
         sizes.setdefault("conditions_recurrences", sizes["recurrences"])
     from dataclasses import replace
 
