@@ -51,6 +51,11 @@ def who(row: pd.Series) -> str:
     return str(row["model"])
 
 
+def label(row: pd.Series) -> str:
+    """The model's part as the evidence names it; the stand-in says so in the row's text."""
+    return f"{row['family']} (stand-in: {row['model']})" if bool(row["stand_in"]) else str(row["family"])
+
+
 def units(m: Measurements, table: str, family: str) -> pd.DataFrame:
     t = m.get(table)
     return t[t["family"] == family] if t is not None and len(t) and "family" in t else pd.DataFrame()
@@ -73,7 +78,7 @@ def rule_fixed_points(family: str, reaches: bool):
         what = ("with distinct per-layer fixed points" if reaches else "at a fixed point (last block layer's "
                 f"relative step < {fmt(th.fixed_point)})")
         return Verdict(side(lo, hi, th.majority, above_holds=reaches),
-                       f"{family} at R = {int(row['recurrences'])}: share of {int(u['tokens'].sum())} tokens of "
+                       f"{label(row)} at R = {int(row['recurrences'])}: share of {int(u['tokens'].sum())} tokens of "
                        f"{len(u)} prompts {what} {ci(x, lo, hi)} (95 % bootstrap over prompts; holds when "
                        f"{'above' if reaches else 'below'} {fmt(th.majority)})", who(row), x, lo, hi)
     return rule
@@ -104,7 +109,7 @@ def rule_stages(family: str, follows: bool):
             return Verdict(NOT_MEASURABLE, "no finite alignment (flat profiles)", who(row))
         x, lo, hi = bootstrap_mean(per)
         return Verdict(side(lo, hi, th.aligned, above_holds=follows),
-                       f"{family} vs {u['reference'].iloc[0]}: ColSum profile of each of "
+                       f"{label(row)} vs {u['reference'].iloc[0]}: ColSum profile of each of "
                        f"{u['recurrence'].nunique()} passes against the reference's depth profile of the same "
                        f"prompt, median Pearson r over passes, mean over {len(per)} prompts {ci(x, lo, hi)} (95 % "
                        f"bootstrap over prompts; holds when {'above' if follows else 'below'} {fmt(th.aligned)})",
@@ -125,8 +130,8 @@ def change_stats(m: Measurements, family: str) -> tuple[pd.Series, tuple[float, 
     return row, bootstrap_mean(u["change"].to_numpy())
 
 
-def describe_change(family: str, row: pd.Series, st: tuple[float, float, float]) -> str:
-    return (f"{family} R {int(row['trained_recurrences'])}→{int(row['recurrences'])} "
+def describe_change(row: pd.Series, st: tuple[float, float, float]) -> str:
+    return (f"{label(row)} R {int(row['trained_recurrences'])}→{int(row['recurrences'])} "
             f"({int(row['recurrences']) / int(row['trained_recurrences']):.3g}× its training R): {ci(*st)}")
 
 
@@ -139,7 +144,7 @@ def rule_extrapolation_ouro(m: Measurements, th: Thresholds) -> Verdict:
     row, st = got
     return Verdict(side(st[1], st[2], th.extrapolation_change, above_holds=True),
                    "relative step of the last block layer at the last recurrence, 95 % bootstrap over prompts, "
-                   f"unstable when surely above {fmt(th.extrapolation_change)}: " + describe_change("ouro", row, st),
+                   f"unstable when surely above {fmt(th.extrapolation_change)}: " + describe_change(row, st),
                    who(row), *st)
 
 
@@ -152,7 +157,7 @@ def rule_extrapolation_stable(m: Measurements, th: Thresholds) -> Verdict:
                        f"recurrences ({HOW.format(family='huginn')})")
     verdicts = [side(st[1], st[2], th.extrapolation_change, above_holds=False) for _, (_, st) in judged]
     worst = max((st for _, (_, st) in judged), key=lambda st: st[2])
-    ev = "; ".join(f"{describe_change(f, row, st)} ({v})" for (f, (row, st)), v in zip(judged, verdicts))
+    ev = "; ".join(f"{describe_change(row, st)} ({v})" for (_, (row, st)), v in zip(judged, verdicts))
     return Verdict(combine_verdicts(verdicts), "relative step of the last block layer at the last recurrence, 95 % "
                    f"bootstrap over prompts, stable when surely below {fmt(th.extrapolation_change)}: {ev}",
                    "; ".join(who(row) for _, (row, _) in judged), *worst)
@@ -198,7 +203,7 @@ def rule_massive(family: str, has: bool):
             return Verdict(NOT_MEASURABLE, "no per-prompt stage profiles", who(row))
         x, lo, hi = bootstrap_mean(u["massive_ratio"].to_numpy())
         return Verdict(side(lo, hi, th.massive, above_holds=has),
-                       f"{family}: largest peak/median |x| over a prompt's states, mean over {len(u)} prompts "
+                       f"{label(row)}: largest peak/median |x| over a prompt's states, mean over {len(u)} prompts "
                        f"{ci(x, lo, hi)} (95 % bootstrap over prompts; holds when {'above' if has else 'below'} "
                        f"{fmt(th.massive)})", who(row), x, lo, hi)
     return rule
@@ -214,7 +219,7 @@ def rule_massive_causal_retrofit(m: Measurements, th: Thresholds) -> Verdict:
         return row
     v = rule_massive_causal({"retrofit_ablation": m["pretrained_ablation"]} if "pretrained_ablation" in m else {},
                             th)
-    return Verdict(v.verdict, f"retrofit: {v.evidence}", who(row), v.effect, v.ci_low, v.ci_high)
+    return Verdict(v.verdict, f"{label(row)}: {v.evidence}", who(row), v.effect, v.ci_low, v.ci_high)
 
 
 CONDITIONS = {"conditions": "pretrained_conditions", "conditions_by_question": "pretrained_conditions_by_question"}

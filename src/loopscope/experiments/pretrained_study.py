@@ -250,8 +250,8 @@ def alignment_by_prompt(looped: pd.DataFrame, reference: pd.DataFrame) -> pd.Dat
 def reference_tables(spec: str, prompts: list[str], work: Path, progress: bool, precision) -> dict[str, pd.DataFrame]:
     from loopscope.experiments.reproduce_stages import control_tables
 
-    tables = control_tables(spec, prompts, work / "all", progress, precision)
-    loaded = precision.load(spec)
+    loaded = precision.load(spec)  # once per stage: a published checkpoint takes minutes to load
+    tables = control_tables(spec, prompts, work / "all", progress, precision, loaded=loaded)
     tables["profiles_by_prompt"] = profiles_by_prompt(loaded, prompts, 1, work / "by_prompt", progress)
     return tables
 
@@ -263,12 +263,13 @@ def model_tables(m: PretrainedModel, prompts: list[str], reference: dict[str, pd
     from loopscope.experiments.retrofit_study import fixed_points_by_prompt
 
     control = reference["stages"] if reference is not None else pd.DataFrame()
-    tables = analyse_model(m.family, m.spec, prompts, control, plan, work / "analyze", progress, precision)
+    loaded = precision.load(m.spec)  # once per stage: a published checkpoint takes minutes to load
+    tables = analyse_model(m.family, m.spec, prompts, control, plan, work / "analyze", progress, precision,
+                           loaded=loaded)
     tables["fixed_points_by_prompt"] = fixed_points_by_prompt(tables["degeneracy"])
     b = tables["behaviour_dynamics"]
     tables["change_by_prompt"] = (b.groupby("batch")["final_relative_step"].mean().rename("change").reset_index()
                                   .rename(columns={"batch": "prompt"}))
-    loaded = precision.load(m.spec)
     profiles = profiles_by_prompt(loaded, prompts, plan.attention_recurrences, work / "by_prompt", progress)
     tables["profiles_by_prompt"] = profiles
     if reference is not None:
