@@ -70,6 +70,7 @@ def test_bad_specs_are_one_line_input_errors(checkpoints, tmp_path, capsys):
         (["--feedforward", f"llama={r / 'huginn'}"], "not a Hugging Face feedforward"),
         (["--questions", "300"], "1..256"),
         (["--recurrences", "4"], "at least 8"),
+        (["--seeds", "3"], "trains nothing"),
     ]
     for extra, message in cases:
         code, _, err = run_cli(["reproduce", "--pretrained", "--data", r / "gsm8k", "--out", tmp_path / "o",
@@ -80,6 +81,8 @@ def test_bad_specs_are_one_line_input_errors(checkpoints, tmp_path, capsys):
                             tmp_path / "o"], capsys)
     assert code == 2 and "add --pretrained" in err
     assert not (tmp_path / "o").exists()  # refused before the folder was claimed
+    code, out, _ = run_cli(["reproduce", "--help"], capsys)
+    assert code == 0 and "PRETRAINED CHECKPOINTS" in out and "--looped" in out and "--feedforward" in out
 
 
 def test_plan_follows_the_paper_and_stands_in_only_for_the_retrofit(checkpoints):
@@ -98,6 +101,8 @@ def test_plan_follows_the_paper_and_stands_in_only_for_the_retrofit(checkpoints)
     assert (given.questions, given.recurrences, given.conditions_recurrences) == (3, 40, 40)
     with pytest.raises(InputError, match="never stands in"):
         pretrained_plan(["ouro=smollm2-looped"], [])  # the stand-in is for the retrofit only
+    explicit = pretrained_plan([f"retrofit={STAND_IN}"], []).model("retrofit")
+    assert explicit.stand_in and explicit.reference == STAND_IN_BASE
 
 
 # ---------------------------------------------------------------------------------------------- the rules

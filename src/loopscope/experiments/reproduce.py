@@ -284,6 +284,12 @@ def check_settings(s: ReproduceSettings) -> None:
     if s.pretrained and s.retrofit_only:
         raise InputError("--pretrained and --retrofit-only are two separate studies; give one (--pretrained runs "
                          "smollm2-looped as the retrofit when no --looped retrofit=PATH is given)")
+    toy_only = [name for name, given in (("--seeds", s.seeds is not None), ("--minutes-per-model",
+                                                                           s.minutes_per_model is not None),
+                                         ("--retrofit/--no-retrofit", s.retrofit is not None)) if given]
+    if s.pretrained and toy_only:
+        raise InputError(f"{', '.join(toy_only)}: the pretrained study trains nothing and runs the retrofit it is "
+                         "given; drop these, or drop --pretrained for the study trained here")
     if s.pretrained:
         pretrained_plan_of(s)  # a bad --looped / --feedforward fails here, in one line, before the folder is claimed
 
