@@ -83,7 +83,7 @@ class ReproduceSettings:
     overwrite: bool = False  # replace what an earlier study with other settings left in `out`
 
     # not in the manifest: which stages a call runs (each stage is keyed by its own parameters), and how it talks
-    NOT_OUTPUT = ("out", "progress", "overwrite", "threads", "retrofit", "retrofit_only", "pretrained")
+    NOT_OUTPUT = ("out", "progress", "overwrite", "threads", "retrofit", "retrofit_only")
 
 
 @dataclass
