@@ -214,13 +214,13 @@ def write_ouro(path: Path, n_layers=2, kv_heads=4, seed=0, dtype=torch.bfloat16,
     return _write(path, W, c)
 
 
-def raven_config(n_pre, n_core, n_coda, *, retrofit=False, kv_heads=H, mean_recurrence=32):
+def raven_config(n_pre, n_core, n_coda, *, retrofit=False, kv_heads=H, mean_recurrence=32, block_size=BLOCK):
     sigma = math.sqrt(2 / (5 * D))
     c = {
         "architectures": ["RavenForCausalLM"], "model_type": "huginn_raven",
         "auto_map": {"AutoConfig": "raven_config_minimal.RavenConfig",
                      "AutoModelForCausalLM": "raven_modeling_minimal.RavenForCausalLM"},
-        "n_embd": D, "n_heads": H, "n_layers": n_pre + n_core + n_coda, "block_size": BLOCK, "vocab_size": V,
+        "n_embd": D, "n_heads": H, "n_layers": n_pre + n_core + n_coda, "block_size": block_size, "vocab_size": V,
         "padded_vocab_size": V, "padding_multiple": 4096,
         "tie_embeddings": not retrofit, "tie_word_embeddings": not retrofit,
         "intermediate_size": F, "bias": False, "architecture_class_name": "RecurrentGPT",
@@ -237,7 +237,7 @@ def raven_config(n_pre, n_core, n_coda, *, retrofit=False, kv_heads=H, mean_recu
         "test_time_noise": 0, "test_time_noise_type": "fixed", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
     }
     if retrofit:  # what convert_llama.get_llama_huginn_config overrides
-        c |= {"norm_eps": 1e-5, "rope_base": 500000.0, "rope_theta": 10000.0, "max_position_embeddings": BLOCK}
+        c |= {"norm_eps": 1e-5, "rope_base": 500000.0, "rope_theta": 10000.0, "max_position_embeddings": block_size}
     return c
 
 
@@ -269,8 +269,9 @@ def huginn_freqs_cis(c):
     return torch.stack([ang.cos()[None, :, None, :], ang.sin()[None, :, None, :]], dim=4)
 
 
-def write_huginn(path: Path, n_pre=1, n_core=2, n_coda=1, seed=0, freqs_cis=True):
-    c = raven_config(n_pre, n_core, n_coda)
+def write_huginn(path: Path, n_pre=1, n_core=2, n_coda=1, seed=0, freqs_cis=True, block_size=BLOCK):
+    """block_size: the context (the published 4096; 64 here unless a test needs long system prompts)."""
+    c = raven_config(n_pre, n_core, n_coda, block_size=block_size)
     W = raven_weights(c, seed)
     if freqs_cis:
         W["freqs_cis"] = huginn_freqs_cis(c)

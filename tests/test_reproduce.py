@@ -141,7 +141,8 @@ def test_quick_model_verdicts_follow_the_per_model_tables(quick_run):
     change = models[["preset", "seed", "max_final_relative_change"]]
     expected = per_preset(change, lambda x: math.log10(1e-2) - math.log10(max(x, 1e-12)))
     assert claim(claims, "settle")["verdict"] == expected
-    assert claim(claims, "pretrained-stages")["verdict"] == NOT_MEASURABLE
+    pretrained = claims[claims["id"].str.startswith("pretrained-")]  # no toy ever stands in for a pretrained model
+    assert len(pretrained) >= 13 and set(pretrained["verdict"]) == {NOT_MEASURABLE}
 
 
 def test_quick_extrapolation_and_condition_verdicts_follow_their_tables(quick_run):

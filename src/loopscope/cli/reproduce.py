@@ -15,6 +15,9 @@ Reproduce Blayney et al. (2026) on this machine: train, analyse, and judge every
 
 `loopscope reproduce --data DIR [--out DIR] [--quick] [--minutes-per-model M] [--threads N] [--quiet]`
 
+`loopscope reproduce --pretrained --data DIR [--looped FAMILY=PATH]... [--feedforward NAME=PATH] [--questions N]
+[--recurrences R] [--attention-recurrences R] [--quick] [--device D] [--dtype T] [--out DIR]`
+
 **DESCRIPTION**
 
 Runs the paper's study, scaled to a CPU, and writes one report whose first table lists the paper's claims,
@@ -44,6 +47,25 @@ activations is zeroed in the pre-norm trained model with the largest massive-act
 orbit/slider rates under system-prompt conditions on `looped-4+inject`.
 
 6. The report: claims, training curves, then every section of the stages above.
+
+**PRETRAINED CHECKPOINTS** (`--pretrained`)
+
+The pretrained half of the paper on checkpoints you downloaded, given by path: `--looped FAMILY=PATH` for each
+of `ouro`, `huginn` and `retrofit` (the folder as published; it must load as that family) and one `--feedforward
+NAME=PATH`, a Hugging Face feedforward folder (the paper's Llama-3.2-1B) that every looped model's stages are
+aligned with. Rows judged, each per model with a 95 % bootstrap interval over GSM8K questions: distinct per-layer
+fixed points for Huginn and the retrofit, none for Ouro (Fig. 4); Ouro and the retrofit follow the reference's
+stages, Huginn shows none (Figs. 8, 36, 40); Ouro unstable and Huginn / retrofit stable beyond their training
+recurrences (§6.2); App. C on Huginn (rare non-fixed-point tokens, the persona prompt, orbit/slider
+co-occurrence); massive activations in the retrofit and none in Huginn (Fig. 9); the Fig. 41 ablation on the
+retrofit (effect only: no threshold was fixed before an ablation was seen). A family not given makes only its
+own rows "not measurable here": no builtin or toy model stands in for Ouro or Huginn; the builtin `smollm2-looped`
+(aligned with its base, SmolLM2) stands in for the retrofit when no retrofit checkpoint is given, and its rows say
+so. Defaults follow the paper: 256 questions, R = 128, stage profiles at 8 recurrences, App. C at R = 128;
+`--quick` uses 4 questions, R = 32 and 4; `--questions`, `--recurrences`, `--attention-recurrences` override.
+Stages: `pretrained-reference-NAME`, `pretrained-FAMILY`, `pretrained-ablate-retrofit`, `pretrained-conditions`
+(Huginn), each resumable and keyed by the checkpoint files' sha256. Every unit a row is judged from is written to
+`OUT/tables/pretrained_*.csv`.
 
 **MODES**
 
@@ -75,6 +97,10 @@ checkpoints: `--model OUT/runs/looped-4-s0/model` in other commands), `stages/` 
 
 `loopscope reproduce --data ../shared/data/gsm8k --quick --out reports/reproduce-quick`
 
+`loopscope reproduce --pretrained --data ../shared/data/gsm8k --looped ouro=/ckpt/Ouro-1.4B --looped
+huginn=/ckpt/huginn-0125 --looped retrofit=/ckpt/retro-llama --feedforward llama=/ckpt/Llama-3.2-1B --device cuda
+--dtype bfloat16 --out reports/pretrained` (the paper's pretrained rows on the published checkpoints)
+
 `loopscope reproduce --data ../shared/data/gsm8k --retrofit-only --out reports/retrofit` (the healed SmolLM2
 retrofit against SmolLM2: fixed points at R = 128, stages, the Fig. 41 ablation, loss and accuracy against R)
 """
@@ -98,6 +124,18 @@ def register(app: typer.Typer) -> None:
                                              "the healed SmolLM2 (smollm2-looped); default: in full mode only"),
         retrofit_only: bool = typer.Option(False, "--retrofit-only", help="only the retrofit stages and claims: "
                                            "smollm2-looped at R = 128 against SmolLM2 (≈ 20 min on one core)"),
+        pretrained: bool = typer.Option(False, "--pretrained", help="only the pretrained study on the checkpoints "
+                                        "given by --looped / --feedforward (see PRETRAINED CHECKPOINTS)"),
+        looped: list[str] = typer.Option([], "--looped", help="FAMILY=PATH, FAMILY one of ouro, huginn, retrofit: "
+                                         "a published looped checkpoint folder (repeat for each family)"),
+        feedforward: list[str] = typer.Option([], "--feedforward", help="NAME=PATH: the feedforward reference "
+                                              "(a Hugging Face folder, e.g. llama=/ckpt/Llama-3.2-1B)"),
+        questions: int | None = typer.Option(None, "--questions", help="pretrained: GSM8K test questions (default "
+                                             "256, the paper's; --quick 4)"),
+        recurrences: int | None = typer.Option(None, "--recurrences", help="pretrained: R of the dynamics and of "
+                                               "App. C (default 128, the paper's; --quick 32)"),
+        attention_recurrences: int | None = typer.Option(None, "--attention-recurrences", help="pretrained: R of "
+                                                         "the stage profiles (default 8, the paper's; --quick 4)"),
         device: str = device_option(),
         dtype: str = dtype_option(),
         state_dtype: str = state_dtype_option(),
@@ -109,6 +147,9 @@ def register(app: typer.Typer) -> None:
         s = ReproduceSettings(out=out, data=data, quick=quick, minutes_per_model=minutes_per_model, seeds=seeds,
                               threads=threads,
                               retrofit=retrofit, retrofit_only=retrofit_only, progress=not quiet, overwrite=overwrite,
+                              pretrained=pretrained, looped=list(looped), feedforward=list(feedforward),
+                              questions=questions, recurrences=recurrences,
+                              attention_recurrences=attention_recurrences,
                               precision=precision(device, dtype, state_dtype))
         try:
             index = run_reproduce(s)

@@ -811,10 +811,6 @@ def not_here(reason: str) -> Callable[[Measurements, Thresholds], Verdict]:
     return lambda m, th: Verdict(NOT_MEASURABLE, reason)
 
 
-PRETRAINED = ("needs the published checkpoints, which this offline pipeline does not download; `loopscope "
-              "analyze --model PATH` runs the same checks on them (docs/real-checkpoints.md); the retrofit half is "
-              "measured on the healed SmolLM2 retrofit in the retrofit-* rows")
-
 CLAIMS: list[Claim] = [
     Claim("settle", "§4.1, Fig. 3; headline 1", "In every looped model the per-layer residuals barely change between "
           "recurrences after a few passes.", rule_settle,
@@ -885,16 +881,13 @@ CLAIMS: list[Claim] = [
     Claim("cooccurrence", "App. C.2, Fig. 14", "Orbits and sliders never co-occur across the block layers of one "
           "token.", rule_cooccurrence,
           figure='models/<model>: cooccurrence matrix'),
-    Claim("pretrained-fixed-points", "§4 item 3, Fig. 4", "Huginn-0125 and Retrofitted Llama reach distinct per-layer "
-          "fixed points; Ouro 1.4B does not.", not_here(PRETRAINED)),
-    Claim("pretrained-stages", "§5 item 2, Figs. 8, 36, 40", "Ouro mirrors Llama's stages; retrofitted models follow "
-          "their base model; Huginn shows no clear stages.", not_here(PRETRAINED)),
 ]
 
 
+from loopscope.experiments.pretrained_claims import PRETRAINED_CLAIMS  # noqa: E402
 from loopscope.experiments.retrofit_claims import RETROFIT_CLAIMS  # noqa: E402  (its rules use the helpers above)
 
-CLAIMS += RETROFIT_CLAIMS
+CLAIMS += PRETRAINED_CLAIMS + RETROFIT_CLAIMS
 
 
 # Sanity checks: rows that can fail only if the code (or the model's arithmetic) is wrong — a theorem checked

@@ -41,6 +41,7 @@ import torch
 
 from loopscope.errors import InputError
 from loopscope.experiments.claims import Thresholds
+from loopscope.experiments.pretrained_study import PretrainedPlan, pretrained_plan
 from loopscope.experiments.reproduce_report import write_report
 from loopscope.experiments.reproduce_stages import (
     ABLATION_REFERENCE,
@@ -71,6 +72,12 @@ class ReproduceSettings:
     retrofit: bool | None = None  # the retrofit claims on smollm2-looped (None: in full mode, not in quick mode)
     retrofit_only: bool = False  # only the retrofit stages and their claims (no training, no grid)
     retrofit_plan: RetrofitPlan | None = None  # replaces the retrofit stages' default sizes and models (tests)
+    pretrained: bool = False  # only the pretrained study on the checkpoints given (`experiments.pretrained_study`)
+    looped: list[str] = field(default_factory=list)  # --looped FAMILY=PATH (ouro, huginn, retrofit)
+    feedforward: list[str] = field(default_factory=list)  # --feedforward NAME=PATH (the reference, e.g. Llama)
+    questions: int | None = None  # pretrained: GSM8K questions (None: the paper's 256; quick: 4)
+    recurrences: int | None = None  # pretrained: R of the dynamics (None: the paper's 128; quick: 32)
+    attention_recurrences: int | None = None  # pretrained: R of the stage profiles (None: the paper's 8; quick: 4)
     progress: bool = True
     precision: Precision = field(default_factory=lambda: Precision("cpu"))  # where the analyses run
     overwrite: bool = False  # replace what an earlier study with other settings left in `out`
@@ -99,6 +106,7 @@ class StudyPlan:
     thresholds: Thresholds = field(default_factory=Thresholds)
     retrofit: RetrofitPlan | None = None  # the retrofit stages' sizes (None: not run)
     seeds: list[int] = field(default_factory=lambda: [0])  # training seeds; extrapolation and conditions use the first
+    pretrained: PretrainedPlan | None = None  # the pretrained study's models and sizes (`--pretrained`)
 
     def name(self, preset: str, seed: int) -> str:
         """A trained model's name in the study (its run directory, stage names, report page): preset and seed."""
@@ -112,7 +120,22 @@ def study_plan(s: ReproduceSettings) -> StudyPlan:
                                      task_questions=8, certificate_tokens=4) if s.quick else RetrofitPlan()
     if s.retrofit_plan is not None:
         plan.retrofit = s.retrofit_plan
+    if s.pretrained:
+        plan.retrofit, plan.pretrained = None, pretrained_plan_of(s)
     return plan
+
+
+def pretrained_plan_of(s: ReproduceSettings) -> PretrainedPlan:
+    """The pretrained study's plan: the paper's sizes, `--quick`'s small ones, or the explicit overrides."""
+    quick = dict(questions=4, recurrences=32, attention_recurrences=4, certificate_tokens=4,
+                 stage_metrics=("colsum_concentration_mean", "massive_activation_ratio_mean"),
+                 dynamics_pages=False) if s.quick else {}
+    given = {k: v for k, v in dict(questions=s.questions, recurrences=s.recurrences,
+                                   attention_recurrences=s.attention_recurrences).items() if v is not None}
+    sizes = {**quick, **given}
+    if "questions" in sizes:
+        sizes["conditions_questions"] = sizes["questions"]
+    return pretrained_plan(s.looped, s.feedforward, **sizes)
 
 
 def _study_plan(s: ReproduceSettings) -> StudyPlan:
@@ -164,6 +187,10 @@ class Pipeline:
         self.n_stages = seeds * (2 * len(self.plan.looped) + 2) + len(self.plan.builtin) + 3 + 2  # + 2 ablations
         if self.plan.retrofit is not None:
             self.n_stages = 4 + (0 if s.retrofit_only else self.n_stages)
+        if self.plan.pretrained is not None:
+            from loopscope.experiments.pretrained_study import n_stages
+
+            self.n_stages = n_stages(self.plan.pretrained)
         self.done = 0
         self.train_data = None  # the tokenized GSM8K rows, built once per seed for every training run
         self.train_data_seed: int | None = None
@@ -207,6 +234,11 @@ def run_reproduce(s: ReproduceSettings) -> Path:
     try:
         with claim_output(s.out, "reproduce", settings_of(s, ReproduceSettings.NOT_OUTPUT), overwrite=s.overwrite,
                           resume_dirs=("cache", "runs", "stages")) as folder:
+            if s.pretrained:  # a checkpoint changed in place is refused in one line (or cleared by --overwrite)
+                from loopscope.experiments.pretrained_study import checkpoint_ids
+
+                for label, fingerprint in checkpoint_ids(pretrained_plan_of(s)).items():
+                    folder.record_weights(label, fingerprint)
             index = run_study(s, start)
             folder.finish(index)
     finally:
@@ -244,6 +276,22 @@ def check_settings(s: ReproduceSettings) -> None:
         raise InputError(f"--threads {s.threads}: give at least 1")
     if s.seeds is not None and s.seeds < 1:
         raise InputError(f"--seeds {s.seeds}: give at least 1 (3 or more for intervals over seeds)")
+    pretrained_only = [f"--{k.replace('_', '-')}" for k in ("looped", "feedforward", "questions", "recurrences",
+                                                           "attention_recurrences") if getattr(s, k)]
+    if pretrained_only and not s.pretrained:
+        raise InputError(f"{', '.join(pretrained_only)}: these choose the pretrained study's checkpoints and sizes; "
+                         "add --pretrained")
+    if s.pretrained and s.retrofit_only:
+        raise InputError("--pretrained and --retrofit-only are two separate studies; give one (--pretrained runs "
+                         "smollm2-looped as the retrofit when no --looped retrofit=PATH is given)")
+    toy_only = [name for name, given in (("--seeds", s.seeds is not None), ("--minutes-per-model",
+                                                                           s.minutes_per_model is not None),
+                                         ("--retrofit/--no-retrofit", s.retrofit is not None)) if given]
+    if s.pretrained and toy_only:
+        raise InputError(f"{', '.join(toy_only)}: the pretrained study trains nothing and runs the retrofit it is "
+                         "given; drop these, or drop --pretrained for the study trained here")
+    if s.pretrained:
+        pretrained_plan_of(s)  # a bad --looped / --feedforward fails here, in one line, before the folder is claimed
 
 
 def run_stages(p: Pipeline) -> dict:
@@ -253,6 +301,11 @@ def run_stages(p: Pipeline) -> dict:
     out = s.out
     questions = [r["question"] for r in gsm8k_test_subset(s.data)]
     results: dict = {"plan": plan, "training": {}, "analyses": {}}
+    if plan.pretrained is not None:
+        from loopscope.experiments.pretrained_study import pretrained_stages
+
+        results["pretrained"] = pretrained_stages(p, questions, s.data, plan.pretrained)
+        return results
     if s.retrofit_only:
         retrofit_part(p, questions, results)
         return results

@@ -31,6 +31,9 @@ def write_report(p: Pipeline, results: dict) -> Path:
     claims = evaluate_claims(m, plan.thresholds)
     if s.retrofit_only:
         claims = claims[claims["id"].str.startswith("retrofit-")].reset_index(drop=True)
+    if plan.pretrained is not None:
+        return pretrained_report(p, results, m, claims[claims["id"].str.startswith("pretrained-")]
+                                 .reset_index(drop=True))
     timings = pd.DataFrame(p.timings)
     if s.retrofit_only:
         run = {"mode": "retrofit only (the healed SmolLM2 retrofit against SmolLM2; no training, no grid)",
@@ -100,4 +103,46 @@ def write_report(p: Pipeline, results: dict) -> Path:
 
         add_conditions_section(report, results["conditions"]["conditions"],
                                results["conditions"].get("conditions_by_question"))
+    return report.write()
+
+
+def pretrained_report(p: Pipeline, results: dict, m: dict, claims: pd.DataFrame) -> Path:
+    """The `--pretrained` report: the pretrained claims, the unit tables they are judged from, then each model's
+    dynamics and stages (against its feedforward reference)."""
+    from loopscope.experiments.pretrained_study import describe
+    from loopscope.experiments.stage_tables import STAGE_METRICS
+    from loopscope.report import Report
+    from loopscope.report.claims_section import add_claims_section
+    from loopscope.report.dynamics_section import add_dynamics_sections
+    from loopscope.report.pretrained_section import add_pretrained_section
+    from loopscope.report.stages_section import add_stages_section
+
+    s, plan = p.s, p.plan.pretrained
+    d = describe(plan)
+    run = {"mode": "pretrained (the checkpoints given on the command line; no training, no grid)",
+           "looped": "; ".join(f"{k}: {v}" for k, v in d["looped"].items()),
+           "feedforward reference": "; ".join(f"{k}: {v}" for k, v in d["feedforward"].items()) or "none given",
+           "data": f"GSM8K from {s.data}; the first {plan.questions} questions of the fixed 256-question test subset",
+           "recurrences": f"{plan.recurrences} for dynamics, {plan.attention_recurrences} for the stage profiles; "
+                          f"App. C on Huginn: {plan.conditions_questions} questions at R = "
+                          f"{plan.conditions_recurrences}",
+           "wall time": f"{results['wall_s']:.0f} s before the report in this invocation"}
+    report = Report("loopscope reproduce --pretrained — Blayney et al. (2026) on published looped checkpoints",
+                    s.out)
+    add_claims_section(report, claims, pd.DataFrame(), thresholds_table(p.plan.thresholds), pd.DataFrame(p.timings),
+                       run, None, verdict_counts(claims))
+    add_pretrained_section(report, m, d)
+    r = results["pretrained"]
+    metrics = {k: v for k, v in STAGE_METRICS.items() if plan.stage_metrics is None or k in plan.stage_metrics}
+    for model in plan.models:
+        t = r["models"][model.family]
+        ref = r["references"].get(model.reference) if model.reference else None
+        child = report.child(f"models/{model.family}")
+        if plan.dynamics_pages:
+            add_dynamics_sections(child, t, plan.recurrences)
+        add_stages_section(child, t["stages"], metrics, model_name=model.family,
+                           feedforward=ref["stages"] if ref is not None else None,
+                           ff_name=f"{model.reference} (feedforward reference)", alignment=t.get("alignment"),
+                           prop42=t.get("prop42"), neurons=t.get("neurons"))
+        report.adopt(child, model.family)
     return report.write()

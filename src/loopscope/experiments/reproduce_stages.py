@@ -67,7 +67,9 @@ def training_id(tables: dict[str, pd.DataFrame] | None) -> str | None:
 
 
 def control_tables(spec: str, prompts: list[str], work: Path, progress: bool, precision: Precision,
-                   ) -> dict[str, pd.DataFrame]:
+                   loaded=None) -> dict[str, pd.DataFrame]:
+    """The feedforward model's stage profile (one pass, with attention) and neuron fractions; `loaded`: the model
+    already loaded from `spec` (else it is loaded here)."""
     from loopscope.capture.stream import StreamSettings, stream_prompts
     from loopscope.experiments.stage_tables import (
         model_neuron_fractions,
@@ -76,7 +78,7 @@ def control_tables(spec: str, prompts: list[str], work: Path, progress: bool, pr
         stage_table_from,
     )
 
-    loaded = precision.load(spec)
+    loaded = loaded or precision.load(spec)
     with torch.inference_mode():
         tables, _ = stream_prompts(loaded, prompts, stage_accumulators(model_readout(loaded)),
                                    StreamSettings(1, attention=True, batch_size=8, cache_dir=work, progress=progress,
@@ -85,11 +87,13 @@ def control_tables(spec: str, prompts: list[str], work: Path, progress: bool, pr
 
 
 def analyse_model(name: str, spec: str, prompts: list[str], control_stages: pd.DataFrame, plan: StudyPlan, work: Path,
-                  progress: bool, precision: Precision, seed: int | None = None) -> dict[str, pd.DataFrame]:
-    """Everything `loopscope analyze --feedforward` computes for one model, plus its one-row summary."""
+                  progress: bool, precision: Precision, seed: int | None = None, loaded=None
+                  ) -> dict[str, pd.DataFrame]:
+    """Everything `loopscope analyze --feedforward` computes for one model, plus its one-row summary; `loaded`: the
+    model already loaded from `spec` (else it is loaded here)."""
     from loopscope.experiments.analyze import AnalyzeSettings, analyse
     from loopscope.experiments.stage_tables import alignment_table, model_neuron_fractions
-    loaded = precision.load(spec)
+    loaded = loaded or precision.load(spec)
     a = AnalyzeSettings(model=spec, out=work, recurrences=plan.recurrences,
                         attention_recurrences=plan.attention_recurrences, progress=progress,
                         certificate_tokens=getattr(plan, "certificate_tokens", 16))
@@ -184,6 +188,10 @@ def measurements(results: dict) -> dict[str, pd.DataFrame]:
     """The tables the claims read (see `experiments.claims`)."""
     m = {"models": pd.concat([a["summary"] for a in results["analyses"].values()], ignore_index=True)} \
         if results["analyses"] else {}
+    if results.get("pretrained"):
+        from loopscope.experiments.pretrained_study import pretrained_measurements
+
+        m.update(pretrained_measurements(results["pretrained"]))
     if results.get("retrofit"):
         from loopscope.experiments.retrofit_study import retrofit_measurements
 
