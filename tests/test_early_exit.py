@@ -149,3 +149,22 @@ def test_certified_answers_never_change_on_the_default_model():
         pos = np.nonzero(fired)[0]
         np.testing.assert_array_equal(trace.prediction[t[pos], pos], limit[pos])
     assert early > 10  # the test has teeth: the rule did stop early
+
+
+def test_exit_command_writes_the_table_and_refuses_bad_input(tmp_path):
+    from loopscope.experiments.early_exit import ExitSettings, run_exit
+    from loopscope.models.device import Precision
+
+    s = ExitSettings(models=["preset:micro"], out=tmp_path / "exit", recurrences=8, max_prompts=1, eps=[0.1],
+                     precision=Precision("cpu"), progress=False)
+    tables = run_exit(s)
+    summary = tables["summary"]
+    assert (tmp_path / "exit" / "tables" / "exit_summary.csv").exists()
+    assert (tmp_path / "exit" / "figures" / "exit_compute_quality.png").exists()
+    full = summary[(summary.rule == "fixed R") & (summary.parameter == 8)].iloc[0]
+    assert full["saved"] == 0 and full["agreement"] == 1 and full["loss_change"] == 0
+    assert set(summary.rule) >= {"fixed R", "Huginn KL", "certified margin (max ρ)", "certified logit (measured ρ)"}
+    for bad in (dict(rates=["sometimes"]), dict(recurrences=3), dict(fixed=[99]), dict(eps=[-1.0])):
+        with pytest.raises(InputError):
+            ExitSettings(**{**dict(models=["preset:micro"], out=tmp_path / "x", precision=Precision("cpu")),
+                            **bad}).check()
