@@ -137,3 +137,27 @@ def test_affine_lens_recovers_an_exact_affine_map():
     A_hat, b_hat = fit.finish()[Step("core", 0, 0)]
     torch.testing.assert_close(A_hat.double(), A, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(b_hat.double(), b, rtol=1e-4, atol=1e-4)
+
+
+def test_lens_section_on_a_looped_model(tmp_path):
+    from loopscope.data.tokenizer import load_tokenizer
+    from loopscope.experiments.jacobian_lens import agreement_at_last_recurrence, fit_and_read_lenses, lens_views
+    from loopscope.models.load import LoadedModel
+    from loopscope.report import Report
+    from loopscope.report.lens_section import add_lens_section
+
+    loaded = LoadedModel(micro().float(), load_tokenizer(), "micro", "looped", 2)
+    summary, rows, info = fit_and_read_lenses(loaded, ["Tom has 3 apples.", "A train leaves at noon.",
+                                                       "She buys 4 pens.", "Add 5 and 7."], 3)
+    assert set(rows["batch"]) == {2, 3} and info["fit prompts"] == 2  # fitted on two prompts, read on the others
+    assert set(summary["lens"]) == {"logit", "jacobian", "affine"}
+    assert len(summary) == 3 * (1 + 3 * 2 + 1)  # every state: prelude, 3 recurrences × 2 block layers, coda
+    last = summary[(summary.segment == "coda") & (summary.lens != "affine")]  # affine: 2 prompts < D + 1 tokens
+    assert (last["top1_agreement_mean"] == 1).all() and (last["final_top1_rank_mean"] == 0).all()
+    views = lens_views(summary)
+    assert views["top1_agreement|jacobian"].shape == (3, 2)  # recurrence × block layer
+    report = Report(title="t", out_dir=tmp_path)
+    add_lens_section(report, summary, views, agreement_at_last_recurrence(summary), info, "micro")
+    report.write()
+    assert (tmp_path / "figures" / "lens_heatmaps.png").exists()
+    assert (tmp_path / "tables" / "lens_comparison.csv").exists()
