@@ -11,21 +11,28 @@ from loopscope.report.document import Figure, Report, save_csv
 MARKERS = {"Huginn KL": ("*", 13), "certified margin": ("s", 8), "certified logit": ("^", 8)}  # by rule prefix
 
 
+SOURCE_EDGES = {"certificate": "tab:olive", "measured": "tab:purple", "max": "k"}  # certified rows: ρ source
+
+
 def exit_figure(summary: pd.DataFrame, out_dir, name: str, r_max: int):
-    """Two panels (loss change, agreement with R_max) against mean recurrences run: fixed R as a line per model,
-    each other rule as a marker."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    """Two panels (loss change, agreement with R_max) against mean recurrences run: fixed R as a line per model (its
+    colour), Huginn's rule as a star, certified rules as squares (margin) and triangles (logit ε), edged by the ρ
+    source. One legend for colours and one for shapes, outside the panels."""
+    from matplotlib.lines import Line2D
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
     colours = plt.get_cmap("tab10")
-    for m, (model, part) in enumerate(summary.groupby("model", sort=False)):
+    models = list(dict.fromkeys(summary["model"]))
+    for m, model in enumerate(models):
+        part = summary[summary.model == model]
         fixed = part[part.rule == "fixed R"].sort_values("recurrences_mean")
         for ax, column in zip(axes, ("loss_change", "agreement")):
-            ax.plot(fixed["recurrences_mean"], fixed[column], "-o", ms=3, color=colours(m), label=f"{model}: fixed R")
+            ax.plot(fixed["recurrences_mean"], fixed[column], "-o", ms=3, color=colours(m))
             for rule, rows in part[part.rule != "fixed R"].groupby("rule", sort=False):
                 marker, size = next(v for k, v in MARKERS.items() if rule.startswith(k))
-                edge = {"max": "k", "measured": "tab:purple", "certificate": "tab:olive"}.get(
-                    rule.split("(")[-1].split(" ")[0], "k")
+                source = rule.split("(")[-1].split(" ")[0] if "(" in rule else "max"
                 ax.scatter(rows["recurrences_mean"], rows[column], marker=marker, s=size ** 2, color=colours(m),
-                           edgecolor=edge, linewidth=1.4, zorder=3, label=f"{model}: {rule}")
+                           edgecolor=SOURCE_EDGES.get(source, "k"), linewidth=1.4, zorder=3, alpha=0.85)
     for ax, label in zip(axes, (f"loss − loss at R_max = {r_max} (nats)", f"top-1 agreement with R_max = {r_max}")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("mean recurrences run per position")
@@ -33,8 +40,14 @@ def exit_figure(summary: pd.DataFrame, out_dir, name: str, r_max: int):
         ax.axvline(r_max, color="0.5", ls=":", lw=1)
         ax.grid(alpha=0.3)
     axes[0].set_yscale("symlog", linthresh=1e-3)
-    axes[1].legend(fontsize=6, ncol=1, loc="lower right")
-    fig.tight_layout()
+    handles = [Line2D([], [], color=colours(m), marker="o", ms=4, label=f"{model} (fixed R line)")
+               for m, model in enumerate(models)]
+    handles += [Line2D([], [], ls="", marker=marker, ms=size * 0.8, color="0.8", markeredgecolor="k", label=rule)
+                for rule, (marker, size) in MARKERS.items()]
+    handles += [Line2D([], [], ls="", marker="s", ms=7, color="0.8", markeredgecolor=c, markeredgewidth=1.6,
+                       label=f"edge: {src} ρ") for src, c in SOURCE_EDGES.items()]
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(0.79, 0.5), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.79, 1))
     return figures.save(fig, out_dir, name)
 
 
