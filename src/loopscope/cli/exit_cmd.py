@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
         prompts: str = typer.Option("gsm-symbolic", "--prompts", "-p", help="Builtin prompt set or a file; loss and "
                                     "accuracy are next-token predictions on these texts."),
         out: Path = typer.Option(Path("reports/exit"), "--out", "-o", help="Report directory (created): "
-                                 "index.html, figures/*.png, tables/*.csv, manifest.json."),
+                                 "index.html, figures/ (PNG), tables/ (CSV), manifest.json."),
         recurrences: int = typer.Option(32, "--recurrences", "-r", help="R_max: every rule is compared with the "
                                         "prediction after R_max recurrences."),
         fixed: str = typer.Option(None, "--fixed", help="Comma-separated fixed R rows (default 1, 2, 4, … R_max)."),
@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
         whether it certifies); `exit_prompts.csv`; `exit_positions.csv` (every rule's outcome per position).
 
         **COST.** One run of R_max recurrences per prompt plus, where some bound is finite, a power iteration
-        on the exit path (12 JVP/VJP pairs, then 3 warm-started per recurrence); the default model: ≈ 10 s a
+        on the exit path (12 JVP/VJP pairs, then 3 warm-started per recurrence); the default model: 10–20 s a
         prompt at R_max = 32 on one core.
 
         **EXAMPLES.** `loopscope exit --model default --recurrences 32 --out reports/exit`;
