@@ -52,7 +52,7 @@ def test_bound_never_violated_on_random_linear_contractions():
         steps, dist = linear_run(A, rng.normal(size=D), rng.normal(size=D) * 10, 40)
         bound = tail_bound(steps, rho)
         assert (bound >= dist - 1e-12 * dist[0]).all()  # up to float64 rounding once both reach ~1e-16
-        worst.append((dist / bound)[:20].max())
+        worst.append((dist[:20] / bound[:20]).max())  # before both reach rounding
     assert max(worst) > 0.5  # the bound is not vacuous: some starts come close to it
 
 
@@ -134,6 +134,7 @@ def test_certified_answers_never_change_on_the_default_model():
 
     loaded = load_model("default")
     ids, _, _ = encode_prompts(loaded.tokenizer, load_prompts("gsm-symbolic", limit=1), loaded.max_seq_len)
+    ids = ids[:, :32]  # a prefix of the prompt: the test's cost is the readout's power iteration over every token
     R = 32
     rho = certificate_rho(loaded.model, ids, R)
     assert np.nanmax(rho) < 1  # the default block is a contraction at its long-run state
