@@ -81,6 +81,15 @@ def add_lens_section(report: Report, summary: pd.DataFrame, views: dict[str, pd.
     png = lens_depth_lines(summary, out, f"{prefix}lens_depth")
     sec.items.append(Figure(png, "The same along realized depth, every state (prelude, each recurrence's block "
                                  "layers, coda), one line per lens.", [csv]))
+    from loopscope.report.stages_section import three_views
+
+    for lens in dict.fromkeys(summary["lens"]):  # the stage figures' three views, one per lens, of top-1 agreement
+        table = summary[summary.lens == lens]
+        png, views_csv = three_views(table, "top1_agreement_mean", f"{lens} lens: top-1 agreement with final", out,
+                                     f"{prefix}lens_{lens}_top1_agreement", None, "")
+        csv_views = save_csv(views_csv, out, f"{prefix}lens_{lens}_top1_agreement_views")
+        sec.items.append(Figure(png, f"{lens} lens, top-1 agreement with the final prediction: realized depth · by "
+                                     "recurrence · by block layer across recurrences.", [csv_views]))
     if closing is not None and len(closing):
         report.table(sec, closing, f"{prefix}lens_closing",
                      "Each lens at the last block layer of the first, middle and last recurrence.")
