@@ -8,6 +8,7 @@ import torch
 
 from loopscope.dynamics.early_exit import (
     ExitTrace,
+    bound_violations,
     certified_stops,
     exit_outcome,
     exit_summary,
@@ -67,6 +68,20 @@ def test_expansion_is_never_certified():
         stop = certified_stops(trace, "margin", source=source)
         assert not stop.any()  # refuses, even with an enormous margin
         assert first_exit(stop)[0] == 19  # so it runs every recurrence
+
+
+def test_bound_check_catches_a_rate_that_is_too_small():
+    # x ↦ 0.8x + b with 3 independent "tokens": a claimed 0.9 bounds every distance, a claimed 0.5 none
+    R = 30
+    runs = [linear_run(0.8 * np.eye(2), np.array([1.0, 2.0]), np.array([5.0 * k, -3.0]), R) for k in range(3)]
+    steps = np.stack([r[0] for r in runs], 1)
+    star_gap = np.stack([r[1] for r in runs], 1)  # ‖s_t − s*‖ per token
+    trace = make_trace(steps, rho=np.full(3, 0.9), sigma=np.ones(R))
+    trace.distance = np.sqrt(np.cumsum(star_gap ** 2, axis=1))
+    ok = bound_violations(trace, "certificate")
+    assert ok["checked"] == 15 * 3 and ok["violated"] == 0
+    trace.rho = np.full(3, 0.5)
+    assert bound_violations(trace, "certificate")["violated"] == 1.0
 
 
 def make_trace(steps, rho, sigma, margin=None, pred=None, kl=None, logp=None, target=None) -> ExitTrace:

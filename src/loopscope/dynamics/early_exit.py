@@ -52,7 +52,9 @@ class ExitTrace:
     top-2 logit of the readout at s_t; prediction [R, T] int: its argmax; logp_target [R, T]: log-probability of
     the next token (NaN at the last position, which has none); target [T] int: next token (−1 at the last);
     kl_prev [R, T]: KL(p_t ‖ p_{t−1}) (NaN at t = 0); sigma [R]: readout Jacobian norm at s_t (NaN where not
-    computed: no position could be certified there); rho [T]: the certificate's prefix ρ (NaN when not run)."""
+    computed: no position could be certified there); rho [T]: the certificate's prefix ρ (NaN when not run);
+    distance [R, T] (optional): the prefix's ‖s_t − s_{R−1}‖ (Frobenius over tokens 0..i), the last state standing
+    in for s*, to check the bound empirically (`bound_violations`)."""
 
     steps: np.ndarray
     margin: np.ndarray
@@ -62,6 +64,7 @@ class ExitTrace:
     kl_prev: np.ndarray
     sigma: np.ndarray
     rho: np.ndarray
+    distance: np.ndarray | None = None
 
     @property
     def recurrences(self) -> int:
@@ -107,6 +110,21 @@ def contraction_rate(trace: ExitTrace, source: str = "max", window: int = MEASUR
     if source == "measured":
         return measured
     return np.fmax(cert, measured) if np.isfinite(cert).any() else np.full(cert.shape, np.nan)
+
+
+def bound_violations(trace: ExitTrace, source: str = "max", window: int = MEASURED_WINDOW,
+                     horizon: float = 0.5) -> dict[str, float]:
+    """An empirical check of the contraction assumption: over (recurrence t, prefix i) with a finite bound and t in
+    the first `horizon` of the run (so that s_{R−1} is much closer to s* than s_t is), the share where the measured
+    ‖s_t − s_{R−1}‖ exceeds ρ/(1 − ρ)·‖s_t − s_{t−1}‖. {"checked": count, "violated": share (NaN if none)}."""
+    if trace.distance is None:
+        raise InputError("this trace has no distances to its last state; build it with them")
+    bound = tail_bound(prefix_steps(trace.steps), contraction_rate(trace, source, window))
+    t_max = max(1, int(trace.recurrences * horizon))
+    finite = np.isfinite(bound[:t_max])
+    n = int(finite.sum())
+    bad = int((trace.distance[:t_max][finite] > bound[:t_max][finite]).sum())
+    return {"checked": n, "violated": bad / n if n else float("nan")}
 
 
 def first_exit(stop: np.ndarray) -> np.ndarray:

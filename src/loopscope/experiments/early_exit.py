@@ -26,6 +26,7 @@ from loopscope.dynamics.early_exit import (
     MEASURED_WINDOW,
     RATE_SOURCES,
     ExitTrace,
+    bound_violations,
     contraction_rate,
     exit_summary,
     measured_rate,
@@ -100,10 +101,12 @@ def exit_trace(model: LoopedLM, ids: torch.Tensor, recurrences: int, rho: np.nda
     steps, margin, pred, logp_t, kl = (np.full((R, T), np.nan) for _ in range(5))
     sigma = np.full(R, np.nan)
     prev_logp, v = None, None
+    history = []  # every state, on the host: the distances to the last one (the bound's empirical check)
     for t in range(R):
         new = model.block_map(s, e, t)
         steps[t] = torch.linalg.vector_norm((new - s).double(), dim=-1)[0].cpu().numpy()
         s = new
+        history.append(s[0].double().cpu())
         logits = model.readout(s)[0].float()  # (T, V)
         logp = F.log_softmax(logits, dim=-1)
         top = logits.topk(2, dim=-1)
@@ -120,7 +123,9 @@ def exit_trace(model: LoopedLM, ids: torch.Tensor, recurrences: int, rho: np.nda
                   for r in ("certificate", "measured")]
         if any(finite):  # σ only where some position could be certified; warm-started after the first
             sigma[t], v = readout_norm(model, s, sigma_iterations if v is None else WARM_ITERATIONS, start=v)
-    return ExitTrace(steps, margin, pred.astype(np.int64), logp_t, target, kl, sigma, rho)
+    states = torch.stack(history)  # (R, T, D)
+    distance = (states - states[-1]).pow(2).sum(-1).cumsum(-1).sqrt().numpy()  # prefix ‖s_t − s_{R−1}‖
+    return ExitTrace(steps, margin, pred.astype(np.int64), logp_t, target, kl, sigma, rho, distance)
 
 
 # --- the command ------------------------------------------------------------------------------------------------
@@ -207,7 +212,8 @@ def model_outcomes(loaded, prompts: list[str], s: ExitSettings) -> tuple[pd.Data
         out = rule_outcomes(trace, s.fixed_grid(), s.eps, s.huginn, tuple(s.rates))
         rows.append(out.assign(model=loaded.name, batch=b))
         last_rate = measured_rate(prefix_steps(trace.steps))[-1, -1]
-        info.append({"model": loaded.name, "batch": b, "tokens": ids.shape[1],
+        checks = {f"bound_{k}_{r}": v for r in s.rates for k, v in bound_violations(trace, r).items()}
+        info.append({"model": loaded.name, "batch": b, "tokens": ids.shape[1], **checks,
                      "rho_certificate": float(np.nanmax(trace.rho)) if rho is not None else float("nan"),
                      "rate_measured_last": float(last_rate),
                      "sigma_computed": int(np.isfinite(trace.sigma).sum()), "seconds": time.perf_counter() - t0})
@@ -220,6 +226,12 @@ def contraction_note(info: pd.DataFrame) -> pd.DataFrame:
     g = info.groupby("model", sort=False)
     out = g.agg(rho_certificate_max=("rho_certificate", "max"), rate_measured_max=("rate_measured_last", "max"),
                 prompts=("batch", "size"), seconds=("seconds", "sum")).reset_index()
+    for checked in [c for c in info.columns if c.startswith("bound_checked_")]:  # pooled over prompts
+        source = checked.removeprefix("bound_checked_")
+        bad = (info[f"bound_violated_{source}"].fillna(0) * info[checked]).groupby(info["model"], sort=False).sum()
+        n = info[checked].groupby(info["model"], sort=False).sum()
+        out[f"bound_checked_{source}"] = out["model"].map(n).to_numpy()
+        out[f"bound_violated_{source}"] = out["model"].map(bad / n.where(n > 0)).to_numpy()
     rho = out["rho_certificate_max"]
     out["certifies"] = np.where(rho < 1, "yes: ρ < 1 at the long-run state",
                                 np.where(rho.isna(), "ρ unknown (no certificate)",

@@ -74,8 +74,10 @@ def add_exit_section(report: Report, tables: dict[str, pd.DataFrame], r_max: int
                                  "the mean recurrences run: fixed R as lines, Huginn's rule as stars, the certified "
                                  "margin rule as squares, certified logit bounds as triangles.", [csv]))
     report.table(sec, tables["contraction"], "exit_contraction",
-                 "Per model: the largest certificate ρ and measured step rate over prompts, and whether the exit "
-                 "may certify.")
+                 "Per model: the largest certificate ρ and measured step rate over prompts, whether the exit may "
+                 "certify, and the bound checked against the run itself: over (recurrence, prefix) pairs of the first "
+                 "half of the run with a finite bound, the share where ‖s_t − s_{R_max}‖ exceeded "
+                 "ρ/(1 − ρ)·‖s_t − s_{t−1}‖ (bound_violated_SOURCE; the last state stands in for s*).")
     report.table(sec, summary, "exit_table",
                  "One row per (model, rule, parameter): mean recurrences run, share saved, loss and accuracy "
                  "(top-1 = next token) and their change against R_max, agreement with the R_max answer, share of "
