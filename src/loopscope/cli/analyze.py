@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
         certificate_tokens: int = typer.Option(16, "--certificate-tokens", help="Tokens (spread over the prompts) "
                                                "whose block Jacobian's leading eigenvalues are estimated by Arnoldi "
                                                "iteration: the stability certificate (0: skip)."),
-        lens_prompts: int = typer.Option(0, "--lens-prompts", help="Prompts of the lens section (0: none): the "
+        lens_prompts: int = typer.Option(None, "--lens-prompts", help="Prompts of the lens section (default none): the "
                                          "Jacobian lens and an affine lens fitted per (segment, recurrence, layer) "
                                          "on the first half, read beside the logit lens on the other half, at "
                                          "--attention-recurrences. Costs D backward passes per fit batch (the "

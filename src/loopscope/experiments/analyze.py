@@ -63,7 +63,8 @@ class AnalyzeSettings:
     classify_method: str = "dynamics"  # detector of the co-occurrence matrix ("dynamics" or "paper")
     feedforward: str | None = None  # a feedforward model whose stage profile is overlaid and aligned (e.g. smollm2)
     certificate_tokens: int = 16  # tokens whose block Jacobian's leading eigenvalues are estimated (0: none)
-    lens_prompts: int = 0  # prompts of the Jacobian / affine lens section (half fit, half read; 0: no section)
+    lens_prompts: int | None = None  # prompts of the Jacobian / affine lens section (half fit, half read; None or 0:
+    # no section; None, not 0, so that a folder written before this setting existed still resumes)
     lens_probes: int | None = None  # VJP probes per batch of the Jacobian-lens fit (None: exact, D of them)
     device: str = "auto"
     dtype: str = "float32"  # weights
@@ -94,7 +95,7 @@ class AnalyzeSettings:
                 self.attention_recurrences:
             raise InputError(f"--similarity-recurrences {self.similarity_recurrences}: choose 1.."
                              f"{self.attention_recurrences} (the attention run's recurrences)")
-        if self.lens_prompts < 0:
+        if self.lens_prompts is not None and self.lens_prompts < 0:
             raise InputError(f"--lens-prompts {self.lens_prompts}: give 0 (no lens section) or more")
         if self.classify_method not in ("dynamics", "paper"):
             raise InputError(f"classify_method={self.classify_method!r}; use dynamics or paper")
