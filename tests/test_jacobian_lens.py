@@ -161,3 +161,20 @@ def test_lens_section_on_a_looped_model(tmp_path):
     report.write()
     assert (tmp_path / "figures" / "lens_heatmaps.png").exists()
     assert (tmp_path / "tables" / "lens_comparison.csv").exists()
+
+
+def test_sketch_with_fewer_probes_is_unbiased():
+    # k < D random orthonormal probes: E[(D/k) Q Qᵀ] = I, so the mean of many sketches is J; one sketch is not
+    gen = torch.Generator().manual_seed(4)
+    D, R = 6, 2
+    A = torch.randn(D, D, generator=gen, dtype=torch.float64) * 0.5
+    forward = linear_forward(A, torch.zeros(D, D, dtype=torch.float64), R)
+    h0, mask = torch.randn(1, 3, D, generator=gen, dtype=torch.float64), torch.ones(1, 3, dtype=torch.bool)
+    sketches = []
+    for seed in range(400):
+        fit = JacobianLensFit(D, probes=2, seed=seed)
+        fit.update(forward, h0, mask)
+        sketches.append(fit.finish()[Step("core", 0, 0)].double())
+    sketches = torch.stack(sketches)
+    assert (sketches[0] - A).abs().max() > 0.2  # a single 2-of-6 sketch is far off
+    torch.testing.assert_close(sketches.mean(0), A, rtol=0, atol=0.12)
