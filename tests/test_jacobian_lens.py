@@ -178,3 +178,14 @@ def test_sketch_with_fewer_probes_is_unbiased():
     sketches = torch.stack(sketches)
     assert (sketches[0] - A).abs().max() > 0.2  # a single 2-of-6 sketch is far off
     torch.testing.assert_close(sketches.mean(0), A, rtol=0, atol=0.12)
+
+
+def test_lens_options_are_refused_in_one_line():
+    from loopscope.errors import InputError
+    from loopscope.experiments.analyze import AnalyzeSettings
+
+    for bad in (dict(lens_probes=0), dict(lens_prompts=-1)):
+        with pytest.raises(InputError, match="--lens-"):
+            AnalyzeSettings(**bad).check()
+    with pytest.raises(InputError, match="choose 1..3"):
+        JacobianLensFit(3, probes=4)

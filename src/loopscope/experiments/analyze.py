@@ -95,6 +95,8 @@ class AnalyzeSettings:
                 self.attention_recurrences:
             raise InputError(f"--similarity-recurrences {self.similarity_recurrences}: choose 1.."
                              f"{self.attention_recurrences} (the attention run's recurrences)")
+        if self.lens_probes is not None and self.lens_probes < 1:
+            raise InputError(f"--lens-probes {self.lens_probes}: give 1 or more (or leave it out for the exact fit)")
         if self.lens_prompts is not None and self.lens_prompts < 0:
             raise InputError(f"--lens-prompts {self.lens_prompts}: give 0 (no lens section) or more")
         if self.classify_method not in ("dynamics", "paper"):
@@ -271,6 +273,9 @@ def write_analysis(loaded: LoadedModel, prompts: list[str], s: AnalyzeSettings, 
     """The streams, the report and the manifest of one analysis, in a folder `run_analyze` owns."""
     device = next(loaded.model.parameters()).device
     progress = s.progress and world.rank == 0
+    width = getattr(getattr(loaded.model, "cfg", None), "d_model", None)
+    if s.lens_prompts and s.lens_probes and width and s.lens_probes > width:  # refused before any stream runs
+        raise InputError(f"--lens-probes {s.lens_probes}: choose 1..{width} (the model width), or leave it out")
     result = analyse(loaded, prompts, s, world)
     ff_name, ff_stage, aligned = None, None, None
     if s.feedforward:
