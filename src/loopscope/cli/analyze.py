@@ -45,6 +45,14 @@ def register(app: typer.Typer) -> None:
         certificate_tokens: int = typer.Option(16, "--certificate-tokens", help="Tokens (spread over the prompts) "
                                                "whose block Jacobian's leading eigenvalues are estimated by Arnoldi "
                                                "iteration: the stability certificate (0: skip)."),
+        lens_prompts: int = typer.Option(None, "--lens-prompts", help="Prompts of the lens section (default none): the "
+                                         "Jacobian lens and an affine lens fitted per (segment, recurrence, layer) "
+                                         "on the first half, read beside the logit lens on the other half, at "
+                                         "--attention-recurrences. Costs D backward passes per fit batch (the "
+                                         "default model: ≈ 20 s a prompt at R = 8 on one core)."),
+        lens_probes: int = typer.Option(None, "--lens-probes", help="Random orthonormal probes of the Jacobian-lens "
+                                        "fit (default: exact, D = the model width): an unbiased sketch at k/D of "
+                                        "the cost."),
         device: str = device_option(),
         dtype: str = dtype_option(),
         state_dtype: str = state_dtype_option(),
@@ -78,6 +86,13 @@ def register(app: typer.Typer) -> None:
         attention and gets the stages-of-inference sections only; the dynamics sections need R ≥ 2 and are
         replaced by a note. `--feedforward MODEL` overlays a feedforward model's stages on a looped model's.
 
+        **Lenses.** `--lens-prompts N` adds a section reading every state of the attention run through the logit
+        lens, the Jacobian lens (W_U·n_f(J h), J the mean over tokens of Σ_t' ∂h_final,t'/∂h_t, fitted per
+        (segment, recurrence, layer) from vector-Jacobian products; Gurnee et al. 2026) and an affine
+        least-squares lens (a tuned-lens-style baseline): top-1 agreement with the final prediction, KL to the
+        final distribution and rank of the final token, per recurrence and layer. Off by default: the exact fit
+        costs one backward pass per model dimension per batch.
+
         **Output.** `OUT/index.html` (self-contained), `OUT/figures/*.png`, `OUT/tables/*.csv` (every number
         plotted), `OUT/report.json`.
 
@@ -97,6 +112,6 @@ def register(app: typer.Typer) -> None:
             model=model, prompts=prompts, out=out, recurrences=recurrences,
             attention_recurrences=attention_recurrences, similarity_recurrences=similarity_recurrences,
             max_prompts=max_prompts, batch_size=batch_size, keep_states=keep, feedforward=feedforward,
-            certificate_tokens=certificate_tokens,
+            certificate_tokens=certificate_tokens, lens_prompts=lens_prompts, lens_probes=lens_probes,
             device=device, dtype=dtype, state_dtype=state_dtype, progress=not quiet, overwrite=overwrite,
         ))

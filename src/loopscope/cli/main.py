@@ -34,7 +34,7 @@ def _root() -> None:
 
 # module name under loopscope.cli; each defines `register(app)`
 SUBCOMMANDS = ["models_cmd", "analyze", "compare", "intervene", "grid", "retrofit", "train", "extrapolate",
-               "conditions", "reproduce", "heal"]
+               "conditions", "reproduce", "heal", "exit_cmd"]
 
 
 def _register_all() -> None:

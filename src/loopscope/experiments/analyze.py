@@ -63,6 +63,9 @@ class AnalyzeSettings:
     classify_method: str = "dynamics"  # detector of the co-occurrence matrix ("dynamics" or "paper")
     feedforward: str | None = None  # a feedforward model whose stage profile is overlaid and aligned (e.g. smollm2)
     certificate_tokens: int = 16  # tokens whose block Jacobian's leading eigenvalues are estimated (0: none)
+    lens_prompts: int | None = None  # prompts of the Jacobian / affine lens section (half fit, half read; None or 0:
+    # no section; None, not 0, so that a folder written before this setting existed still resumes)
+    lens_probes: int | None = None  # VJP probes per batch of the Jacobian-lens fit (None: exact, D of them)
     device: str = "auto"
     dtype: str = "float32"  # weights
     state_dtype: str = "float32"  # residual stream and recurrent state ("weights" to follow the weights)
@@ -92,6 +95,10 @@ class AnalyzeSettings:
                 self.attention_recurrences:
             raise InputError(f"--similarity-recurrences {self.similarity_recurrences}: choose 1.."
                              f"{self.attention_recurrences} (the attention run's recurrences)")
+        if self.lens_probes is not None and self.lens_probes < 1:
+            raise InputError(f"--lens-probes {self.lens_probes}: give 1 or more (or leave it out for the exact fit)")
+        if self.lens_prompts is not None and self.lens_prompts < 0:
+            raise InputError(f"--lens-prompts {self.lens_prompts}: give 0 (no lens section) or more")
         if self.classify_method not in ("dynamics", "paper"):
             raise InputError(f"classify_method={self.classify_method!r}; use dynamics or paper")
         resolve_dtype(self.dtype)
@@ -267,6 +274,9 @@ def write_analysis(loaded: LoadedModel, prompts: list[str], s: AnalyzeSettings, 
     """The streams, the report and the manifest of one analysis, in a folder `run_analyze` owns."""
     device = next(loaded.model.parameters()).device
     progress = s.progress and world.rank == 0
+    width = getattr(getattr(loaded.model, "cfg", None), "d_model", None)
+    if s.lens_prompts and s.lens_probes and width and s.lens_probes > width:  # refused before any stream runs
+        raise InputError(f"--lens-probes {s.lens_probes}: choose 1..{width} (the model width), or leave it out")
     result = analyse(loaded, prompts, s, world)
     ff_name, ff_stage, aligned = None, None, None
     if s.feedforward:
@@ -303,11 +313,26 @@ def write_analysis(loaded: LoadedModel, prompts: list[str], s: AnalyzeSettings, 
                        ff_name=ff_name or "feedforward", alignment=aligned, prop42=result.prop42,
                        neurons=model_neuron_fractions(loaded))
     say(f"      stages figures: {time.perf_counter() - t0:.0f} s", progress)
+    if s.lens_prompts and loaded.is_looped:
+        add_lens(report, loaded, prompts[: s.lens_prompts], s, progress)
     report.meta["wall time"] = f"{time.perf_counter() - start:.1f} s"
     index = report.write()
     folder.finish(index)
     say(f"wrote {index}", progress)
     return index
+
+
+def add_lens(report: Report, loaded: LoadedModel, prompts: list[str], s: AnalyzeSettings, progress: bool) -> None:
+    """The Jacobian / affine / logit lens section at R = the attention run's recurrences."""
+    from loopscope.experiments.jacobian_lens import agreement_at_last_recurrence, fit_and_read_lenses, lens_views
+    from loopscope.report.lens_section import add_lens_section
+
+    t0 = time.perf_counter()
+    say(f"      lenses: fitting the Jacobian and affine lenses on {max(1, len(prompts) // 2)} prompt(s) at "
+        f"R={s.attention_recurrences} …", progress)
+    summary, _, info = fit_and_read_lenses(loaded, prompts, s.attention_recurrences, probes=s.lens_probes)
+    add_lens_section(report, summary, lens_views(summary), agreement_at_last_recurrence(summary), info, loaded.name)
+    say(f"      lenses: {time.perf_counter() - t0:.0f} s", progress)
 
 
 def floor_note(s: AnalyzeSettings, run: dict, floor: float) -> str:
