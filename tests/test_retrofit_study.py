@@ -45,19 +45,46 @@ def summary_row(**kw) -> pd.DataFrame:
     return pd.DataFrame([row])
 
 
+def alignment_units(per_prompt: list[float], passes: int = 8) -> pd.DataFrame:
+    """Per (prompt, pass) Pearson r: each prompt's passes spread ±0.01 around its value."""
+    return pd.DataFrame([{"prompt": i, "recurrence": t, "pearson": r + 0.01 * ((t % 3) - 1)}
+                         for i, r in enumerate(per_prompt) for t in range(passes)])
+
+
+def test_stage_and_attention_intervals_resample_prompts_an_outlier_prompt_widens_them():
+    """Eight prompts at r = 0.7: a tight interval above 0.5 (holds). One outlier prompt (r = −0.5, all its passes)
+    widens the interval past 0.5 (inconclusive), far wider than resampling the 64 (prompt, pass) values as if
+    passes were trials would make it. Likewise one prompt whose patterns never match their own layer."""
+    from loopscope.evidence import bootstrap_mean
+
+    rule = {c.id: c.rule for c in RETROFIT_CLAIMS}
+    clean = {"retrofit": summary_row(), "retrofit_alignment_by_prompt": alignment_units([0.7] * 8)}
+    outlier = {**clean, "retrofit_alignment_by_prompt": alignment_units([0.7] * 7 + [-0.5])}
+    a, b = rule["retrofit-stages"](clean, Thresholds()), rule["retrofit-stages"](outlier, Thresholds())
+    assert a.verdict == HOLDS and b.verdict == INCONCLUSIVE
+    assert (b.ci_high - b.ci_low) > 10 * (a.ci_high - a.ci_low)
+    flat = bootstrap_mean(outlier["retrofit_alignment_by_prompt"]["pearson"].to_numpy())
+    assert (b.ci_high - b.ci_low) > 1.5 * (flat[2] - flat[1]), (b, flat)  # (prompt, pass) values: too narrow
+    att = {"retrofit": summary_row(), "retrofit_attention_by_prompt":
+           pd.DataFrame({"prompt": range(8), "self_match": [1.0] * 7 + [0.0]})}
+    assert rule["retrofit-attention"](att, Thresholds()).verdict == INCONCLUSIVE
+
+
 def test_fixed_point_and_stage_rows_follow_their_intervals():
     assert verdict("retrofit-fixed-points", {"retrofit": summary_row()}) == HOLDS
     assert verdict("retrofit-fixed-points", {"retrofit": summary_row(fraction_distinct_lo=0.3)}) == INCONCLUSIVE
     assert verdict("retrofit-fixed-points", {"retrofit": summary_row(fraction_distinct_lo=0.1,
                                                                     fraction_distinct_hi=0.4)}) == DIFFERS
-    assert verdict("retrofit-stages", {"retrofit": summary_row()}) == HOLDS
-    assert verdict("retrofit-stages", {"retrofit": summary_row(alignment_lo=0.2, alignment_hi=0.45)}) == DIFFERS
-    # attention: the share of patterns nearest their own layer, with its exact interval over the patterns counted
-    assert verdict("retrofit-attention", {"retrofit": summary_row(attention_patterns=64)}) == HOLDS  # [0.94, 1]
-    assert verdict("retrofit-attention", {"retrofit": summary_row(attention_patterns=32)}) == INCONCLUSIVE  # [0.89, 1]
-    assert verdict("retrofit-attention", {"retrofit": summary_row(attention_patterns=64, attention_self_match=0.5)}) \
-        == DIFFERS
-    assert verdict("retrofit-attention", {"retrofit": summary_row()}) == INCONCLUSIVE  # no count: no interval
+    # stages and attention are judged on prompts only: passes and patterns of one model are not independent trials
+    assert verdict("retrofit-stages", {"retrofit": summary_row()}) == INCONCLUSIVE
+    assert verdict("retrofit-attention", {"retrofit": summary_row(attention_patterns=64)}) == INCONCLUSIVE
+    units = {"retrofit": summary_row(), "retrofit_alignment_by_prompt": alignment_units([0.7] * 8),
+             "retrofit_attention_by_prompt": pd.DataFrame({"prompt": range(8), "self_match": [1.0] * 7 + [0.95]})}
+    assert verdict("retrofit-stages", units) == HOLDS
+    assert verdict("retrofit-attention", units) == HOLDS
+    low = {**units, "retrofit_alignment_by_prompt": alignment_units([0.3] * 8),
+           "retrofit_attention_by_prompt": pd.DataFrame({"prompt": range(8), "self_match": [0.5] * 8})}
+    assert verdict("retrofit-stages", low) == DIFFERS and verdict("retrofit-attention", low) == DIFFERS
     # every row with an interval carries it in the effect columns
     rule = next(c.rule for c in RETROFIT_CLAIMS if c.id == "retrofit-fixed-points")
     v = rule({"retrofit": summary_row()}, Thresholds())
@@ -148,7 +175,9 @@ def test_retrofit_claims_recompute_from_their_csvs(retrofit_run):
     assert list(claims["id"]) == [c.id for c in RETROFIT_CLAIMS]
     m = {"retrofit": pd.read_csv(tables / "retrofit_summary.csv"),
          "retrofit_ablation": pd.read_csv(tables / "retrofit_ablation.csv"),
-         "retrofit_extrapolate": pd.read_csv(tables / "retrofit_extrapolate.csv")}
+         "retrofit_extrapolate": pd.read_csv(tables / "retrofit_extrapolate.csv"),
+         "retrofit_alignment_by_prompt": pd.read_csv(tables / "retrofit_alignment_by_prompt.csv"),
+         "retrofit_attention_by_prompt": pd.read_csv(tables / "retrofit_attention_by_prompt.csv")}
     again = evaluate_claims(m).set_index("id").loc[claims["id"]]
     assert list(again["verdict"]) == list(claims["verdict"])
     assert list(again["evidence"]) == list(claims["evidence"])

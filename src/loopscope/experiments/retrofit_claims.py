@@ -8,6 +8,10 @@ Tables read (any missing → "not measurable here"):
                          prompts, recurrences, alignment_median/_lo/_hi (Pearson r of each pass's ColSum profile with
                          SmolLM2's depth profile; interval over passes), alignment_last, stage_repeat_error,
                          attention_self_match, attention_shrink, massive_ratio
+    retrofit_alignment_by_prompt  per (prompt, recurrence): Pearson r of the pass's ColSum profile with SmolLM2's
+                         depth profile of the same prompt — the stage row's units (bootstrap over prompts)
+    retrofit_attention_by_prompt  per prompt: self_match, the share of its patterns whose nearest pattern from
+                         another recurrence is in the same layer — the attention row's units
     retrofit_ablation    `intervene.massive_ablation_tables` summary row of the looped model
     retrofit_extrapolate `retrofit_study.extrapolation_summary`: per (model, R) loss, accuracy and their intervals
 """
@@ -18,7 +22,7 @@ import math
 
 import pandas as pd
 
-from loopscope.evidence import clopper_pearson
+from loopscope.evidence import bootstrap_mean
 from loopscope.experiments.claims import (
     EFFECT_ONLY,
     INCONCLUSIVE,
@@ -56,35 +60,46 @@ def rule_attention(m: Measurements, th: Thresholds) -> Verdict:
     if (v := missing(m, "retrofit")) is not None:
         return v
     r = m["retrofit"].iloc[0]
+    units = m.get("retrofit_attention_by_prompt")
+    if units is not None and len(units):  # the share per prompt, resampled over prompts
+        per = units["self_match"].dropna().to_numpy(dtype=float)
+        if not len(per):
+            return Verdict(NOT_MEASURABLE, "too few recurrences with attention", str(r.model))
+        x, lo, hi = bootstrap_mean(per)
+        return Verdict(side(lo, hi, th.diagonal_band), f"share of each prompt's (recurrence, layer) patterns whose "
+                       f"nearest pattern from another recurrence is in the same layer, mean over {len(per)} prompts "
+                       f"{ci(x, lo, hi)} (95 % bootstrap over prompts; holds above {fmt(th.diagonal_band)}); shown, "
+                       f"not judged: distance to the final pattern left one pass before the end "
+                       f"{fmt(r.attention_shrink)} of the first pass's", str(r.model), x, lo, hi)
     if math.isnan(r.attention_self_match) or math.isnan(r.attention_shrink):
         return Verdict(NOT_MEASURABLE, "too few recurrences with attention", str(r.model))
-    n = r.get("attention_patterns", math.nan)
-    if pd.isna(n):
-        return Verdict(INCONCLUSIVE, f"nearest pattern in the same layer {fmt(r.attention_self_match)}, shrink "
-                       f"{fmt(r.attention_shrink)}: no pattern count, no interval", str(r.model),
-                       r.attention_self_match)
-    n = int(n)
-    k = int(round(r.attention_self_match * n))
-    lo, hi = clopper_pearson(k, n)
-    return Verdict(side(lo, hi, th.diagonal_band), f"patterns whose nearest pattern from another recurrence is in the "
-                   f"same layer: {k}/{n} = {ci(k / n, lo, hi)} (95 % exact binomial interval; holds above "
-                   f"{fmt(th.diagonal_band)}); shown, not judged (one number, no interval): distance to the final "
-                   f"pattern left one pass before the end {fmt(r.attention_shrink)} of the first pass's (the trained "
-                   f"models' rule asks ≤ {fmt(th.attention_shrink)})", str(r.model), k / n, lo, hi)
+    return Verdict(INCONCLUSIVE, f"no per-prompt units (`retrofit_attention_by_prompt`): nearest pattern in the same "
+                   f"layer {fmt(r.attention_self_match)} of the patterns of all prompts — patterns of one prompt are "
+                   f"not independent trials, so no interval decides; shrink {fmt(r.attention_shrink)}", str(r.model),
+                   r.attention_self_match)
 
 
 def rule_stages(m: Measurements, th: Thresholds) -> Verdict:
     if (v := missing(m, "retrofit")) is not None:
         return v
     r = m["retrofit"].iloc[0]
-    verdict = side(r.alignment_lo, r.alignment_hi, th.aligned)
-    stats = (r.alignment_median, r.alignment_lo, r.alignment_hi)
     repeat = "repeats" if r.stage_repeat_error <= th.repeat_error else "does not repeat"
-    return Verdict(verdict, f"ColSum profile per pass vs SmolLM2's depth profile: median Pearson r "
-                   f"{ci(r.alignment_median, r.alignment_lo, r.alignment_hi)} over {int(r.passes)} passes (interval "
-                   f"over passes; holds above {fmt(th.aligned)}), last pass {fmt(r.alignment_last)}; the block's "
-                   f"profile {repeat} from pass to pass (RMS difference {fmt(r.stage_repeat_error)} of ColSum's "
-                   f"spread, threshold {fmt(th.repeat_error)}; shown, not judged)", str(r.model), *stats)
+    units = m.get("retrofit_alignment_by_prompt")
+    if units is not None and len(units):  # per prompt: the median over passes; resampled over prompts
+        per = units.groupby("prompt")["pearson"].median().dropna().to_numpy(dtype=float)
+        if not len(per):
+            return Verdict(NOT_MEASURABLE, "no finite alignment (flat profiles)", str(r.model))
+        x, lo, hi = bootstrap_mean(per)
+        return Verdict(side(lo, hi, th.aligned), f"ColSum profile of each of {units['recurrence'].nunique()} passes "
+                       f"vs SmolLM2's depth profile of the same prompt: median Pearson r over passes, mean over "
+                       f"{len(per)} prompts {ci(x, lo, hi)} (95 % bootstrap over prompts; holds above "
+                       f"{fmt(th.aligned)}); the block's profile {repeat} from pass to pass (RMS difference "
+                       f"{fmt(r.stage_repeat_error)} of ColSum's spread, threshold {fmt(th.repeat_error)}; shown, not "
+                       "judged)", str(r.model), x, lo, hi)
+    return Verdict(INCONCLUSIVE, f"no per-prompt units (`retrofit_alignment_by_prompt`): ColSum profile per pass vs "
+                   f"SmolLM2's depth profile, median Pearson r {fmt(r.alignment_median)} over {int(r.passes)} passes "
+                   f"of one model — passes are not independent trials, so no interval decides; the block's profile "
+                   f"{repeat} from pass to pass", str(r.model), r.alignment_median)
 
 
 def rule_massive_causal(m: Measurements, th: Thresholds) -> Verdict:

@@ -12,6 +12,11 @@ Four stages, each a set of tables (`reproduce` caches them under OUT/stages/retr
                           (SmolLM2's layer 11, in the prelude here) at every pass, stages before / after
     retrofit-extrapolate  per R = 1 … ≥ 8 × the training R: held-out loss per text (the healing's 8 held-out GSM8K
                           texts) and task accuracy per question (`TASK`), for the looped model and for SmolLM2 (R = 1)
+    retrofit-prompts      the units of the stage and attention rows' bootstrap over prompts: each prompt streamed
+                          alone, the looped model at the attention run's R and SmolLM2 once — per (prompt, pass) the
+                          Pearson r of the pass's ColSum profile with SmolLM2's depth profile of the same prompt, and
+                          per prompt the share of its (recurrence, layer) patterns whose nearest pattern from another
+                          recurrence is in the same layer
 
 The task: reasoning-gym's `chain_sum` with two one-digit terms (a + b or a − b), four-shot, greedy, exact match.
 Why: the paper only cites accuracy under extrapolation; measuring it needs a task the model can do at all.
@@ -246,7 +251,41 @@ def retrofit_stages(p, questions: list[str], data: str | None, plan: RetrofitPla
     extrap = p.stage("retrofit-extrapolate", {"delta": delta, "base": plan.base, "R": list(plan.extrapolate),
                                               "questions": plan.task_questions, "seed": plan.task_seed},
                      lambda: extrapolation_tables(plan, data, s.progress, s.precision))
-    return {"base": base, "analysis": analysis, "ablation": ablation, "extrapolate": extrap}
+    work_u = p.cache.dir("retrofit-prompts") / "work"
+    units = p.stage("retrofit-prompts", {"delta": delta, "base": plan.base, "prompts": plan.prompts,
+                                         "R": plan.attention_recurrences},
+                    lambda: prompt_units(plan, prompts, work_u, s.progress, s.precision), scratch=work_u)
+    return {"base": base, "analysis": analysis, "ablation": ablation, "extrapolate": extrap, "prompts": units}
+
+
+def prompt_units(plan: RetrofitPlan, prompts: list[str], work, progress: bool, precision) -> dict[str, pd.DataFrame]:
+    """`alignment_by_prompt` (prompt, recurrence, pearson) and `attention_by_prompt` (prompt, self_match, patterns):
+    one prompt at a time, so that the stage and attention rows resample prompts, not passes or patterns."""
+    from tqdm.auto import tqdm
+
+    from loopscope.capture.stream import StreamSettings, stream_prompts
+    from loopscope.dynamics.attention_stability import attention_self_match
+    from loopscope.dynamics.similarity import AttentionDistance
+    from loopscope.experiments.pretrained_study import PROFILE_COLUMNS, alignment_by_prompt, profiles_by_prompt
+    from loopscope.experiments.stage_tables import model_readout, stage_accumulators, stage_table_from
+
+    base = profiles_by_prompt(precision.load(plan.base), prompts, 1, work / "base", progress)
+    looped = precision.load(plan.model)
+    R = plan.attention_recurrences
+    profiles, attention = [], []
+    for i, prompt in enumerate(tqdm(prompts, desc=f"{looped.name}: prompt by prompt", disable=not progress)):
+        with torch.inference_mode():
+            tables, _ = stream_prompts(looped, [prompt], [*stage_accumulators(model_readout(looped)),
+                                                          AttentionDistance()],
+                                       StreamSettings(R, attention=True, batch_size=1, cache_dir=work / f"p{i:04d}",
+                                                      progress=False, label="units"))
+        t = stage_table_from(tables)
+        profiles.append(t[[c for c in PROFILE_COLUMNS if c in t]].assign(prompt=i))
+        distance = tables["attention_distance"]
+        attention.append({"prompt": i, "self_match": attention_self_match(distance) if R >= 2 else np.nan,
+                          "patterns": len(distance)})
+    return {"alignment_by_prompt": alignment_by_prompt(pd.concat(profiles, ignore_index=True), base),
+            "attention_by_prompt": pd.DataFrame(attention)}
 
 
 def retrofit_measurements(r: dict[str, dict]) -> dict[str, pd.DataFrame]:
@@ -260,5 +299,9 @@ def retrofit_measurements(r: dict[str, dict]) -> dict[str, pd.DataFrame]:
     row["model"] = str(summary["model"])
     distances = r["analysis"].get("attention_distance")  # one row per (layer, recurrence) pattern compared
     row["attention_patterns"] = len(distances) if distances is not None else float("nan")
-    return {"retrofit": pd.DataFrame([row]), "retrofit_ablation": r["ablation"]["summary"],
-            "retrofit_extrapolate": r["extrapolate"]["summary"]}
+    out = {"retrofit": pd.DataFrame([row]), "retrofit_ablation": r["ablation"]["summary"],
+           "retrofit_extrapolate": r["extrapolate"]["summary"]}
+    if "prompts" in r:
+        out["retrofit_alignment_by_prompt"] = r["prompts"]["alignment_by_prompt"]
+        out["retrofit_attention_by_prompt"] = r["prompts"]["attention_by_prompt"]
+    return out

@@ -24,7 +24,7 @@ def add_retrofit_section(report: Report, measured: dict[str, pd.DataFrame], tabl
         "Intervals are 95 % bootstrap intervals (over prompts, texts or questions as stated).",
     )
     report.table(sec, measured["retrofit"], "retrofit_summary", "Fixed points at R = 128 (fractions of tokens, with "
-                 "intervals over prompts), stage alignment with SmolLM2 (median over passes, interval over passes), "
+                 "intervals over prompts), stage alignment with SmolLM2 (median over passes), "
                  "stage repetition, attention stabilisation and the largest peak/median |x|.", max_rows=5)
     per_r = measured["retrofit_extrapolate"]
     csv = save_csv(per_r, out, "retrofit_extrapolate")
@@ -37,6 +37,13 @@ def add_retrofit_section(report: Report, measured: dict[str, pd.DataFrame], tabl
                  "(paired over texts), accuracy, chance.", max_rows=40)
     report.table(sec, measured["retrofit_ablation"], "retrofit_ablation", "The massive-activation ablation on the "
                  "looped model (zero the onset MLP at every pass): the stage metrics' mean after / before.", max_rows=5)
+    for name, caption in (("retrofit_alignment_by_prompt", "The stage row's units: per prompt and pass, the Pearson r "
+                           "of the pass's ColSum profile with SmolLM2's depth profile of the same prompt."),
+                          ("retrofit_attention_by_prompt", "The attention row's units: per prompt, the share of its "
+                           "(recurrence, layer) patterns whose nearest pattern from another recurrence is in the "
+                           "same layer.")):
+        if name in measured:
+            report.table(sec, measured[name], name, caption, max_rows=40)
     align = tables["analysis"].get("alignment")
     if align is not None and not align.empty:
         report.table(sec, align, "retrofit_alignment", "Alignment of each pass's stage profile with SmolLM2's depth "
