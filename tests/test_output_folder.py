@@ -141,3 +141,36 @@ def test_every_recorded_model_is_checked_against_the_folders_previous_run(tmp_pa
             folder.record_weights("c", "sha1:dddd")
     # refused: the folder's manifest is the previous run's again
     assert json.loads((tmp_path / MANIFEST).read_text())["weights"] == models
+
+
+def test_a_setting_added_since_a_folders_run_matches_at_its_default_only(tmp_path):
+    """A folder written before a setting existed (its manifest does not name it) resumes when the new setting is at
+    its default — that run had it — and is refused when it is not (a `reproduce` folder was refused with
+    "pretrained: None → False" once `--pretrained` was added)."""
+    import dataclasses
+
+    from loopscope.output import settings_of
+
+    @dataclasses.dataclass
+    class Old:
+        R: int = 8
+
+    @dataclasses.dataclass
+    class New:
+        R: int = 8
+        pretrained: bool = False
+        looped: list = dataclasses.field(default_factory=list)
+
+    with claim_output(tmp_path, "reproduce", settings_of(Old())):
+        pass
+    with claim_output(tmp_path, "reproduce", settings_of(New())):  # the new settings at their defaults: the same run
+        pass
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["settings"] == {"R": 8, "pretrained": False, "looped": []}
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "settings": {"R": 8}}))
+    with pytest.raises(InputError, match="pretrained: None → True"):
+        with claim_output(tmp_path, "reproduce", settings_of(New(pretrained=True))):
+            pass
+    with pytest.raises(InputError, match="R: 8 → 16"):  # a setting the old run named still counts
+        with claim_output(tmp_path, "reproduce", settings_of(New(R=16))):
+            pass

@@ -49,11 +49,25 @@ def plain(value: Any) -> Any:
     return str(value)
 
 
+class Settings(dict):
+    """The settings a manifest compares, with each field's default beside them (`defaults`): a setting added to
+    loopscope after a folder's run held its default in that run, so a manifest without it still matches."""
+
+    defaults: dict
+
+
 def settings_of(settings: Any, exclude: tuple[str, ...] = ("out", "progress", "overwrite")) -> dict:
     """A settings dataclass as the manifest compares it: every field but where it writes and how it talks."""
     import dataclasses
 
-    return {k: v for k, v in plain(dataclasses.asdict(settings)).items() if k not in exclude}
+    out = Settings({k: v for k, v in plain(dataclasses.asdict(settings)).items() if k not in exclude})
+    out.defaults = {}
+    for f in dataclasses.fields(settings):
+        if f.name in out and f.default is not dataclasses.MISSING:
+            out.defaults[f.name] = plain(f.default)
+        elif f.name in out and f.default_factory is not dataclasses.MISSING:
+            out.defaults[f.name] = plain(f.default_factory())
+    return out
 
 
 def versions() -> dict[str, str]:
@@ -70,6 +84,7 @@ class OutputFolder:
     def __init__(self, path: Path, command: str, settings: dict, overwrite: bool, resume_dirs: tuple[str, ...],
                  clean: bool = True):
         self.path, self.command, self.settings = Path(path), command, plain(settings)
+        self.defaults = getattr(settings, "defaults", {})
         self.overwrite, self.resume_dirs, self.clean = overwrite, resume_dirs, clean
         self.weights: dict[str, str] = {}
         self.started = time.time()
@@ -91,7 +106,7 @@ class OutputFolder:
             self._clear(previous)
             previous = None
         elif previous is not None and (previous.get("command") != self.command
-                                       or previous.get("settings") != self.settings):
+                                       or self._changed(previous.get("settings") or {})):
             self._refuse_or_clear(previous, self._differences(previous))
         elif previous is None and any((self.path / p).exists() for p in REPORT_PRODUCTS):
             self._refuse_or_clear({}, "it holds a report without a manifest (written by an earlier loopscope)")
@@ -158,10 +173,18 @@ class OutputFolder:
         if previous.get("command") != self.command:
             return f"it holds the outputs of `loopscope {previous.get('command')}`, not `{self.command}`"
         old, new = previous.get("settings", {}), self.settings
-        changed = [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in sorted(set(old) | set(new))
-                   if old.get(k) != new.get(k)]
+        changed = [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in self._changed(old)]
         return "it holds a run with other settings (" + "; ".join(changed[:6]) + (" …" if len(changed) > 6 else "") \
             + ")"
+
+    def _changed(self, old: dict) -> list[str]:
+        """The settings that differ from the previous run's (a setting it did not name counts at its default)."""
+        return [k for k in sorted(set(old) | set(self.settings))
+                if old.get(k) != self.settings.get(k) and not self._added_since(k, old)]
+
+    def _added_since(self, key: str, old: dict) -> bool:
+        """A setting the previous run's manifest does not name (added to loopscope since), at its default now."""
+        return key not in old and key in self.defaults and self.settings.get(key) == self.defaults[key]
 
     def _refuse_or_clear(self, previous: dict, why: str,
                          fix: str = "rerun with the same options to resume it, add --overwrite to replace its "
