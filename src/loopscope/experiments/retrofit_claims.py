@@ -86,7 +86,9 @@ def rule_stages(m: Measurements, th: Thresholds) -> Verdict:
     repeat = "repeats" if r.stage_repeat_error <= th.repeat_error else "does not repeat"
     units = m.get("retrofit_alignment_by_prompt")
     if units is not None and len(units):  # per prompt: the median over passes; resampled over prompts
-        per = units.groupby("prompt")["pearson"].median().dropna().to_numpy(dtype=float)
+        from loopscope.experiments.pretrained_claims import prompt_alignment  # the pretrained rows' units, the same
+
+        per = prompt_alignment(units)
         if not len(per):
             return Verdict(NOT_MEASURABLE, "no finite alignment (flat profiles)", str(r.model))
         x, lo, hi = bootstrap_mean(per)
